@@ -1,0 +1,8 @@
+"""Implied-vol benchmark (same as ``streamer bench iv``)."""
+
+import sys
+
+from streamer.bench.iv import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

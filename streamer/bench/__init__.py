@@ -1,0 +1,1 @@
+"""Benchmarks behind ``streamer bench NAME`` (also runnable from ``benchmarks/``)."""

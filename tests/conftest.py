@@ -1,0 +1,18 @@
+"""Shared fixtures: where the real Deribit data lives (skip cleanly without it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data" / "deribit"
+
+
+def shared_file(relative: str) -> Path:
+    """A file under ../shared/data/deribit, or skip the test with the reason."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"real Deribit data not available: {path} (it lives outside the repo)")
+    return path
