@@ -1,0 +1,163 @@
+"""The model plug point: one small base class, one registry dict.
+
+A model maps a parameter vector ``x`` to Black implied vols at points ``(k, T)`` where
+``k = ln(K/F)`` is log-moneyness against the expiry's forward and ``T`` is in years.
+*Per-expiry* models (SVI, SABR) are fitted slice by slice: ``x`` is one slice's parameters and
+``n_slices == 1``. *Surface* models (SSVI, eSSVI, Heston, Bates) have one vector for all
+slices; parameters that belong to a slice (SSVI's ATM total variance ``theta_t``) are looked up
+through ``slice_idx``.
+
+The calibrator (``streamer.calib``) only talks to this interface: it builds a ``FitData`` from
+a book snapshot, asks the model for cold-start guesses and bounds, minimises weighted IV
+residuals (plus the parameter-change penalty, scaled by ``scale``), and rejects any fit whose
+``arbitrage`` report is not empty.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from streamer.pricing import black_price
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class FitData:
+    """What a model is fitted to: quotes of one underlying, grouped into expiry slices.
+
+    Per quote: ``k`` (ln(K/F)), ``T`` (years), ``slice_idx`` (index into the slice arrays),
+    ``iv`` (target: mid IV, a fraction), ``iv_bid``/``iv_ask`` (NaN where a side is empty),
+    ``weight`` (1 / max(half-spread in IV, floor)), ``is_call``.
+    Per slice: ``slice_T``, ``slice_forward``, ``slice_expiry`` (venue code, e.g. "27DEC24").
+    """
+
+    k: FloatArray
+    T: FloatArray
+    slice_idx: IntArray
+    iv: FloatArray
+    iv_bid: FloatArray
+    iv_ask: FloatArray
+    weight: FloatArray
+    is_call: npt.NDArray[np.bool_]
+    slice_T: FloatArray
+    slice_forward: FloatArray
+    slice_expiry: tuple[str, ...] = ()
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.slice_T.shape[0])
+
+    @property
+    def n_quotes(self) -> int:
+        return int(self.k.shape[0])
+
+    def slice(self, j: int) -> FitData:
+        """The quotes of slice ``j`` alone, re-indexed as a one-slice ``FitData``."""
+        m = self.slice_idx == j
+        return FitData(
+            k=self.k[m],
+            T=self.T[m],
+            slice_idx=np.zeros(int(m.sum()), dtype=np.int64),
+            iv=self.iv[m],
+            iv_bid=self.iv_bid[m],
+            iv_ask=self.iv_ask[m],
+            weight=self.weight[m],
+            is_call=self.is_call[m],
+            slice_T=self.slice_T[j : j + 1],
+            slice_forward=self.slice_forward[j : j + 1],
+            slice_expiry=self.slice_expiry[j : j + 1] if self.slice_expiry else (),
+        )
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One static-arbitrage finding: which check, where (slice or -1), how bad."""
+
+    check: str  # "butterfly", "calendar", "lee_wing", "ssvi_bound", "feller", ...
+    slice: int
+    amount: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ParamView:
+    """Named parameters: surface-wide ones and one dict per slice."""
+
+    surface: dict[str, float] = field(default_factory=dict)
+    slices: list[dict[str, float]] = field(default_factory=list)
+
+
+class Model(ABC):
+    """A volatility model. Subclasses set ``name`` and ``per_expiry`` and implement the rest."""
+
+    name: ClassVar[str]
+    per_expiry: ClassVar[bool]
+
+    @abstractmethod
+    def param_names(self, n_slices: int) -> tuple[str, ...]:
+        """Names of the entries of ``x`` (slice parameters suffixed ``[j]``)."""
+
+    @abstractmethod
+    def bounds(self, n_slices: int) -> tuple[FloatArray, FloatArray]:
+        """Lower and upper bounds of ``x`` (may be +-inf)."""
+
+    @abstractmethod
+    def implied_vol(
+        self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
+    ) -> FloatArray:
+        """Model Black implied vols (fractions) at each ``(k, T)``."""
+
+    def jacobian(
+        self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
+    ) -> FloatArray | None:
+        """``d iv / d x`` of shape ``(n_points, len(x))``, or None (calibrator differences it)."""
+        return None
+
+    @abstractmethod
+    def initial_guesses(self, data: FitData) -> list[FloatArray]:
+        """Cold-start candidates (quasi-explicit or multi-start), best first."""
+
+    @abstractmethod
+    def arbitrage(self, x: FloatArray, slice_T: FloatArray) -> list[Violation]:
+        """Static-arbitrage violations of ``x``; empty when the parameters are arbitrage-free."""
+
+    @abstractmethod
+    def scale(self, n_slices: int) -> FloatArray:
+        """Typical size of each parameter's move: the ``s`` of the change penalty."""
+
+    @abstractmethod
+    def view(self, x: FloatArray, n_slices: int) -> ParamView:
+        """Named parameters for publishing."""
+
+    def price(
+        self,
+        x: FloatArray,
+        k: FloatArray,
+        T: FloatArray,
+        slice_idx: IntArray,
+        is_call: npt.NDArray[np.bool_],
+    ) -> FloatArray:
+        """Undiscounted price per unit of forward (``F = 1``, ``K = e^k``) from the model IV.
+
+        Models that price directly (Heston, Bates) override this.
+        """
+        iv = self.implied_vol(x, k, T, slice_idx)
+        return np.asarray(black_price(1.0, np.exp(k), T, iv, is_call))
+
+
+REGISTRY: dict[str, type[Model]] = {}
+
+
+def register(cls: type[Model]) -> type[Model]:
+    """Class decorator: add a model to ``REGISTRY`` under its ``name``."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"model {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
