@@ -22,8 +22,8 @@ def norm_cdf(z: float) -> float:
     return 0.5 * math.erfc(-z / SQRT2)
 
 
-ERFCX_CF_FROM = 5.0
-ERFCX_CF_TERMS = 40
+ERFCX_CF_FROM = 26.0  # erfc(26) ~ 6e-296: below this exp * erfc is exact enough
+ERFCX_CF_TERMS = 12
 SQRT_PI = math.sqrt(math.pi)
 
 
@@ -31,9 +31,10 @@ SQRT_PI = math.sqrt(math.pi)
 def erfcx(u: float) -> float:
     """Scaled complementary error function ``exp(u^2) erfc(u)`` for ``u >= 0``.
 
-    Below 5: ``exp(u^2)`` is formed as ``exp(v^2) exp((u - v)(u + v))`` with ``v`` = ``u``
-    rounded to 1/16, so the square's rounding is not amplified (Jäckel 2015, section 5).
-    From 5 on: Laplace's continued fraction
+    Below 26: ``exp(u^2)`` is formed as ``exp(v^2) exp((u - v)(u + v))`` with ``v`` = ``u``
+    rounded to 1/16, so the square's rounding is not amplified (Jäckel 2015, section 5), times
+    libm's ``erfc``, accurate to an ulp or two before it underflows.
+    From 26 on: Laplace's continued fraction (12 levels suffice there)
     ``erfcx(u) = 1/sqrt(pi) / (u + (1/2)/(u + 1/(u + (3/2)/(u + ...))))``,
     evaluated bottom-up.
     """

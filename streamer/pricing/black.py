@@ -9,7 +9,9 @@ Every option is reduced to its out-of-the-money call ``x <= 0`` (put-call symmet
 ``b(x, s, -1) = b(-x, s, 1)`` and parity ``b(x, s, 1) - b(x, s, -1) = e^{x/2} - e^{-x/2}``),
 so the only value ever subtracted is the out-of-the-money part. That part is evaluated
 
-* by the plain two-term formula where the terms are not close,
+* by the plain two-term formula where the terms are not close (its relative error is about
+  ``eps / t`` near the money and ``eps |h| / t`` in implied-vol terms far out, so it is used
+  for ``t >= 0.02`` and ``|h| <= 50 t``),
 * as ``phi(h) e^{-t^2/2} [Y(h+t) - Y(h-t)]`` with the Mills ratio ``Y = Phi/phi`` taken from
   the scaled complementary error function when both arguments are in the left tail (this
   keeps the rounding of ``h +- t`` from being amplified by ``(h +- t)^2``), and
@@ -38,23 +40,31 @@ from numba import njit
 
 from streamer.pricing._normal import INV_SQRT_2PI, mills_neg, norm_cdf, norm_pdf
 
-SERIES_T_MAX = 0.25  # use the Taylor series in t below this t = s/2 ...
-SERIES_H_MAX = 4.0  # ... and |h| = |x|/s below this (where the two terms nearly cancel)
+SERIES_T_MAX = 0.02  # Taylor series in t below this t = s/2 (the terms cancel to ~t) ...
+SERIES_H_MAX = 4.0  # ... and |h| = |x|/s below this
 SERIES_TERMS = 25
+TAIL_H_OVER_T = 50.0  # Mills-ratio form where both arguments are in the tail and |h| > 50 t
 
 
 @njit(cache=True, nogil=True)
 def otm_call(x: float, s: float) -> float:
     """Normalised out-of-the-money call ``b(x, s)`` for ``x <= 0``, ``s > 0``."""
+    e = math.exp(0.5 * x)
+    return otm_call_e(x, s, e, 1.0 / e)
+
+
+@njit(cache=True, nogil=True)
+def otm_call_e(x: float, s: float, e_half: float, e_neg_half: float) -> float:
+    """``otm_call`` given ``e^{x/2}`` and ``e^{-x/2}`` (hoisted out of solver loops)."""
     h = x / s
     t = 0.5 * s
     if t < SERIES_T_MAX and abs(h) < SERIES_H_MAX:
         return 2.0 * norm_pdf(h) * _odd_series(h, t)
-    if h + t < -1.0:
+    if h + t < -1.0 and -h > TAIL_H_OVER_T * t:
         # both tails: b = phi(h) e^{-t^2/2} [Y(h+t) - Y(h-t)], Y = Phi/phi via erfcx
         pref = INV_SQRT_2PI * math.exp(-0.5 * (h * h + t * t))
         return pref * (mills_neg(h + t) - mills_neg(h - t))
-    return math.exp(0.5 * x) * norm_cdf(h + t) - math.exp(-0.5 * x) * norm_cdf(h - t)
+    return e_half * norm_cdf(h + t) - e_neg_half * norm_cdf(h - t)
 
 
 @njit(cache=True, nogil=True)
@@ -81,9 +91,16 @@ def _odd_series(h: float, t: float) -> float:
 @njit(cache=True, nogil=True)
 def otm_call_complement(x: float, s: float) -> float:
     """``e^{x/2} - b(x, s)`` for ``x <= 0``: a sum of two positive terms, no cancellation."""
+    e = math.exp(0.5 * x)
+    return otm_call_complement_e(x, s, e, 1.0 / e)
+
+
+@njit(cache=True, nogil=True)
+def otm_call_complement_e(x: float, s: float, e_half: float, e_neg_half: float) -> float:
+    """``otm_call_complement`` given ``e^{x/2}`` and ``e^{-x/2}``."""
     h = x / s
     t = 0.5 * s
-    return math.exp(0.5 * x) * norm_cdf(-h - t) + math.exp(-0.5 * x) * norm_cdf(h - t)
+    return e_half * norm_cdf(-h - t) + e_neg_half * norm_cdf(h - t)
 
 
 @njit(cache=True, nogil=True)
