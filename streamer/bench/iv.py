@@ -111,7 +111,7 @@ def run(sizes: tuple[int, ...] = (800, 100_000), ref_n: int = 2_000) -> list[Row
 def table(rows: list[Row]) -> str:
     ours = min(r.ns_per_option for r in rows if r.method.startswith("streamer"))
     lines = [
-        "| method | options | ns/option | speed-up vs it | max rel. error |",
+        "| method | options | ns/option | time vs streamer | max rel. error |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
