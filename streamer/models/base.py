@@ -132,9 +132,38 @@ class Model(ABC):
     def scale(self, n_slices: int) -> FloatArray:
         """Typical size of each parameter's move: the ``s`` of the change penalty."""
 
-    @abstractmethod
     def view(self, x: FloatArray, n_slices: int) -> ParamView:
-        """Named parameters for publishing."""
+        """Named parameters for publishing.
+
+        Convention (``from_view`` inverts it): a name ``p[j]`` in ``param_names`` is slice
+        ``j``'s parameter ``p`` and goes to ``slices[j]["p"]``; other names are surface-wide.
+        For per-expiry models ``x`` is one slice's vector and everything goes to ``slices[0]``.
+        """
+        names = self.param_names(n_slices)
+        surface: dict[str, float] = {}
+        slices: list[dict[str, float]] = [{} for _ in range(n_slices)]
+        for name, value in zip(names, np.asarray(x, dtype=np.float64).tolist(), strict=True):
+            base, j = _split_name(name)
+            if self.per_expiry:
+                slices[0][name] = value
+            elif j is None:
+                surface[name] = value
+            else:
+                slices[j][base] = value
+        return ParamView(surface=surface, slices=slices)
+
+    def from_view(self, view: ParamView, n_slices: int) -> FloatArray:
+        """Inverse of ``view``: the parameter vector from named parameters."""
+        out = []
+        for name in self.param_names(n_slices):
+            base, j = _split_name(name)
+            if self.per_expiry:
+                out.append(view.slices[0][name])
+            elif j is None:
+                out.append(view.surface[name])
+            else:
+                out.append(view.slices[j][base])
+        return np.asarray(out, dtype=np.float64)
 
     def price(
         self,
@@ -150,6 +179,15 @@ class Model(ABC):
         """
         iv = self.implied_vol(x, k, T, slice_idx)
         return np.asarray(black_price(1.0, np.exp(k), T, iv, is_call))
+
+
+def _split_name(name: str) -> tuple[str, int | None]:
+    """``"theta[3]"`` -> ``("theta", 3)``; ``"rho"`` -> ``("rho", None)``."""
+    if name.endswith("]") and "[" in name:
+        base, _, idx = name[:-1].partition("[")
+        if idx.isdigit():
+            return base, int(idx)
+    return name, None
 
 
 REGISTRY: dict[str, type[Model]] = {}
