@@ -6,10 +6,11 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from streamer import __version__
+from streamer import __version__, subscribe_cmd
 
 BENCHES: dict[str, str] = {
     "iv": "streamer.bench.iv",
+    "mqtt": "streamer.bench.mqtt",
 }
 
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=_bench)
+    subscribe_cmd.add_parser(sub)
     return ap
 
 

@@ -8,7 +8,8 @@
     ├── FeedError            a venue feed cannot be used (protocol, auth, rate limit)
     │   └── ParseError       one frame could not be parsed (counted and dropped by feeds)
     ├── CalibrationError     a fit could not be run at all
-    └── PublishError         a publisher cannot deliver
+    ├── PublishError         a publisher cannot deliver
+    └── SubscribeError       the MQTT bus cannot be read (streamer.client)
 
 Errors carry what was wrong as attributes so callers need not parse messages.
 """
@@ -57,3 +58,7 @@ class CalibrationError(StreamerError):
 
 class PublishError(StreamerError):
     """A publisher could not deliver a message."""
+
+
+class SubscribeError(StreamerError):
+    """A subscriber could not connect to or read from the MQTT bus."""

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.mosquitto import mosquitto, mosquitto_factory  # noqa: F401  (real-broker fixtures)
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "deribit"
 

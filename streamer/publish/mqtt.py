@@ -1,0 +1,448 @@
+"""MQTT publisher (aiomqtt 2.x): retained QoS 1 messages, status topic, latest-wins buffering.
+
+Behaviour (DESIGN section 4):
+
+- Every message is published with QoS 1 and, by default, retained.
+- ``{prefix}/status/{instance}`` is retained: ``online`` (version, uptime, feed states) right
+  after each connect, ``offline`` as the MQTT last will (the broker sends it if the connection
+  dies, e.g. the process is killed) and on clean shutdown (``aclose``).
+- ``publish()`` never waits for the network: it stores the encoded payload in a pending table
+  ``topic -> payload`` and wakes the one background sender task. A newer message for a topic
+  that is still pending replaces the older one (counted in ``superseded``), so while the broker
+  is away memory stays bounded by the number of topics and, on reconnect, the latest message of
+  every topic is delivered. Surfaces and greeks are state, not events: latest wins.
+- Lost connection: reconnect with capped, jittered exponential backoff (reset after a
+  successful connect), in the spirit of python-websockets' ``connect`` iterator.
+- The publisher owns an ``asyncio.TaskGroup`` (entered by ``start``/``__aenter__``, left by
+  ``aclose``) holding its single background task, like aiomqtt's client owns its tasks.
+
+Credentials and TLS come from the URL / keyword arguments, or the environment:
+``STREAMER_MQTT_USERNAME``, ``STREAMER_MQTT_PASSWORD``, ``STREAMER_MQTT_CAFILE``,
+``STREAMER_MQTT_TLS_INSECURE`` (``1`` disables certificate checks; for testing only).
+
+References: MQTT Version 3.1.1, OASIS Standard (2014), sections 3.1.2.5 (Will flag),
+3.3.1.3 (RETAIN), 4.3.2 (QoS 1 delivery).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import ssl
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+import structlog
+
+from streamer import __version__
+from streamer.errors import InputError, PublishError
+from streamer.publish.base import DEFAULT_INSTANCE, DEFAULT_PREFIX, Publisher, encode
+from streamer.publish.payloads import STATUS_SCHEMA, topic_status
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_KEEPALIVE_S = 30
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_BACKOFF_INITIAL_S = 0.1
+DEFAULT_BACKOFF_MAX_S = 10.0
+DEFAULT_BACKOFF_FACTOR = 2.0
+DEFAULT_CLOSE_TIMEOUT_S = 3.0
+DEFAULT_BATCH = 256
+
+# small messages must not wait for Nagle's algorithm (a 40 ms stall with delayed ACKs)
+NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def backoff_delays(
+    initial: float = DEFAULT_BACKOFF_INITIAL_S,
+    maximum: float = DEFAULT_BACKOFF_MAX_S,
+    factor: float = DEFAULT_BACKOFF_FACTOR,
+    rng: random.Random | None = None,
+) -> Iterator[float]:
+    """Endless capped exponential delays with "equal jitter": each in [d/2, d], d = min(cap, ..).
+
+    (Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog, 2015.)
+    """
+    rng = rng or random.Random()
+    delay = initial
+    while True:
+        capped = min(delay, maximum)
+        yield capped / 2 + rng.uniform(0, capped / 2)
+        delay = min(delay * factor, maximum)
+
+
+@dataclass(frozen=True, slots=True)
+class MqttStats:
+    """Counters for metrics: a snapshot of the publisher's state."""
+
+    connected: bool
+    published: int
+    superseded: int
+    dropped: int
+    failed: int
+    connects: int
+    reconnects: int
+    pending: int
+
+
+def check_topic(topic: str) -> None:
+    """Raise InputError unless ``topic`` is a valid MQTT topic name to publish on."""
+    if not topic or any(c in topic for c in "+#\x00") or len(topic.encode()) > 65535:
+        raise InputError("topic", f"not a valid MQTT topic name to publish on: {topic!r}")
+
+
+class MqttPublisher(Publisher):
+    """Publishes to an MQTT broker; see the module docstring for the delivery rules.
+
+    Args:
+        host, port: the broker.
+        prefix: topic prefix (topics are built by the caller with it; status uses it too).
+        instance: names the status topic ``{prefix}/status/{instance}``.
+        username, password: credentials (default: env STREAMER_MQTT_USERNAME/PASSWORD).
+        tls: connect with TLS (``mqtts://``).
+        cafile: CA bundle for TLS (default: env STREAMER_MQTT_CAFILE, else system CAs).
+        insecure: skip TLS certificate and host name checks (env STREAMER_MQTT_TLS_INSECURE=1).
+        client_id: MQTT client identifier (default: random, chosen by the client library).
+        keepalive: MQTT keepalive in seconds (dead broker detection).
+        timeout: seconds to wait for CONNACK / PUBACK before treating the connection as lost.
+        backoff_initial, backoff_max, backoff_factor: reconnect delays (jittered).
+        close_timeout: ``aclose`` waits this long to flush pending messages and say offline.
+        batch: at most this many messages in flight (QoS 1) at once.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int = 1883,
+        prefix: str = DEFAULT_PREFIX,
+        instance: str = DEFAULT_INSTANCE,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+        cafile: str | None = None,
+        insecure: bool | None = None,
+        client_id: str | None = None,
+        keepalive: int = DEFAULT_KEEPALIVE_S,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        backoff_initial: float = DEFAULT_BACKOFF_INITIAL_S,
+        backoff_max: float = DEFAULT_BACKOFF_MAX_S,
+        backoff_factor: float = DEFAULT_BACKOFF_FACTOR,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S,
+        batch: int = DEFAULT_BATCH,
+    ) -> None:
+        env = os.environ
+        self.host = host
+        self.port = port
+        self.prefix = prefix
+        self.instance = instance
+        self.status_topic = topic_status(prefix, instance)
+        self._username = username if username is not None else env.get("STREAMER_MQTT_USERNAME")
+        self._password = password if password is not None else env.get("STREAMER_MQTT_PASSWORD")
+        self._tls = tls
+        self._cafile = cafile if cafile is not None else env.get("STREAMER_MQTT_CAFILE")
+        if insecure is None:
+            insecure = env.get("STREAMER_MQTT_TLS_INSECURE", "").lower() in _TRUE
+        self._insecure = insecure
+        self._client_id = client_id
+        self._keepalive = keepalive
+        self._timeout = timeout
+        self._backoff = (backoff_initial, backoff_max, backoff_factor)
+        self._close_timeout = close_timeout
+        self._batch = max(1, batch)
+
+        self._pending: dict[str, tuple[bytes, bool]] = {}
+        self._wake = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._connected_event = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._inflight = 0
+        self._tg: asyncio.TaskGroup | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._started_ms = int(time.time() * 1000)
+        self._started_mono = time.monotonic()
+        self._feeds: dict[str, Any] = {}
+
+        self.connected = False
+        self.published = 0
+        self.superseded = 0
+        self.dropped = 0
+        self.failed = 0
+        self.connects = 0
+        self.reconnects = 0
+
+    # -- public API ----------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        scheme = "mqtts" if self._tls else "mqtt"
+        return f"MqttPublisher({scheme}://{self.host}:{self.port}/{self.prefix})"
+
+    async def start(self) -> None:
+        """Enter the publisher's TaskGroup and start the sender; returns without waiting for
+        the broker (messages are buffered until it is reachable)."""
+        if self._tg is not None:
+            raise PublishError(f"{self!r} already started")
+        if self._closed:
+            raise PublishError(f"{self!r} is closed")
+        self._tls_context()  # fail early on a bad CA file
+        tg = asyncio.TaskGroup()
+        await tg.__aenter__()
+        self._tg = tg
+        self._task = tg.create_task(self._run(), name=f"mqtt-publisher {self.status_topic}")
+
+    async def publish(self, topic: str, payload: Mapping[str, Any], *, retain: bool = True) -> None:
+        """Queue ``payload`` for ``topic`` (latest wins per topic); returns immediately."""
+        if self._closed or self._closing.is_set():
+            raise PublishError(f"{self!r} is closed")
+        if self._tg is None:
+            raise PublishError(f"{self!r} not started: use 'async with' or await start()")
+        check_topic(topic)
+        self._put(topic, encode(payload), retain)
+
+    def set_feed_state(self, name: str, state: Any) -> None:
+        """Record a feed's state (any JSON value) and republish the ``online`` status."""
+        self._feeds[name] = state
+        if self._tg is not None and not self._closing.is_set():
+            self._put(self.status_topic, self._status_payload("online"), True)
+
+    @property
+    def feed_states(self) -> dict[str, Any]:
+        return dict(self._feeds)
+
+    def stats(self) -> MqttStats:
+        return MqttStats(
+            connected=self.connected,
+            published=self.published,
+            superseded=self.superseded,
+            dropped=self.dropped,
+            failed=self.failed,
+            connects=self.connects,
+            reconnects=self.reconnects,
+            pending=len(self._pending),
+        )
+
+    @property
+    def pending(self) -> int:
+        """Messages waiting for the broker (at most one per topic)."""
+        return len(self._pending)
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the publisher is connected (and has announced ``online``)."""
+        async with asyncio.timeout(timeout):
+            await self._connected_event.wait()
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until nothing is pending (or raise TimeoutError)."""
+        async with asyncio.timeout(timeout):
+            await self._idle.wait()
+
+    async def aclose(self) -> None:
+        """Flush pending messages (up to ``close_timeout``), publish ``offline``, disconnect."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing.set()
+        self._wake.set()
+        tg, task = self._tg, self._task
+        if tg is None or task is None:
+            return
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                await asyncio.shield(task)
+        except TimeoutError:
+            log.warning("mqtt_close_timeout", topic=self.status_topic, pending=len(self._pending))
+            task.cancel()
+        finally:
+            self.dropped += len(self._pending)
+            self._pending.clear()
+            await tg.__aexit__(None, None, None)
+            self.connected = False
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _put(self, topic: str, data: bytes, retain: bool) -> None:
+        if self._pending.pop(topic, None) is not None:
+            self.superseded += 1
+        self._pending[topic] = (data, retain)
+        self._idle.clear()
+        self._wake.set()
+
+    def _status_payload(self, state: str, reason: str | None = None) -> bytes:
+        uptime = round(time.monotonic() - self._started_mono, 3) if state == "online" else None
+        return encode(
+            {
+                "schema": STATUS_SCHEMA,
+                "instance": self.instance,
+                "state": state,
+                "version": __version__,
+                "ts_ms": int(time.time() * 1000),
+                "started_ms": self._started_ms,
+                "uptime_s": uptime,
+                "feeds": self._feeds,
+                "reason": reason,
+            }
+        )
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self._tls:
+            return None
+        try:
+            ctx = ssl.create_default_context(cafile=self._cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise PublishError(f"cannot load CA file {self._cafile!r}: {exc}") from exc
+        if self._insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def _client(self) -> aiomqtt.Client:
+        will = aiomqtt.Will(
+            self.status_topic,
+            self._status_payload("offline", "connection lost"),
+            qos=1,
+            retain=True,
+        )
+        client = aiomqtt.Client(
+            self.host,
+            self.port,
+            username=self._username,
+            password=self._password,
+            identifier=self._client_id,
+            will=will,
+            keepalive=self._keepalive,
+            timeout=self._timeout,
+            tls_context=self._tls_context(),
+            socket_options=NODELAY,
+        )
+        # we keep up to `batch` QoS 1 publishes in flight on purpose; don't warn about it
+        client.pending_calls_threshold = self._batch + 2
+        return client
+
+    async def _run(self) -> None:
+        initial, maximum, factor = self._backoff
+        delays = backoff_delays(initial, maximum, factor)
+        while not self._closing.is_set():
+            try:
+                async with self._client() as client:
+                    self._on_connect()
+                    delays = backoff_delays(initial, maximum, factor)
+                    await self._session(client)
+                    # clean shutdown: say offline before DISCONNECT (which cancels the will)
+                    await client.publish(
+                        self.status_topic,
+                        self._status_payload("offline", "shutdown"),
+                        qos=1,
+                        retain=True,
+                        timeout=self._timeout,
+                    )
+                log.info("mqtt_closed", topic=self.status_topic, published=self.published)
+                return
+            except* (aiomqtt.MqttError, OSError) as group:
+                was_connected = self.connected
+                self._on_disconnect()
+                delay = next(delays)
+                log.warning(
+                    "mqtt_disconnected" if was_connected else "mqtt_connect_failed",
+                    host=self.host,
+                    port=self.port,
+                    error=str(group.exceptions[0]),
+                    retry_in_s=round(delay, 3),
+                    pending=len(self._pending),
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._closing.wait()
+
+    def _on_connect(self) -> None:
+        self.connects += 1
+        if self.connects > 1:
+            self.reconnects += 1
+        self.connected = True
+        log.info("mqtt_connected", host=self.host, port=self.port, connects=self.connects)
+        # "online" goes out first, ahead of anything that waited for the broker.
+        self._pending.pop(self.status_topic, None)
+        self._pending = {self.status_topic: (self._status_payload("online"), True), **self._pending}
+        self._idle.clear()
+        self._wake.set()
+
+    def _on_disconnect(self) -> None:
+        self.connected = False
+        self._connected_event.clear()
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        """Send pending messages until closing; raises MqttError when the connection drops."""
+        async with asyncio.TaskGroup() as tg:
+            watcher = tg.create_task(self._watch(client), name="mqtt-watch")
+            await self._drain(client)
+            watcher.cancel()
+
+    @staticmethod
+    async def _watch(client: aiomqtt.Client) -> None:
+        # The message iterator raises MqttError as soon as the connection is lost, which
+        # cancels the sender through the TaskGroup (we subscribe to nothing).
+        async for _ in client.messages:
+            pass
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        while True:
+            if not self._pending:
+                self._idle.set()
+                if self._closing.is_set():
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = []
+            for topic in list(self._pending)[: self._batch]:
+                data, retain = self._pending.pop(topic)
+                batch.append((topic, data, retain))
+            self._inflight = len(batch)
+            try:
+                results = await asyncio.gather(
+                    *(
+                        client.publish(t, d, qos=1, retain=r, timeout=self._timeout)
+                        for t, d, r in batch
+                    ),
+                    return_exceptions=True,
+                )
+            except asyncio.CancelledError:
+                self._requeue(batch)
+                raise
+            finally:
+                self._inflight = 0
+            lost: list[tuple[str, bytes, bool]] = []
+            error: BaseException | None = None
+            for item, res in zip(batch, results, strict=True):
+                if res is None:
+                    self.published += 1
+                    if item[0] == self.status_topic:
+                        self._connected_event.set()
+                elif isinstance(res, aiomqtt.MqttError | OSError):
+                    lost.append(item)
+                    error = error or res
+                else:  # the message itself is bad: drop it, count it, carry on
+                    self.failed += 1
+                    log.error("mqtt_publish_failed", topic=item[0], error=repr(res))
+            if error is not None:
+                self._requeue(lost)
+                raise error
+
+    def _requeue(self, items: list[tuple[str, bytes, bool]]) -> None:
+        """Put undelivered messages back unless a newer one for the topic is already waiting."""
+        older: dict[str, tuple[bytes, bool]] = {}
+        for topic, data, retain in items:
+            if topic in self._pending:
+                self.superseded += 1
+            else:
+                older[topic] = (data, retain)
+        if older:
+            self._pending = {**older, **self._pending}

@@ -1,0 +1,415 @@
+"""Topics and payloads of the wire contract (DESIGN section 4), as small typed builders.
+
+Topics::
+
+    {prefix}/{venue}/{underlying}/{model}/surface           topic_surface(...)
+    {prefix}/{venue}/{underlying}/{model}/greeks/{expiry}   topic_greeks(...)
+    {prefix}/status/{instance}                              topic_status(...)
+
+Payloads ``streamer.surface/1`` and ``streamer.greeks/1`` are built by ``surface_payload`` and
+``greeks_payload`` from plain values; ``fit_info``, ``expiry_entry``, ``greeks_row`` and
+``greeks_rows`` (columns as numpy arrays, the fast path) build their parts. Builders check
+what the schema cannot express cheaply and name the bad argument (``InputError``); numbers are
+made plain ``float``/``int`` and any non-finite value becomes ``None`` (JSON ``null``).
+The JSON Schemas ship as ``streamer/schemas/{surface,greeks,status}.json`` (``load_schema``).
+Implied vols are fractions everywhere (0.62, not 62).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import resources
+from typing import Any, Literal, TypedDict
+
+import numpy as np
+import numpy.typing as npt
+
+from streamer.errors import InputError
+
+SURFACE_SCHEMA = "streamer.surface/1"
+GREEKS_SCHEMA = "streamer.greeks/1"
+STATUS_SCHEMA = "streamer.status/1"
+STATUSES = ("ok", "degraded", "stale")
+
+Status = Literal["ok", "degraded", "stale"]
+OptionType = Literal["C", "P"]
+ArrayLike = npt.ArrayLike
+
+
+class FitInfo(TypedDict):
+    rmse_iv: float | None
+    in_band: float | None
+    n_quotes: int
+    nfev: int
+    elapsed_ms: float
+    warm: bool
+    regime_shift: bool
+    penalty: float | None
+
+
+class ExpiryEntry(TypedDict):
+    expiry: str
+    expiry_ms: int
+    T: float | None
+    forward: float | None
+    atm_iv: float | None
+    params: dict[str, float | None]
+    rmse_iv: float | None
+    in_band: float | None
+    n_quotes: int
+
+
+class SurfacePayload(TypedDict):
+    schema: str
+    venue: str
+    underlying: str
+    model: str
+    ts_ms: int
+    seq: int
+    status: Status
+    fit: FitInfo
+    params: dict[str, float | None]
+    expiries: list[ExpiryEntry]
+
+
+class GreeksRow(TypedDict):
+    instrument: str
+    strike: float
+    type: OptionType
+    iv: float | None
+    price_coin: float | None
+    price_usd: float | None
+    delta: float | None
+    delta_premium_adj: float | None
+    gamma: float | None
+    vega: float | None
+    theta: float | None
+    vanna: float | None
+    volga: float | None
+    bid_iv: float | None
+    ask_iv: float | None
+
+
+class GreeksPayload(TypedDict):
+    schema: str
+    ts_ms: int
+    seq: int
+    expiry: str
+    forward: float | None
+    T: float | None
+    instruments: list[GreeksRow]
+
+
+GREEKS_COLUMNS = (
+    "iv",
+    "price_coin",
+    "price_usd",
+    "delta",
+    "delta_premium_adj",
+    "gamma",
+    "vega",
+    "theta",
+    "vanna",
+    "volga",
+    "bid_iv",
+    "ask_iv",
+)
+
+# -- topics ------------------------------------------------------------------------------
+
+
+def _segment(name: str, value: str) -> str:
+    if not value or any(c in value for c in "/+#\x00"):
+        raise InputError(name, f"must be a non-empty topic level without / + #: {value!r}")
+    return value
+
+
+def _prefix(prefix: str) -> str:
+    if not prefix or any(c in prefix for c in "+#\x00") or "//" in prefix:
+        raise InputError("prefix", f"not a valid topic prefix: {prefix!r}")
+    return prefix.strip("/")
+
+
+def topic_surface(prefix: str, venue: str, underlying: str, model: str) -> str:
+    """``{prefix}/{venue}/{underlying}/{model}/surface``."""
+    return "/".join(
+        (
+            _prefix(prefix),
+            _segment("venue", venue),
+            _segment("underlying", underlying),
+            _segment("model", model),
+            "surface",
+        )
+    )
+
+
+def topic_greeks(prefix: str, venue: str, underlying: str, model: str, expiry: str) -> str:
+    """``{prefix}/{venue}/{underlying}/{model}/greeks/{expiry}``."""
+    return "/".join(
+        (
+            _prefix(prefix),
+            _segment("venue", venue),
+            _segment("underlying", underlying),
+            _segment("model", model),
+            "greeks",
+            _segment("expiry", expiry),
+        )
+    )
+
+
+def topic_status(prefix: str, instance: str) -> str:
+    """``{prefix}/status/{instance}``."""
+    return f"{_prefix(prefix)}/status/{_segment('instance', instance)}"
+
+
+# -- values ------------------------------------------------------------------------------
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None for None / NaN / inf."""
+    if value is None:
+        return None
+    f = float(value)
+    return f if math.isfinite(f) else None
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 0:
+        raise InputError(name, f"must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _params(name: str, params: Mapping[str, Any]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key, value in params.items():
+        if not isinstance(key, str) or not key:
+            raise InputError(name, f"parameter names must be non-empty strings, got {key!r}")
+        out[key] = _num(value)
+    return out
+
+
+def fit_info(
+    *,
+    rmse_iv: float | None,
+    in_band: float | None,
+    n_quotes: int,
+    nfev: int,
+    elapsed_ms: float,
+    warm: bool,
+    regime_shift: bool,
+    penalty: float | None,
+) -> FitInfo:
+    """The ``fit`` block: rmse_iv (IV fraction), in_band (share of quotes within bid-ask)."""
+    band = _num(in_band)
+    if band is not None and not 0.0 <= band <= 1.0:
+        raise InputError("in_band", f"must be a share in [0, 1], got {in_band!r}")
+    elapsed = _num(elapsed_ms)
+    return {
+        "rmse_iv": _num(rmse_iv),
+        "in_band": band,
+        "n_quotes": _count("n_quotes", n_quotes),
+        "nfev": _count("nfev", nfev),
+        "elapsed_ms": elapsed if elapsed is not None else 0.0,
+        "warm": bool(warm),
+        "regime_shift": bool(regime_shift),
+        "penalty": _num(penalty),
+    }
+
+
+def expiry_entry(
+    *,
+    expiry: str,
+    expiry_ms: int,
+    T: float | None,
+    forward: float | None,
+    atm_iv: float | None,
+    params: Mapping[str, Any],
+    rmse_iv: float | None,
+    in_band: float | None,
+    n_quotes: int,
+) -> ExpiryEntry:
+    """One element of the surface's ``expiries`` list (``expiry`` is the venue code)."""
+    band = _num(in_band)
+    if band is not None and not 0.0 <= band <= 1.0:
+        raise InputError("in_band", f"must be a share in [0, 1], got {in_band!r}")
+    return {
+        "expiry": _segment("expiry", expiry),
+        "expiry_ms": _count("expiry_ms", expiry_ms),
+        "T": _num(T),
+        "forward": _num(forward),
+        "atm_iv": _num(atm_iv),
+        "params": _params("params", params),
+        "rmse_iv": _num(rmse_iv),
+        "in_band": band,
+        "n_quotes": _count("n_quotes", n_quotes),
+    }
+
+
+def surface_payload(
+    *,
+    venue: str,
+    underlying: str,
+    model: str,
+    ts_ms: int,
+    seq: int,
+    status: Status,
+    fit: FitInfo | Mapping[str, Any],
+    params: Mapping[str, Any],
+    expiries: Iterable[ExpiryEntry | Mapping[str, Any]],
+) -> SurfacePayload:
+    """A ``streamer.surface/1`` payload. ``fit`` and ``expiries`` items are passed through
+    ``fit_info`` / ``expiry_entry`` (so plain dicts with those keys work too)."""
+    if status not in STATUSES:
+        raise InputError("status", f"must be one of {', '.join(STATUSES)}, got {status!r}")
+    try:
+        fit_block = fit_info(**fit)
+        entries = [expiry_entry(**e) for e in expiries]
+    except TypeError as exc:  # a missing or unknown key
+        raise InputError("fit/expiries", str(exc)) from exc
+    return {
+        "schema": SURFACE_SCHEMA,
+        "venue": _segment("venue", venue),
+        "underlying": _segment("underlying", underlying),
+        "model": _segment("model", model),
+        "ts_ms": _count("ts_ms", ts_ms),
+        "seq": _count("seq", seq),
+        "status": status,
+        "fit": fit_block,
+        "params": _params("params", params),
+        "expiries": entries,
+    }
+
+
+def greeks_row(
+    *,
+    instrument: str,
+    strike: float,
+    type: OptionType,  # the wire name (shadows the builtin inside this function only)
+    iv: float | None,
+    price_coin: float | None,
+    price_usd: float | None,
+    delta: float | None,
+    delta_premium_adj: float | None,
+    gamma: float | None,
+    vega: float | None,
+    theta: float | None,
+    vanna: float | None,
+    volga: float | None,
+    bid_iv: float | None,
+    ask_iv: float | None,
+) -> GreeksRow:
+    """One instrument of the greeks payload (Deribit units, see ``schemas/greeks.json``)."""
+    if type not in ("C", "P"):
+        raise InputError("type", f"must be 'C' or 'P', got {type!r}")
+    k = _num(strike)
+    if k is None or k <= 0:
+        raise InputError("strike", f"must be a positive number, got {strike!r}")
+    if not instrument:
+        raise InputError("instrument", "must be a non-empty name")
+    return {
+        "instrument": instrument,
+        "strike": k,
+        "type": type,
+        "iv": _num(iv),
+        "price_coin": _num(price_coin),
+        "price_usd": _num(price_usd),
+        "delta": _num(delta),
+        "delta_premium_adj": _num(delta_premium_adj),
+        "gamma": _num(gamma),
+        "vega": _num(vega),
+        "theta": _num(theta),
+        "vanna": _num(vanna),
+        "volga": _num(volga),
+        "bid_iv": _num(bid_iv),
+        "ask_iv": _num(ask_iv),
+    }
+
+
+def _column(name: str, values: ArrayLike, n: int) -> list[float | None]:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.shape != (n,):
+        raise InputError(name, f"must have shape ({n},), got {arr.shape}")
+    finite = np.isfinite(arr)
+    if finite.all():
+        out: list[float | None] = arr.tolist()
+        return out
+    obj = arr.astype(object)
+    obj[~finite] = None
+    holes: list[float | None] = obj.tolist()
+    return holes
+
+
+def greeks_rows(
+    *,
+    instruments: Sequence[str],
+    strikes: ArrayLike,
+    is_call: ArrayLike,
+    **columns: ArrayLike,
+) -> list[GreeksRow]:
+    """Rows from columns (numpy arrays of equal length): the fast path for whole expiries.
+
+    ``columns`` must be exactly ``GREEKS_COLUMNS`` (iv, price_coin, ..., bid_iv, ask_iv);
+    non-finite entries become None.
+    """
+    n = len(instruments)
+    missing = set(GREEKS_COLUMNS) - set(columns)
+    extra = set(columns) - set(GREEKS_COLUMNS)
+    if missing or extra:
+        raise InputError(
+            "columns",
+            f"need exactly {', '.join(GREEKS_COLUMNS)}; missing {sorted(missing)}, "
+            f"unknown {sorted(extra)}",
+        )
+    k = np.asarray(strikes, dtype=np.float64)
+    calls = np.asarray(is_call, dtype=bool)
+    if k.shape != (n,) or calls.shape != (n,):
+        raise InputError("strikes/is_call", f"must have shape ({n},)")
+    if not (np.isfinite(k).all() and (k > 0).all()):
+        raise InputError("strikes", "must be positive and finite")
+    cols = [_column(name, columns[name], n) for name in GREEKS_COLUMNS]
+    rows: list[GreeksRow] = []
+    for i, (name, strike, call) in enumerate(
+        zip(instruments, k.tolist(), calls.tolist(), strict=True)
+    ):
+        row: dict[str, Any] = {"instrument": name, "strike": strike, "type": "C" if call else "P"}
+        for col_name, col in zip(GREEKS_COLUMNS, cols, strict=True):
+            row[col_name] = col[i]
+        rows.append(row)  # type: ignore[arg-type]
+    return rows
+
+
+def greeks_payload(
+    *,
+    ts_ms: int,
+    seq: int,
+    expiry: str,
+    forward: float | None,
+    T: float | None,
+    instruments: Iterable[GreeksRow | Mapping[str, Any]],
+) -> GreeksPayload:
+    """A ``streamer.greeks/1`` payload; each ``instruments`` item is checked by ``greeks_row``
+    (so ``greeks_rows`` output and plain dicts with those keys both work)."""
+    rows: list[GreeksRow] = []
+    try:
+        for item in instruments:
+            rows.append(greeks_row(**item))
+    except TypeError as exc:
+        raise InputError("instruments", str(exc)) from exc
+    return {
+        "schema": GREEKS_SCHEMA,
+        "ts_ms": _count("ts_ms", ts_ms),
+        "seq": _count("seq", seq),
+        "expiry": _segment("expiry", expiry),
+        "forward": _num(forward),
+        "T": _num(T),
+        "instruments": rows,
+    }
+
+
+def load_schema(name: Literal["surface", "greeks", "status"]) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) shipped for payload ``name``."""
+    text = resources.files("streamer").joinpath("schemas", f"{name}.json").read_text("utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema

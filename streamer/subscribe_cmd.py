@@ -1,0 +1,211 @@
+"""``streamer subscribe TOPIC``: a live view of what streamer publishes on MQTT.
+
+Surface payloads (``streamer.surface/1``) print as a compact table per expiry (expiry, T,
+forward, ATM IV in %, RMSE in IV points, share of quotes in the bid-ask band, parameters);
+greeks payloads (``streamer.greeks/1``) as a short summary, status as one line; any other
+payload as JSON. ``--json`` prints each message raw as ``{"topic": ..., "payload": ...}`` a
+line (the ``jsonl`` publisher's format); ``--count N`` exits after N messages; ``--timeout S``
+gives up (exit code 1) after S seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+DEFAULT_URL = "mqtt://127.0.0.1:1883"
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register the ``subscribe`` command on an argparse subparsers object."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "subscribe",
+        help="print what streamer publishes on MQTT (live)",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    p.add_argument("topic", help="MQTT topic, wildcards allowed (e.g. 'streamer/#')")
+    p.add_argument(
+        "--url",
+        default=DEFAULT_URL,
+        help=f"broker, mqtt[s]://[user:pass@]host:port ({DEFAULT_URL})",
+    )
+    p.add_argument("--json", action="store_true", help="print raw JSON lines")
+    p.add_argument("--count", type=int, default=0, metavar="N", help="exit after N messages")
+    p.add_argument("--timeout", type=float, default=0.0, metavar="S", help="give up after S s")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the command; exit code 0 after ``--count`` messages or Ctrl-C, 1 on timeout/error."""
+    import structlog
+
+    from streamer.errors import StreamerError
+
+    if not structlog.is_configured():  # keep stdout for the data
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    if args.count < 0:
+        print("streamer subscribe: --count must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_run(args.url, args.topic, args.json, args.count, args.timeout))
+    except KeyboardInterrupt:
+        return 0
+    except StreamerError as exc:
+        print(f"streamer subscribe: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _run(url: str, topic: str, raw: bool, count: int, timeout: float) -> int:
+    import orjson
+
+    from streamer.client import subscribe_payloads
+
+    out = sys.stdout
+    seen = 0
+    try:
+        async with asyncio.timeout(timeout if timeout > 0 else None):
+            async with contextlib.aclosing(subscribe_payloads(url, topic)) as messages:
+                async for msg_topic, payload in messages:
+                    if raw:
+                        line = orjson.dumps({"topic": msg_topic, "payload": payload})
+                        out.write(line.decode() + "\n")
+                    else:
+                        out.write(render(msg_topic, payload) + "\n")
+                    out.flush()
+                    seen += 1
+                    if count and seen >= count:
+                        return 0
+    except TimeoutError:
+        print(f"streamer subscribe: timeout after {timeout} s ({seen} messages)", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- rendering (pure) --------------------------------------------------------------------
+
+
+def _f(value: Any, fmt: str, scale: float = 1.0, suffix: str = "") -> str:
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return "-"
+    if not math.isfinite(value):
+        return "-"
+    return f"{value * scale:{fmt}}{suffix}"
+
+
+def _when(ts_ms: Any) -> str:
+    if not isinstance(ts_ms, int):
+        return "-"
+    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _params(params: Any) -> str:
+    if not isinstance(params, dict):
+        return ""
+    return " ".join(f"{k}={_f(v, '.4g')}" for k, v in params.items())
+
+
+def _table(headers: list[str], rows: list[list[str]], out: list[str]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    last = len(headers) - 1
+    for cells in [headers, *rows]:
+        parts = [
+            c.ljust(w) if i in (0, last) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        out.append("  ".join(parts).rstrip())
+
+
+def render_surface(topic: str, p: dict[str, Any]) -> str:
+    fit = p.get("fit") or {}
+    lines = [
+        f"{topic}  seq {p.get('seq')}  {p.get('status')}  {_when(p.get('ts_ms'))} UTC",
+        f"  fit: rmse {_f(fit.get('rmse_iv'), '.2f', 100, '%')}"
+        f"  in_band {_f(fit.get('in_band'), '.0f', 100, '%')}"
+        f"  quotes {fit.get('n_quotes', '-')}  nfev {fit.get('nfev', '-')}"
+        f"  {_f(fit.get('elapsed_ms'), '.1f', 1, ' ms')}"
+        f"  {'warm' if fit.get('warm') else 'cold'}"
+        f"{'  REGIME SHIFT' if fit.get('regime_shift') else ''}"
+        f"  penalty {_f(fit.get('penalty'), '.3g')}",
+    ]
+    if p.get("params"):
+        lines.append(f"  params: {_params(p.get('params'))}")
+    rows = [
+        [
+            str(e.get("expiry", "-")),
+            _f(e.get("T"), ".4f"),
+            _f(e.get("forward"), ",.2f"),
+            _f(e.get("atm_iv"), ".2f", 100, "%"),
+            _f(e.get("rmse_iv"), ".2f", 100, "%"),
+            _f(e.get("in_band"), ".0f", 100, "%"),
+            _params(e.get("params")),
+        ]
+        for e in p.get("expiries") or []
+        if isinstance(e, dict)
+    ]
+    if rows:
+        table: list[str] = []
+        _table(["expiry", "T", "forward", "atm_iv", "rmse", "in_band", "params"], rows, table)
+        lines.extend("  " + t for t in table)
+    return "\n".join(lines)
+
+
+def render_greeks(topic: str, p: dict[str, Any]) -> str:
+    rows = [r for r in p.get("instruments") or [] if isinstance(r, dict)]
+    ivs = sorted(r["iv"] for r in rows if isinstance(r.get("iv"), int | float))
+    calls = sum(1 for r in rows if r.get("type") == "C")
+    line = (
+        f"{topic}  seq {p.get('seq')}  {_when(p.get('ts_ms'))} UTC  expiry {p.get('expiry')}"
+        f"  T {_f(p.get('T'), '.4f')}  forward {_f(p.get('forward'), ',.2f')}"
+        f"  {len(rows)} instruments ({calls} C, {len(rows) - calls} P)"
+    )
+    if ivs:
+        line += (
+            f"  iv {_f(ivs[0], '.1f', 100, '%')} .. {_f(ivs[len(ivs) // 2], '.1f', 100, '%')}"
+            f" .. {_f(ivs[-1], '.1f', 100, '%')}"
+        )
+    forward = p.get("forward")
+    if rows and isinstance(forward, int | float):
+        atm = min(rows, key=lambda r: abs(float(r.get("strike") or 0.0) - forward))
+        line += (
+            f"\n  ATM {atm.get('instrument')}: iv {_f(atm.get('iv'), '.2f', 100, '%')}"
+            f" delta {_f(atm.get('delta'), '.3f')} gamma {_f(atm.get('gamma'), '.3g')}"
+            f" vega {_f(atm.get('vega'), '.2f')} theta {_f(atm.get('theta'), '.2f')}"
+            f" bid/ask iv {_f(atm.get('bid_iv'), '.2f', 100, '%')}"
+            f"/{_f(atm.get('ask_iv'), '.2f', 100, '%')}"
+        )
+    return line
+
+
+def render_status(topic: str, p: dict[str, Any]) -> str:
+    import orjson
+
+    line = f"{topic}  {str(p.get('state', '?')).upper()}  v{p.get('version')}"
+    line += f"  up {_f(p.get('uptime_s'), ',.1f', 1, ' s')}  at {_when(p.get('ts_ms'))} UTC"
+    if p.get("reason"):
+        line += f"  ({p['reason']})"
+    if p.get("feeds"):
+        line += "  feeds " + orjson.dumps(p["feeds"]).decode()
+    return line
+
+
+def render(topic: str, payload: dict[str, Any]) -> str:
+    """The human view of one message."""
+    import orjson
+
+    schema = payload.get("schema")
+    try:
+        if schema == "streamer.surface/1":
+            return render_surface(topic, payload)
+        if schema == "streamer.greeks/1":
+            return render_greeks(topic, payload)
+        if schema == "streamer.status/1":
+            return render_status(topic, payload)
+    except (TypeError, ValueError, KeyError):  # malformed: fall back to the JSON
+        pass
+    return f"{topic}  " + orjson.dumps(payload).decode()
