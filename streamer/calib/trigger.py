@@ -1,0 +1,76 @@
+"""When to refit a surface: the trigger policy (pure, clock passed in).
+
+A refit is due when, since the last fit,
+
+* at least ``min_changed_quotes`` quotes changed, or
+* any expiry's forward moved by more than ``forward_move_bp`` basis points, or
+* ``max_interval_s`` passed with at least one changed quote (so a quiet market still gets
+  fresh ``ts_ms`` and a stale surface is noticed),
+
+and never sooner than ``min_interval_s`` after the previous fit. Times are in seconds of the
+caller's clock: venue time in replay (deterministic), monotonic time live.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DEFAULT_MIN_CHANGED_QUOTES = 20
+DEFAULT_FORWARD_MOVE_BP = 10.0
+DEFAULT_MAX_INTERVAL_S = 5.0
+DEFAULT_MIN_INTERVAL_S = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerConfig:
+    """Refit after N changed quotes, a forward move beyond x bp, or a max interval."""
+
+    min_changed_quotes: int = DEFAULT_MIN_CHANGED_QUOTES
+    forward_move_bp: float = DEFAULT_FORWARD_MOVE_BP
+    max_interval_s: float = DEFAULT_MAX_INTERVAL_S
+    min_interval_s: float = DEFAULT_MIN_INTERVAL_S
+
+
+class TriggerPolicy:
+    """Counts changes between fits and says when the next fit is due."""
+
+    def __init__(self, config: TriggerConfig | None = None) -> None:
+        self.config = config or TriggerConfig()
+        self._changed = 0
+        self._last_fit_t = -math.inf
+        self._fit_forwards: dict[str, float] = {}
+        self._max_move_bp = 0.0
+
+    @property
+    def changed(self) -> int:
+        """Quotes changed since the last fit."""
+        return self._changed
+
+    def on_quote(self, expiry: str, forward: float) -> None:
+        """Record one changed quote of ``expiry`` with its current forward."""
+        self._changed += 1
+        ref = self._fit_forwards.get(expiry)
+        if ref is not None and ref > 0.0 and forward > 0.0:
+            self._max_move_bp = max(self._max_move_bp, abs(forward / ref - 1.0) * 1e4)
+
+    def due(self, now_s: float) -> bool:
+        """Is a refit due at ``now_s``?"""
+        if self._changed == 0:
+            return False
+        c = self.config
+        since = now_s - self._last_fit_t
+        if since < c.min_interval_s:
+            return False
+        return (
+            self._changed >= c.min_changed_quotes
+            or self._max_move_bp > c.forward_move_bp
+            or since >= c.max_interval_s
+        )
+
+    def fitted(self, now_s: float, forwards: dict[str, float]) -> None:
+        """A fit was started at ``now_s`` on a snapshot with these forwards per expiry."""
+        self._changed = 0
+        self._max_move_bp = 0.0
+        self._last_fit_t = now_s
+        self._fit_forwards = dict(forwards)

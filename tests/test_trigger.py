@@ -1,0 +1,50 @@
+"""Trigger policy: each rule fires on its own, and the min interval holds them all back."""
+
+from __future__ import annotations
+
+from streamer.calib.trigger import TriggerConfig, TriggerPolicy
+
+CFG = TriggerConfig(
+    min_changed_quotes=5, forward_move_bp=10.0, max_interval_s=2.0, min_interval_s=0.5
+)
+
+
+def test_nothing_changed_never_due() -> None:
+    p = TriggerPolicy(CFG)
+    assert not p.due(0.0)
+    assert not p.due(1e9)
+
+
+def test_first_quote_fits_at_once_then_counts() -> None:
+    p = TriggerPolicy(CFG)
+    p.on_quote("27DEC24", 100.0)
+    assert p.due(0.0)  # nothing fitted yet: the max interval has long passed
+    p.fitted(0.0, {"27DEC24": 100.0})
+    for _ in range(4):
+        p.on_quote("27DEC24", 100.0)
+    assert not p.due(1.0)
+    p.on_quote("27DEC24", 100.0)
+    assert p.due(1.0)  # the fifth changed quote
+
+
+def test_forward_move_and_min_interval() -> None:
+    p = TriggerPolicy(CFG)
+    p.on_quote("27DEC24", 100.0)
+    p.fitted(10.0, {"27DEC24": 100.0})
+    p.on_quote("27DEC24", 100.05)  # 5 bp: not enough
+    assert not p.due(10.6)
+    p.on_quote("27DEC24", 100.2)  # 20 bp
+    assert not p.due(10.3)  # but within the min interval
+    assert p.due(10.6)
+    p.fitted(10.6, {"27DEC24": 100.2})
+    assert p.changed == 0
+    assert not p.due(100.0)
+
+
+def test_max_interval_with_one_change() -> None:
+    p = TriggerPolicy(CFG)
+    p.on_quote("27DEC24", 100.0)
+    p.fitted(0.0, {"27DEC24": 100.0})
+    p.on_quote("3JAN25", 101.0)  # an expiry not in the last fit: no move reference
+    assert not p.due(1.9)
+    assert p.due(2.0)
