@@ -52,10 +52,10 @@ class Surface:
             model_cls = REGISTRY[name]
         except KeyError as exc:
             raise InputError("payload.model", f"unknown model {exc.args[0]!r}") from exc
-        model = model_cls(**model_kwargs)
+        surface_params = dict(payload.get("params") or {})
+        model = model_cls(**model_kwargs) if model_kwargs else model_cls.from_params(surface_params)
         rows = list(payload["expiries"])
         n = len(rows)
-        surface_params = dict(payload.get("params") or {})
         if model.per_expiry:
             x = tuple(
                 model.from_view(ParamView(surface=surface_params, slices=[dict(r["params"])]), 1)

@@ -34,7 +34,7 @@ class _FlatSmile(Model):
     def arbitrage(self, x: FloatArray, slice_T: FloatArray) -> list[Violation]:
         return []
 
-    def scale(self, n_slices: int) -> FloatArray:
+    def scale(self, n_slices: int, slice_T: FloatArray | None = None) -> FloatArray:
         return np.ones(n_slices + 1)
 
 

@@ -100,6 +100,11 @@ class Model(ABC):
     name: ClassVar[str]
     per_expiry: ClassVar[bool]
 
+    @classmethod
+    def from_params(cls, surface_params: dict[str, float]) -> Model:
+        """The model instance a published payload describes (e.g. SABR's fixed ``beta``)."""
+        return cls()
+
     @abstractmethod
     def param_names(self, n_slices: int) -> tuple[str, ...]:
         """Names of the entries of ``x`` (slice parameters suffixed ``[j]``)."""
@@ -128,9 +133,22 @@ class Model(ABC):
     def arbitrage(self, x: FloatArray, slice_T: FloatArray) -> list[Violation]:
         """Static-arbitrage violations of ``x``; empty when the parameters are arbitrage-free."""
 
+    def safe_bounds(
+        self, x: FloatArray, lower: FloatArray, upper: FloatArray
+    ) -> tuple[FloatArray, FloatArray] | None:
+        """Bounds of a sub-region free of static arbitrage by construction, near ``x``.
+
+        The calibrator re-fits inside it when a fit fails ``arbitrage``. None: no such region
+        (the model is arbitrage-free everywhere inside ``bounds``, or there is none to offer).
+        """
+        return None
+
     @abstractmethod
-    def scale(self, n_slices: int) -> FloatArray:
-        """Typical size of each parameter's move: the ``s`` of the change penalty."""
+    def scale(self, n_slices: int, slice_T: FloatArray | None = None) -> FloatArray:
+        """Typical size of each parameter's move: the ``s`` of the change penalty.
+
+        ``slice_T`` (years to each slice's expiry) lets a model scale by maturity.
+        """
 
     def view(self, x: FloatArray, n_slices: int) -> ParamView:
         """Named parameters for publishing.

@@ -1,0 +1,162 @@
+"""The daemon's settings: one TOML file -> one frozen ``Config``, validated.
+
+Sections (every key optional; defaults below and in ``config/default.toml``)::
+
+    instance = "deribit-btc"          # names the status topic and the MQTT client id
+
+    [feed]                            # where frames come from in `streamer run`
+    venue = "deribit"                 # deribit | ccxt
+    url = "wss://www.deribit.com/ws/api/v2"
+    currencies = ["BTC"]
+    book_channels = false             # also subscribe book.{inst}.100ms
+    heartbeat_s = 10.0                # public/set_heartbeat interval
+    dead_after_s = 30.0               # no frame for this long: reconnect
+    ccxt_exchange = "okx"             # venue = "ccxt": okx | bybit | binance | deribit
+
+    [book]
+    stale_after_s = 60.0              # quotes older than this leave the snapshot
+    max_spread_iv = 0.5               # wider bid-ask (in vol, 0.5 = 50 points) is dropped
+
+    [models]
+    names = ["svi", "ssvi"]           # every name must be in streamer.models.REGISTRY
+    penalty = { svi = 1.0 }           # per model: lambda of the parameter-change penalty
+
+    [trigger]                         # see streamer.calib.trigger
+    min_changed_quotes = 20
+    forward_move_bp = 10.0
+    max_interval_s = 5.0
+    min_interval_s = 0.2
+
+    [publish]
+    urls = ["jsonl:-"]                # mqtt://user:pass@host:1883/prefix, mqtts://..., jsonl:PATH
+    prefix = "streamer"
+    greeks = true                     # also publish the per-expiry greeks topics
+
+    [recorder]
+    dir = ""                          # "" = off; else raw frames go to DIR/*.jsonl.zst
+    rotate_mb = 256
+    rotate_minutes = 60
+
+    [metrics]
+    host = "127.0.0.1"
+    port = 0                          # 0 = off
+
+    [log]
+    level = "info"                    # debug | info | warning | error
+    format = "auto"                   # auto (JSON unless a TTY) | json | pretty
+
+Environment variables override keys: ``STREAMER__PUBLISH__URLS='["mqtt://h:1883"]'``,
+``STREAMER__LOG__LEVEL=debug`` (see ``streamer.settings``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from streamer.calib.trigger import TriggerConfig
+from streamer.errors import ConfigError
+from streamer.settings import apply_env, build
+
+DEFAULT_DERIBIT_URL = "wss://www.deribit.com/ws/api/v2"
+
+
+@dataclass(frozen=True)
+class FeedSettings:
+    venue: Literal["deribit", "ccxt"] = "deribit"
+    url: str = DEFAULT_DERIBIT_URL
+    currencies: tuple[str, ...] = ("BTC",)
+    book_channels: bool = False
+    heartbeat_s: float = 10.0
+    dead_after_s: float = 30.0
+    ccxt_exchange: Literal["okx", "bybit", "binance", "deribit"] = "okx"
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_s < 10.0:
+            raise ValueError("feed.heartbeat_s: Deribit needs at least 10 s")
+        if self.dead_after_s <= self.heartbeat_s:
+            raise ValueError("feed.dead_after_s must exceed feed.heartbeat_s")
+
+
+@dataclass(frozen=True)
+class BookSettings:
+    stale_after_s: float = 60.0
+    max_spread_iv: float = 0.5
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    names: tuple[str, ...] = ("svi", "ssvi")
+    penalty: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PublishSettings:
+    urls: tuple[str, ...] = ("jsonl:-",)
+    prefix: str = "streamer"
+    greeks: bool = True
+
+
+@dataclass(frozen=True)
+class RecorderSettings:
+    dir: str = ""
+    rotate_mb: int = 256
+    rotate_minutes: int = 60
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "pretty"] = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the daemon reads from its TOML file."""
+
+    instance: str = "streamer"
+    feed: FeedSettings = field(default_factory=FeedSettings)
+    book: BookSettings = field(default_factory=BookSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
+    trigger: TriggerConfig = field(default_factory=TriggerConfig)
+    publish: PublishSettings = field(default_factory=PublishSettings)
+    recorder: RecorderSettings = field(default_factory=RecorderSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+def config_from_table(table: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed TOML table (plus env overrides) into a ``Config``."""
+    merged = apply_env(dict(table), os.environ if env is None else env)
+    config = build(Config, merged)
+    from streamer.models import REGISTRY
+
+    for i, name in enumerate(config.models.names):
+        if name not in REGISTRY:
+            allowed = ", ".join(sorted(REGISTRY)) or "(none registered)"
+            raise ConfigError(f"models.names[{i}]", f"unknown model {name!r}; allowed: {allowed}")
+    return config
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (None: built-in defaults) and apply ``STREAMER__...`` overrides."""
+    table: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            table = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(str(p), "config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(p), f"not valid TOML: {exc}") from None
+    return config_from_table(table, env)

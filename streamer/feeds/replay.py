@@ -1,0 +1,388 @@
+"""Read recorded feeds back: JSON Lines recordings (DESIGN section 3) and raw cryptofeed captures.
+
+``read_recording(path)`` yields ``(ts_ns, venue, frame_text)`` from ``.jsonl``, ``.jsonl.gz``
+and ``.jsonl.zst`` files; the compression is taken from the file's magic bytes (gzip ``1f 8b``,
+RFC 1952; zstd ``28 b5 2f fd``, RFC 8878), the suffix only being a hint. Concatenated gzip
+members and zstd frames (a recorder that flushed whole frames, or files joined with ``cat``) are
+read across.
+
+Reading is tolerant, because recordings are cut off by crashes: a truncated final line, a
+compressed stream without its end (the recorder flushes blocks, so a SIGKILLed file decodes up to
+its last flush) or corrupt compressed bytes end the iteration cleanly, and a malformed line is
+counted in ``ReplayStats.bad_lines`` under a short reason, logged (``replay_bad_line``) and
+skipped: nothing here raises on bad data. Only a missing/unreadable file raises ``OSError``.
+
+``read_cryptofeed_capture(path)`` reads cryptofeed's raw capture format (the real 2021 Deribit
+capture under ``shared/data/deribit/raw``)::
+
+    wss://www.deribit.com/ws/api/v2 <-> 1626993723.424371            connection opened
+    wss://www.deribit.com/ws/api/v2 <- 1626993723.7145221: {...}     frame we sent
+    1626993723.804318: {...}                                          frame received
+    https://.../get_instruments?currency=BTC -> 1626993723.13: {...}  REST response received
+
+Receive times are epoch seconds with a decimal fraction, converted to ns exactly (no float
+rounding).
+
+``iter_frames(paths, speed=...)`` chains several files in order, as fast as possible
+(``speed=None``) or paced by ``ts_ns`` at ``speed`` times real time; ``aiter_frames`` is the
+asyncio twin (``asyncio.sleep`` for pacing, a zero sleep every few hundred frames otherwise so a
+fast replay does not starve the event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import time
+import zlib
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import orjson
+import structlog
+
+log = structlog.get_logger(__name__)
+
+Frame = tuple[int, str, str]
+"""``(ts_ns, venue, frame_text)``: one recorded frame."""
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+CHUNK = 1 << 16
+YIELD_EVERY = 256  # aiter_frames: frames between event-loop yields when not pacing
+
+
+@dataclass(slots=True)
+class ReplayStats:
+    """What reading went through: ``lines`` read (blank ones excluded), ``frames`` yielded,
+    ``bad_lines`` by reason, whether the input ended mid-line or mid-stream (``truncated``), and
+    the compressed-stream error that stopped it, if any (``decode_error``)."""
+
+    files: int = 0
+    lines: int = 0
+    frames: int = 0
+    bad_lines: Counter[str] = field(default_factory=Counter)
+    truncated: bool = False
+    decode_error: str = ""
+
+
+# -- decompression --------------------------------------------------------------------------
+
+
+class _Decompressor(Protocol):
+    @property
+    def eof(self) -> bool: ...
+
+    @property
+    def unused_data(self) -> bytes: ...
+
+    def decompress(self, data: bytes) -> bytes: ...
+
+
+def detect_compression(path: str | os.PathLike[str]) -> str:
+    """``"gz"``, ``"zst"`` or ``"none"`` from the file's first bytes (the suffix if empty)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith(GZIP_MAGIC):
+        return "gz"
+    if head.startswith(ZSTD_MAGIC):
+        return "zst"
+    if not head:
+        name = os.fspath(path)
+        return "gz" if name.endswith(".gz") else "zst" if name.endswith(".zst") else "none"
+    return "none"
+
+
+def _new_decompressor(kind: str) -> _Decompressor:
+    if kind == "gz":
+        return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    import zstandard
+
+    d: _Decompressor = zstandard.ZstdDecompressor().decompressobj()
+    return d
+
+
+def _iter_chunks(fh: BinaryIO, kind: str, path: str, stats: ReplayStats) -> Iterator[bytes]:
+    """Decompressed chunks of ``fh``; stops cleanly at truncation or corruption."""
+    if kind == "none":
+        while chunk := fh.read(CHUNK):
+            yield chunk
+        return
+    dec = _new_decompressor(kind)
+    started = False  # has the current member/frame consumed any input?
+    try:
+        while chunk := fh.read(CHUNK):
+            while chunk:
+                out = dec.decompress(chunk)
+                started = True
+                if out:
+                    yield out
+                if dec.eof:  # member/frame complete: the rest starts a new one (or is junk)
+                    chunk = dec.unused_data
+                    dec = _new_decompressor(kind)
+                    started = False
+                    if chunk and not (chunk.startswith(GZIP_MAGIC) or chunk.startswith(ZSTD_MAGIC)):
+                        if chunk.strip(b"\x00"):
+                            stats.decode_error = "trailing garbage after compressed stream"
+                            log.warning("replay_trailing_garbage", path=path, kind=kind)
+                        return
+                else:
+                    chunk = b""
+    except Exception as exc:  # zlib.error, zstandard.ZstdError: corrupt bytes end the replay
+        stats.decode_error = f"{type(exc).__name__}: {exc}"
+        stats.truncated = True
+        log.warning("replay_decode_error", path=path, kind=kind, error=str(exc))
+        return
+    if started and not dec.eof:
+        stats.truncated = True
+        log.info("replay_stream_truncated", path=path, kind=kind)
+
+
+def iter_lines(
+    path: str | os.PathLike[str], stats: ReplayStats | None = None
+) -> Generator[tuple[int, bytes, bool], None, None]:
+    """``(line_no, line_without_newline, complete)`` of a possibly compressed text file.
+
+    ``complete`` is False only for a final line that did not end with a newline.
+    """
+    st = stats if stats is not None else ReplayStats()
+    name = os.fspath(path)
+    kind = detect_compression(path)
+    hint = "gz" if name.endswith(".gz") else "zst" if name.endswith(".zst") else "none"
+    if hint != kind:
+        log.info("replay_compression_mismatch", path=name, suffix=hint, magic=kind)
+    line_no = 0
+    rest = b""
+    with open(path, "rb") as fh:
+        for chunk in _iter_chunks(fh, kind, name, st):
+            buf = rest + chunk if rest else chunk
+            lines = buf.split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                line_no += 1
+                yield line_no, line.removesuffix(b"\r"), True
+    if rest:
+        yield line_no + 1, rest, False
+
+
+# -- recordings -----------------------------------------------------------------------------
+
+
+def _bad(stats: ReplayStats, path: str, line_no: int, reason: str) -> None:
+    stats.bad_lines[reason] += 1
+    log.warning("replay_bad_line", path=path, line=line_no, reason=reason)
+
+
+def read_recording(
+    path: str | os.PathLike[str], *, stats: ReplayStats | None = None
+) -> Iterator[Frame]:
+    """Yield ``(ts_ns, venue, frame_text)`` for every good line of a recording (see module doc).
+
+    Pass a ``ReplayStats`` to learn what was skipped; nothing is raised for bad content.
+    """
+    st = stats if stats is not None else ReplayStats()
+    st.files += 1
+    name = os.fspath(path)
+    for line_no, line, complete in iter_lines(path, st):
+        if not line.strip():
+            continue
+        try:
+            rec = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            if not complete:  # cut off mid-line by a crash: the clean end of the recording
+                st.truncated = True
+                log.info("replay_truncated_line", path=name, line=line_no)
+                return
+            st.lines += 1
+            _bad(st, name, line_no, "invalid_json")
+            continue
+        st.lines += 1
+        if not isinstance(rec, dict):
+            _bad(st, name, line_no, "not_an_object")
+            continue
+        ts_ns, venue, frame = rec.get("ts_ns"), rec.get("venue"), rec.get("frame")
+        if not isinstance(ts_ns, int) or isinstance(ts_ns, bool):
+            _bad(st, name, line_no, "bad_ts_ns")
+            continue
+        if not isinstance(venue, str):
+            _bad(st, name, line_no, "bad_venue")
+            continue
+        if not isinstance(frame, str):
+            _bad(st, name, line_no, "bad_frame")
+            continue
+        st.frames += 1
+        yield ts_ns, venue, frame
+
+
+# -- cryptofeed raw captures ----------------------------------------------------------------
+
+_CAPTURE = re.compile(
+    rb"^(?:(?P<url>\S+) (?P<dir><->|<-|->) )?(?P<sec>\d+)(?:\.(?P<frac>\d+))?"
+    rb"(?::\s?(?P<frame>.*))?$",
+    re.DOTALL,
+)
+
+
+def _seconds_to_ns(sec: bytes, frac: bytes | None) -> int:
+    digits = (frac or b"")[:9].ljust(9, b"0")
+    return int(sec) * 1_000_000_000 + int(digits)
+
+
+def read_cryptofeed_capture(
+    path: str | os.PathLike[str],
+    *,
+    venue: str = "deribit",
+    include_sent: bool = False,
+    stats: ReplayStats | None = None,
+) -> Iterator[Frame]:
+    """Yield ``(ts_ns, venue, frame_text)`` for each received frame of a cryptofeed capture.
+
+    Received websocket frames (``<sec>: <frame>``) and REST responses (``URL -> <sec>:
+    <body>``) are yielded; frames we sent (``URL <- ...``) only with ``include_sent``;
+    connection markers (``URL <-> <sec>``) and ``configuration:`` lines are skipped silently.
+    Other lines count as bad (``unrecognised``).
+    """
+    st = stats if stats is not None else ReplayStats()
+    st.files += 1
+    name = os.fspath(path)
+    for line_no, line, complete in iter_lines(path, st):
+        if not line.strip():
+            continue
+        st.lines += 1
+        if line.startswith(b"configuration:"):
+            continue
+        m = _CAPTURE.match(line)
+        if m is None:
+            _bad(st, name, line_no, "unrecognised")
+            continue
+        direction = m.group("dir")
+        frame = m.group("frame")
+        if direction == b"<->":
+            continue
+        if direction == b"<-" and not include_sent:
+            continue
+        if frame is None or not frame.strip():
+            _bad(st, name, line_no, "no_frame")
+            continue
+        if not complete:
+            # A cut-off final line: only keep it if the frame is complete JSON.
+            try:
+                orjson.loads(frame)
+            except orjson.JSONDecodeError:
+                st.truncated = True
+                return
+        try:
+            text = frame.decode("utf-8")
+        except UnicodeDecodeError:
+            _bad(st, name, line_no, "not_utf8")
+            continue
+        st.frames += 1
+        yield _seconds_to_ns(m.group("sec"), m.group("frac")), venue, text
+
+
+def is_cryptofeed_capture(path: str | os.PathLike[str]) -> bool:
+    """True when the first non-blank line of ``path`` is not a JSON object (a capture)."""
+    with contextlib.closing(iter_lines(path)) as lines:
+        for _, line, _ in lines:
+            if line.strip():
+                return not line.lstrip().startswith(b"{")
+    return False
+
+
+def read_frames(
+    path: str | os.PathLike[str], *, stats: ReplayStats | None = None
+) -> Iterator[Frame]:
+    """Frames of one file: a recording or (sniffed by content) a cryptofeed capture."""
+    if is_cryptofeed_capture(path):
+        return read_cryptofeed_capture(path, stats=stats)
+    return read_recording(path, stats=stats)
+
+
+# -- several files, paced -------------------------------------------------------------------
+
+
+def _check_speed(speed: float | None) -> None:
+    if speed is not None and not speed > 0:
+        from streamer.errors import InputError
+
+        raise InputError("speed", f"must be positive (or None for as fast as possible): {speed}")
+
+
+def iter_frames(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    speed: float | None = None,
+    clock: Callable[[], int] = time.monotonic_ns,
+    sleep: Callable[[float], None] = time.sleep,
+    stats: ReplayStats | None = None,
+) -> Iterator[Frame]:
+    """Frames of ``paths`` in the order given, each file via ``read_frames``.
+
+    ``speed=None`` yields as fast as possible; ``speed=X`` holds each frame back until
+    ``(ts_ns - first_ts_ns) / X`` ns have passed on ``clock`` (monotonic ns) since the first
+    one, sleeping with ``sleep(seconds)``. Frames whose ``ts_ns`` goes backwards are not
+    delayed.
+    """
+    _check_speed(speed)
+    first_ts: int | None = None
+    start = 0
+    for path in paths:
+        for frame in read_frames(path, stats=stats):
+            if speed is not None:
+                if first_ts is None:
+                    first_ts, start = frame[0], clock()
+                delay_ns = start + (frame[0] - first_ts) / speed - clock()
+                if delay_ns > 0:
+                    sleep(delay_ns / 1e9)
+            yield frame
+
+
+async def aiter_frames(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    speed: float | None = None,
+    clock: Callable[[], int] = time.monotonic_ns,
+    stats: ReplayStats | None = None,
+) -> AsyncIterator[Frame]:
+    """``iter_frames`` for asyncio: paces with ``asyncio.sleep`` (file reads stay synchronous:
+    chunks of 64 KiB, quick)."""
+    _check_speed(speed)
+    first_ts: int | None = None
+    start = 0
+    n = 0
+    for path in paths:
+        for frame in read_frames(path, stats=stats):
+            n += 1
+            if speed is not None:
+                if first_ts is None:
+                    first_ts, start = frame[0], clock()
+                delay_ns = start + (frame[0] - first_ts) / speed - clock()
+                if delay_ns > 0:
+                    await asyncio.sleep(delay_ns / 1e9)
+                elif n % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+            elif n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            yield frame
+
+
+_RECORDING_NAME = re.compile(r"^(?P<venue>.+)-(?P<stamp>\d{8}T\d{6}Z)(?:-(?P<n>\d+))?\.jsonl")
+
+
+def _recording_key(path: Path) -> tuple[str, str, int, str]:
+    m = _RECORDING_NAME.match(path.name)
+    if m is None:
+        return ("", "", 0, path.name)
+    return (m.group("venue"), m.group("stamp"), int(m.group("n") or 0), path.name)
+
+
+def recording_paths(directory: str | os.PathLike[str], venue: str | None = None) -> list[Path]:
+    """Recordings in ``directory`` (optionally of one venue) in time order: the recorder names
+    files ``{venue}-{UTC stamp}[-n].jsonl*``, ``-n`` breaking ties within one second."""
+    pattern = f"{venue}-*.jsonl*" if venue else "*.jsonl*"
+    return sorted(Path(directory).glob(pattern), key=_recording_key)

@@ -1,0 +1,184 @@
+r"""SABR per expiry: Hagan et al. (2002) lognormal expansion with Obłój's (2008) correction.
+
+Dynamics ``dF = alpha_t F^beta dW``, ``d alpha_t = nu alpha_t dZ``, ``dW dZ = rho dt``. The
+forward is normalised to 1 (``K = e^k``), so ``alpha`` is in the units of a normalised
+forward and, for ``beta = 1``, close to the ATM vol. Black implied vol::
+
+    sigma_B(k) = nu (-k) / x(z) * [1 + ((1-beta)^2/24 alpha^2 K^(beta-1)
+                                       + rho beta nu alpha / 4 K^((beta-1)/2)
+                                       + (2 - 3 rho^2)/24 nu^2) T]
+    z = nu (1 - K^(1-beta)) / (alpha (1 - beta))     (beta < 1),    z = -nu k / alpha  (beta = 1)
+    x(z) = ln((sqrt(1 - 2 rho z + z^2) + z - rho) / (1 - rho))
+
+This is Obłój's form ("Fine-tune your smile: correction to Hagan et al.", 2008): the leading
+term uses ``z`` built from ``F^(1-beta) - K^(1-beta)`` rather than Hagan's ``(FK)^((1-beta)/2)
+ln(F/K)``, which is exact as ``nu -> 0`` and better in the wings. At ``k = 0`` the ratio
+``-nu k / x(z)`` tends to ``alpha``; a series ``z/x(z) = 1 - rho z/2 + ...`` is used near 0.
+
+Parameters (per slice): ``alpha`` in [1e-3, 5], ``rho`` in [-0.999, 0.999], ``nu`` in
+[1e-3, 25]; ``beta`` is fixed per model instance (config; default 1) and published as a
+surface parameter. The expansion is not arbitrage-free far in the wings at long maturities;
+``arbitrage`` checks the butterfly condition ``g(k) >= 0`` (Gatheral & Jacquier 2014) of its
+total variance on +-4 ATM standard deviations, and the Lee wing bound there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streamer.models.base import (
+    FitData,
+    FloatArray,
+    IntArray,
+    Model,
+    ParamView,
+    Violation,
+    register,
+)
+
+NAMES = ("alpha", "rho", "nu")
+LOWER = np.array([1e-3, -0.999, 1e-3])
+UPPER = np.array([5.0, 0.999, 25.0])
+
+
+def sabr_vol(
+    alpha: FloatArray, rho: FloatArray, nu: FloatArray, k: FloatArray, T: FloatArray, beta: float
+) -> FloatArray:
+    """Obłój-corrected Hagan lognormal vol, element-wise (F = 1, K = e^k)."""
+    omb = 1.0 - beta
+    if omb == 0.0:
+        z = -nu * k / alpha
+        lead = alpha * np.ones_like(k)
+    else:
+        # 1 - K^(1-beta) = -expm1((1-beta) k); -nu k / z = alpha (1-beta)(-k) / (1 - K^(1-b))
+        one_minus = -np.expm1(omb * k)
+        z = nu * one_minus / (alpha * omb)
+        small_k = np.abs(k) < 1e-12
+        safe = np.where(small_k, 1.0, one_minus)
+        lead = np.where(small_k, alpha, alpha * omb * (-k) / safe)
+    disc = np.sqrt(np.maximum(1.0 - 2.0 * rho * z + z * z, 0.0))
+    xz = np.log(np.maximum((disc + z - rho) / (1.0 - rho), 1e-300))
+    small = np.abs(z) < 1e-7
+    ratio = np.where(small, 1.0 - 0.5 * rho * z, z / np.where(small, 1.0, xz))
+    Kb = np.exp((beta - 1.0) * k)  # K^(beta - 1)
+    corr = (
+        1.0
+        + (
+            omb * omb / 24.0 * alpha * alpha * Kb
+            + 0.25 * rho * beta * nu * alpha * np.sqrt(Kb)
+            + (2.0 - 3.0 * rho * rho) / 24.0 * nu * nu
+        )
+        * T
+    )
+    return np.asarray(lead * ratio * corr)
+
+
+@register
+class SABR(Model):
+    """SABR per expiry slice; ``x = [alpha, rho, nu]``, ``beta`` fixed (default 1)."""
+
+    name = "sabr"
+    per_expiry = True
+    n_params = 3
+
+    def __init__(self, beta: float = 1.0) -> None:
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"sabr beta must lie in [0, 1], got {beta}")
+        self.beta = float(beta)
+
+    @classmethod
+    def from_params(cls, surface_params: dict[str, float]) -> SABR:
+        return cls(beta=float(surface_params.get("beta", 1.0)))
+
+    def param_names(self, n_slices: int) -> tuple[str, ...]:
+        return NAMES
+
+    def bounds(self, n_slices: int) -> tuple[FloatArray, FloatArray]:
+        return LOWER.copy(), UPPER.copy()
+
+    def implied_vol(
+        self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
+    ) -> FloatArray:
+        a, r, n = (float(v) for v in x)
+        k = np.asarray(k, dtype=np.float64)
+        return sabr_vol(
+            np.full(k.shape, a), np.full(k.shape, r), np.full(k.shape, n), k, T, self.beta
+        )
+
+    def block_jacobian(
+        self, rows: FloatArray, k: FloatArray, T: FloatArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """IVs and central-difference ``d iv / d x`` with one parameter row per point."""
+        iv = sabr_vol(rows[:, 0], rows[:, 1], rows[:, 2], k, T, self.beta)
+        jac = np.empty((len(k), 3))
+        for i in range(3):
+            h = 1e-6 * np.maximum(np.abs(rows[:, i]), 1e-2)
+            up, dn = rows.copy(), rows.copy()
+            up[:, i] += h
+            dn[:, i] -= h
+            if i == 1:  # keep |rho| < 1
+                up[:, 1] = np.minimum(up[:, 1], 0.9999)
+                dn[:, 1] = np.maximum(dn[:, 1], -0.9999)
+            vu = sabr_vol(up[:, 0], up[:, 1], up[:, 2], k, T, self.beta)
+            vd = sabr_vol(dn[:, 0], dn[:, 1], dn[:, 2], k, T, self.beta)
+            jac[:, i] = (vu - vd) / (up[:, i] - dn[:, i])
+        return iv, jac
+
+    def jacobian(
+        self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
+    ) -> FloatArray:
+        rows = np.tile(np.asarray(x, dtype=np.float64), (len(k), 1))
+        return self.block_jacobian(rows, np.asarray(k, dtype=np.float64), T)[1]
+
+    def initial_guesses(self, data: FitData) -> list[FloatArray]:
+        k, iv = data.k, data.iv
+        near = np.argsort(np.abs(k))[:2]
+        atm = float(np.mean(iv[near])) if len(near) else 0.6
+        T = float(data.slice_T[0]) if data.n_slices else 0.1
+        alpha = atm  # beta = 1; for beta < 1 alpha is still ATM vol at F = 1
+        # skew sign from a straight line through the smile
+        slope = float(np.polyfit(k, iv, 1)[0]) if len(k) > 2 else 0.0
+        rho0 = float(np.clip(np.sign(slope) * 0.3, -0.9, 0.9))
+        nu0 = float(np.clip(0.6 / np.sqrt(max(T, 1e-3)), 0.3, 10.0))
+        return [
+            np.array([alpha, rho0, nu0]),
+            np.array([alpha, -rho0, nu0 * 2.0]),
+            np.array([alpha, 0.0, nu0 * 0.5]),
+        ]
+
+    def arbitrage(self, x: FloatArray, slice_T: FloatArray) -> list[Violation]:
+        x = np.asarray(x, dtype=np.float64)
+        if not np.all(np.isfinite(x)):
+            return [Violation("nonfinite", 0, float("inf"), "non-finite parameters")]
+        T = float(slice_T[0])
+        sd = float(x[0]) * np.sqrt(T)
+        k = np.linspace(-4.0 * sd, 4.0 * sd, 161)
+        iv = self.implied_vol(x, k, np.full(k.shape, T), np.zeros(k.shape, dtype=np.int64))
+        w = iv * iv * T
+        if not np.all(np.isfinite(w)) or np.any(w <= 0):
+            return [Violation("negative_variance", 0, 1.0, "non-positive total variance")]
+        out: list[Violation] = []
+        g = butterfly_g_numeric(k, w)
+        gmin = float(np.min(g))
+        if gmin < -1e-6:
+            at = float(k[1:-1][int(np.argmin(g))])
+            out.append(Violation("butterfly", 0, -gmin, f"g(k) = {gmin:.3g} at k = {at:.2f}"))
+        return out
+
+    def scale(self, n_slices: int, slice_T: FloatArray | None = None) -> FloatArray:
+        return np.array([0.005, 0.03, 0.1])
+
+    def view(self, x: FloatArray, n_slices: int) -> ParamView:
+        v = super().view(x, n_slices)
+        return ParamView(surface={"beta": self.beta}, slices=v.slices)
+
+
+def butterfly_g_numeric(k: FloatArray, w: FloatArray) -> FloatArray:
+    """Gatheral-Jacquier ``g`` at the inner grid points from central differences of ``w``."""
+    h = k[1] - k[0]
+    w1 = (w[2:] - w[:-2]) / (2.0 * h)
+    w2 = (w[2:] - 2.0 * w[1:-1] + w[:-2]) / (h * h)
+    wc, kc = w[1:-1], k[1:-1]
+    return np.asarray(
+        (1.0 - kc * w1 / (2.0 * wc)) ** 2 - 0.25 * w1 * w1 * (1.0 / wc + 0.25) + 0.5 * w2
+    )

@@ -1,0 +1,191 @@
+r"""Raw SVI, one slice per expiry (Gatheral 2004; Gatheral & Jacquier 2014).
+
+Total implied variance at log-moneyness ``k = ln(K/F)``::
+
+    w(k) = a + b * (rho * (k - m) + sqrt((k - m)^2 + sigma^2)),     iv(k) = sqrt(w(k) / T)
+
+Parameters and bounds (per slice): ``a`` in [-1, 4] (level), ``b`` in [0, 2] (wing slope),
+``rho`` in [-0.999, 0.999] (skew), ``m`` in [-2, 2] (shift), ``sigma`` in [1e-4, 3] (ATM
+curvature).
+
+No-arbitrage conditions checked by ``arbitrage`` (on a dense grid of ``k``):
+
+* positive variance: ``min w = a + b sigma sqrt(1 - rho^2) >= 0``;
+* Roger Lee's moment formula (Lee 2004): wing slopes ``b (1 +- rho) <= 2``;
+* butterfly (Gatheral & Jacquier 2014, Lemma 2.2): the density is non-negative iff
+  ``g(k) = (1 - k w'/(2w))^2 - w'^2/4 (1/w + 1/4) + w''/2 >= 0``;
+* calendar (across slices, ``calendar_violations``): ``w_{j+1}(k) >= w_j(k)`` for every k.
+
+Cold start: the quasi-explicit method of Zeliade (2009): for fixed ``(m, sigma)``, ``w`` is
+linear in ``(a, b sigma, b rho sigma)`` with ``y = (k - m)/sigma``::
+
+    w = a + d y + c sqrt(y^2 + 1),    c = b sigma,  d = rho b sigma
+
+so a weighted linear least-squares solve per grid point of ``(m, sigma)`` gives the inner
+parameters; the best grid points seed the non-linear fit. Analytic Jacobian::
+
+    dw/da = 1,  dw/db = rho (k-m) + R,  dw/drho = b (k-m),  dw/dm = -b (rho + (k-m)/R),
+    dw/dsigma = b sigma / R,  with R = sqrt((k-m)^2 + sigma^2),  d iv/dx = (dw/dx) / (2 T iv).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streamer.models.base import FitData, FloatArray, IntArray, Model, Violation, register
+
+NAMES = ("a", "b", "rho", "m", "sigma")
+LOWER = np.array([-1.0, 0.0, -0.999, -2.0, 1e-4])
+UPPER = np.array([4.0, 2.0, 0.999, 2.0, 3.0])
+GRID_K = np.linspace(-3.0, 3.0, 241)
+_M_GRID = np.array([-0.3, -0.15, -0.05, 0.0, 0.05, 0.15, 0.3])
+_S_GRID = np.array([0.02, 0.05, 0.1, 0.2, 0.4, 0.8])
+VAR_FLOOR = 1e-10
+
+
+def total_variance(x: FloatArray, k: FloatArray) -> FloatArray:
+    """``w(k)`` for one slice's parameters (or per-point parameter rows ``x[:, 0..4]``)."""
+    a, b, rho, m, sigma = (x[..., i] for i in range(5))
+    d = k - m
+    return np.asarray(a + b * (rho * d + np.sqrt(d * d + sigma * sigma)))
+
+
+def _w_derivatives(x: FloatArray, k: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
+    a, b, rho, m, sigma = (float(v) for v in x)
+    d = k - m
+    r = np.sqrt(d * d + sigma * sigma)
+    w = a + b * (rho * d + r)
+    w1 = b * (rho + d / r)
+    w2 = b * sigma * sigma / (r * r * r)
+    return w, w1, w2
+
+
+def butterfly_g(x: FloatArray, k: FloatArray) -> FloatArray:
+    """Gatheral-Jacquier's ``g(k)``; the slice is butterfly-free iff ``g >= 0`` everywhere."""
+    w, w1, w2 = _w_derivatives(x, k)
+    w = np.maximum(w, VAR_FLOOR)
+    return np.asarray(
+        (1.0 - k * w1 / (2.0 * w)) ** 2 - 0.25 * w1 * w1 * (1.0 / w + 0.25) + 0.5 * w2
+    )
+
+
+def slice_violations(x: FloatArray, j: int, k_grid: FloatArray = GRID_K) -> list[Violation]:
+    """Positive variance, Lee's wing bound and the butterfly condition of one slice."""
+    out: list[Violation] = []
+    a, b, rho, _m, sigma = (float(v) for v in x)
+    if not np.all(np.isfinite(x)):
+        return [Violation("nonfinite", j, float("inf"), "non-finite parameters")]
+    wmin = a + b * sigma * np.sqrt(max(1.0 - rho * rho, 0.0))
+    if wmin < 0.0:
+        out.append(Violation("negative_variance", j, -wmin, f"min w = {wmin:.3g}"))
+    lee = b * (1.0 + abs(rho))
+    if lee > 2.0 + 1e-12:
+        out.append(Violation("lee_wing", j, lee - 2.0, f"b(1+|rho|) = {lee:.4g} > 2"))
+    g = butterfly_g(x, k_grid)
+    gmin = float(np.min(g))
+    if gmin < -1e-9:
+        at = float(k_grid[int(np.argmin(g))])
+        out.append(Violation("butterfly", j, -gmin, f"g(k) = {gmin:.3g} at k = {at:.2f}"))
+    return out
+
+
+def calendar_violations(
+    w_slices: list[FloatArray], first_index: int = 0, tol: float = 1e-9
+) -> list[Violation]:
+    """Total variance must not decrease in T: ``w_slices[j+1] >= w_slices[j]`` on the grid."""
+    out: list[Violation] = []
+    for j in range(1, len(w_slices)):
+        gap = float(np.max(w_slices[j - 1] - w_slices[j]))
+        if gap > tol:
+            out.append(
+                Violation(
+                    "calendar",
+                    first_index + j,
+                    gap,
+                    f"w falls by up to {gap:.3g} from slice {j - 1} to {j}",
+                )
+            )
+    return out
+
+
+@register
+class SVI(Model):
+    """Raw SVI per expiry slice; ``x = [a, b, rho, m, sigma]``."""
+
+    name = "svi"
+    per_expiry = True
+    n_params = 5
+
+    def param_names(self, n_slices: int) -> tuple[str, ...]:
+        return NAMES
+
+    def bounds(self, n_slices: int) -> tuple[FloatArray, FloatArray]:
+        return LOWER.copy(), UPPER.copy()
+
+    def implied_vol(
+        self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
+    ) -> FloatArray:
+        w = total_variance(np.asarray(x, dtype=np.float64), np.asarray(k, dtype=np.float64))
+        return np.asarray(np.sqrt(np.maximum(w, VAR_FLOOR) / T))
+
+    def jacobian(
+        self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
+    ) -> FloatArray:
+        rows = np.broadcast_to(np.asarray(x, dtype=np.float64), (len(k), 5))
+        return self.block_jacobian(rows, k, T)[1]
+
+    def block_jacobian(
+        self, rows: FloatArray, k: FloatArray, T: FloatArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """IVs and ``d iv / d x`` with one parameter row per point (vectorised over slices)."""
+        a, b, rho, m, sigma = (rows[:, i] for i in range(5))
+        d = k - m
+        r = np.sqrt(d * d + sigma * sigma)
+        w = np.maximum(a + b * (rho * d + r), VAR_FLOOR)
+        iv = np.sqrt(w / T)
+        jac = np.empty((len(k), 5))
+        jac[:, 0] = 1.0
+        jac[:, 1] = rho * d + r
+        jac[:, 2] = b * d
+        jac[:, 3] = -b * (rho + d / r)
+        jac[:, 4] = b * sigma / r
+        jac *= (0.5 / (T * iv))[:, None]
+        return iv, jac
+
+    def initial_guesses(self, data: FitData) -> list[FloatArray]:
+        """Quasi-explicit (Zeliade 2009) on a grid of ``(m, sigma)``; best three first."""
+        k, w = data.k, data.iv * data.iv * data.T
+        T = float(data.slice_T[0]) if data.n_slices else float(np.median(data.T))
+        wt = data.weight * data.weight
+        m0 = float(k[int(np.argmin(w))]) if len(k) else 0.0
+        mm, ss = np.meshgrid(np.append(_M_GRID, m0), _S_GRID * max(np.sqrt(T), 0.05) * 2.0)
+        mm, ss = mm.ravel(), ss.ravel()
+        y = (k[None, :] - mm[:, None]) / ss[:, None]  # (grid, n)
+        design = np.stack([np.ones_like(y), y, np.sqrt(y * y + 1.0)], axis=2)  # (grid, n, 3)
+        lhs = np.einsum("gni,gnj->gij", design * wt[None, :, None], design)
+        rhs = np.einsum("gni,n->gi", design, w * wt)
+        try:
+            sol = np.linalg.solve(lhs + 1e-14 * np.eye(3), rhs[:, :, None])[:, :, 0]
+        except np.linalg.LinAlgError:
+            sol = np.full((len(mm), 3), np.nan)
+        a, d, c = sol[:, 0], sol[:, 1], np.maximum(sol[:, 2], 1e-8)
+        rho = np.clip(d / c, -0.99, 0.99)
+        b = np.minimum(c / ss, 1.99 / (1.0 + np.abs(rho)))
+        X = np.clip(np.stack([a, b, rho, mm, ss], axis=1), LOWER, UPPER)
+        resid = (total_variance(X[:, None, :], k[None, :]) - w[None, :]) / np.maximum(T, 1e-12)
+        err = np.sum(wt[None, :] * resid * resid, axis=1)
+        err = np.where(np.isfinite(err), err, np.inf)
+        order = np.argsort(err)
+        good = [X[i] for i in order[:3] if np.isfinite(err[i])]
+        if not good:
+            atm = float(np.nanmedian(w)) if len(w) else 0.04 * T
+            return [np.clip(np.array([atm, 0.1, -0.3, 0.0, 0.1]), LOWER, UPPER)]
+        return good
+
+    def arbitrage(self, x: FloatArray, slice_T: FloatArray) -> list[Violation]:
+        return slice_violations(np.asarray(x, dtype=np.float64), 0)
+
+    def scale(self, n_slices: int, slice_T: FloatArray | None = None) -> FloatArray:
+        """Penalty scales: level ``a`` in total variance (0.5 vol point at 60% vol over T)."""
+        T = float(slice_T[0]) if slice_T is not None and len(slice_T) else 0.1
+        return np.array([0.006 * T, 0.02 * np.sqrt(T), 0.03, 0.02 * np.sqrt(T), 0.02 * np.sqrt(T)])
