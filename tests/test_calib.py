@@ -154,13 +154,18 @@ def test_arbitrage_gate_repairs_a_butterfly_slice() -> None:
         return np.asarray(np.sqrt(total_variance(vogt, k) / T))
 
     snap = make_chain(fn, days=(365,), half_spread_iv=0.002, width_sd=2.0, n_strikes=41)
-    config = CalibConfig(filters=FilterConfig(min_abs_delta=0.0, max_abs_delta=1.0))
-    result = Calibrator(REGISTRY["svi"](), config).fit(snap)
-    assert result.success and len(result.slices) == 1
-    assert any(v.check == "butterfly" for v in result.violations)  # found, then repaired
+    filters = FilterConfig(min_abs_delta=0.0, max_abs_delta=1.0)
     k = np.linspace(-3, 3, 6001)
-    assert butterfly_g_numeric(k, total_variance(result.x[0], k)).min() > -1e-6
-    assert result.rmse_iv < 0.01  # the repaired slice still follows the quotes
+    # hinge rows inside the fit (default) keep it arbitrage-free; without them the gate
+    # finds the violation and the constrained repair removes it
+    for in_fit in (True, False):
+        config = CalibConfig(filters=filters, constraints_in_fit=in_fit)
+        result = Calibrator(REGISTRY["svi"](), config).fit(snap)
+        assert result.success and len(result.slices) == 1
+        found = any(v.check == "butterfly" for v in result.violations)
+        assert found != in_fit
+        assert butterfly_g_numeric(k, total_variance(result.x[0], k)).min() > -1e-6
+        assert result.rmse_iv < 0.01  # the repaired slice still follows the quotes
 
 
 def test_filters_are_counted() -> None:
@@ -203,3 +208,30 @@ def test_real_snapshot_chain_fits(name: str) -> None:
     floor = {"svi": 0.85, "ssvi": 0.3, "essvi": 0.3, "sabr": 0.5}[name]
     assert band >= floor
     assert med < {"svi": 0.003, "ssvi": 0.01, "essvi": 0.01, "sabr": 0.006}[name]
+
+
+@pytest.mark.parametrize("name", ["svi", "sabr"])
+def test_real_chain_fits_are_arbitrage_free(name: str) -> None:
+    """Accepted per-expiry fits of a real chain: no butterfly, no calendar crossing where
+    both slices quote (checked on fine grids, independently of the gate's own grids)."""
+    snap = load_chains(shared_file("snapshots/deribit_options_snapshot_20260105T041127Z.csv"))[0]
+    model = REGISTRY[name]()
+    r = Calibrator(model).fit(snap)
+    assert r.success and r.prepared is not None
+    data = r.prepared.data
+    idx = {e: j for j, e in enumerate(data.slice_expiry)}
+    prev: tuple[np.ndarray, float, int] | None = None
+    for s, x in zip(r.slices, r.x, strict=True):
+        j = idx[s.expiry]
+        k = np.linspace(-6 * s.atm_iv * np.sqrt(s.T), 6 * s.atm_iv * np.sqrt(s.T), 4001)
+        w = model.implied_vol(x, k, np.full(k.shape, s.T), np.zeros(k.shape, dtype=np.int64))
+        assert butterfly_g_numeric(k, w * w * s.T).min() > -1e-4, s.expiry
+        if prev is not None:
+            x0, T0, j0 = prev
+            m = (data.slice_idx == j) | (data.slice_idx == j0)
+            kk = np.linspace(data.k[m].min(), data.k[m].max(), 2001)
+            z = np.zeros(kk.shape, dtype=np.int64)
+            w0 = model.implied_vol(x0, kk, np.full(kk.shape, T0), z) ** 2 * T0
+            w1 = model.implied_vol(x, kk, np.full(kk.shape, s.T), z) ** 2 * s.T
+            assert np.max(w0 - w1) <= 1e-6, s.expiry
+        prev = (x, s.T, j)

@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from streamer.calib.constraints import hinge_rows, pair_range
 from streamer.calib.data import FilterConfig, Prepared, in_band, prepare
 from streamer.calib.lm import Evaluate, LMProblem, LMResult, Loss, solve
 from streamer.calib.repair import calendar_grid, check_grid, repair_slice
@@ -56,13 +57,14 @@ class CalibConfig:
     loss: Loss = "soft_l1"
     f_scale: float = 1.0  # residuals are in half-spreads: beyond ~1 the loss turns robust
     penalty: float | None = None  # lambda of the change penalty (0 = off; None = per model)
-    max_iter_warm: int = 30
+    max_iter_warm: int = 15
     max_iter_cold: int = 100
     regime_error_factor: float = 2.5
     regime_error_floor: float = 1.0  # weighted RMS (in half-spreads) below which all is fine
     regime_forward_move: float = 0.03
     cold_margin: float = 0.9
     calendar_tol: float = 1e-6  # total variance may fall by at most this (rounding)
+    constraints_in_fit: bool = True  # no-arbitrage hinge rows inside the LM (per-expiry)
     filters: FilterConfig = field(default_factory=FilterConfig)
 
 
@@ -164,6 +166,7 @@ class Calibrator:
                 pen_w[j] = math.sqrt(self.penalty) / model.scale(1, data.slice_T[j : j + 1])
                 fwd_jump[j] = abs(data.slice_forward[j] / f_prev - 1.0) > cfg.regime_forward_move
         evaluate = _slice_evaluator(model, data)
+        hinges = hinge_rows(model, data) if cfg.constraints_in_fit else None
         nfev = 0
         # cold candidates for slices without a prior (and regime shifts, below)
         guess_cache: dict[int, list[FloatArray]] = {}
@@ -181,7 +184,7 @@ class Calibrator:
                 x0 = np.array([guesses[j][min(g, len(guesses[j]) - 1)] for j in range(S)])
                 x0 = np.where(mask[:, None], x0, prior)
                 res = solve(
-                    self._problem(evaluate, data, starts, lower, upper),
+                    self._problem(evaluate, data, starts, lower, upper, extra=hinges),
                     x0,
                     max_iter=cfg.max_iter_cold,
                 )
@@ -193,7 +196,7 @@ class Calibrator:
         if warm_used:
             x0 = np.array([prior[j] if has_prior[j] else guess(j)[0] for j in range(S)])
             res = solve(
-                self._problem(evaluate, data, starts, lower, upper, prior, pen_w),
+                self._problem(evaluate, data, starts, lower, upper, prior, pen_w, hinges),
                 x0,
                 max_iter=cfg.max_iter_warm,
             )
@@ -235,13 +238,18 @@ class Calibrator:
         # constraints enforced, else falls back to its last accepted parameters, else drops
         violations: list[Violation] = []
         keep = np.isfinite(data_cost) & np.all(np.isfinite(x), axis=1)
-        k_bf, k_grid = check_grid(data), calendar_grid(data)
-        w_below: FloatArray | None = None
+        k_bf = check_grid(data)
+        below: int | None = None  # the last accepted slice
         for j in range(S):
             if not keep[j]:
                 continue
             Tj = float(data.slice_T[j])
             found = list(model.arbitrage(x[j], data.slice_T[j : j + 1]))
+            w_below: FloatArray | None = None
+            k_grid = np.linspace(*pair_range(data, j), 61) if j else np.zeros(1)
+            if below is not None:
+                Tb = float(data.slice_T[below])
+                w_below = slice_total_variance(model, x[below], k_grid, Tb)
             w = slice_total_variance(model, x[j], k_grid, Tj)
             if w_below is not None and np.max(w_below - w) > cfg.calendar_tol:
                 found.append(
@@ -273,8 +281,7 @@ class Calibrator:
                     keep[j] = False
                     continue
                 x[j] = fixed
-                w = slice_total_variance(model, x[j], k_grid, Tj)
-            w_below = w
+            below = j
         if not keep.any():
             return self._failed(
                 ts_ms, "no slice passed the fit and arbitrage checks", prep, t0, nfev, violations
@@ -421,6 +428,7 @@ class Calibrator:
         upper: FloatArray,
         prior: FloatArray | None = None,
         pen_w: FloatArray | None = None,
+        extra: Callable[[FloatArray], tuple[FloatArray, FloatArray]] | None = None,
     ) -> LMProblem:
         cfg = self.config
         band = None
@@ -439,6 +447,7 @@ class Calibrator:
             f_scale=cfg.f_scale,
             band=band,
             kappa=cfg.kappa,
+            extra=extra,
         )
 
     def _surface_calendar(self, x: FloatArray, data: FitData, violations: list[Violation]) -> None:

@@ -18,9 +18,10 @@ least-squares problem; ``c = 0`` where a parameter has no previous value).
 Each iteration is one Gauss-Newton step with iteratively reweighted least squares for the
 robust loss (weights ``rho'(z)``; Holland & Welsch 1977) and Marquardt's damping
 ``(A + mu diag(A)) delta = -g`` (Marquardt 1963; Nocedal & Wright 2006, ch. 10), projected on
-the bounds. Blocks accept or reject their step and adapt ``mu`` independently, but one call of
-the model evaluates every block at once, so a 12-slice SVI fit costs one vectorised model
-evaluation per iteration, not twelve.
+the bounds. Optional extra rows per block (``extra``: e.g. no-arbitrage hinges that vanish when
+the constraints hold) join the normal equations like the penalty rows. Blocks accept or reject
+their step and adapt ``mu`` independently, but one call of the model evaluates every block at
+once, so a 12-slice SVI fit costs one vectorised model evaluation per iteration, not twelve.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class LMProblem:
     f_scale: float = 1.0
     band: FloatArray | None = None  # half-width of the dead zone per point (None: none)
     kappa: float = 1.0  # weight of the pull to the target inside the band
+    # extra residual rows per block (constraint hinges): X -> rows (B, m), jacobian (B, m, p)
+    extra: Callable[[FloatArray], tuple[FloatArray, FloatArray]] | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -74,7 +77,7 @@ class LMResult:
     x: FloatArray  # (B, p)
     iv: FloatArray  # model IVs at x, (n,)
     data_cost: FloatArray  # (B,)
-    penalty: FloatArray  # (B,)
+    penalty: FloatArray  # (B,) change penalty plus any extra (constraint) rows
     converged: npt.NDArray[np.bool_]  # (B,)
     nfev: int
     iterations: int
@@ -96,6 +99,17 @@ def _block_sum(values: FloatArray, starts: IntArray) -> FloatArray:
     if starts.shape[0] == 1:
         return np.asarray(values.sum(axis=0, keepdims=True))
     return np.asarray(np.add.reduceat(values, starts, axis=0))
+
+
+def _extra_cost(
+    problem: LMProblem, x: FloatArray
+) -> tuple[FloatArray, FloatArray | None, FloatArray | None]:
+    if problem.extra is None:
+        return np.zeros(x.shape[0]), None, None
+    rows, jac = problem.extra(x)
+    rows = np.where(np.isfinite(rows), rows, 1e6)
+    jac = np.where(np.isfinite(jac), jac, 0.0)
+    return 0.5 * np.sum(rows * rows, axis=1), rows, jac
 
 
 def _costs(
@@ -135,8 +149,8 @@ def solve(
     x0: FloatArray,
     *,
     max_iter: int = 50,
-    ftol: float = 1e-8,
-    xtol: float = 1e-10,
+    ftol: float = 1e-6,
+    xtol: float = 1e-9,
 ) -> LMResult:
     """Minimise every block's objective from ``x0`` (shape ``(B, p)``)."""
     lower, upper = problem.lower, problem.upper
@@ -151,6 +165,8 @@ def solve(
     iv, jac = problem.evaluate(x)
     nfev = 1
     data, pen, r, drho = _costs(problem, x, iv)
+    ecost, erows, ejac = _extra_cost(problem, x)
+    pen = pen + ecost
     mu = np.full(n_blocks, MU_INIT)
     converged = np.zeros(n_blocks, dtype=np.bool_)
     iterations = 0
@@ -172,6 +188,9 @@ def solve(
         if pw2 is not None and problem.prior is not None:
             A = A + pw2[:, None, :] * eye
             g = g + pw2 * (x - problem.prior)
+        if erows is not None and ejac is not None:
+            A = A + np.einsum("bmi,bmj->bij", ejac, ejac)
+            g = g + np.einsum("bmi,bm->bi", ejac, erows)
         diag = np.einsum("bii->bi", A)
         damped = (
             A
@@ -184,15 +203,23 @@ def solve(
             step = -g / np.maximum(np.einsum("bii->bi", damped), 1e-300)
         step[converged] = 0.0
         x_new = np.clip(x + step, lower, upper)
+        d = x_new - x
+        # the Gauss-Newton model's predicted reduction of the (robust, penalised) cost
+        predicted = -(np.sum(g * d, axis=1) + 0.5 * np.einsum("bi,bij,bj->b", d, A, d))
         iv_new, jac_new = problem.evaluate(x_new)
         nfev += 1
         data_new, pen_new, r_new, drho_new = _costs(problem, x_new, iv_new)
+        ecost_new, erows_new, ejac_new = _extra_cost(problem, x_new)
+        pen_new = pen_new + ecost_new
         old_total = data + pen
         new_total = data_new + pen_new
         accept = (new_total < old_total) & ~converged
         moved = np.max(np.abs(x_new - x) / (np.abs(x) + 1e-8), axis=1)
-        small = (accept & ((old_total - new_total) <= ftol * np.maximum(old_total, 1e-300))) | (
-            moved <= xtol
+        scale = np.maximum(old_total, 1e-300)
+        small = (
+            (accept & ((old_total - new_total) <= ftol * scale))
+            | (predicted <= ftol * scale)
+            | (moved <= xtol)
         )
         # accept per block: swap in the new point's values for accepted blocks
         pt_acc = accept[block_of]
@@ -203,6 +230,14 @@ def solve(
         drho = np.where(pt_acc, drho_new, drho)
         data = np.where(accept, data_new, data)
         pen = np.where(accept, pen_new, pen)
+        if (
+            erows is not None
+            and erows_new is not None
+            and ejac is not None
+            and ejac_new is not None
+        ):
+            erows = np.where(accept[:, None], erows_new, erows)
+            ejac = np.where(accept[:, None, None], ejac_new, ejac)
         mu = np.where(accept, np.maximum(mu / 3.0, 1e-12), mu * 4.0)
         converged |= small | (mu > MU_MAX)
         if converged.all():

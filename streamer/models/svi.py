@@ -81,10 +81,13 @@ def slice_violations(x: FloatArray, j: int, k_grid: FloatArray = GRID_K) -> list
     lee = b * (1.0 + abs(rho))
     if lee > 2.0 + 1e-12:
         out.append(Violation("lee_wing", j, lee - 2.0, f"b(1+|rho|) = {lee:.4g} > 2"))
-    g = butterfly_g(x, k_grid)
+    # plus a fine grid around the vertex: short-dated smiles bend within a few sigma of m
+    width = max(float(sigma), 1e-3)
+    k_all = np.concatenate([k_grid, float(x[3]) + width * np.linspace(-10.0, 10.0, 201)])
+    g = butterfly_g(x, k_all)
     gmin = float(np.min(g))
     if gmin < -1e-9:
-        at = float(k_grid[int(np.argmin(g))])
+        at = float(k_all[int(np.argmin(g))])
         out.append(Violation("butterfly", j, -gmin, f"g(k) = {gmin:.3g} at k = {at:.2f}"))
     return out
 

@@ -1,0 +1,111 @@
+"""No-arbitrage hinge rows for per-expiry models, inside the Levenberg-Marquardt fit.
+
+For every slice ``j`` (parameters ``x_j``, maturity ``T_j``) on a grid ``k_j`` of ``G``
+log-moneyness points scaled to the slice (``+-6`` ATM standard deviations, within ``+-3``):
+
+* butterfly (Gatheral & Jacquier 2014, Lemma 2.2)::
+
+      g(k) = (1 - k w'/(2w))^2 - w'^2/4 (1/w + 1/4) + w''/2 >= margin
+
+  with ``w = iv^2 T`` and ``w'``, ``w''`` central differences on the grid; row
+  ``mu_bf * max(0, margin - g)``, its Jacobian by the chain rule through ``dw/dx``;
+* calendar: ``w_j(k) >= w_{j-1}(k)`` on the range both slices quote (``pair_range``), with
+  the shorter slice taken at its current parameters; row
+  ``mu_cal * max(0, w_{j-1} - w_j) / W_SCALE``.
+
+The rows vanish when the constraints hold, so arbitrage-free fits are unchanged; when a
+slice would violate them the fit is pulled back inside during the same LM run, and the
+scipy repair (``streamer.calib.repair``) is left for the rare leftovers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from streamer.models.base import FitData, FloatArray, Model
+
+G_POINTS = 49
+MU_BUTTERFLY = 300.0
+BUTTERFLY_MARGIN = 5e-3
+MU_CALENDAR = 10.0
+W_SCALE = 1e-4  # total variance: about 0.1 vol point at one month
+
+
+def slice_grids(data: FitData, n: int = G_POINTS) -> FloatArray:
+    """Per-slice grids ``(S, n)``: +-6 ATM standard deviations, at least +-0.3, at most +-3."""
+    S = data.n_slices
+    half = np.empty(S)
+    for j in range(S):
+        iv = data.iv[data.slice_idx == j]
+        sd = float(np.median(iv)) * np.sqrt(float(data.slice_T[j])) if iv.size else 0.5
+        half[j] = np.clip(6.0 * sd, 0.3, 3.0)
+    return np.asarray(np.linspace(-1.0, 1.0, n)[None, :] * half[:, None])
+
+
+def pair_range(data: FitData, j: int, margin: float = 0.05) -> tuple[float, float]:
+    """Log-moneyness range quoted in slices ``j-1`` and ``j`` (the calendar check's range)."""
+    m = (data.slice_idx == j) | (data.slice_idx == j - 1)
+    k = data.k[m]
+    return float(k.min()) - margin, float(k.max()) + margin
+
+
+def hinge_rows(
+    model: Model, data: FitData, grids: FloatArray | None = None
+) -> Callable[[FloatArray], tuple[FloatArray, FloatArray]] | None:
+    """``X (S, p) -> (rows (S, m), jacobian (S, m, p))`` for a model with ``block_jacobian``."""
+    block = getattr(model, "block_jacobian", None)
+    if block is None or not model.per_expiry:
+        return None
+    S = data.n_slices
+    k = slice_grids(data) if grids is None else grids
+    G = k.shape[1]
+    h = (k[:, 1] - k[:, 0])[:, None]  # (S, 1)
+    kc = k[:, 1:-1]
+    T = data.slice_T
+    TT = np.repeat(T, G)
+    kk = k.ravel()
+    # calendar rows: for slice j >= 1, on the quoted range of the pair (j-1, j)
+    kcal = np.zeros((S, G))
+    for j in range(1, S):
+        lo, hi = pair_range(data, j)
+        kcal[j] = np.linspace(lo, hi, G)
+    kcal_flat = kcal[1:].ravel()
+    TT_cal = np.repeat(T[1:], G)
+    TT_prev = np.repeat(T[:-1], G)
+
+    def extra(X: FloatArray) -> tuple[FloatArray, FloatArray]:
+        p = X.shape[1]
+        rows_x = np.repeat(X, G, axis=0)
+        iv, jac = block(rows_x, kk, TT)
+        w = (iv * iv * TT).reshape(S, G)
+        dw = ((2.0 * iv * TT)[:, None] * jac).reshape(S, G, p)
+        w1 = (w[:, 2:] - w[:, :-2]) / (2.0 * h)
+        w2 = (w[:, 2:] - 2.0 * w[:, 1:-1] + w[:, :-2]) / (h * h)
+        wc = np.maximum(w[:, 1:-1], 1e-12)
+        dw1 = (dw[:, 2:] - dw[:, :-2]) / (2.0 * h)[:, :, None]
+        dw2 = (dw[:, 2:] - 2.0 * dw[:, 1:-1] + dw[:, :-2]) / (h * h)[:, :, None]
+        dwc = dw[:, 1:-1]
+        a = 1.0 - kc * w1 / (2.0 * wc)
+        g = a * a - 0.25 * w1 * w1 * (1.0 / wc + 0.25) + 0.5 * w2
+        dg_dwc = a * kc * w1 / (wc * wc) + 0.25 * w1 * w1 / (wc * wc)
+        dg_dw1 = -a * kc / wc - 0.5 * w1 * (1.0 / wc + 0.25)
+        dg = dg_dwc[:, :, None] * dwc + dg_dw1[:, :, None] * dw1 + 0.5 * dw2
+        active = g < BUTTERFLY_MARGIN
+        r_bf = np.where(active, MU_BUTTERFLY * (BUTTERFLY_MARGIN - g), 0.0)
+        j_bf = np.where(active[:, :, None], -MU_BUTTERFLY * dg, 0.0)
+        # calendar against the shorter neighbour (taken at its current parameters)
+        r_cal = np.zeros((S, G))
+        j_cal = np.zeros((S, G, p))
+        if S > 1:
+            iv_prev, _ = block(np.repeat(X[:-1], G, axis=0), kcal_flat, TT_prev)
+            iv_j, jac_j = block(np.repeat(X[1:], G, axis=0), kcal_flat, TT_cal)
+            gap = ((iv_prev * iv_prev * TT_prev) - (iv_j * iv_j * TT_cal)).reshape(S - 1, G)
+            dwj = ((2.0 * iv_j * TT_cal)[:, None] * jac_j).reshape(S - 1, G, p)
+            act = gap > 0.0
+            r_cal[1:] = np.where(act, MU_CALENDAR * gap / W_SCALE, 0.0)
+            j_cal[1:] = np.where(act[:, :, None], -MU_CALENDAR * dwj / W_SCALE, 0.0)
+        return np.concatenate([r_bf, r_cal], axis=1), np.concatenate([j_bf, j_cal], axis=1)
+
+    return extra
