@@ -27,6 +27,12 @@ def truth(name: str, atm: float = 0.6, skew: float = -0.3) -> tuple[list[np.ndar
         return svi_surface(atm, skew)
     if name == "sabr":
         xs = [np.array([atm, skew, 0.8 / np.sqrt(T) ** 0.5]) for T in SLICE_T]
+    elif name in ("heston", "bates"):
+        # v0, kappa, theta, xi, rho (+ lambda, mu_j, sigma_j); skew sign from rho
+        heston = [atm * atm, 2.0, atm * atm, 1.0, 2.0 * skew]
+        xs = [
+            np.array(heston + ([0.5, -0.1 if skew < 0 else 0.1, 0.15] if name == "bates" else []))
+        ]
     else:
         theta = atm * atm * SLICE_T
         head = [skew, 0.6, 0.35] if name == "ssvi" else [skew, skew * 0.5, 0.6, 0.35]
@@ -44,7 +50,7 @@ def atm_ivs(result) -> np.ndarray:  # type: ignore[no-untyped-def]
     return np.array([s.atm_iv for s in result.slices])
 
 
-@pytest.mark.parametrize("name", ["svi", "ssvi", "essvi", "sabr"])
+@pytest.mark.parametrize("name", ["svi", "ssvi", "essvi", "sabr", "heston", "bates"])
 def test_parameter_recovery_from_noisy_quotes(name: str) -> None:
     xs, fn = truth(name)
     rng = np.random.default_rng(11)
@@ -64,6 +70,11 @@ def test_parameter_recovery_from_noisy_quotes(name: str) -> None:
         scale = np.array([model.scale(1, SLICE_T[j : j + 1]) for j in range(len(DAYS))])
         # parameters recovered to within a few penalty scales (SVI's a/b/sigma trade off)
         assert np.median(np.abs(got - want) / scale) < 3.0
+    elif name in ("heston", "bates"):
+        # the variance parameters are well identified; jumps trade off with xi and rho
+        got, want = result.x[0], xs[0]
+        assert got[0] == pytest.approx(want[0], rel=0.1)  # v0
+        assert got[4] == pytest.approx(want[4], abs=0.15)  # rho
     else:
         got_v, want_v = model.view(result.x[0], len(DAYS)), model.view(xs[0], len(DAYS))
         for key, value in want_v.surface.items():
@@ -82,7 +93,7 @@ def _jitter(model: Model, results: list) -> float:  # type: ignore[type-arg]
     return float(np.sqrt(np.mean((np.diff(xs, axis=0) / scale) ** 2)))
 
 
-@pytest.mark.parametrize("name", ["svi", "ssvi", "essvi", "sabr"])
+@pytest.mark.parametrize("name", ["svi", "ssvi", "essvi", "sabr", "heston", "bates"])
 def test_penalty_damps_jitter_on_noisy_requotes(name: str) -> None:
     """Re-quotes of one unchanged surface: warm+penalty jitter <= 1/5 of cold, in_band kept."""
     _, fn = truth(name)
@@ -105,7 +116,7 @@ def test_penalty_damps_jitter_on_noisy_requotes(name: str) -> None:
     assert all(r.penalty > 0 for r in warm[1:])
 
 
-@pytest.mark.parametrize("name", ["svi", "ssvi", "essvi", "sabr"])
+@pytest.mark.parametrize("name", ["svi", "ssvi", "essvi", "sabr", "heston", "bates"])
 def test_regime_shift_is_followed_within_three_refits(name: str) -> None:
     _, calm = truth(name, atm=0.6, skew=-0.3)
     _, shock = truth(name, atm=0.78, skew=0.3)  # ATM vol +30%, skew flipped

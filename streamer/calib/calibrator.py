@@ -321,8 +321,13 @@ class Calibrator:
         lower, upper = lo[None, :], hi[None, :]
         starts = np.zeros(1, dtype=np.int64)
         evaluate = _surface_evaluator(model, data)
-        guesses = model.initial_guesses(data)
-        names = model.param_names(S)
+        cache: list[list[FloatArray]] = []
+
+        def guesses() -> list[FloatArray]:
+            if not cache:
+                cache.append(model.initial_guesses(data))
+            return cache[0]
+
         last = self.last_good
         nfev = 0
         regime = False
@@ -330,7 +335,7 @@ class Calibrator:
         best: LMResult | None = None
         if last is not None and last.x:
             warm_used = True
-            x0, prior_mask = _warm_vector(model, last, data, guesses[0])
+            x0, prior_mask = _warm_vector(model, last, data, guesses)
             pen_w = np.where(
                 prior_mask, math.sqrt(self.penalty) / model.scale(S, data.slice_T), 0.0
             )[None, :]
@@ -355,7 +360,7 @@ class Calibrator:
             regime = rolled or moved or jumped
         if best is None or regime:
             cold_best: LMResult | None = None
-            for g in guesses:
+            for g in guesses():
                 r = solve(
                     self._problem(evaluate, data, starts, lower, upper),
                     np.asarray(g, dtype=np.float64)[None, :],
@@ -391,17 +396,18 @@ class Calibrator:
             if not found and np.isfinite(again.data_cost[0]):
                 x, best = x2, replace(again, penalty=np.zeros(1))
                 violations = [replace(v, detail=v.detail + " (re-fitted)") for v in violations]
-        iv = _refresh_iv(model, x[None, :], data)
+        iv = best.iv if np.array_equal(best.x[0], x) else _refresh_iv(model, x[None, :], data)
         if any("(re-fitted)" not in v.detail for v in violations):
             return self._failed(
                 ts_ms, "static arbitrage: " + violations[0].check, prep, t0, nfev, violations
             )
         self._prev_wrms[""] = float(_block_wrms(iv, data, starts)[0])
         view = model.view(x, S)
+        atm = model.implied_vol(x, np.zeros(S), data.slice_T, np.arange(S, dtype=np.int64))
         slices = tuple(
-            self._slice_fit(j, x, iv, data, prep, params=view.slices[j]) for j in range(S)
+            self._slice_fit(j, x, iv, data, prep, params=view.slices[j], atm=float(atm[j]))
+            for j in range(S)
         )
-        del names
         return self._result(
             ts_ms,
             prep,
@@ -453,13 +459,16 @@ class Calibrator:
     def _surface_calendar(self, x: FloatArray, data: FitData, violations: list[Violation]) -> None:
         """Total variance must not fall with T on the quoted range (surface models: a check)."""
         k_grid = calendar_grid(data)
-        last_w: FloatArray | None = None
-        for j in range(data.n_slices):
-            w = self._slice_w(x, j, k_grid, data)
-            if last_w is not None and np.max(last_w - w) > self.config.calendar_tol:
-                gap = float(np.max(last_w - w))
+        S, G = data.n_slices, len(k_grid)
+        T = np.repeat(data.slice_T, G)
+        iv = self.model.implied_vol(
+            x, np.tile(k_grid, S), T, np.repeat(np.arange(S, dtype=np.int64), G)
+        )
+        w = (iv * iv * T).reshape(S, G)
+        for j in range(1, S):
+            gap = float(np.max(w[j - 1] - w[j]))
+            if gap > self.config.calendar_tol:
                 violations.append(Violation("calendar", j, gap, "total variance falls with T"))
-            last_w = w
 
     def _slice_residuals(
         self,
@@ -485,11 +494,6 @@ class Calibrator:
 
         return residuals
 
-    def _slice_w(self, x: FloatArray, j: int, k: FloatArray, data: FitData) -> FloatArray:
-        T = np.full(k.shape, data.slice_T[j])
-        iv = self.model.implied_vol(x, k, T, np.full(k.shape, j, dtype=np.int64))
-        return np.asarray(iv * iv * T)
-
     def _slice_fit(
         self,
         j: int,
@@ -498,12 +502,14 @@ class Calibrator:
         data: FitData,
         prep: Prepared,
         params: dict[str, float] | None = None,
+        atm: float | None = None,
     ) -> SliceFit:
         m = data.slice_idx == j
         T = float(data.slice_T[j])
-        zero = np.zeros(1)
-        idx = np.zeros(1, dtype=np.int64) if self.model.per_expiry else np.array([j])
-        atm = float(self.model.implied_vol(x, zero, np.array([T]), idx)[0])
+        if atm is None:
+            zero = np.zeros(1)
+            idx = np.zeros(1, dtype=np.int64) if self.model.per_expiry else np.array([j])
+            atm = float(self.model.implied_vol(x, zero, np.array([T]), idx)[0])
         if params is None:
             params = self.model.view(x, 1).slices[0]
         resid = iv[m] - data.iv[m]
@@ -712,16 +718,19 @@ def _refresh_iv(model: Model, x: FloatArray, data: FitData) -> FloatArray:
 
 
 def _warm_vector(
-    model: Model, last: FitResult, data: FitData, cold_guess: FloatArray
+    model: Model, last: FitResult, data: FitData, cold_guesses: Callable[[], list[FloatArray]]
 ) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
     """Warm start for a surface model on the current slices: the last fit's parameters, by
-    expiry; new expiries take the cold guess. Also which entries have a previous value."""
+    expiry; new expiries take the (lazily computed) cold guess. Also which entries have a
+    previous value."""
     S = data.n_slices
-    guess_view = model.view(cold_guess, S)
     last_slices = {s.expiry: s.params for s in last.slices}
-    slices = [
-        dict(last_slices.get(e, guess_view.slices[j])) for j, e in enumerate(data.slice_expiry)
-    ]
+    slices: list[dict[str, float]] = []
+    for j, e in enumerate(data.slice_expiry):
+        if e in last_slices:
+            slices.append(dict(last_slices[e]))
+        else:
+            slices.append(dict(model.view(cold_guesses()[0], S).slices[j]))
     view = ParamView(surface=dict(last.params), slices=slices)
     x0 = model.from_view(view, S)
     mask = np.ones(len(x0), dtype=np.bool_)
