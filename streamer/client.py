@@ -21,7 +21,7 @@ import asyncio
 import os
 import ssl
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import orjson
@@ -30,6 +30,9 @@ import structlog
 from streamer.errors import SubscribeError
 from streamer.publish.base import parse_mqtt_url, redact
 from streamer.publish.mqtt import DEFAULT_BACKOFF_MAX_S, NODELAY, backoff_delays
+
+if TYPE_CHECKING:
+    from streamer.surface import Surface
 
 log = structlog.get_logger(__name__)
 
@@ -119,3 +122,34 @@ def _decode(message: aiomqtt.Message) -> dict[str, Any] | None:
         log.warning("mqtt_payload_dropped", topic=message.topic.value, reason="not_object")
         return None
     return payload
+
+
+async def subscribe(
+    url: str,
+    venue: str,
+    underlying: str,
+    model: str,
+    *,
+    prefix: str = "streamer",
+    **options: Any,
+) -> AsyncGenerator[Surface, None]:
+    """Yield a ``Surface`` for every surface payload of (venue, underlying, model)::
+
+        async for surface in subscribe("mqtt://127.0.0.1:1883", "deribit", "BTC", "svi"):
+            iv = surface.iv(100_000, "27DEC24")
+            greeks = surface.greeks([90_000, 110_000], "27DEC24", ["P", "C"])
+
+    The surface answers IVs, prices and Greeks locally with the same numbers as the greeks
+    topic. ``options`` go to ``subscribe_payloads`` (credentials, TLS, reconnect, ...).
+    Payloads that do not rebuild (unknown model, missing fields) are logged and skipped.
+    """
+    from streamer.errors import StreamerError
+    from streamer.publish.payloads import topic_surface
+    from streamer.surface import Surface
+
+    topic = topic_surface(prefix, venue, underlying, model)
+    async for _topic, payload in subscribe_payloads(url, topic, **options):
+        try:
+            yield Surface.from_payload(payload)
+        except (StreamerError, KeyError, TypeError, ValueError) as exc:
+            log.warning("surface_payload_dropped", topic=topic, error=str(exc))

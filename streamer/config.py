@@ -20,6 +20,7 @@ Sections (every key optional; defaults below and in ``config/default.toml``)::
     [models]
     names = ["svi", "ssvi"]           # every name must be in streamer.models.REGISTRY
     penalty = { svi = 1.0 }           # per model: lambda of the parameter-change penalty
+    sabr_beta = 1.0                   # SABR's fixed beta
 
     [trigger]                         # see streamer.calib.trigger
     min_changed_quotes = 20
@@ -91,7 +92,19 @@ class BookSettings:
 @dataclass(frozen=True)
 class ModelSettings:
     names: tuple[str, ...] = ("svi", "ssvi")
-    penalty: dict[str, float] = field(default_factory=dict)
+    penalty: dict[str, float] = field(default_factory=dict)  # lambda per model (else built-in)
+    sabr_beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sabr_beta <= 1.0:
+            raise ValueError("models.sabr_beta must lie in [0, 1]")
+        for name, lam in self.penalty.items():
+            if not lam >= 0.0:
+                raise ValueError(f"models.penalty.{name} must be >= 0")
+
+    def options(self) -> dict[str, dict[str, float]]:
+        """Constructor options per model name."""
+        return {"sabr": {"beta": self.sabr_beta}}
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,9 @@ def main(args: argparse.Namespace) -> int:
     from streamer.errors import StreamerError
 
     if not structlog.is_configured():  # keep stdout for the data
-        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+        from streamer import logs
+
+        logs.configure("info", "auto")
     if args.count < 0:
         print("streamer subscribe: --count must be >= 0", file=sys.stderr)
         return 2

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.mosquitto import mosquitto, mosquitto_factory  # noqa: F401  (real-broker fixtures)
 
@@ -18,3 +20,10 @@ def shared_file(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"real Deribit data not available: {path} (it lives outside the repo)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """Commands under test configure logging for their process; undo it after each test."""
+    yield
+    structlog.reset_defaults()

@@ -117,3 +117,67 @@ def svi_surface(
         return np.asarray(np.sqrt(w / T))
 
     return params, iv_fn
+
+
+def deribit_chain(snap: ChainSnapshot) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """A snapshot as Deribit ``get_instruments`` dicts and ticker payloads (IVs in percent)."""
+    from streamer.instruments import expiry_code_of
+
+    instruments: list[dict[str, object]] = []
+    tickers: list[dict[str, object]] = []
+    for i in range(snap.n_quotes):
+        j = int(snap.expiry_idx[i])
+        e_ms = int(snap.expiry_ms[j])
+        call = bool(snap.is_call[i])
+        K = float(snap.strike[i])
+        name = f"{snap.underlying}-{expiry_code_of(e_ms)}-{int(K)}-{'C' if call else 'P'}"
+        instruments.append(
+            {
+                "instrument_name": name,
+                "kind": "option",
+                "base_currency": snap.underlying,
+                "quote_currency": snap.underlying,
+                "settlement_currency": snap.underlying,
+                "option_type": "call" if call else "put",
+                "strike": K,
+                "expiration_timestamp": e_ms,
+                "creation_timestamp": snap.ts_ms - 86_400_000,
+                "tick_size": 0.0001,
+                "contract_size": 1.0,
+                "min_trade_amount": 0.1,
+                "is_active": True,
+                "settlement_period": "week",
+            }
+        )
+        tickers.append(
+            {
+                "timestamp": snap.ts_ms,
+                "instrument_name": name,
+                "state": "open",
+                "best_bid_price": float(snap.bid[i]),
+                "best_bid_amount": 1.0,
+                "best_ask_price": float(snap.ask[i]),
+                "best_ask_amount": 1.0,
+                "bid_iv": float(snap.bid_iv[i]) * 100,
+                "ask_iv": float(snap.ask_iv[i]) * 100,
+                "mark_iv": float(snap.mark_iv[i]) * 100,
+                "mark_price": float(snap.mark_price[i]),
+                "underlying_price": float(snap.forward[i]),
+                "underlying_index": f"{snap.underlying}-{expiry_code_of(e_ms)}",
+                "index_price": float(snap.forward[i]),
+                "open_interest": 1.0,
+                "interest_rate": 0.0,
+                "greeks": {"delta": 0.5, "gamma": 0.0, "vega": 1.0, "theta": -1.0, "rho": 0.0},
+            }
+        )
+    return instruments, tickers
+
+
+def ticker_frame(data: dict[str, object]) -> str:
+    """A ``ticker.{inst}.100ms`` subscription notification."""
+    import json
+
+    channel = f"ticker.{data['instrument_name']}.100ms"
+    return json.dumps(
+        {"jsonrpc": "2.0", "method": "subscription", "params": {"channel": channel, "data": data}}
+    )

@@ -15,10 +15,14 @@ def test_nothing_changed_never_due() -> None:
     assert not p.due(1e9)
 
 
-def test_first_quote_fits_at_once_then_counts() -> None:
+def test_first_fit_waits_for_the_chain_then_counts() -> None:
     p = TriggerPolicy(CFG)
     p.on_quote("27DEC24", 100.0)
-    assert p.due(0.0)  # nothing fitted yet: the max interval has long passed
+    for _ in range(10):
+        p.on_quote("27DEC24", 100.0)
+    assert not p.due(-1.0)  # the first change starts the warm-up clock
+    assert not p.due(-0.5)  # many quotes, but still warming up
+    assert p.due(0.0)  # warmup_s (1 s) after the first change
     p.fitted(0.0, {"27DEC24": 100.0})
     for _ in range(4):
         p.on_quote("27DEC24", 100.0)

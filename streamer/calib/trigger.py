@@ -7,8 +7,10 @@ A refit is due when, since the last fit,
 * ``max_interval_s`` passed with at least one changed quote (so a quiet market still gets
   fresh ``ts_ms`` and a stale surface is noticed),
 
-and never sooner than ``min_interval_s`` after the previous fit. Times are in seconds of the
-caller's clock: venue time in replay (deterministic), monotonic time live.
+and never sooner than ``min_interval_s`` after the previous fit. The first fit waits
+``warmup_s`` after the first change, so a feed that is still delivering its first snapshot of
+the chain is not fitted on a handful of quotes. Times are in seconds of the caller's clock:
+venue time in replay (deterministic), monotonic time live.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ DEFAULT_MIN_CHANGED_QUOTES = 20
 DEFAULT_FORWARD_MOVE_BP = 10.0
 DEFAULT_MAX_INTERVAL_S = 5.0
 DEFAULT_MIN_INTERVAL_S = 0.2
+DEFAULT_WARMUP_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +33,7 @@ class TriggerConfig:
     forward_move_bp: float = DEFAULT_FORWARD_MOVE_BP
     max_interval_s: float = DEFAULT_MAX_INTERVAL_S
     min_interval_s: float = DEFAULT_MIN_INTERVAL_S
+    warmup_s: float = DEFAULT_WARMUP_S
 
 
 class TriggerPolicy:
@@ -41,6 +45,7 @@ class TriggerPolicy:
         self._last_fit_t = -math.inf
         self._fit_forwards: dict[str, float] = {}
         self._max_move_bp = 0.0
+        self._first_change_t: float | None = None
 
     @property
     def changed(self) -> int:
@@ -59,6 +64,10 @@ class TriggerPolicy:
         if self._changed == 0:
             return False
         c = self.config
+        if self._last_fit_t == -math.inf:  # the first fit: let the chain arrive first
+            if self._first_change_t is None:
+                self._first_change_t = now_s
+            return now_s - self._first_change_t >= c.warmup_s
         since = now_s - self._last_fit_t
         if since < c.min_interval_s:
             return False

@@ -1,0 +1,8 @@
+"""Replay throughput benchmark: parse + book frames/s (same as ``streamer bench replay``)."""
+
+import sys
+
+from streamer.bench.replay import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,202 @@
+"""``streamer bench latency``: tick-to-publish latency through a real mosquitto on loopback.
+
+A full real BTC chain (``../shared/data/deribit/snapshots/...``, turned into Deribit ticker
+frames by ``../shared/tools/csv_to_replay.py``; or ``--recording``) is replayed through the
+real service (``streamer.service.Service`` with a ``ReplayFeed``: parser, book, trigger,
+fit in a worker thread, MQTT publisher) into a mosquitto started on a free loopback port, and
+a separate aiomqtt subscriber timestamps every surface it receives. Latency per surface =
+subscriber receive time - local time at which the newest frame of the fitted snapshot entered
+the parser. The chain is replayed ``--rounds`` times (later rounds are warm re-quotes), paced
+at ``--rate`` frames per second; one model at a time; p50, p99 and max over the surfaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from streamer.bench.calib import shared_data
+
+DEFAULT_SNAPSHOT = "snapshots/deribit_options_snapshot_20260105T041127Z.csv"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    binary = "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+    binary = binary or shutil.which("mosquitto")
+    if binary is None:
+        raise SystemExit("bench latency: mosquitto not installed (scripts/install adds it)")
+    port = _free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"user {pwd.getpwuid(os.getuid()).pw_name}\nset_tcp_nodelay true\n"
+    )
+    proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("bench latency: mosquitto did not start")
+
+
+def make_recording(workdir: Path, rounds: int) -> Path:
+    tool = shared_data().parent.parent / "tools" / "csv_to_replay.py"
+    src = shared_data() / DEFAULT_SNAPSHOT
+    if not tool.exists() or not src.exists():
+        raise SystemExit(f"bench latency: needs {tool} and {src} (../shared)")
+    one = workdir / "chain.jsonl"
+    subprocess.run(
+        [sys.executable, str(tool), str(src), "-o", str(one), "--underlying", "BTC"],
+        check=True,
+        capture_output=True,
+    )
+    lines = one.read_text().splitlines()
+    out = workdir / "rounds.jsonl"
+    with out.open("w") as fh:
+        for _ in range(rounds):
+            fh.write("\n".join(lines) + "\n")
+    return out
+
+
+async def run_model(
+    model: str, recording: Path, port: int, rate: float, min_changed: int
+) -> list[float]:
+    import aiomqtt
+
+    from streamer.config import load_config
+    from streamer.feeds.replay_feed import ReplayFeed
+    from streamer.service import Service
+
+    cfg = load_config(None)
+    n_frames = sum(1 for _ in recording.open())
+    cfg = dataclasses.replace(
+        cfg,
+        instance=f"bench-{model}",
+        models=dataclasses.replace(cfg.models, names=(model,)),
+        publish=dataclasses.replace(
+            cfg.publish, urls=(f"mqtt://127.0.0.1:{port}/bench{model}",), greeks=True
+        ),
+        trigger=dataclasses.replace(
+            cfg.trigger, min_changed_quotes=min_changed, min_interval_s=0.0, max_interval_s=1.0
+        ),
+    )
+    received: dict[int, int] = {}
+    topic = f"bench{model}/deribit/BTC/{model}/surface"
+
+    def factory(config, parser, on_frame):  # type: ignore[no-untyped-def]
+        return ReplayFeed([str(recording)], parser=parser, speed=None, batch=1)
+
+    service = Service(cfg, feed_factory=factory)
+    service.publish_log = []
+    stop = asyncio.Event()
+    async with aiomqtt.Client("127.0.0.1", port) as sub:
+        await sub.subscribe(topic, qos=1)
+
+        async def listen() -> None:
+            import orjson
+
+            async for msg in sub.messages:
+                t = time.time_ns()
+                raw = msg.payload
+                if isinstance(raw, bytes | bytearray):
+                    received[int(orjson.loads(raw)["seq"])] = t
+
+        listener = asyncio.create_task(listen())
+        pacer = _Pacer(rate)
+        original = ReplayFeed.events
+
+        async def paced(self: ReplayFeed):  # type: ignore[no-untyped-def]
+            async for ev in original(self):
+                await pacer.wait(self.frames)
+                yield ev
+
+        ReplayFeed.events = paced  # type: ignore[method-assign]
+        try:
+            task = asyncio.create_task(service.run(stop, signals=False))
+            await asyncio.sleep(n_frames / rate + 3.0)
+            stop.set()
+            await task
+            await asyncio.sleep(0.5)
+        finally:
+            ReplayFeed.events = original  # type: ignore[method-assign]
+            listener.cancel()
+    lat = [
+        (received[seq] - trig) / 1e6
+        for t, seq, trig in service.publish_log
+        if t.endswith(f"/{model}/surface") and seq in received
+    ]
+    return lat
+
+
+class _Pacer:
+    """Releases frame ``n`` no earlier than ``n / rate`` seconds after the first."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.t0: float | None = None
+
+    async def wait(self, n: int) -> None:
+        now = time.monotonic()
+        if self.t0 is None:
+            self.t0 = now
+        due = self.t0 + n / self.rate
+        if due > now:
+            await asyncio.sleep(due - now)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="streamer bench latency", description=__doc__)
+    ap.add_argument("--model", action="append", help="models (default: svi and ssvi)")
+    ap.add_argument("--rounds", type=int, default=4, help="times the chain is replayed")
+    ap.add_argument("--rate", type=float, default=2000.0, help="frames per second")
+    ap.add_argument("--min-changed", type=int, default=50, help="trigger: changed quotes")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        rec = make_recording(work, args.rounds)
+        proc, port = start_mosquitto(work)
+        try:
+            print(
+                f"replaying {sum(1 for _ in rec.open()):,} frames (a real BTC chain x "
+                f"{args.rounds}) at {args.rate:,.0f} frames/s; refit every "
+                f"{args.min_changed} changed quotes; mosquitto on 127.0.0.1:{port}"
+            )
+            print()
+            print("| model | surfaces | p50 ms | p99 ms | max ms | goal p99 ms |")
+            print("|---|---:|---:|---:|---:|---:|")
+            for m in args.model or ["svi", "ssvi"]:
+                lat = asyncio.run(run_model(m, rec, port, args.rate, args.min_changed))
+                if not lat:
+                    print(f"| {m} | 0 | - | - | - | 10 |")
+                    continue
+                a = np.array(lat)
+                print(
+                    f"| {m} | {len(a)} | {np.percentile(a, 50):.2f} | "
+                    f"{np.percentile(a, 99):.2f} | {a.max():.2f} | 10 |"
+                )
+        finally:
+            proc.terminate()
+            proc.wait(5)
+    return 0

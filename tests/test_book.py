@@ -1,0 +1,593 @@
+"""Book and Books: the real capture through the parser, a real full chain (2021-02-11 BTC,
+public/get_order_book rows) as Quote events, the filters, forwards, the 08:00 UTC expiry roll,
+dirty flags, and the parser's fused path against the event path.
+
+Expected values are computed here from the CSV with plain Python (csv, statistics), or from
+closed forms (Black-76 put-call parity), never by the book.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import statistics
+import subprocess
+import sys
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from streamer.book import Book, Books
+from streamer.feeds.deribit_parse import DeribitParser
+from streamer.feeds.events import (
+    BookTop,
+    FeedStatus,
+    IndexPrice,
+    Instrument,
+    InstrumentExpired,
+    InstrumentListed,
+    MarkPrice,
+    Quote,
+)
+from streamer.instruments import MS_PER_YEAR, expiry_ms_of, parse_option
+from streamer.pricing import black_price
+from streamer.snapshot import ChainSnapshot
+from tests.conftest import REPO, shared_file
+
+CHAIN = "chains/bottama-btc-2021-02-11.csv"
+CAPTURE = "raw/cryptofeed-DERIBIT.ws.1.0"
+TOOL = REPO.parent / "shared" / "tools" / "csv_to_replay.py"
+NAN = math.nan
+_RECEIVED = re.compile(r"^(\d+)\.(\d+): (\{.*)$")
+
+
+def f(text: str) -> float:
+    return float(text) if text else 0.0
+
+
+def chain_rows() -> list[dict[str, str]]:
+    with shared_file(CHAIN).open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return sorted(rows, key=lambda r: int(r["timestamp"]))
+
+
+def latest(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    last: dict[str, dict[str, str]] = {}
+    for r in rows:
+        last[r["instrument_name"]] = r
+    return last
+
+
+def quote_of(r: dict[str, str]) -> Quote:
+    """A CSV row as the parser would give it (zero price or IV = none), built here by hand."""
+    bid, ask = f(r["best_bid_price"]), f(r["best_ask_price"])
+
+    def iv(key: str) -> float:
+        return f(r[key]) / 100 if f(r[key]) else NAN
+
+    return Quote(
+        "deribit",
+        r["instrument_name"],
+        int(r["timestamp"]),
+        0,
+        bid=bid if bid else NAN,
+        bid_size=f(r["best_bid_amount"]) if bid else NAN,
+        ask=ask if ask else NAN,
+        ask_size=f(r["best_ask_amount"]) if ask else NAN,
+        mark_price=f(r["mark_price"]),
+        mark_iv=iv("mark_iv"),
+        bid_iv=iv("bid_iv"),
+        ask_iv=iv("ask_iv"),
+        forward=f(r["underlying_price"]),
+        delta=f(r["greeks.delta"]),
+    )
+
+
+def chain_book(**kw: float) -> tuple[Book, list[dict[str, str]]]:
+    rows = chain_rows()
+    book = Book("deribit", "BTC", **kw)  # type: ignore[arg-type]
+    for r in rows:
+        assert book.apply(quote_of(r))
+    return book, rows
+
+
+def expected_drops(
+    last: dict[str, dict[str, str]], now_ms: int, stale_s: float, max_spread: float
+) -> tuple[Counter[str], int]:
+    """The book's filters, re-done row by row (reasons in the documented order)."""
+    drops: Counter[str] = Counter()
+    one_sided = 0
+    for r in last.values():
+        bid, ask = f(r["best_bid_price"]), f(r["best_ask_price"])
+        biv, aiv = f(r["bid_iv"]), f(r["ask_iv"])
+        F, K = f(r["underlying_price"]), parse_option(r["instrument_name"]).strike  # type: ignore[union-attr]
+        call = r["instrument_name"].endswith("-C")
+        if int(r["timestamp"]) < now_ms - stale_s * 1000:
+            drops["stale"] += 1
+        elif bid == 0 and ask == 0:
+            drops["empty"] += 1
+        elif bid and ask and bid > ask:
+            drops["crossed"] += 1
+        elif biv and aiv and (aiv - biv) / 100 > max_spread:
+            drops["wide_spread"] += 1
+        else:
+            intrinsic = max(F - K if call else K - F, 0.0) / F
+            level = (bid + ask) / 2 if bid and ask else (ask if ask else None)
+            if level is not None and level < intrinsic * (1 - 1e-9):
+                drops["below_intrinsic"] += 1
+            elif bool(bid) != bool(ask):
+                one_sided += 1
+    return drops, one_sided
+
+
+# -- the real 2021-02-11 chain ------------------------------------------------------------------
+
+
+def test_chain_snapshot_forwards_and_filters() -> None:
+    book, rows = chain_book(stale_after_s=1e9, max_spread_iv=0.5)
+    last = latest(rows)
+    now = max(int(r["timestamp"]) for r in rows)
+    snap = book.snapshot(now)
+    assert len(book) == len(last) == 488
+    # forwards: the median of each expiry's underlying_price
+    by_exp: dict[str, list[float]] = {}
+    for name, r in last.items():
+        by_exp.setdefault(name.split("-")[1], []).append(f(r["underlying_price"]))
+    assert snap.expiries == tuple(sorted(by_exp, key=expiry_ms_of))
+    for code, fwd in zip(snap.expiries, snap.forwards, strict=True):
+        assert fwd == statistics.median(by_exp[code])
+    # filters, counted independently
+    drops, one_sided = expected_drops(last, now, 1e9, 0.5)
+    assert drops["empty"] == 62 and drops["below_intrinsic"] > 0
+    assert book.drops == drops and book.one_sided == one_sided
+    assert snap.n_quotes == len(last) - sum(drops.values())
+    # every kept quote is the instrument's latest CSV row
+    for i, name in enumerate(snap.instrument):
+        r = last[name]
+        assert snap.quote_ts_ms[i] == int(r["timestamp"])
+        assert snap.forward[i] == f(r["underlying_price"])
+        assert snap.venue_delta[i] == f(r["greeks.delta"])
+        bid = f(r["best_bid_price"])
+        assert (snap.bid[i] == bid) if bid else math.isnan(snap.bid[i])
+        assert snap.T[i] == (expiry_ms_of(name.split("-")[1]) - now) / MS_PER_YEAR
+        assert snap.expiries[snap.expiry_idx[i]] == name.split("-")[1]
+    # sorted by expiry, strike, calls first; IVs are fractions
+    key = [
+        (snap.expiry_ms[e], k, not c)
+        for e, k, c in zip(snap.expiry_idx, snap.strike, snap.is_call, strict=True)
+    ]
+    assert key == sorted(key)
+    assert np.nanmax(snap.mark_iv) < 10 and snap.inverse and snap.ts_ms == now
+
+
+def test_stale_filter() -> None:
+    book, rows = chain_book(stale_after_s=60.0, max_spread_iv=0.5)
+    last = latest(rows)
+    now = max(int(r["timestamp"]) for r in rows)
+    book.snapshot(now)
+    drops, one_sided = expected_drops(last, now, 60.0, 0.5)
+    n_stale = sum(int(r["timestamp"]) < now - 60_000 for r in last.values())
+    assert n_stale > 50 and drops["stale"] == n_stale
+    assert book.drops == drops and book.one_sided == one_sided
+    # later, everything is stale
+    snap = book.snapshot(now + 3_600_000)
+    assert snap.n_quotes == 0 and book.drops == Counter(stale=len(last))
+
+
+def test_crossed_zero_and_wide_quotes_leave_the_snapshot() -> None:
+    book, rows = chain_book(stale_after_s=1e9, max_spread_iv=0.5)
+    now = max(int(r["timestamp"]) for r in rows)
+    book.snapshot(now)
+    base = Counter(book.drops)
+    name = next(
+        r["instrument_name"]
+        for r in latest(rows).values()
+        if f(r["best_bid_price"]) and f(r["best_ask_price"])
+    )
+    q = quote_of(latest(rows)[name])
+    book.apply(Quote(q.venue, name, now, 0, bid=0.3, ask=0.2, forward=q.forward))  # crossed
+    snap = book.snapshot(now)
+    assert name not in snap.instrument and book.drops["crossed"] == base["crossed"] + 1
+    book.apply(
+        Quote(q.venue, name, now, 0, bid=0.0, ask=0.2, forward=q.forward)
+    )  # an unmapped zero
+    snap = book.snapshot(now)
+    assert name not in snap.instrument and book.drops["zero"] == 1
+    book.apply(
+        Quote(
+            q.venue, name, now, 0, bid=q.bid, ask=q.ask, bid_iv=0.5, ask_iv=1.2, forward=q.forward
+        )
+    )
+    snap = book.snapshot(now)
+    assert name not in snap.instrument and book.drops["wide_spread"] == base["wide_spread"] + 1
+    book.apply(q)
+    assert name in book.snapshot(now).instrument
+
+
+def test_expiry_roll_at_0800_utc() -> None:
+    book, rows = chain_book(stale_after_s=1e9)
+    first = min(expiry_ms_of(r["instrument_name"].split("-")[1]) for r in rows)
+    assert first == expiry_ms_of("12FEB21")  # 2021-02-12 08:00 UTC
+    n_first = sum(1 for n in latest(rows) if "-12FEB21-" in n)
+    before = book.snapshot(first - 1)
+    assert before.expiries[0] == "12FEB21" and len(book) == 488
+    assert before.T[before.expiry_idx == 0].min() == pytest.approx(1 / MS_PER_YEAR)
+    after = book.snapshot(first)
+    assert "12FEB21" not in after.expiries and after.expiries[0] == "13FEB21"
+    assert len(book) == 488 - n_first and not any("-12FEB21-" in n for n in after.instrument)
+    # a late quote of an expired option is refused, not re-created
+    late = next(r for r in rows if "-12FEB21-" in r["instrument_name"])
+    assert not book.apply(quote_of(late))
+    assert book.rejected["expired"] == 1 and len(book) == 488 - n_first
+
+
+def test_dirty_flags() -> None:
+    book, rows = chain_book(stale_after_s=1e9)
+    now = max(int(r["timestamp"]) for r in rows)
+    first = book.snapshot(now)
+    assert first.dirty.all()  # first hand-out
+    assert not book.snapshot(now).dirty.any()  # nothing changed
+    last = latest(rows)
+    two = [n for i, n in enumerate(first.instrument) if first.bid[i] > 0 and first.ask[i] > 0]
+    name = two[len(two) // 2]
+    code = name.split("-")[1]
+    q = quote_of(last[name])
+    # the same values at a later time: fresher, not changed
+    book.apply(
+        Quote(
+            q.venue,
+            name,
+            now,
+            0,
+            q.bid,
+            q.bid_size,
+            q.ask,
+            q.ask_size,
+            q.mark_price,
+            q.mark_iv,
+            q.bid_iv,
+            q.ask_iv,
+            q.forward,
+            delta=q.delta,
+        )
+    )
+    assert not book.snapshot(now).dirty.any()
+    book.apply(
+        Quote(
+            q.venue,
+            name,
+            now,
+            0,
+            q.bid,
+            q.bid_size + 1,
+            q.ask,
+            q.ask_size,
+            q.mark_price,
+            q.mark_iv,
+            q.bid_iv,
+            q.ask_iv,
+            q.forward,
+            delta=q.delta,
+        )
+    )
+    snap = book.snapshot(now)
+    assert [snap.expiries[i] for i in np.flatnonzero(snap.dirty)] == [code]
+    gone = next(n for n in snap.instrument if code not in n)
+    assert book.apply(InstrumentExpired("deribit", gone, now))
+    snap = book.snapshot(now)
+    assert [snap.expiries[i] for i in np.flatnonzero(snap.dirty)] == [gone.split("-")[1]]
+    assert gone not in snap.instrument
+    # time passes: quotes going stale change their slices
+    book.stale_after_s = 60.0
+    snap = book.snapshot(now)
+    stale_exp = {n.split("-")[1] for n, r in last.items() if int(r["timestamp"]) < now - 60_000}
+    assert {snap.expiries[i] for i in np.flatnonzero(snap.dirty)} <= stale_exp
+    assert snap.dirty.any()
+
+
+def test_parity_forward_when_no_quote_has_one() -> None:
+    """No forward on the wire: from the nearest-the-money call/put mids, F = K / (1 - (C - P))
+    (coin-margined); the quotes here are Black-76 prices of a known forward."""
+    F, T, sigma = 51_234.5, 0.05, 0.7
+    expiry = "26FEB21"
+    now = expiry_ms_of(expiry) - int(T * MS_PER_YEAR)
+    book = Book("deribit", "BTC")
+    for K in (40_000, 50_000, 52_000, 60_000):
+        for call in (True, False):
+            price = (
+                float(black_price(F, K, (expiry_ms_of(expiry) - now) / MS_PER_YEAR, sigma, call))
+                / F
+            )
+            name = f"BTC-{expiry}-{K}-{'C' if call else 'P'}"
+            book.apply(
+                Quote(
+                    "deribit",
+                    name,
+                    now,
+                    0,
+                    bid=price * 0.999,
+                    bid_size=1.0,
+                    ask=price * 1.001,
+                    ask_size=1.0,
+                )
+            )
+    snap = book.snapshot(now)
+    assert snap.forwards[0] == pytest.approx(F, rel=1e-9)  # the mids are the prices
+    assert np.all(snap.forward == snap.forwards[0])
+    # linear (USDC) options: C - P = F - K
+    lin = Book("deribit", "BTC_USDC", inverse=False)
+    for call in (True, False):
+        price = float(black_price(F, 50_000, T, sigma, call))
+        lin.apply(
+            Quote(
+                "deribit",
+                f"BTC_USDC-{expiry}-50000-{'C' if call else 'P'}",
+                now,
+                0,
+                bid=price,
+                ask=price,
+            )
+        )
+    assert lin.snapshot(now).forwards[0] == pytest.approx(F, rel=1e-12)
+
+
+def test_below_intrinsic_coin_and_linear() -> None:
+    now = expiry_ms_of("26FEB21") - 86_400_000
+    book = Book("deribit", "BTC")
+    # a 40000 call with F = 50000 is worth at least 0.2 BTC
+    book.apply(
+        Quote("deribit", "BTC-26FEB21-40000-C", now, 0, bid=0.18, ask=0.21, forward=50_000.0)
+    )
+    book.apply(
+        Quote("deribit", "BTC-26FEB21-45000-C", now, 0, bid=0.101, ask=0.11, forward=50_000.0)
+    )
+    book.apply(
+        Quote("deribit", "BTC-26FEB21-60000-P", now, 0, ask=0.19, forward=50_000.0)
+    )  # ask only
+    snap = book.snapshot(now)
+    assert snap.instrument == ("BTC-26FEB21-45000-C",) and book.drops == Counter(below_intrinsic=2)
+    lin = Book("deribit", "BTC_USDC", inverse=False)
+    lin.apply(
+        Quote(
+            "deribit",
+            "BTC_USDC-26FEB21-40000-C",
+            now,
+            0,
+            bid=9_900.0,
+            ask=10_500.0,
+            forward=50_000.0,
+        )
+    )
+    lin.apply(
+        Quote(
+            "deribit",
+            "BTC_USDC-26FEB21-45000-C",
+            now,
+            0,
+            bid=4_900.0,
+            ask=5_000.0,
+            forward=50_000.0,
+        )
+    )
+    assert lin.snapshot(now).instrument == ("BTC_USDC-26FEB21-40000-C",)
+    assert lin.drops == Counter(below_intrinsic=1)
+
+
+# -- events, growth, routing ----------------------------------------------------------------------
+
+
+def test_book_events_and_growth() -> None:
+    now = expiry_ms_of("27DEC24") - 10 * 86_400_000
+    book = Book("deribit", "BTC", capacity=1)
+    names = [f"BTC-27DEC24-{k}-{cp}" for k in range(50_000, 150_000, 2_000) for cp in "CP"]
+    for n in names:
+        k = float(n.split("-")[2])  # at the money: no intrinsic value to fall below
+        assert book.apply(
+            Quote("deribit", n, now, 0, bid=0.01, ask=0.02, bid_size=1, ask_size=1, forward=k)
+        )
+    assert len(book) == 100 and book.slot(names[0]) == 0 and book.slot(names[-1]) == 99
+    top = BookTop("deribit", names[0], now + 1, 0, 0.01, 1.0, 0.02, 1.0)
+    assert not book.apply(top)  # same top, only fresher
+    assert book.quote_row(names[0])["ts_ms"] == now + 1  # type: ignore[index]
+    assert book.apply(BookTop("deribit", names[0], now + 2, 0, 0.011, 1.0, 0.02, 1.0))
+    assert book.apply(MarkPrice("deribit", names[0], now, 0, 0.015, 0.55))
+    assert not book.apply(MarkPrice("deribit", names[0], now, 0, 0.015, 0.55))
+    assert book.quote_row(names[0])["mark_iv"] == 0.55  # type: ignore[index]
+    assert book.apply(FeedStatus("deribit", "gap", 0, "", names[0]))
+    assert math.isnan(book.quote_row(names[0])["bid"])  # type: ignore[index]
+    assert not book.apply(FeedStatus("deribit", "disconnected", 0))
+    assert (
+        not book.apply(IndexPrice("deribit", "btc_usd", now, 0, 99_000.0))
+        and book.index_price == 99_000.0
+    )
+    # listing refused: other underlying, already expired
+    eth = parse_option("ETH-27DEC24-4000-C")
+    assert eth is not None
+    assert not book.apply(
+        InstrumentListed(
+            Instrument("deribit", eth.name, "ETH", eth.expiry, eth.expiry_ms, 4000.0, True)
+        )
+    )
+    assert book.rejected["other_underlying"] == 1
+    assert not book.apply(Quote("deribit", "BTC-PERPETUAL", now, 0))
+    assert book.rejected["not_option"] == 1
+    # a removed slot is reused
+    assert book.apply(InstrumentExpired("deribit", names[5], now))
+    assert book.apply(
+        Quote("deribit", "BTC-27DEC24-200000-C", now, 0, bid=0.001, ask=0.002, forward=100_000.0)
+    )
+    assert book.slot("BTC-27DEC24-200000-C") == 5 and len(book) == 100
+    snap = book.snapshot(now)
+    assert snap.n_quotes == 99 and book.drops == Counter(empty=1)  # the gapped one
+
+
+def test_quote_update_allocates_nothing() -> None:
+    now = expiry_ms_of("27DEC24") - 86_400_000
+    book = Book("deribit", "BTC", capacity=8)
+    for k in range(8):
+        book.apply(Quote("deribit", f"BTC-27DEC24-{100_000 + k}-C", now, 0, bid=0.01, ask=0.02))
+    buf = book.buffer
+    args = [
+        (k, now + i, 0.01 + i * 1e-6, 1.0, 0.02, 1.0, 0.015, 0.5, 0.49, 0.51, 1e5, 0.5)
+        for i, k in enumerate(list(range(8)) * 500)
+    ]
+    write = book.write_ticker
+    tracemalloc.start()
+    for a in args:
+        write(*a)
+    current, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert current < 1_000 and book.buffer is buf
+    assert book.pending_changes() == 8  # every row moved since (no snapshot yet)
+    book.snapshot(now + 4000)
+    assert book.pending_changes() == 0
+    write(*args[0][:2], 0.5, *args[0][3:])
+    assert book.pending_changes() == 1
+
+
+def test_books_route_by_underlying() -> None:
+    lines = shared_file("raw/cryptofeed-DERIBIT.0").read_text().splitlines()
+    p, books = DeribitParser(), Books()
+    for ln in lines:
+        if ln.startswith("https://"):
+            for ev in p.parse_into(ln.split(": ", 1)[1], 1626993723_000_000_000, books):
+                assert not isinstance(ev, Quote)
+    assert {(b.venue, b.underlying, len(b)) for b in books} == {
+        ("deribit", "BTC", 390),
+        ("deribit", "ETH", 418),
+        ("deribit", "SOL", 172),
+    }
+    btc = books.get("deribit", "BTC")
+    assert btc is not None and btc.inverse
+    inst = next(i for i in btc.instruments() if i.name == "BTC-24SEP21-40000-P")
+    assert inst.tick_size == 0.0005
+    assert (
+        books.on_event(IndexPrice("deribit", "btc_usd", 1, 0, 32_000.0)) is None
+        and btc.index_price == 32_000.0
+    )
+    assert (
+        books.on_event(Quote("deribit", "BTC-24SEP21-40000-P", 1626993723000, 0, bid=0.1, ask=0.2))
+        is btc
+    )
+    assert (
+        books.on_event(Quote("deribit", "ETH-PERPETUAL", 1, 0)) is None
+        and books.rejected["not_option"] == 1
+    )
+    assert books.on_event(InstrumentExpired("deribit", "BTC-24SEP21-40000-P", 2)) is btc
+    assert "BTC-24SEP21-40000-P" not in btc and "BTC-24SEP21-40000-P" not in books.routes("deribit")
+    usdc = books.on_event(Quote("deribit", "XRP_USDC-24JAN25-0d625-C", 1, 0, bid=0.01, ask=0.02))
+    assert usdc is not None and usdc.underlying == "XRP_USDC" and not usdc.inverse
+
+
+# -- the parser into the books ---------------------------------------------------------------------
+
+
+def received(path: Path) -> list[tuple[int, str]]:
+    out = []
+    for line in path.read_text().splitlines():
+        m = _RECEIVED.match(line)
+        if m:
+            out.append((int(m.group(1)) * 10**9 + int(m.group(2).ljust(9, "0")[:9]), m.group(3)))
+    return out
+
+
+def assert_same(a: ChainSnapshot, b: ChainSnapshot, *, dirty: bool = True) -> None:
+    assert a.instrument == b.instrument and a.expiries == b.expiries and a.ts_ms == b.ts_ms
+    assert a.venue == b.venue and a.underlying == b.underlying and a.inverse == b.inverse
+    fields = [
+        "expiry_idx",
+        "T",
+        "forward",
+        "strike",
+        "is_call",
+        "bid",
+        "ask",
+        "bid_size",
+        "ask_size",
+        "bid_iv",
+        "ask_iv",
+        "mark_iv",
+        "mark_price",
+        "venue_delta",
+        "quote_ts_ms",
+        "expiry_ms",
+        "forwards",
+    ]
+    for field in fields + (["dirty"] if dirty else []):
+        assert np.array_equal(getattr(a, field), getattr(b, field), equal_nan=True), field
+
+
+def both_paths(frames: list[tuple[int, str]], **kw: float) -> tuple[Books, Books]:
+    fused, event = Books(**kw), Books(**kw)  # type: ignore[arg-type]
+    p1, p2 = DeribitParser(), DeribitParser()
+    for ns, frame in frames:
+        p1.parse_into(frame, ns, fused)
+        for ev in p2.parse(frame, ns):
+            event.on_event(ev)
+    assert p1.drops == p2.drops == Counter()
+    return fused, event
+
+
+def test_real_capture_into_books() -> None:
+    frames = received(shared_file(CAPTURE))
+    fused, event = both_paths(frames)
+    p = DeribitParser()
+    last: dict[str, Quote | BookTop] = {}
+    for ns, frame in frames:
+        for ev in p.parse(frame, ns):
+            if isinstance(ev, Quote | BookTop):
+                last[ev.instrument] = ev
+    for under, n in (("BTC", 7), ("ETH", 3)):
+        a, b = fused.get("deribit", under), event.get("deribit", under)
+        assert a is not None and b is not None and len(a) == len(b) == n
+        now = a.last_ts_ms()
+        assert now == max(e.ts_ms for e in last.values() if e.instrument.startswith(under))
+        sa, sb = a.snapshot(now), b.snapshot(now)
+        assert_same(sa, sb)
+        for i, name in enumerate(sa.instrument):  # the last word on each instrument wins
+            ev = last[name]
+            for got, want in ((sa.bid[i], ev.bid), (sa.ask[i], ev.ask)):
+                assert (math.isnan(got) and math.isnan(want)) or got == want, name
+    eth = fused.get("deribit", "ETH")
+    assert eth is not None and eth.drops["empty"] == 1  # ETH-27AUG21-4000-P: no bid, no ask
+
+
+@pytest.mark.skipif(not TOOL.exists(), reason=f"{TOOL} not available")
+def test_fused_and_event_paths_give_identical_snapshots(tmp_path: Path) -> None:
+    out = tmp_path / "chain.jsonl"
+    subprocess.run(
+        [
+            sys.executable,
+            str(TOOL),
+            str(shared_file(CHAIN)),
+            str(shared_file("chains/bottama-eth-2021-02-11.csv")),
+            "-o",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    recs = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    frames = [(r["ts_ns"], r["frame"]) for r in recs]
+    assert len(frames) == 976 + 996
+    fused, event = both_paths(frames, stale_after_s=60.0)
+    for under in ("BTC", "ETH"):
+        a, b = fused.get("deribit", under), event.get("deribit", under)
+        assert a is not None and b is not None
+        now = a.last_ts_ms()
+        for t in (now, now + 30_000, expiry_ms_of("12FEB21")):
+            assert_same(a.snapshot(t), b.snapshot(t))
+            assert a.drops == b.drops and a.one_sided == b.one_sided
+        assert a.pending_changes() == b.pending_changes() == 0
+    # and the tool's frames say what the CSV says
+    again, _ = both_paths(frames, stale_after_s=1e9)
+    btc = again.get("deribit", "BTC")
+    assert btc is not None
+    book, rows = chain_book(stale_after_s=1e9)
+    now = max(int(r["timestamp"]) for r in rows)
+    assert_same(btc.snapshot(now), book.snapshot(now))

@@ -1,0 +1,395 @@
+"""The daemon end to end: fake Deribit -> service -> real mosquitto -> subscriber.
+
+Everything really runs: the fake Deribit websocket server on a loopback port speaks JSON-RPC,
+mosquitto is started by the fixture on a free port, subscribers are plain aiomqtt clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import jsonschema
+import numpy as np
+import pytest
+
+from streamer import sdnotify
+from streamer.client import subscribe
+from streamer.config import load_config
+from streamer.feeds.fake_deribit import FakeDeribitServer, ScriptFrame
+from streamer.metrics import Registry, serve
+from streamer.publish.memory import MemoryPublisher
+from streamer.publish.payloads import load_schema
+from streamer.service import Service
+from streamer.surface import Surface
+from tests.mosquitto import Mosquitto
+from tests.synth import deribit_chain, make_chain, svi_surface, ticker_frame
+
+FUTURE_MS = 1_893_484_800_000  # 2030-01-01 08:00 UTC: expiries stay live for the fake server
+UNIT = float(os.environ.get("STREAMER_TEST_UNIT", "1.0"))
+
+
+def chain_script(rounds: int = 3) -> tuple[list[dict[str, Any]], list[ScriptFrame]]:
+    """A full synthetic BTC chain (8 expiries x 21 strikes x C/P) re-quoted ``rounds`` times."""
+    _, fn = svi_surface()
+    rng = np.random.default_rng(3)
+    script: list[ScriptFrame] = []
+    instruments: list[dict[str, Any]] = []
+    for r in range(rounds):
+        snap = make_chain(fn, noise_iv=0.002, rng=rng, ts_ms=FUTURE_MS + r * 1000)
+        instruments, tickers = deribit_chain(snap)
+        script += [ScriptFrame(f"ticker.{t['instrument_name']}", t) for t in tickers]
+    return instruments, script
+
+
+async def collect(url: str, topic: str, until: Any, timeout: float) -> dict[str, dict[str, Any]]:
+    """Latest payload per topic from a plain aiomqtt subscriber until ``until(latest)``."""
+    host, port = url.removeprefix("mqtt://").split(":")
+    latest: dict[str, dict[str, Any]] = {}
+    async with aiomqtt.Client(host, int(port)) as client:
+        await client.subscribe(topic, qos=1)
+        async with asyncio.timeout(timeout):
+            async for msg in client.messages:
+                raw = msg.payload
+                assert isinstance(raw, bytes | bytearray)
+                latest[msg.topic.value] = (
+                    json.loads(raw) if raw[:1] == b"{" else {"raw": raw.decode()}
+                )
+                if until(latest):
+                    return latest
+    return latest
+
+
+def service_config(fake_url: str, broker_url: str, **feed: Any) -> Any:
+    cfg = load_config(None)
+    return dataclasses.replace(
+        cfg,
+        instance="test-shard",
+        feed=dataclasses.replace(cfg.feed, url=fake_url, currencies=("BTC",), **feed),
+        publish=dataclasses.replace(cfg.publish, urls=(broker_url + "/streamer",)),
+        trigger=dataclasses.replace(
+            cfg.trigger, min_changed_quotes=100, min_interval_s=0.05, warmup_s=0.05
+        ),
+    )
+
+
+def has_surfaces(latest: dict[str, dict[str, Any]]) -> bool:
+    """Both models published, and every expiry's greeks of that surface arrived."""
+    for m in ("svi", "ssvi"):
+        surf = latest.get(f"streamer/deribit/BTC/{m}/surface")
+        if surf is None or surf.get("seq", 0) < 1:
+            return False
+        for e in surf["expiries"]:
+            g = latest.get(f"streamer/deribit/BTC/{m}/greeks/{e['expiry']}")
+            if g is None or g["seq"] < surf["seq"]:
+                return False
+    return True
+
+
+async def test_service_to_mosquitto_end_to_end(mosquitto: Mosquitto) -> None:
+    instruments, script = chain_script()
+    async with FakeDeribitServer(instruments=instruments, script=script, interval_s=0.0) as fake:
+        service = Service(service_config(fake.url, mosquitto.url))
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop, signals=False))
+        latest = await collect(mosquitto.url, "streamer/#", has_surfaces, 30 * UNIT)
+        assert has_surfaces(latest)
+        status = latest["streamer/status/test-shard"]
+        assert status["state"] == "online" and status["feeds"]["deribit"] in (
+            "connected",
+            "disconnected",
+        )
+        jsonschema.validate(status, load_schema("status"))
+        surface_schema, greeks_schema = load_schema("surface"), load_schema("greeks")
+        for model in ("svi", "ssvi"):
+            surf = latest[f"streamer/deribit/BTC/{model}/surface"]
+            jsonschema.validate(surf, surface_schema)
+            assert surf["status"] == "ok"
+            assert surf["fit"]["in_band"] > (0.9 if model == "svi" else 0.3)  # SSVI: misspecified
+            greeks_topics = [t for t in latest if t.startswith(f"streamer/deribit/BTC/{model}/g")]
+            assert len(greeks_topics) == len(surf["expiries"])
+            rebuilt = Surface.from_payload(surf)
+            for topic in greeks_topics:
+                g = latest[topic]
+                jsonschema.validate(g, greeks_schema)
+                if g["seq"] != surf["seq"]:
+                    continue  # a newer surface arrived in between; compare matching pairs
+                rows = g["instruments"]
+                K = np.array([r["strike"] for r in rows])
+                calls = np.array([r["type"] == "C" for r in rows])
+                mine = rebuilt.greeks(K, g["expiry"], calls)
+                for col in ("iv", "price_coin", "delta", "gamma", "vega", "theta"):
+                    got = np.array([r[col] for r in rows], dtype=float)
+                    assert np.allclose(got, mine[col], rtol=1e-12, atol=1e-15), col
+        stop.set()
+        assert await asyncio.wait_for(task, 5) == 0
+        after = await collect(
+            mosquitto.url,
+            "streamer/status/test-shard",
+            lambda d: d.get("streamer/status/test-shard", {}).get("state") == "offline",
+            5 * UNIT,
+        )
+        assert after["streamer/status/test-shard"]["state"] == "offline"
+    assert service.latencies_ms and max(service.latencies_ms) < 5_000
+
+
+async def test_client_subscribe_yields_surfaces(mosquitto: Mosquitto) -> None:
+    instruments, script = chain_script(rounds=2)
+    async with FakeDeribitServer(instruments=instruments, script=script) as fake:
+        service = Service(service_config(fake.url, mosquitto.url))
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop, signals=False))
+        got: list[Surface] = []
+        async with asyncio.timeout(30 * UNIT):
+            async for surface in subscribe(mosquitto.url, "deribit", "BTC", "svi"):
+                got.append(surface)
+                if len(surface.expiries) == 8:  # early fits see part of the chain
+                    break
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    s = got[-1]
+    assert s.model.name == "svi" and [g.seq for g in got] == sorted(g.seq for g in got)
+    e = s.expiries[3]
+    j = s.expiries.index(e)
+    assert 0.3 < s.atm_iv(e) < 1.0
+    assert s.iv(s.forward[j], e)[0] == pytest.approx(s.atm_iv(e))
+
+
+async def test_memory_publisher_and_feed_disconnect_marks_stale() -> None:
+    instruments, script = chain_script(rounds=2)
+    async with FakeDeribitServer(
+        instruments=instruments, script=script, drop_after_frames=len(script) - 1
+    ) as fake:
+        mem = MemoryPublisher()
+        cfg = service_config(fake.url, "mqtt://127.0.0.1:1")
+        service = Service(cfg, publishers=[mem])
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop, signals=False))
+        topic = "streamer/deribit/BTC/svi/surface"
+        async with asyncio.timeout(30 * UNIT):
+            while not any(
+                m.topic == topic and m.payload.get("status") == "stale" for m in mem.messages
+            ):
+                await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    statuses = [m.payload["status"] for m in mem.messages if m.topic == topic]
+    assert statuses[0] == "ok" and "stale" in statuses
+
+
+def _write_config(tmp: Path, fake_url: str, broker_url: str, port: int = 0) -> Path:
+    path = tmp / "shard.toml"
+    path.write_text(
+        f"""
+instance = "sig-shard"
+[feed]
+url = "{fake_url}"
+currencies = ["BTC"]
+[models]
+names = ["svi"]
+[trigger]
+min_changed_quotes = 100
+min_interval_s = 0.05
+[publish]
+urls = ["{broker_url}/streamer"]
+[metrics]
+port = {port}
+[log]
+format = "json"
+"""
+    )
+    return path
+
+
+async def _run_daemon(config: Path, env: dict[str, str] | None = None) -> Any:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "streamer",
+        "run",
+        "--config",
+        str(config),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _online(d: dict[str, dict[str, Any]]) -> bool:
+    return d.get("streamer/status/sig-shard", {}).get("state") == "online" and (
+        "streamer/deribit/BTC/svi/surface" in d
+    )
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+async def test_daemon_process_signals(mosquitto: Mosquitto, tmp_path: Path, how: str) -> None:
+    """SIGTERM: offline published, exit 0 within 5 s. SIGKILL: the broker's last will."""
+    instruments, script = chain_script()
+    async with FakeDeribitServer(instruments=instruments, script=script, loops=None) as fake:
+        proc = await _run_daemon(_write_config(tmp_path, fake.url, mosquitto.url))
+        try:
+            seen = await collect(mosquitto.url, "streamer/#", _online, 60 * UNIT)
+            assert _online(seen)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+            rc = await asyncio.wait_for(proc.wait(), 10)
+            took = time.monotonic() - t0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        status = await collect(
+            mosquitto.url,
+            "streamer/status/sig-shard",
+            lambda d: d.get("streamer/status/sig-shard", {}).get("state") == "offline",
+            10 * UNIT,
+        )
+        assert status["streamer/status/sig-shard"]["state"] == "offline"
+    if how == "sigterm":
+        assert rc == 0 and took < 5.0
+    else:
+        assert rc == -signal.SIGKILL
+
+
+def test_cli_config_errors_name_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[models]\nnames = ["svi", "nope"]\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "streamer", "run", "--config", str(bad)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "models.names[1]" in out.stderr and "svi" in out.stderr
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[trigger]\nmin_changed_quote = 3\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "streamer", "run", "--config", str(typo)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "min_changed_quote" in out.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "streamer", "run", "--config", str(tmp_path / "none.toml")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+async def test_metrics_endpoint_serves_prometheus_text() -> None:
+    reg = Registry()
+    reg.frames.inc(3)
+    reg.drops.inc(2, stage="parse", reason="bad_json")
+    reg.fit_seconds.observe(0.0015, model="svi")
+    reg.fit_seconds.observe(0.3, model="svi")
+    server = await serve(reg, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        body = (await reader.read()).decode()
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert body.startswith("HTTP/1.0 200 OK")
+    assert "streamer_frames_total 3" in body
+    assert 'streamer_drops_total{reason="bad_json",stage="parse"} 2' in body
+    assert 'streamer_fit_seconds_bucket{model="svi",le="0.002"} 1' in body
+    assert 'streamer_fit_seconds_bucket{model="svi",le="+Inf"} 2' in body
+    assert 'streamer_fit_seconds_count{model="svi"} 2' in body
+
+
+def test_sd_notify_sends_datagrams(tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        s.settimeout(2)
+        assert sdnotify.notify("READY=1", {"NOTIFY_SOCKET": str(path)})
+        assert s.recv(100) == b"READY=1"
+    assert not sdnotify.notify("READY=1", {})
+    env = {"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}
+    assert sdnotify.watchdog_interval_s(env) == 15.0
+    assert sdnotify.watchdog_interval_s({"WATCHDOG_USEC": "1", "WATCHDOG_PID": "1"}) is None
+
+
+def test_systemd_units_verify(tmp_path: Path) -> None:
+    import shutil
+
+    analyze, exe = shutil.which("systemd-analyze"), shutil.which("streamer")
+    units = Path(__file__).resolve().parent.parent / "systemd"
+    for name in ("streamer.service", "streamer@.service"):
+        text = (units / name).read_text()
+        for directive in (
+            "Type=notify",
+            "WatchdogSec=",
+            "Restart=on-failure",
+            "DynamicUser=yes",
+            "ProtectSystem=strict",
+            "NoNewPrivileges=yes",
+        ):
+            assert directive in text, (name, directive)
+        if analyze is None or exe is None:
+            continue
+        local = tmp_path / name.replace("@.", "@x.")
+        local.write_text(text.replace("/opt/streamer/venv/bin/streamer", exe))
+        out = subprocess.run(
+            [analyze, "verify", str(local)], check=False, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+
+
+async def test_replay_to_mosquitto_matches_jsonl(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """`streamer replay --publish mqtt://... --out X`: the broker's retained state equals the
+    last message per topic in the JSON lines, and everything validates."""
+    _, fn = svi_surface()
+    rng = np.random.default_rng(9)
+    rec = tmp_path / "rec.jsonl"
+    with rec.open("w") as fh:
+        for r in range(3):
+            snap = make_chain(fn, noise_iv=0.002, rng=rng, ts_ms=FUTURE_MS + r * 1000)
+            for t in deribit_chain(snap)[1]:
+                ts_ns = int(t["timestamp"]) * 1_000_000  # type: ignore[call-overload]
+                fh.write(json.dumps({"ts_ns": ts_ns, "venue": "deribit", "frame": ticker_frame(t)}))
+                fh.write("\n")
+    out = tmp_path / "out.jsonl"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamer", "replay", str(rec), "--model", "svi", "--model",
+        "sabr", "--publish", mosquitto.url, "--out", str(out),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    assert b"| svi |" in err and b"| sabr |" in err  # the summary table
+    last: dict[str, dict[str, Any]] = {}
+    for line in out.read_text().splitlines():
+        rec_ = json.loads(line)
+        last[rec_["topic"]] = rec_["payload"]
+    assert any(t.endswith("/sabr/surface") for t in last)
+    retained = await collect(
+        mosquitto.url,
+        "streamer/deribit/#",
+        lambda d: set(last) <= set(d),
+        20 * UNIT,
+    )
+    for topic, payload in last.items():
+        assert retained[topic] == payload, topic
+        schema = load_schema("surface" if topic.endswith("/surface") else "greeks")
+        jsonschema.validate(payload, schema)
