@@ -7,10 +7,13 @@ One ``Calibrator`` per (underlying, model). ``fit(snapshot)``:
    ``sqrt(lambda) (theta - theta_prev) / s`` (DESIGN section 5). Slices (expiries) the last fit
    did not have start cold and carry no penalty.
 3. Regime shift: when the forward moved beyond ``regime_forward_move``, an expiry rolled in or
-   out (surface models), or the warm fit's weighted RMS error jumped beyond
-   ``regime_error_factor`` times the previous one, a cold multi-start fit without penalty runs
-   too, and the better data fit is kept (the cold one must beat the warm one by
-   ``cold_margin``); the result is flagged ``regime_shift``.
+   out (surface models), the warm fit's weighted RMS error jumped beyond
+   ``regime_error_factor`` times the previous one, its in-band share fell by
+   ``regime_band_drop``, or the last fit is older than ``stale_gap_s``, penalty-free fits run
+   too (from the warm result and from the cold multi-start guesses), and the better data fit
+   is kept (it must beat the warm one by ``cold_margin``); the result is flagged
+   ``regime_shift``. The penalty weight fades as ``horizon / dt`` for gaps beyond
+   ``penalty_horizon_s``.
 4. Arbitrage gate: every slice's own conditions (the model's ``arbitrage``) and calendar
    monotonicity of total variance across slices on a grid. A per-expiry model's bad slice is
    replaced by its last accepted parameters when those pass, else left out of the surface; a
@@ -44,7 +47,14 @@ from streamer.snapshot import ChainSnapshot
 DEFAULT_PENALTY = 10.0
 # lambda per model, tuned on noisy re-quotes of one surface (tests/test_calib.py): the warm fit's
 # parameter jitter falls well below 1/5 of the cold fit's while in_band stays within 2 points
-DEFAULT_PENALTIES = {"svi": 1.0, "ssvi": 10.0, "essvi": 10.0, "sabr": 10.0}
+DEFAULT_PENALTIES = {
+    "svi": 1.0,
+    "ssvi": 2.0,
+    "essvi": 2.0,
+    "sabr": 10.0,
+    "heston": 5.0,
+    "bates": 5.0,
+}
 
 
 @dataclass(frozen=True)
@@ -61,7 +71,13 @@ class CalibConfig:
     max_iter_cold: int = 100
     regime_error_factor: float = 2.5
     regime_error_floor: float = 1.0  # weighted RMS (in half-spreads) below which all is fine
+    regime_band_drop: float = 0.1  # or the warm fit's in-band share fell this much
     regime_forward_move: float = 0.03
+    # the penalty assumes parameters drift like a random walk: over a gap of dt seconds since
+    # the last accepted fit its weight is lambda * min(1, horizon / dt); gaps beyond
+    # stale_gap_s (e.g. a reconnect after hours) also run a cold fit, as a regime shift
+    penalty_horizon_s: float = 60.0
+    stale_gap_s: float = 600.0
     cold_margin: float = 0.9
     calendar_tol: float = 1e-6  # total variance may fall by at most this (rounding)
     constraints_in_fit: bool = True  # no-arbitrage hinge rows inside the LM (per-expiry)
@@ -123,6 +139,7 @@ class Calibrator:
         self.penalty = DEFAULT_PENALTIES.get(model.name, DEFAULT_PENALTY) if lam is None else lam
         self.last_good: FitResult | None = None
         self._prev_wrms: dict[str, float] = {}  # per slice (per-expiry) or "" (surface)
+        self._prev_band: dict[str, float] = {}  # in-band share of the last accepted fit
 
     # ------------------------------------------------------------------ public
     def fit(self, snapshot: ChainSnapshot) -> FitResult:
@@ -145,6 +162,19 @@ class Calibrator:
             return result
         return self._degraded(snapshot.ts_ms, result.message, prepared, t0, failed=result)
 
+    def _penalty_now(self, ts_ms: int) -> float:
+        """Lambda for a fit at ``ts_ms``: full within the horizon, fading beyond it."""
+        last = self.last_good
+        if last is None:
+            return self.penalty
+        dt = max((ts_ms - last.ts_ms) / 1000.0, 0.0)
+        horizon = self.config.penalty_horizon_s
+        return self.penalty * (1.0 if dt <= horizon else horizon / dt)
+
+    def _gap_shift(self, ts_ms: int) -> bool:
+        last = self.last_good
+        return last is not None and (ts_ms - last.ts_ms) / 1000.0 > self.config.stale_gap_s
+
     # ------------------------------------------------------------- per expiry
     def _fit_slices(self, ts_ms: int, prep: Prepared, t0: float) -> FitResult:
         model, cfg, data = self.model, self.config, prep.data
@@ -163,7 +193,9 @@ class Calibrator:
                 x_prev, f_prev = prev[e]
                 prior[j] = x_prev
                 has_prior[j] = True
-                pen_w[j] = math.sqrt(self.penalty) / model.scale(1, data.slice_T[j : j + 1])
+                pen_w[j] = math.sqrt(self._penalty_now(ts_ms)) / model.scale(
+                    1, data.slice_T[j : j + 1]
+                )
                 fwd_jump[j] = abs(data.slice_forward[j] / f_prev - 1.0) > cfg.regime_forward_move
         evaluate = _slice_evaluator(model, data)
         hinges = hinge_rows(model, data) if cfg.constraints_in_fit else None
@@ -176,8 +208,15 @@ class Calibrator:
                 guess_cache[j] = model.initial_guesses(data.slice(j))
             return guess_cache[j]
 
-        def cold(mask: npt.NDArray[np.bool_]) -> LMResult:
-            guesses = [guess(j) if mask[j] else [prior[j]] for j in range(S)]
+        def cold(mask: npt.NDArray[np.bool_], free: FloatArray | None = None) -> LMResult:
+            """Penalty-free fits of the masked slices from the multi-start guesses and, when
+            given, from ``free`` (the warm result: the cheap answer to a gradual shift)."""
+            guesses = [
+                ([free[j]] if free is not None and has_prior[j] else []) + guess(j)
+                if mask[j]
+                else [prior[j]]
+                for j in range(S)
+            ]
             n_g = max(len(guesses[j]) for j in range(S))
             best: LMResult | None = None
             for g in range(n_g):
@@ -203,16 +242,24 @@ class Calibrator:
             nfev += res.nfev
             x, iv, data_cost, pen = res.x, res.iv, res.data_cost, res.penalty
             wrms = _block_wrms(iv, data, starts)
+            # the in-band share over all slices (one slice's share is too noisy to judge)
+            band_all = float(np.mean(in_band(iv, data.iv_bid, data.iv_ask)))
+            slipped = band_all < self._prev_band.get("", -1.0) - cfg.regime_band_drop
             err_jump = np.array(
                 [
                     has_prior[j]
-                    and wrms[j] > cfg.regime_error_floor
-                    and wrms[j] > cfg.regime_error_factor * self._prev_wrms.get(e, math.inf)
+                    and (
+                        slipped
+                        or (
+                            wrms[j] > cfg.regime_error_floor
+                            and wrms[j] > cfg.regime_error_factor * self._prev_wrms.get(e, math.inf)
+                        )
+                    )
                     for j, e in enumerate(data.slice_expiry)
                 ],
                 dtype=np.bool_,
             )
-            shift = (fwd_jump | err_jump) & has_prior
+            shift = (fwd_jump | err_jump | self._gap_shift(ts_ms)) & has_prior
             need_cold = shift | ~has_prior
         else:
             x = np.zeros((S, p))
@@ -223,7 +270,7 @@ class Calibrator:
             need_cold = np.ones(S, dtype=np.bool_)
         regime = bool(shift.any())
         if need_cold.any():
-            c = cold(need_cold)
+            c = cold(need_cold, x if warm_used else None)
             nfev += c.nfev
             take = need_cold & (
                 ~has_prior | (c.data_cost < cfg.cold_margin * data_cost) | ~np.isfinite(data_cost)
@@ -291,6 +338,11 @@ class Calibrator:
         for j, e in enumerate(data.slice_expiry):
             if keep[j]:
                 self._prev_wrms[e] = float(wrms[j])
+        pts = keep[data.slice_idx]
+        self._prev_band[""] = _band_ref(
+            self._prev_band.get(""),
+            float(np.mean(in_band(iv[pts], data.iv_bid[pts], data.iv_ask[pts]))),
+        )
         slices, xs = [], []
         for j in range(S):
             if keep[j]:
@@ -337,7 +389,7 @@ class Calibrator:
             warm_used = True
             x0, prior_mask = _warm_vector(model, last, data, guesses)
             pen_w = np.where(
-                prior_mask, math.sqrt(self.penalty) / model.scale(S, data.slice_T), 0.0
+                prior_mask, math.sqrt(self._penalty_now(ts_ms)) / model.scale(S, data.slice_T), 0.0
             )[None, :]
             prior = x0[None, :].copy()
             best = solve(
@@ -357,10 +409,13 @@ class Calibrator:
             jumped = wrms > cfg.regime_error_floor and wrms > cfg.regime_error_factor * (
                 self._prev_wrms.get("", math.inf)
             )
-            regime = rolled or moved or jumped
+            band = float(_block_band(best.iv, data, starts)[0])
+            slipped = band < self._prev_band.get("", -1.0) - cfg.regime_band_drop
+            regime = rolled or moved or jumped or slipped or self._gap_shift(ts_ms)
         if best is None or regime:
             cold_best: LMResult | None = None
-            for g in guesses():
+            starts_x = ([best.x[0]] if best is not None else []) + list(guesses())
+            for g in starts_x:
                 r = solve(
                     self._problem(evaluate, data, starts, lower, upper),
                     np.asarray(g, dtype=np.float64)[None, :],
@@ -402,6 +457,9 @@ class Calibrator:
                 ts_ms, "static arbitrage: " + violations[0].check, prep, t0, nfev, violations
             )
         self._prev_wrms[""] = float(_block_wrms(iv, data, starts)[0])
+        self._prev_band[""] = _band_ref(
+            self._prev_band.get(""), float(_block_band(iv, data, starts)[0])
+        )
         view = model.view(x, S)
         atm = model.implied_vol(x, np.zeros(S), data.slice_T, np.arange(S, dtype=np.int64))
         slices = tuple(
@@ -642,6 +700,24 @@ def _block_wrms(iv: FloatArray, data: FitData, starts: IntArray) -> FloatArray:
     counts = np.diff(np.append(starts, len(r)))
     sums = np.add.reduceat(r * r, starts) if len(starts) > 1 else np.array([np.sum(r * r)])
     return np.asarray(np.sqrt(sums / np.maximum(counts, 1)))
+
+
+BAND_REF_DECAY = 0.01  # per fit
+
+
+def _band_ref(ref: float | None, band: float) -> float:
+    """The in-band reference a warm fit is compared with: a running peak that decays by
+    ``BAND_REF_DECAY`` per fit, so a slow slide (a fit lagging a trending market) is caught
+    as surely as a sudden drop."""
+    return band if ref is None else max(band, ref - BAND_REF_DECAY)
+
+
+def _block_band(iv: FloatArray, data: FitData, starts: IntArray) -> FloatArray:
+    """Per block: share of fitted IVs inside the bid-ask band."""
+    inside = in_band(iv, data.iv_bid, data.iv_ask)
+    counts = np.diff(np.append(starts, len(iv)))
+    sums = np.add.reduceat(inside, starts) if len(starts) > 1 else np.array([inside.sum()])
+    return np.asarray(sums / np.maximum(counts, 1))
 
 
 def _merge_best(a: LMResult, b: LMResult, starts: IntArray, data: FitData) -> LMResult:

@@ -9,7 +9,7 @@ log-moneyness points scaled to the slice (``+-6`` ATM standard deviations, withi
 
   with ``w = iv^2 T`` and ``w'``, ``w''`` central differences on the grid; row
   ``mu_bf * max(0, margin - g)``, its Jacobian by the chain rule through ``dw/dx``;
-* calendar: ``w_j(k) >= w_{j-1}(k)`` on the range both slices quote (``pair_range``), with
+* calendar: ``w_j(k) >= w_{j-1}(k)`` where both slices quote (``pair_range``), with
   the shorter slice taken at its current parameters; row
   ``mu_cal * max(0, w_{j-1} - w_j) / W_SCALE``.
 
@@ -44,57 +44,82 @@ def slice_grids(data: FitData, n: int = G_POINTS) -> FloatArray:
     return np.asarray(np.linspace(-1.0, 1.0, n)[None, :] * half[:, None])
 
 
-def pair_range(data: FitData, j: int, margin: float = 0.05) -> tuple[float, float]:
-    """Log-moneyness range quoted in slices ``j-1`` and ``j`` (the calendar check's range)."""
-    m = (data.slice_idx == j) | (data.slice_idx == j - 1)
-    k = data.k[m]
-    return float(k.min()) - margin, float(k.max()) + margin
+def pair_range(data: FitData, j: int, margin: float = 0.02) -> tuple[float, float]:
+    """Log-moneyness range quoted in both slices ``j-1`` and ``j`` (the calendar check's).
+
+    The intersection: outside it one of the two smiles is extrapolated (a short expiry's
+    linear SVI wings far beyond its last strike), and a "crossing" there says nothing the
+    market quotes. Where the ranges do not overlap, the check runs at the money.
+    """
+    a, b = data.k[data.slice_idx == j - 1], data.k[data.slice_idx == j]
+    lo = max(float(a.min()), float(b.min())) - margin
+    hi = min(float(a.max()), float(b.max())) + margin
+    if lo > hi:
+        return -margin, margin
+    return lo, hi
+
+
+def _butterfly(
+    block: Callable[[FloatArray, FloatArray, FloatArray], tuple[FloatArray, FloatArray]],
+    X: FloatArray,
+    k: FloatArray,
+    T: FloatArray,
+) -> tuple[FloatArray, FloatArray]:
+    """Butterfly hinge rows and Jacobian on per-slice uniform grids ``k (S, G)``."""
+    S, G = k.shape
+    p = X.shape[1]
+    h = (k[:, 1] - k[:, 0])[:, None]
+    kc = k[:, 1:-1]
+    TT = np.repeat(T, G)
+    iv, jac = block(np.repeat(X, G, axis=0), k.ravel(), TT)
+    w = (iv * iv * TT).reshape(S, G)
+    dw = ((2.0 * iv * TT)[:, None] * jac).reshape(S, G, p)
+    w1 = (w[:, 2:] - w[:, :-2]) / (2.0 * h)
+    w2 = (w[:, 2:] - 2.0 * w[:, 1:-1] + w[:, :-2]) / (h * h)
+    wc = np.maximum(w[:, 1:-1], 1e-12)
+    dw1 = (dw[:, 2:] - dw[:, :-2]) / (2.0 * h)[:, :, None]
+    dw2 = (dw[:, 2:] - 2.0 * dw[:, 1:-1] + dw[:, :-2]) / (h * h)[:, :, None]
+    a = 1.0 - kc * w1 / (2.0 * wc)
+    g = a * a - 0.25 * w1 * w1 * (1.0 / wc + 0.25) + 0.5 * w2
+    dg_dwc = a * kc * w1 / (wc * wc) + 0.25 * w1 * w1 / (wc * wc)
+    dg_dw1 = -a * kc / wc - 0.5 * w1 * (1.0 / wc + 0.25)
+    dg = dg_dwc[:, :, None] * dw[:, 1:-1] + dg_dw1[:, :, None] * dw1 + 0.5 * dw2
+    active = g < BUTTERFLY_MARGIN
+    rows = np.where(active, MU_BUTTERFLY * (BUTTERFLY_MARGIN - g), 0.0)
+    return rows, np.where(active[:, :, None], -MU_BUTTERFLY * dg, 0.0)
 
 
 def hinge_rows(
     model: Model, data: FitData, grids: FloatArray | None = None
 ) -> Callable[[FloatArray], tuple[FloatArray, FloatArray]] | None:
-    """``X (S, p) -> (rows (S, m), jacobian (S, m, p))`` for a model with ``block_jacobian``."""
+    """``X (S, p) -> (rows (S, m), jacobian (S, m, p))`` for a model with ``block_jacobian``.
+
+    Butterfly rows on two grids per slice: a fine one around the money (``slice_grids``) and
+    a wide one over +-3 (and every quote), where short-dated wings bend; calendar rows on
+    ``pair_range``.
+    """
     block = getattr(model, "block_jacobian", None)
     if block is None or not model.per_expiry:
         return None
     S = data.n_slices
-    k = slice_grids(data) if grids is None else grids
-    G = k.shape[1]
-    h = (k[:, 1] - k[:, 0])[:, None]  # (S, 1)
-    kc = k[:, 1:-1]
+    inner = slice_grids(data) if grids is None else grids
+    G = inner.shape[1]
+    lo = min(-3.0, float(data.k.min()) - 0.1)
+    hi = max(3.0, float(data.k.max()) + 0.1)
+    outer = np.tile(np.linspace(lo, hi, 2 * G + 1), (S, 1))
     T = data.slice_T
-    TT = np.repeat(T, G)
-    kk = k.ravel()
-    # calendar rows: for slice j >= 1, on the quoted range of the pair (j-1, j)
+    # calendar rows: for slice j >= 1, where slices j-1 and j both quote
     kcal = np.zeros((S, G))
     for j in range(1, S):
-        lo, hi = pair_range(data, j)
-        kcal[j] = np.linspace(lo, hi, G)
+        kcal[j] = np.linspace(*pair_range(data, j), G)
     kcal_flat = kcal[1:].ravel()
     TT_cal = np.repeat(T[1:], G)
     TT_prev = np.repeat(T[:-1], G)
 
     def extra(X: FloatArray) -> tuple[FloatArray, FloatArray]:
         p = X.shape[1]
-        rows_x = np.repeat(X, G, axis=0)
-        iv, jac = block(rows_x, kk, TT)
-        w = (iv * iv * TT).reshape(S, G)
-        dw = ((2.0 * iv * TT)[:, None] * jac).reshape(S, G, p)
-        w1 = (w[:, 2:] - w[:, :-2]) / (2.0 * h)
-        w2 = (w[:, 2:] - 2.0 * w[:, 1:-1] + w[:, :-2]) / (h * h)
-        wc = np.maximum(w[:, 1:-1], 1e-12)
-        dw1 = (dw[:, 2:] - dw[:, :-2]) / (2.0 * h)[:, :, None]
-        dw2 = (dw[:, 2:] - 2.0 * dw[:, 1:-1] + dw[:, :-2]) / (h * h)[:, :, None]
-        dwc = dw[:, 1:-1]
-        a = 1.0 - kc * w1 / (2.0 * wc)
-        g = a * a - 0.25 * w1 * w1 * (1.0 / wc + 0.25) + 0.5 * w2
-        dg_dwc = a * kc * w1 / (wc * wc) + 0.25 * w1 * w1 / (wc * wc)
-        dg_dw1 = -a * kc / wc - 0.5 * w1 * (1.0 / wc + 0.25)
-        dg = dg_dwc[:, :, None] * dwc + dg_dw1[:, :, None] * dw1 + 0.5 * dw2
-        active = g < BUTTERFLY_MARGIN
-        r_bf = np.where(active, MU_BUTTERFLY * (BUTTERFLY_MARGIN - g), 0.0)
-        j_bf = np.where(active[:, :, None], -MU_BUTTERFLY * dg, 0.0)
+        r_in, j_in = _butterfly(block, X, inner, T)
+        r_out, j_out = _butterfly(block, X, outer, T)
         # calendar against the shorter neighbour (taken at its current parameters)
         r_cal = np.zeros((S, G))
         j_cal = np.zeros((S, G, p))
@@ -106,6 +131,7 @@ def hinge_rows(
             act = gap > 0.0
             r_cal[1:] = np.where(act, MU_CALENDAR * gap / W_SCALE, 0.0)
             j_cal[1:] = np.where(act[:, :, None], -MU_CALENDAR * dwj / W_SCALE, 0.0)
-        return np.concatenate([r_bf, r_cal], axis=1), np.concatenate([j_bf, j_cal], axis=1)
+        rows = np.concatenate([r_in, r_out, r_cal], axis=1)
+        return rows, np.concatenate([j_in, j_out, j_cal], axis=1)
 
     return extra
