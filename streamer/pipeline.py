@@ -176,8 +176,13 @@ class Pipeline:
         return snap
 
     # -------------------------------------------------------------------- fit
-    def fit_snapshot(self, snap: ChainSnapshot) -> list[Message]:
-        """Fit every model on ``snap`` and build the messages (safe in a worker thread)."""
+    def fit_snapshot(self, snap: ChainSnapshot, *, greeks: bool | None = None) -> list[Message]:
+        """Fit every model on ``snap`` and build the messages (safe in a worker thread).
+
+        ``greeks=False`` leaves the greeks topics out (the service publishes the surfaces
+        first and builds their greeks with ``greeks_for`` right after).
+        """
+        with_greeks = self.greeks if greeks is None else greeks
         u = self._under[(snap.venue, snap.underlying)]
         out: list[Message] = []
         for name, surf in u.surfaces.items():
@@ -218,8 +223,18 @@ class Pipeline:
             out.append(
                 Message(topic_surface(self.prefix, snap.venue, snap.underlying, name), payload)
             )
-            if self.greeks:
+            if with_greeks:
                 out.extend(self.greeks_messages(snap, name, payload))
+        return out
+
+    def greeks_for(self, snap: ChainSnapshot, surfaces: list[Message]) -> list[Message]:
+        """The greeks messages of surface messages ``fit_snapshot`` made from ``snap``."""
+        if not self.greeks:
+            return []
+        out: list[Message] = []
+        for msg in surfaces:
+            if msg.topic.endswith("/surface"):
+                out.extend(self.greeks_messages(snap, str(msg.payload["model"]), msg.payload))
         return out
 
     def fit_book(self, book: Book, now_s: float) -> list[Message]:
