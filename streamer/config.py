@@ -21,6 +21,7 @@ Sections (every key optional; defaults below and in ``config/default.toml``)::
     names = ["svi", "ssvi"]           # every name must be in streamer.models.REGISTRY
     penalty = { svi = 1.0 }           # per model: lambda of the parameter-change penalty
     sabr_beta = 1.0                   # SABR's fixed beta
+    objective = "mid"                 # mid | band (count only what lies beyond bid-ask)
 
     [trigger]                         # see streamer.calib.trigger
     min_changed_quotes = 20
@@ -94,6 +95,7 @@ class ModelSettings:
     names: tuple[str, ...] = ("svi", "ssvi")
     penalty: dict[str, float] = field(default_factory=dict)  # lambda per model (else built-in)
     sabr_beta: float = 1.0
+    objective: Literal["mid", "band"] = "mid"  # residuals to the mid, or beyond the band
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sabr_beta <= 1.0:

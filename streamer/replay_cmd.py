@@ -135,7 +135,10 @@ async def _replay(
         models=models,
         prefix=config.publish.prefix,
         trigger=config.trigger,
-        calib={m: CalibConfig(penalty=config.models.penalty.get(m)) for m in models},
+        calib={
+            m: CalibConfig(penalty=config.models.penalty.get(m), objective=config.models.objective)
+            for m in models
+        },
         model_options=config.models.options(),
         greeks=config.publish.greeks and not args.no_greeks,
         stale_after_s=config.book.stale_after_s,

@@ -318,7 +318,10 @@ def _records(
     from streamer.pipeline import FitRecord, Pipeline, make_model, run_inline
     from streamer.replay_cmd import items_of
 
-    calib = {m: CalibConfig(penalty=config.models.penalty.get(m)) for m in models}
+    calib = {
+        m: CalibConfig(penalty=config.models.penalty.get(m), objective=config.models.objective)
+        for m in models
+    }
     options = config.models.options()
     chains = chain_snapshots(path)
     if chains is not None:

@@ -49,10 +49,10 @@ DEFAULT_PENALTY = 10.0
 # parameter jitter falls well below 1/5 of the cold fit's while in_band stays within 2 points
 DEFAULT_PENALTIES = {
     "svi": 1.0,
-    "ssvi": 2.0,
-    "essvi": 2.0,
+    "ssvi": 5.0,
+    "essvi": 5.0,
     "sabr": 10.0,
-    "heston": 5.0,
+    "heston": 20.0,
     "bates": 5.0,
 }
 
@@ -61,7 +61,7 @@ DEFAULT_PENALTIES = {
 class CalibConfig:
     """How one model is fitted (per model in the config's ``[models]`` table)."""
 
-    objective: Literal["band", "mid"] = "band"  # band: dead zone inside the bid-ask band
+    objective: Literal["band", "mid"] = "mid"  # band: a dead zone inside the bid-ask band
     band_fraction: float = 0.9  # dead zone half-width, as a share of the half-spread
     kappa: float = 0.2  # pull to the mid inside the band
     loss: Loss = "soft_l1"

@@ -27,6 +27,7 @@ import numpy as np
 from streamer.models.base import FitData, FloatArray, Model
 
 G_POINTS = 49
+OUTER_POINTS = 61  # the wide grid: +-3 in steps of 0.1
 MU_BUTTERFLY = 300.0
 BUTTERFLY_MARGIN = 5e-3
 MU_CALENDAR = 10.0
@@ -34,13 +35,13 @@ W_SCALE = 1e-4  # total variance: about 0.1 vol point at one month
 
 
 def slice_grids(data: FitData, n: int = G_POINTS) -> FloatArray:
-    """Per-slice grids ``(S, n)``: +-6 ATM standard deviations, at least +-0.3, at most +-3."""
+    """Per-slice grids ``(S, n)``: +-6 ATM standard deviations (from the slice's mean IV), at
+    least +-0.3, at most +-3."""
     S = data.n_slices
-    half = np.empty(S)
-    for j in range(S):
-        iv = data.iv[data.slice_idx == j]
-        sd = float(np.median(iv)) * np.sqrt(float(data.slice_T[j])) if iv.size else 0.5
-        half[j] = np.clip(6.0 * sd, 0.3, 3.0)
+    counts = np.bincount(data.slice_idx, minlength=S)
+    mean_iv = np.bincount(data.slice_idx, weights=data.iv, minlength=S) / np.maximum(counts, 1)
+    sd = np.where(counts > 0, mean_iv * np.sqrt(data.slice_T), 0.5)
+    half = np.clip(6.0 * sd, 0.3, 3.0)
     return np.asarray(np.linspace(-1.0, 1.0, n)[None, :] * half[:, None])
 
 
@@ -106,7 +107,7 @@ def hinge_rows(
     G = inner.shape[1]
     lo = min(-3.0, float(data.k.min()) - 0.1)
     hi = max(3.0, float(data.k.max()) + 0.1)
-    outer = np.tile(np.linspace(lo, hi, 2 * G + 1), (S, 1))
+    outer = np.tile(np.linspace(lo, hi, OUTER_POINTS), (S, 1))
     T = data.slice_T
     # calendar rows: for slice j >= 1, where slices j-1 and j both quote
     kcal = np.zeros((S, G))
