@@ -393,3 +393,32 @@ async def test_replay_to_mosquitto_matches_jsonl(mosquitto: Mosquitto, tmp_path:
         assert retained[topic] == payload, topic
         schema = load_schema("surface" if topic.endswith("/surface") else "greeks")
         jsonschema.validate(payload, schema)
+
+
+async def test_record_only_writes_every_received_frame(tmp_path: Path) -> None:
+    """`streamer record`'s service mode: no models, no publishers, raw frames to .jsonl.zst."""
+    from streamer.feeds.replay import read_recording
+
+    instruments, script = chain_script(rounds=1)
+    async with FakeDeribitServer(instruments=instruments, script=script) as fake:
+        cfg = service_config(fake.url, "mqtt://127.0.0.1:1")
+        cfg = dataclasses.replace(
+            cfg,
+            recorder=dataclasses.replace(cfg.recorder, dir=str(tmp_path)),
+            publish=dataclasses.replace(cfg.publish, urls=()),
+        )
+        service = Service(cfg, record_only=True)
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop, signals=False))
+        async with asyncio.timeout(20 * UNIT):
+            while service.pipeline.parser.frames < len(script):
+                await asyncio.sleep(0.05)
+        stop.set()
+        assert await asyncio.wait_for(task, 5) == 0
+    files = sorted(tmp_path.glob("deribit-*.jsonl.zst"))
+    assert files
+    frames = [f for path in files for _, _, f in read_recording(path)]
+    assert len(frames) == service.pipeline.parser.frames  # every frame the parser saw
+    tickers = [f for f in frames if '"channel":"ticker.' in f.replace(" ", "")]
+    assert len(tickers) == len(script)
+    assert not service.pipeline.fits  # record only: nothing fitted
