@@ -515,7 +515,10 @@ class Book:
         drop("stale", ts < now_ms - self.stale_after_s * 1000.0)
         fresh = ~out
         drop("zero", (bid <= 0.0) | (ask <= 0.0))
-        has_bid, has_ask = ~np.isnan(bid), ~np.isnan(ask)
+        # a side counts as quoted by its price, or by its IV where the venue sends IVs only
+        # (the hourly Tardis cuts, OKX greeks-only quotes)
+        has_bid = ~np.isnan(bid) | (q[:, BID_IV] > 0.0)
+        has_ask = ~np.isnan(ask) | (q[:, ASK_IV] > 0.0)
         drop("empty", ~has_bid & ~has_ask)
         drop("crossed", bid > ask)
         drop("wide_spread", q[:, ASK_IV] - q[:, BID_IV] > self.max_spread_iv)

@@ -154,7 +154,8 @@ async def _replay(
             )
             for u in urls
         ]
-        items = _paced(items_of(args.files), args.speed)
+        counter = _Counted(_paced(items_of(args.files), args.speed))
+        items: Iterator[Item] = iter(counter)
         if not models:
             for ts_ns, item in items:
                 if isinstance(item, str | bytes):
@@ -175,7 +176,7 @@ async def _replay(
     progress.done()
     for book in pipeline.books:
         book.snapshot()  # count the final filters
-    return summary_table(pipeline, time.perf_counter() - t0, published)
+    return summary_table(pipeline, time.perf_counter() - t0, published, counter.n)
 
 
 def retopic(topic: str, old_prefix: str, new_prefix: str) -> str:
@@ -226,12 +227,27 @@ class _Progress:
             sys.stderr.flush()
 
 
-def summary_table(pipeline: Any, seconds: float, published: int) -> str:
+class _Counted:
+    """Counts the items it passes on (frames, or events of Tardis CSVs)."""
+
+    def __init__(self, items: Iterator[Item]) -> None:
+        self.items = items
+        self.n = 0
+
+    def __iter__(self) -> Iterator[Item]:
+        for item in self.items:
+            self.n += 1
+            yield item
+
+
+def summary_table(pipeline: Any, seconds: float, published: int, items: int = 0) -> str:
     """Frames, drops, and per model: fits, quality and time (a Markdown-ish table)."""
     st = pipeline.stats()
     frames = st["frames"]
+    events = items - frames
+    what = f"{frames:,} frames" + (f" and {events:,} events" if events > 0 else "")
     lines = [
-        f"replayed {frames:,} frames in {seconds:.2f} s ({frames / max(seconds, 1e-9):,.0f}/s), "
+        f"replayed {what} in {seconds:.2f} s ({max(items, frames) / max(seconds, 1e-9):,.0f}/s), "
         f"published {published:,} messages",
     ]
     if st["parse_drops"]:

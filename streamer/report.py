@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 
 FloatArray = npt.NDArray[np.float64]
 
-DEFAULT_MODELS = ("svi", "ssvi", "essvi", "sabr", "heston", "bates")
+DEFAULT_MODELS = ("svi", "ssvi", "ssvi-rho", "essvi", "sabr", "heston", "bates")
 CHAIN_UNDERLYINGS = ("BTC", "ETH")  # what the real chain CSVs hold
 SMILES_PER_INPUT = 4
 PARAM_PANELS = 6

@@ -33,6 +33,8 @@ def truth(name: str, atm: float = 0.6, skew: float = -0.3) -> tuple[list[np.ndar
         xs = [
             np.array(heston + ([0.5, -0.1 if skew < 0 else 0.1, 0.15] if name == "bates" else []))
         ]
+    elif name == "essvi":  # per slice: theta, rho, z (skew flattening with maturity)
+        xs = [np.array([atm * atm * T, skew / (1 + 2 * T), 0.6]) for T in SLICE_T]
     else:
         theta = atm * atm * SLICE_T
         head = [skew, 0.6, 0.35] if name == "ssvi" else [skew, skew * 0.5, 0.6, 0.35]

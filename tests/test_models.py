@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from streamer.models import REGISTRY, Model, ParamView
+from streamer.models.essvi import ESSVI
+from streamer.models.essvi import total_variance as essvi_w
 from streamer.models.sabr import SABR, butterfly_g_numeric
-from streamer.models.ssvi import ESSVI, SSVI
+from streamer.models.ssvi import SSVI, SSVIRho
 from streamer.models.svi import SVI, butterfly_g, total_variance
 
 K_GRID = np.linspace(-1.5, 1.5, 61)
@@ -29,7 +31,7 @@ def fd_jacobian(
 
 
 def test_registry_has_the_models() -> None:
-    for name in ("svi", "ssvi", "essvi", "sabr"):
+    for name in ("svi", "ssvi", "ssvi-rho", "essvi", "sabr"):
         assert name in REGISTRY
 
 
@@ -65,7 +67,7 @@ def _ssvi_x(model: Model, theta: np.ndarray, head: list[float]) -> np.ndarray:
     return np.concatenate([head, np.diff(np.concatenate([[0.0], theta]))])
 
 
-@pytest.mark.parametrize("cls", [SSVI, ESSVI])
+@pytest.mark.parametrize("cls", [SSVI, SSVIRho])
 def test_ssvi_formula_jacobian_and_view(cls: type[SSVI]) -> None:
     model = cls()
     theta = np.array([0.01, 0.03, 0.08, 0.2])
@@ -93,7 +95,7 @@ def test_ssvi_formula_jacobian_and_view(cls: type[SSVI]) -> None:
     assert np.allclose(model.from_view(view, 4), x)
 
 
-@pytest.mark.parametrize("cls", [SSVI, ESSVI])
+@pytest.mark.parametrize("cls", [SSVI, SSVIRho])
 def test_ssvi_parameter_region_is_butterfly_free(cls: type[SSVI]) -> None:
     """Every x inside the bounds passes a numerical butterfly check (GJ 2014, Cor. 4.1)."""
     model = cls()
@@ -167,8 +169,8 @@ def test_sabr_arbitrage_flags_a_wild_long_dated_smile() -> None:
     assert SABR().arbitrage(np.array([0.6, -0.2, 1.0]), np.array([0.1])) == []
 
 
-def test_essvi_calendar_check_is_real_and_safe_bounds_remove_it() -> None:
-    model = ESSVI()
+def test_ssvi_rho_calendar_check_is_real_and_safe_bounds_remove_it() -> None:
+    model = SSVIRho()
     theta = np.array([0.1654, 0.2202, 0.2808])
     x = _ssvi_x(model, theta, [0.6, -0.94, 0.86, 0.02])  # rho swings from 0.6 to -0.94
     k = np.linspace(-3, 3, 601)
@@ -183,3 +185,32 @@ def test_essvi_calendar_check_is_real_and_safe_bounds_remove_it() -> None:
     assert y[0] == y[1]
     assert model.arbitrage(y, np.array([0.1, 0.2, 0.5])) == []
     assert SSVI().safe_bounds(x[1:], *SSVI().bounds(3)) is None
+
+
+def test_essvi_slices_formula_butterfly_free_by_construction_and_view() -> None:
+    """Per-slice eSSVI: the GJ formula with psi = theta phi; every x in the bounds passes a
+    numerical butterfly check; view/from_view round-trip; Jacobian vs differences."""
+    model = ESSVI()
+    theta, rho, z, T = 0.02, -0.4, 0.7, 0.1
+    x = np.array([theta, rho, z])
+    k = np.linspace(-1, 1, 41)
+    idx = np.zeros(k.shape, dtype=np.int64)
+    TT = np.full(k.shape, T)
+    psi = z * 0.999 * min(4 / (1 + abs(rho)), np.sqrt(4 * theta / (1 + abs(rho))))
+    phi = psi / theta
+    w = theta / 2 * (1 + rho * phi * k + np.sqrt((phi * k + rho) ** 2 + 1 - rho**2))
+    assert np.allclose(model.implied_vol(x, k, TT, idx), np.sqrt(w / T), rtol=1e-13)
+    assert np.allclose(model.jacobian(x, k, TT, idx), fd_jacobian(model, x, k, TT, idx), atol=1e-5)
+    view = model.view(x, 1)
+    assert view.slices[0]["psi"] == pytest.approx(psi)
+    assert np.allclose(model.from_view(view, 1), x)
+    rng = np.random.default_rng(4)
+    lo, hi = model.bounds(1)
+    kk = np.linspace(-3, 3, 3001)
+    for _ in range(200):
+        y = lo + (hi - lo) * rng.uniform(size=3)
+        y[0] = rng.uniform(1e-4, 0.5)
+        assert model.arbitrage(y, np.array([0.5])) == []
+        psi_y = np.array(model.view(y, 1).slices[0]["psi"])
+        wy = essvi_w(y[:1], y[1:2], psi_y, kk)
+        assert butterfly_g_numeric(kk, wy).min() > -1e-6

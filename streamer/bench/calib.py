@@ -24,7 +24,15 @@ from streamer.models import REGISTRY
 from streamer.snapshot import ChainSnapshot
 
 DEFAULT_CHAIN = "snapshots/deribit_options_snapshot_20260105T041127Z.csv"
-GOALS_MS = {"svi": 1.0, "ssvi": 2.0, "essvi": 2.0, "sabr": 1.0, "heston": 10.0, "bates": 15.0}
+GOALS_MS = {
+    "svi": 1.0,
+    "ssvi": 2.0,
+    "ssvi-rho": 2.0,
+    "essvi": 2.0,
+    "sabr": 1.0,
+    "heston": 10.0,
+    "bates": 15.0,
+}
 
 
 def shared_data() -> Path:

@@ -28,7 +28,14 @@ DATASETS = {
     "tardis": "smiles/tardis-hourly-*.csv",
     "snapshots": "snapshots/deribit_options_snapshot_*.csv",
 }
-GOALS = {"svi": 0.97, "ssvi": 0.90, "essvi": 0.90, "bates": 0.80, "heston": 0.65}
+GOALS = {
+    "svi": 0.97,
+    "ssvi": 0.90,
+    "ssvi-rho": 0.90,
+    "essvi": 0.90,
+    "bates": 0.80,
+    "heston": 0.65,
+}
 
 
 def evaluate(files: list[Path], model: str, underlyings: tuple[str, ...]) -> dict[str, float]:
@@ -75,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         print(f"bench quality: real data not found at {root}")
         return 1
-    models = args.model or [m for m in ("svi", "ssvi", "essvi", "sabr", "heston", "bates")
-                            if m in REGISTRY]  # fmt: skip
+    all_models = ("svi", "ssvi", "ssvi-rho", "essvi", "sabr", "heston", "bates")
+    models = args.model or [m for m in all_models if m in REGISTRY]
     unders = tuple(args.underlying or ("BTC", "ETH"))
     print(
         "| data set | model | fits | failed | in_band | median abs(fit - mark) (vol pts) "

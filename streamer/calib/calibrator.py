@@ -50,7 +50,8 @@ DEFAULT_PENALTY = 10.0
 DEFAULT_PENALTIES = {
     "svi": 1.0,
     "ssvi": 5.0,
-    "essvi": 5.0,
+    "ssvi-rho": 5.0,
+    "essvi": 20.0,
     "sabr": 10.0,
     "heston": 20.0,
     "bates": 5.0,

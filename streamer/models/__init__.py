@@ -9,7 +9,7 @@ import importlib
 
 from streamer.models.base import REGISTRY, FitData, Model, ParamView, Violation, register
 
-_MODULES: tuple[str, ...] = ("svi", "ssvi", "sabr", "heston", "bates")
+_MODULES: tuple[str, ...] = ("svi", "ssvi", "essvi", "sabr", "heston", "bates")
 
 for _name in _MODULES:
     importlib.import_module(f"streamer.models.{_name}")

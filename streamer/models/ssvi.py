@@ -1,4 +1,5 @@
-r"""SSVI and eSSVI: whole-surface SVI (Gatheral & Jacquier 2014; Hendriks & Martini 2019).
+r"""SSVI and SSVI with rho(theta) (``ssvi-rho``): whole-surface SVI (Gatheral & Jacquier
+2014; Hendriks & Martini 2019).
 
 Total implied variance at log-moneyness ``k`` on the slice with ATM total variance
 ``theta_t``::
@@ -6,25 +7,25 @@ Total implied variance at log-moneyness ``k`` on the slice with ATM total varian
     w(k, theta) = theta/2 * (1 + rho phi k + sqrt((phi k + rho)^2 + 1 - rho^2)),
     phi(theta) = eta / (theta^gamma (1 + theta)^(1 - gamma))          (power law)
 
-``ssvi``: one ``rho``; ``essvi``: ``rho`` depends on ``theta`` (the "extended" SSVI of
-Hendriks & Martini 2019 and Mingone 2022), here
+``ssvi``: one ``rho``; ``ssvi-rho``: ``rho`` depends on ``theta`` through two parameters,
 ``rho(theta) = rho0 + (rho1 - rho0) (1 - exp(-theta / THETA_RHO))``: short maturities see
-``rho0``, long ones ``rho1``.
+``rho0``, long ones ``rho1`` (the per-slice eSSVI of Hendriks & Martini 2019 / Mingone 2022,
+with a free ``rho`` and ``psi`` per expiry, is ``streamer.models.essvi``).
 
 No static arbitrage, kept by construction through the parametrisation:
 
 * butterfly: Gatheral & Jacquier (2014), Remark 4.4 / Corollary 4.1: the power law with
   ``0 <= gamma <= 1/2`` and ``eta (1 + |rho|) <= 2`` satisfies ``theta phi (1+|rho|) < 4``
   and ``theta phi^2 (1+|rho|) <= 4`` for every theta. We fit ``z`` in [0, 1] and set
-  ``eta = 2 z / (1 + rho_max)`` with ``rho_max`` = max |rho| (eSSVI: max(|rho0|, |rho1|),
+  ``eta = 2 z / (1 + rho_max)`` with ``rho_max`` = max |rho| (ssvi-rho: max(|rho0|, |rho1|),
   which bounds |rho(theta)| since rho(theta) lies between them);
 * calendar: ``theta_t`` non-decreasing in t (we fit the increments ``dtheta_j >= 0``), and for
   the power law with gamma <= 1/2, ``d(theta phi)/dtheta >= 0`` (GJ 2014, Theorem 4.1). For
-  eSSVI a varying rho can still cross slices (Hendriks & Martini 2019, Prop. 3.1 give the
+  ssvi-rho a varying rho can still cross slices (Hendriks & Martini 2019, Prop. 3.1 give the
   exact condition); ``arbitrage`` checks calendar monotonicity of ``w`` on a grid, and when
   it fails the calibrator re-fits with ``rho0 = rho1`` pinned (``safe_bounds``): plain SSVI.
 
-Published parameters: surface ``rho`` (eSSVI ``rho0``, ``rho1``), ``eta``, ``gamma``; per slice
+Published parameters: surface ``rho`` (ssvi-rho ``rho0``, ``rho1``), ``eta``, ``gamma``; per slice
 ``theta``. The analytic Jacobian differentiates ``w`` through ``phi(theta)`` and ``rho(theta)``.
 """
 
@@ -42,7 +43,7 @@ from streamer.models.base import (
     register,
 )
 
-THETA_RHO = 0.1  # eSSVI: theta scale over which rho moves from rho0 to rho1
+THETA_RHO = 0.1  # ssvi-rho: theta scale over which rho moves from rho0 to rho1
 THETA_MIN = 1e-6
 GRID_K = np.linspace(-2.0, 2.0, 161)
 
@@ -221,7 +222,7 @@ class _SSVIBase(Model):
     def safe_bounds(
         self, x: FloatArray, lower: FloatArray, upper: FloatArray
     ) -> tuple[FloatArray, FloatArray] | None:
-        """eSSVI: pin rho0 = rho1 (their mean): plain SSVI, calendar-free by GJ (2014)."""
+        """ssvi-rho: pin rho0 = rho1 (their mean): plain SSVI, calendar-free by GJ (2014)."""
         if not self.varying_rho:
             return None
         lo, hi = lower.copy(), upper.copy()
@@ -263,8 +264,9 @@ class SSVI(_SSVIBase):
 
 
 @register
-class ESSVI(_SSVIBase):
-    """eSSVI: rho moves with theta from ``rho0`` to ``rho1``."""
+class SSVIRho(_SSVIBase):
+    """SSVI with a two-parameter ``rho(theta)`` from ``rho0`` to ``rho1`` (one surface vector;
+    the per-slice eSSVI is ``streamer.models.essvi``)."""
 
-    name = "essvi"
+    name = "ssvi-rho"
     varying_rho = True
