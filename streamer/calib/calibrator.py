@@ -288,11 +288,12 @@ class Calibrator:
         keep = np.isfinite(data_cost) & np.all(np.isfinite(x), axis=1)
         k_bf = check_grid(data)
         below: int | None = None  # the last accepted slice
+        own = model.arbitrage_slices(np.where(keep[:, None], x, lo), data.slice_T)
         for j in range(S):
             if not keep[j]:
                 continue
             Tj = float(data.slice_T[j])
-            found = list(model.arbitrage(x[j], data.slice_T[j : j + 1]))
+            found = list(own[j])
             w_below: FloatArray | None = None
             k_grid = np.linspace(*pair_range(data, j), 61) if j else np.zeros(1)
             if below is not None:
@@ -345,9 +346,24 @@ class Calibrator:
             float(np.mean(in_band(iv[pts], data.iv_bid[pts], data.iv_ask[pts]))),
         )
         slices, xs = [], []
+        atm = model.implied_vol_slices(x, data.slice_T)
+        stats = _slice_stats(iv, data)
         for j in range(S):
             if keep[j]:
-                slices.append(self._slice_fit(j, x[j], iv, data, prep))
+                rmse, band, n = stats[j]
+                slices.append(
+                    SliceFit(
+                        expiry=data.slice_expiry[j],
+                        expiry_ms=int(prep.expiry_ms[j]),
+                        T=float(data.slice_T[j]),
+                        forward=float(data.slice_forward[j]),
+                        params=model.view(x[j], 1).slices[0],
+                        atm_iv=float(atm[j]),
+                        rmse_iv=rmse,
+                        in_band=band,
+                        n_quotes=n,
+                    )
+                )
                 xs.append(x[j].copy())
         pts = keep[data.slice_idx]
         return self._result(
@@ -701,6 +717,17 @@ def _block_wrms(iv: FloatArray, data: FitData, starts: IntArray) -> FloatArray:
     counts = np.diff(np.append(starts, len(r)))
     sums = np.add.reduceat(r * r, starts) if len(starts) > 1 else np.array([np.sum(r * r)])
     return np.asarray(np.sqrt(sums / np.maximum(counts, 1)))
+
+
+def _slice_stats(iv: FloatArray, data: FitData) -> list[tuple[float, float, int]]:
+    """Per slice: RMS of (fitted - mid IV), in-band share, number of quotes."""
+    S = data.n_slices
+    n = np.bincount(data.slice_idx, minlength=S)
+    r = iv - data.iv
+    sq = np.bincount(data.slice_idx, weights=r * r, minlength=S)
+    inside = np.bincount(data.slice_idx, weights=in_band(iv, data.iv_bid, data.iv_ask), minlength=S)
+    m = np.maximum(n, 1)
+    return [(float(np.sqrt(sq[j] / m[j])), float(inside[j] / m[j]), int(n[j])) for j in range(S)]
 
 
 BAND_REF_DECAY = 0.01  # per fit

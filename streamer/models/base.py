@@ -133,6 +133,24 @@ class Model(ABC):
     def arbitrage(self, x: FloatArray, slice_T: FloatArray) -> list[Violation]:
         """Static-arbitrage violations of ``x``; empty when the parameters are arbitrage-free."""
 
+    def implied_vol_slices(self, X: FloatArray, slice_T: FloatArray) -> FloatArray:
+        """Per-expiry models: the ATM (k = 0) vol of every slice row of ``X``."""
+        block = getattr(self, "block_jacobian", None)
+        zero = np.zeros(X.shape[0])
+        if block is not None:
+            return np.asarray(block(np.asarray(X, dtype=np.float64), zero, slice_T)[0])
+        one = np.zeros(1, dtype=np.int64)
+        return np.array(
+            [
+                float(self.implied_vol(X[j], zero[:1], slice_T[j : j + 1], one)[0])
+                for j in range(len(X))
+            ]
+        )
+
+    def arbitrage_slices(self, X: FloatArray, slice_T: FloatArray) -> list[list[Violation]]:
+        """Per-expiry models: ``arbitrage`` of every slice row of ``X`` (override to batch)."""
+        return [list(self.arbitrage(X[j], slice_T[j : j + 1])) for j in range(X.shape[0])]
+
     def safe_bounds(
         self, x: FloatArray, lower: FloatArray, upper: FloatArray
     ) -> tuple[FloatArray, FloatArray] | None:
