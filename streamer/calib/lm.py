@@ -40,6 +40,8 @@ Evaluate = Callable[[FloatArray], tuple[FloatArray, FloatArray]]
 
 MU_INIT = 1e-3
 MU_MAX = 1e12
+STALL_ITERS = 10
+STALL_RTOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ def solve(
     x0: FloatArray,
     *,
     max_iter: int = 50,
-    ftol: float = 1e-6,
+    ftol: float = 1e-5,
     xtol: float = 1e-9,
 ) -> LMResult:
     """Minimise every block's objective from ``x0`` (shape ``(B, p)``)."""
@@ -168,10 +170,11 @@ def solve(
     ecost, erows, ejac = _extra_cost(problem, x)
     pen = pen + ecost
     mu = np.full(n_blocks, MU_INIT)
+    checkpoint = data + pen
     converged = np.zeros(n_blocks, dtype=np.bool_)
     iterations = 0
     eye = np.eye(p)
-    for iterations in range(1, max_iter + 1):  # noqa: B007  (reported after the loop)
+    for iterations in range(1, max_iter + 1):
         if not np.all(np.isfinite(jac)) or not np.all(np.isfinite(iv)):
             bad_pts = ~(np.isfinite(iv) & np.all(np.isfinite(jac), axis=1))
             jac = np.where(bad_pts[:, None], 0.0, jac)
@@ -240,6 +243,12 @@ def solve(
             ejac = np.where(accept[:, None, None], ejac_new, ejac)
         mu = np.where(accept, np.maximum(mu / 3.0, 1e-12), mu * 4.0)
         converged |= small | (mu > MU_MAX)
+        # stagnation: a block creeping along a flat valley (SVI's a/b/sigma trade-off) stops
+        # once STALL_ITERS iterations bought less than STALL_RTOL of its cost
+        if iterations % STALL_ITERS == 0:
+            now_total = data + pen
+            converged |= (checkpoint - now_total) <= STALL_RTOL * np.maximum(now_total, 1e-300)
+            checkpoint = now_total
         if converged.all():
             break
     return LMResult(
