@@ -102,6 +102,7 @@ def hinge_rows(
     block = getattr(model, "block_jacobian", None)
     if block is None or not model.per_expiry:
         return None
+    iv_only = getattr(model, "iv_rows", None)  # values without derivatives, when offered
     S = data.n_slices
     inner = slice_grids(data) if grids is None else grids
     G = inner.shape[1]
@@ -125,7 +126,12 @@ def hinge_rows(
         r_cal = np.zeros((S, G))
         j_cal = np.zeros((S, G, p))
         if S > 1:
-            iv_prev, _ = block(np.repeat(X[:-1], G, axis=0), kcal_flat, TT_prev)
+            prev_rows = np.repeat(X[:-1], G, axis=0)
+            iv_prev = (
+                iv_only(prev_rows, kcal_flat, TT_prev)
+                if iv_only is not None
+                else block(prev_rows, kcal_flat, TT_prev)[0]
+            )
             iv_j, jac_j = block(np.repeat(X[1:], G, axis=0), kcal_flat, TT_cal)
             gap = ((iv_prev * iv_prev * TT_prev) - (iv_j * iv_j * TT_cal)).reshape(S - 1, G)
             dwj = ((2.0 * iv_j * TT_cal)[:, None] * jac_j).reshape(S - 1, G, p)

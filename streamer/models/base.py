@@ -217,6 +217,52 @@ class Model(ABC):
         return np.asarray(black_price(1.0, np.exp(k), T, iv, is_call))
 
 
+class RowModel(Model):
+    """A per-expiry model evaluated with one parameter row per point (vectorised over slices).
+
+    Subclasses give ``iv_rows``; ``implied_vol``, ``jacobian`` and ``block_jacobian`` (what
+    the calibrator's block LM and no-arbitrage hinges call) follow, the Jacobian by central
+    differences with steps kept inside the bounds. Models with an analytic Jacobian override
+    ``block_jacobian``.
+    """
+
+    per_expiry = True
+    fd_floor: ClassVar[float] = 1e-3  # the step is 1e-6 * max(|x|, fd_floor)
+
+    @abstractmethod
+    def iv_rows(self, rows: FloatArray, k: FloatArray, T: FloatArray) -> FloatArray:
+        """Implied vols with parameter row ``rows[i]`` at point ``(k[i], T[i])``."""
+
+    def implied_vol(
+        self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
+    ) -> FloatArray:
+        k = np.asarray(k, dtype=np.float64)
+        rows = np.broadcast_to(np.asarray(x, dtype=np.float64), (k.shape[0], len(x)))
+        return self.iv_rows(rows, k, np.broadcast_to(np.asarray(T, dtype=np.float64), k.shape))
+
+    def jacobian(
+        self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
+    ) -> FloatArray:
+        k = np.asarray(k, dtype=np.float64)
+        rows = np.tile(np.asarray(x, dtype=np.float64), (len(k), 1))
+        return self.block_jacobian(rows, k, np.broadcast_to(T, k.shape))[1]
+
+    def block_jacobian(
+        self, rows: FloatArray, k: FloatArray, T: FloatArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """IVs and ``d iv / d x`` (central differences) with one parameter row per point."""
+        lo, hi = self.bounds(1)
+        iv = self.iv_rows(rows, k, T)
+        jac = np.empty(rows.shape)
+        for i in range(rows.shape[1]):
+            h = 1e-6 * np.maximum(np.abs(rows[:, i]), self.fd_floor)
+            up, dn = rows.copy(), rows.copy()
+            up[:, i] = np.minimum(up[:, i] + h, hi[i])
+            dn[:, i] = np.maximum(dn[:, i] - h, lo[i])
+            jac[:, i] = (self.iv_rows(up, k, T) - self.iv_rows(dn, k, T)) / (up[:, i] - dn[:, i])
+        return iv, jac
+
+
 def _split_name(name: str) -> tuple[str, int | None]:
     """``"theta[3]"`` -> ``("theta", 3)``; ``"rho"`` -> ``("rho", None)``."""
     if name.endswith("]") and "[" in name:

@@ -25,9 +25,8 @@ import numpy as np
 from streamer.models.base import (
     FitData,
     FloatArray,
-    IntArray,
-    Model,
     ParamView,
+    RowModel,
     Violation,
     register,
 )
@@ -61,11 +60,10 @@ def _iv(rows: FloatArray, k: FloatArray, T: FloatArray) -> FloatArray:
 
 
 @register
-class ESSVI(Model):
+class ESSVI(RowModel):
     """eSSVI slice by slice: ``x = [theta, rho, z]`` per expiry."""
 
     name = "essvi"
-    per_expiry = True
     n_params = 3
 
     def param_names(self, n_slices: int) -> tuple[str, ...]:
@@ -74,32 +72,8 @@ class ESSVI(Model):
     def bounds(self, n_slices: int) -> tuple[FloatArray, FloatArray]:
         return LOWER.copy(), UPPER.copy()
 
-    def implied_vol(
-        self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
-    ) -> FloatArray:
-        k = np.asarray(k, dtype=np.float64)
-        rows = np.broadcast_to(np.asarray(x, dtype=np.float64), (k.shape[0], 3))
-        return _iv(rows, k, np.asarray(T, dtype=np.float64))
-
-    def block_jacobian(
-        self, rows: FloatArray, k: FloatArray, T: FloatArray
-    ) -> tuple[FloatArray, FloatArray]:
-        """IVs and central-difference ``d iv / d x`` with one parameter row per point."""
-        iv = _iv(rows, k, T)
-        jac = np.empty((len(k), 3))
-        for i in range(3):
-            h = 1e-6 * np.maximum(np.abs(rows[:, i]), 1e-3)
-            up, dn = rows.copy(), rows.copy()
-            up[:, i] = np.minimum(up[:, i] + h, UPPER[i])
-            dn[:, i] = np.maximum(dn[:, i] - h, LOWER[i])
-            jac[:, i] = (_iv(up, k, T) - _iv(dn, k, T)) / (up[:, i] - dn[:, i])
-        return iv, jac
-
-    def jacobian(
-        self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
-    ) -> FloatArray:
-        rows = np.tile(np.asarray(x, dtype=np.float64), (len(k), 1))
-        return self.block_jacobian(rows, np.asarray(k, dtype=np.float64), T)[1]
+    def iv_rows(self, rows: FloatArray, k: FloatArray, T: FloatArray) -> FloatArray:
+        return _iv(rows, k, T)
 
     def initial_guesses(self, data: FitData) -> list[FloatArray]:
         k, iv = data.k, data.iv

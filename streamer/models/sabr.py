@@ -29,9 +29,8 @@ import numpy as np
 from streamer.models.base import (
     FitData,
     FloatArray,
-    IntArray,
-    Model,
     ParamView,
+    RowModel,
     Violation,
     register,
 )
@@ -74,12 +73,12 @@ def sabr_vol(
 
 
 @register
-class SABR(Model):
+class SABR(RowModel):
     """SABR per expiry slice; ``x = [alpha, rho, nu]``, ``beta`` fixed (default 1)."""
 
     name = "sabr"
-    per_expiry = True
     n_params = 3
+    fd_floor = 1e-2
 
     def __init__(self, beta: float = 1.0) -> None:
         if not 0.0 <= beta <= 1.0:
@@ -96,39 +95,8 @@ class SABR(Model):
     def bounds(self, n_slices: int) -> tuple[FloatArray, FloatArray]:
         return LOWER.copy(), UPPER.copy()
 
-    def implied_vol(
-        self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
-    ) -> FloatArray:
-        a, r, n = (float(v) for v in x)
-        k = np.asarray(k, dtype=np.float64)
-        return sabr_vol(
-            np.full(k.shape, a), np.full(k.shape, r), np.full(k.shape, n), k, T, self.beta
-        )
-
-    def block_jacobian(
-        self, rows: FloatArray, k: FloatArray, T: FloatArray
-    ) -> tuple[FloatArray, FloatArray]:
-        """IVs and central-difference ``d iv / d x`` with one parameter row per point."""
-        iv = sabr_vol(rows[:, 0], rows[:, 1], rows[:, 2], k, T, self.beta)
-        jac = np.empty((len(k), 3))
-        for i in range(3):
-            h = 1e-6 * np.maximum(np.abs(rows[:, i]), 1e-2)
-            up, dn = rows.copy(), rows.copy()
-            up[:, i] += h
-            dn[:, i] -= h
-            if i == 1:  # keep |rho| < 1
-                up[:, 1] = np.minimum(up[:, 1], 0.9999)
-                dn[:, 1] = np.maximum(dn[:, 1], -0.9999)
-            vu = sabr_vol(up[:, 0], up[:, 1], up[:, 2], k, T, self.beta)
-            vd = sabr_vol(dn[:, 0], dn[:, 1], dn[:, 2], k, T, self.beta)
-            jac[:, i] = (vu - vd) / (up[:, i] - dn[:, i])
-        return iv, jac
-
-    def jacobian(
-        self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
-    ) -> FloatArray:
-        rows = np.tile(np.asarray(x, dtype=np.float64), (len(k), 1))
-        return self.block_jacobian(rows, np.asarray(k, dtype=np.float64), T)[1]
+    def iv_rows(self, rows: FloatArray, k: FloatArray, T: FloatArray) -> FloatArray:
+        return sabr_vol(rows[:, 0], rows[:, 1], rows[:, 2], k, T, self.beta)
 
     def initial_guesses(self, data: FitData) -> list[FloatArray]:
         k, iv = data.k, data.iv

@@ -138,6 +138,10 @@ class SVI(Model):
         rows = np.broadcast_to(np.asarray(x, dtype=np.float64), (len(k), 5))
         return self.block_jacobian(rows, k, T)[1]
 
+    def iv_rows(self, rows: FloatArray, k: FloatArray, T: FloatArray) -> FloatArray:
+        """IVs with one parameter row per point."""
+        return np.asarray(np.sqrt(np.maximum(total_variance(rows, k), VAR_FLOOR) / T))
+
     def block_jacobian(
         self, rows: FloatArray, k: FloatArray, T: FloatArray
     ) -> tuple[FloatArray, FloatArray]:
