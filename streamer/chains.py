@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from streamer.errors import InputError
-from streamer.instruments import MS_PER_YEAR, expiry_code_of, parse_option
+from streamer.instruments import MS_PER_YEAR, parse_option
 from streamer.snapshot import ChainSnapshot
 
 
@@ -165,31 +165,29 @@ def load_snapshot_csv(path: Path, underlying: str) -> list[ChainSnapshot]:
 
 
 def load_tardis_hourly(path: Path, underlying: str) -> list[ChainSnapshot]:
-    """Hourly Tardis cut: one snapshot per hour (the last quote per instrument in the hour)."""
+    """Tardis ``options_chain`` (the hourly cut or the full layout), read by the replay's own
+    reader (``streamer.feeds.tardis``): one snapshot per hour, the last quote per instrument."""
+    from streamer.feeds.events import Instrument, InstrumentListed, Quote
+    from streamer.feeds.tardis import read_tardis_options_chain
+
+    listed: dict[str, Instrument] = {}
     hours: dict[int, dict[str, Row]] = defaultdict(dict)
-    with path.open(newline="") as fh:
-        for rec in csv.DictReader(fh):
-            if rec["asset"].upper() != underlying:
-                continue
-            ts = int(rec["ts_us"]) // 1000
-            e_ms = int(rec["expiry_us"]) // 1000
-            strike = float(rec["strike"])
-            is_call = rec["opt_type"].lower().startswith("c")
-            k_text = str(int(strike)) if strike.is_integer() else str(strike).replace(".", "d")
-            code = expiry_code_of(e_ms)
-            name = f"{underlying}-{code}-{k_text}-{'C' if is_call else 'P'}"
-            row = Row(
-                name, code, e_ms, strike, is_call, ts,
-                forward=_f(rec["underlying_price"]),
-                bid=math.nan,
-                ask=math.nan,
-                bid_iv=_side(_f(rec["bid_iv"], 0.01)),
-                ask_iv=_side(_f(rec["ask_iv"], 0.01)),
-                mark_iv=_f(rec["mark_iv"], 0.01),
-                mark_price=_f(rec["mark_price"]),
-                delta=_f(rec["delta"]),
+    for _, ev in read_tardis_options_chain(path, underlyings=[underlying]):
+        if isinstance(ev, InstrumentListed):
+            listed[ev.instrument.name] = ev.instrument
+        elif isinstance(ev, Quote) and ev.instrument in listed:
+            inst = listed[ev.instrument]
+            hours[ev.ts_ms // 3_600_000][inst.name] = Row(
+                inst.name, inst.expiry, inst.expiry_ms, inst.strike, inst.is_call, ev.ts_ms,
+                forward=ev.forward,
+                bid=_side(ev.bid),
+                ask=_side(ev.ask),
+                bid_iv=_side(ev.bid_iv),
+                ask_iv=_side(ev.ask_iv),
+                mark_iv=ev.mark_iv,
+                mark_price=ev.mark_price,
+                delta=ev.delta,
             )  # fmt: skip
-            hours[ts // 3_600_000][name] = row
     return [
         snapshot_from_rows(list(hours[h].values()), underlying=underlying) for h in sorted(hours)
     ]

@@ -164,6 +164,10 @@ class Pipeline:
         """Books whose refit is due at ``now_s`` (venue seconds in replay)."""
         return [u.book for u in self._under.values() if u.trigger.due(now_s)]
 
+    def is_due(self, book: Book, now_s: float) -> bool:
+        """Is a refit of ``book`` due at ``now_s``?"""
+        return self._underlying(book).trigger.due(now_s)
+
     def pending(self) -> list[Book]:
         """Books with changes not yet fitted (end of a replay: one last fit each)."""
         return [u.book for u in self._under.values() if u.trigger.changed > 0]

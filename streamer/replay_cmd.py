@@ -30,6 +30,7 @@ import numpy as np
 from streamer.config import Config, load_config
 from streamer.errors import StreamerError
 from streamer.feeds.events import Event
+from streamer.publish.payloads import retopic
 
 Item = tuple[int, "str | bytes | Event"]
 
@@ -177,14 +178,6 @@ async def _replay(
     for book in pipeline.books:
         book.snapshot()  # count the final filters
     return summary_table(pipeline, time.perf_counter() - t0, published, counter.n)
-
-
-def retopic(topic: str, old_prefix: str, new_prefix: str) -> str:
-    """``topic`` under a publisher's own prefix (an MQTT URL may carry one: ``.../prefix``)."""
-    old, new = old_prefix.strip("/"), new_prefix.strip("/")
-    if old == new or not topic.startswith(old + "/"):
-        return topic
-    return new + topic[len(old) :]
 
 
 def _paced(items: Iterator[Item], speed: float | None) -> Iterator[Item]:

@@ -41,7 +41,7 @@ from streamer.feeds.events import Event, FeedStatus
 from streamer.metrics import Registry, serve
 from streamer.pipeline import Message, Pipeline
 from streamer.publish.base import Publisher, from_url
-from streamer.replay_cmd import retopic
+from streamer.publish.payloads import retopic
 
 log = structlog.get_logger(__name__)
 
@@ -227,7 +227,7 @@ class Service:
             return
         key = (book.venue, book.underlying)
         self._trigger_ns[key] = getattr(ev, "recv_ns", 0) or time.time_ns()
-        if key not in self._running and p._under[key].trigger.due(time.monotonic()):
+        if key not in self._running and p.is_due(book, time.monotonic()):
             self._start_fit(book)
 
     def _feed_state(self, ev: FeedStatus) -> None:
@@ -266,7 +266,7 @@ class Service:
                 if msgs and p.greeks:
                     greeks = await asyncio.to_thread(p.greeks_for, snap, msgs)
                     await self._publish(greeks, trigger_ns=None)
-                if not p._under[key].trigger.due(time.monotonic()):
+                if not p.is_due(book, time.monotonic()):
                     break
         except Exception as exc:  # a bug in a fit must not take the feed down
             log.exception("fit_loop_failed", venue=key[0], underlying=key[1], error=repr(exc))

@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
+from streamer.backoff import Backoff
 from streamer.errors import InputError
 from streamer.feeds.deribit import (
     INVALID_REQUEST,
     SUBSCRIBE,
     UNSUBSCRIBE,
-    Backoff,
     DeribitFeed,
     Subscriptions,
     batch_channels,

@@ -422,3 +422,33 @@ async def test_record_only_writes_every_received_frame(tmp_path: Path) -> None:
     tickers = [f for f in frames if '"channel":"ticker.' in f.replace(" ", "")]
     assert len(tickers) == len(script)
     assert not service.pipeline.fits  # record only: nothing fitted
+
+
+async def test_replay_feed_drives_the_service(tmp_path: Path) -> None:
+    """The replay plug point: a recording through the live service, paced at a frame rate."""
+    from streamer.feeds.replay_feed import ReplayFeed
+
+    _, fn = svi_surface()
+    snap = make_chain(fn, noise_iv=0.002, rng=np.random.default_rng(4), ts_ms=FUTURE_MS)
+    rec = tmp_path / "rec.jsonl"
+    tickers = deribit_chain(snap)[1]
+    with rec.open("w") as fh:
+        for t in tickers:
+            line = {"ts_ns": FUTURE_MS * 1_000_000, "venue": "deribit", "frame": ticker_frame(t)}
+            fh.write(json.dumps(line) + "\n")
+    feeds: list[ReplayFeed] = []
+
+    def factory(config: Any, parser: Any, on_frame: Any) -> ReplayFeed:
+        feeds.append(ReplayFeed([str(rec)], parser=parser, rate=2000.0, on_frame=on_frame))
+        return feeds[0]
+
+    mem = MemoryPublisher()
+    service = Service(service_config("ws://127.0.0.1:1", "mqtt://127.0.0.1:1"),
+                      feed_factory=factory, publishers=[mem])  # fmt: skip
+    t0 = time.monotonic()
+    assert await asyncio.wait_for(service.run(signals=False), 20) == 0  # ends with the feed
+    took = time.monotonic() - t0
+    assert feeds[0].frames == len(tickers) and took >= len(tickers) / 2000.0
+    surfaces = [m.payload for m in mem.messages if m.topic.endswith("/svi/surface")]
+    assert surfaces and surfaces[-1]["status"] == "stale"  # the feed ended: re-stamped
+    assert any(p["status"] == "ok" and p["fit"]["in_band"] > 0.9 for p in surfaces)

@@ -107,7 +107,7 @@ async def run_model(
     topic = f"bench{model}/deribit/BTC/{model}/surface"
 
     def factory(config, parser, on_frame):  # type: ignore[no-untyped-def]
-        return ReplayFeed([str(recording)], parser=parser, speed=None, batch=1)
+        return ReplayFeed([str(recording)], parser=parser, rate=rate)
 
     service = Service(cfg, feed_factory=factory)
     service.publish_log = []
@@ -126,15 +126,6 @@ async def run_model(
                     received[int(body["seq"])] = (t, bool(body["fit"]["warm"]))
 
         listener = asyncio.create_task(listen())
-        pacer = _Pacer(rate)
-        original = ReplayFeed.events
-
-        async def paced(self: ReplayFeed):  # type: ignore[no-untyped-def]
-            async for ev in original(self):
-                await pacer.wait(self.frames)
-                yield ev
-
-        ReplayFeed.events = paced  # type: ignore[method-assign]
         try:
             task = asyncio.create_task(service.run(stop, signals=False))
             await asyncio.sleep(n_frames / rate + 3.0)
@@ -142,29 +133,12 @@ async def run_model(
             await task
             await asyncio.sleep(0.5)
         finally:
-            ReplayFeed.events = original  # type: ignore[method-assign]
             listener.cancel()
     return [
         ((received[seq][0] - trig) / 1e6, received[seq][1])
         for t, seq, trig in service.publish_log
         if t.endswith(f"/{model}/surface") and seq in received
     ]
-
-
-class _Pacer:
-    """Releases frame ``n`` no earlier than ``n / rate`` seconds after the first."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.t0: float | None = None
-
-    async def wait(self, n: int) -> None:
-        now = time.monotonic()
-        if self.t0 is None:
-            self.t0 = now
-        due = self.t0 + n / self.rate
-        if due > now:
-            await asyncio.sleep(due - now)
 
 
 def main(argv: list[str] | None = None) -> int:

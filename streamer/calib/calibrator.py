@@ -345,26 +345,10 @@ class Calibrator:
             self._prev_band.get(""),
             float(np.mean(in_band(iv[pts], data.iv_bid[pts], data.iv_ask[pts]))),
         )
-        slices, xs = [], []
         atm = model.implied_vol_slices(x, data.slice_T)
-        stats = _slice_stats(iv, data)
-        for j in range(S):
-            if keep[j]:
-                rmse, band, n = stats[j]
-                slices.append(
-                    SliceFit(
-                        expiry=data.slice_expiry[j],
-                        expiry_ms=int(prep.expiry_ms[j]),
-                        T=float(data.slice_T[j]),
-                        forward=float(data.slice_forward[j]),
-                        params=model.view(x[j], 1).slices[0],
-                        atm_iv=float(atm[j]),
-                        rmse_iv=rmse,
-                        in_band=band,
-                        n_quotes=n,
-                    )
-                )
-                xs.append(x[j].copy())
+        params = [model.view(x[j], 1).slices[0] for j in range(S)]
+        slices = _slice_fits(data, prep, iv, atm, params, keep)
+        xs = [x[j].copy() for j in range(S) if keep[j]]
         pts = keep[data.slice_idx]
         return self._result(
             ts_ms,
@@ -479,10 +463,7 @@ class Calibrator:
         )
         view = model.view(x, S)
         atm = model.implied_vol(x, np.zeros(S), data.slice_T, np.arange(S, dtype=np.int64))
-        slices = tuple(
-            self._slice_fit(j, x, iv, data, prep, params=view.slices[j], atm=float(atm[j]))
-            for j in range(S)
-        )
+        slices = _slice_fits(data, prep, iv, atm, view.slices, np.ones(S, dtype=np.bool_))
         return self._result(
             ts_ms,
             prep,
@@ -568,37 +549,6 @@ class Calibrator:
             return np.asarray(np.where(np.isfinite(r), r, 1e3))
 
         return residuals
-
-    def _slice_fit(
-        self,
-        j: int,
-        x: FloatArray,
-        iv: FloatArray,
-        data: FitData,
-        prep: Prepared,
-        params: dict[str, float] | None = None,
-        atm: float | None = None,
-    ) -> SliceFit:
-        m = data.slice_idx == j
-        T = float(data.slice_T[j])
-        if atm is None:
-            zero = np.zeros(1)
-            idx = np.zeros(1, dtype=np.int64) if self.model.per_expiry else np.array([j])
-            atm = float(self.model.implied_vol(x, zero, np.array([T]), idx)[0])
-        if params is None:
-            params = self.model.view(x, 1).slices[0]
-        resid = iv[m] - data.iv[m]
-        return SliceFit(
-            expiry=data.slice_expiry[j],
-            expiry_ms=int(prep.expiry_ms[j]),
-            T=T,
-            forward=float(data.slice_forward[j]),
-            params=params,
-            atm_iv=atm,
-            rmse_iv=float(np.sqrt(np.mean(resid * resid))),
-            in_band=float(np.mean(in_band(iv[m], data.iv_bid[m], data.iv_ask[m]))),
-            n_quotes=int(m.sum()),
-        )
 
     def _result(
         self,
@@ -719,15 +669,36 @@ def _block_wrms(iv: FloatArray, data: FitData, starts: IntArray) -> FloatArray:
     return np.asarray(np.sqrt(sums / np.maximum(counts, 1)))
 
 
-def _slice_stats(iv: FloatArray, data: FitData) -> list[tuple[float, float, int]]:
-    """Per slice: RMS of (fitted - mid IV), in-band share, number of quotes."""
+def _slice_fits(
+    data: FitData,
+    prep: Prepared,
+    iv: FloatArray,
+    atm: FloatArray,
+    params: list[dict[str, float]],
+    keep: npt.NDArray[np.bool_],
+) -> tuple[SliceFit, ...]:
+    """The kept slices' results: RMS of (fitted - mid IV), in-band share, quotes, in one pass."""
     S = data.n_slices
     n = np.bincount(data.slice_idx, minlength=S)
     r = iv - data.iv
     sq = np.bincount(data.slice_idx, weights=r * r, minlength=S)
     inside = np.bincount(data.slice_idx, weights=in_band(iv, data.iv_bid, data.iv_ask), minlength=S)
     m = np.maximum(n, 1)
-    return [(float(np.sqrt(sq[j] / m[j])), float(inside[j] / m[j]), int(n[j])) for j in range(S)]
+    return tuple(
+        SliceFit(
+            expiry=data.slice_expiry[j],
+            expiry_ms=int(prep.expiry_ms[j]),
+            T=float(data.slice_T[j]),
+            forward=float(data.slice_forward[j]),
+            params=params[j],
+            atm_iv=float(atm[j]),
+            rmse_iv=float(np.sqrt(sq[j] / m[j])),
+            in_band=float(inside[j] / m[j]),
+            n_quotes=int(n[j]),
+        )
+        for j in range(S)
+        if keep[j]
+    )
 
 
 BAND_REF_DECAY = 0.01  # per fit

@@ -79,12 +79,7 @@ def prepare(
     keep = np.ones(n, dtype=np.bool_)
 
     def drop(mask: npt.NDArray[np.bool_], reason: str) -> None:
-        nonlocal keep
-        hit = mask & keep
-        c = int(hit.sum())
-        if c:
-            drops[reason] += c
-            keep &= ~hit
+        _drop(keep, mask, reason, drops)
 
     drop(cfg.min_T_days > T * 365.0, "short_expiry")
     has_bid_px = np.isfinite(bid_usd) & (bid_usd > 0)
@@ -107,12 +102,7 @@ def prepare(
     sub = np.ones(len(idx), dtype=np.bool_)
 
     def drop_sub(mask: npt.NDArray[np.bool_], reason: str) -> None:
-        nonlocal sub
-        hit = mask & sub
-        c = int(hit.sum())
-        if c:
-            drops[reason] += c
-            sub &= ~hit
+        _drop(sub, mask, reason, drops)
 
     drop_sub(~ok, "no_iv")
     drop_sub(iv_bid > iv_ask, "crossed")
@@ -173,6 +163,17 @@ def prepare(
         expiry_ms=snapshot.expiry_ms[slices].astype(np.int64),
         drops=drops,
     )
+
+
+def _drop(
+    keep: npt.NDArray[np.bool_], mask: npt.NDArray[np.bool_], reason: str, drops: Counter[str]
+) -> None:
+    """Clear ``keep`` in place where ``mask`` holds; count the newly dropped under ``reason``."""
+    hit = mask & keep
+    c = int(hit.sum())
+    if c:
+        drops[reason] += c
+        keep &= ~hit
 
 
 def in_band(iv: FloatArray, bid: FloatArray, ask: FloatArray) -> FloatArray:

@@ -70,11 +70,11 @@ import math
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
 
+from streamer.backoff import Backoff
 from streamer.errors import FeedError, InputError
 from streamer.feeds.events import (
     Event,
@@ -551,23 +551,6 @@ def ccxt_exchange_factory(
 # -- the adapter ----------------------------------------------------------------------------
 
 
-@dataclass
-class _Backoff:
-    initial: float
-    maximum: float
-    factor: float
-    rng: random.Random
-    _next: float = -1.0
-
-    def next_delay(self) -> float:
-        base = self.initial if self._next < 0 else self._next
-        self._next = min(self.maximum, base * self.factor)
-        return base / 2 + self.rng.uniform(0, base / 2)  # "equal jitter"
-
-    def reset(self) -> None:
-        self._next = -1.0
-
-
 def default_retry_on(exc: BaseException) -> bool:
     """Retry anything but ccxt's configuration errors (``FATAL_ERRORS``, by class name, MRO
     included) and our own ``InputError``/``FeedError``."""
@@ -639,9 +622,9 @@ class CcxtFeed:
         self.retry_on = retry_on
         self._sleep = sleep
         self._clock_ns = clock_ns
-        self._backoff = _Backoff(
-            backoff_initial, backoff_max, backoff_factor, rng or random.Random()
-        )
+        self._backoff = Backoff(
+            backoff_initial, backoff_max, backoff_factor, 0.5, rng or random.Random()
+        )  # "equal jitter": each delay in [d/2, d]
         self._exchange: ExchangeLike | None = None
         self._selected: dict[str, tuple[Mapping[str, Any], Instrument]] = {}
         self._listed: set[str] = set()

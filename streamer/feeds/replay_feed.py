@@ -6,7 +6,8 @@ latency measurements and service tests). Frames are parsed as they are released,
 event's ``recv_ns`` is the local time of its release (not the recording's), so tick-to-publish
 latencies measure this process. ``speed=None`` releases as fast as the consumer takes them
 (yielding to the event loop every ``batch`` frames); ``speed=X`` paces by the recorded
-receive times at X times real time.
+receive times at X times real time; ``rate=N`` releases N frames per second whatever the
+recorded times (for recordings whose frames share one timestamp, e.g. a chain snapshot).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class ReplayFeed:
         *,
         parser: FrameParser,
         speed: float | None = None,
+        rate: float | None = None,
         batch: int = 64,
         on_frame: Callable[[str, int], None] | None = None,
         venue: str = "deribit",
@@ -41,6 +43,7 @@ class ReplayFeed:
         self.paths = list(paths)
         self.parser = parser
         self.speed = speed
+        self.rate = rate
         self.batch = max(1, batch)
         self.on_frame = on_frame
         self.venue = venue
@@ -53,10 +56,15 @@ class ReplayFeed:
         start = time.monotonic_ns()
         for path in self.paths:
             for ts_ns, _venue, frame in read_frames(path):
-                if self.speed is not None:
+                due: float | None = None
+                if self.rate is not None:
+                    due = start + self.frames / self.rate * 1e9
+                elif self.speed is not None:
                     if first is None:
                         first = ts_ns
-                    delay = start + (ts_ns - first) / self.speed - time.monotonic_ns()
+                    due = start + (ts_ns - first) / self.speed
+                if due is not None:
+                    delay = due - time.monotonic_ns()
                     if delay > 0:
                         await asyncio.sleep(delay / 1e9)
                 elif self.frames % self.batch == 0:

@@ -164,6 +164,14 @@ def topic_status(prefix: str, instance: str) -> str:
     return f"{_prefix(prefix)}/status/{_segment('instance', instance)}"
 
 
+def retopic(topic: str, old_prefix: str, new_prefix: str) -> str:
+    """``topic`` under a publisher's own prefix (an MQTT URL may carry one: ``.../prefix``)."""
+    old, new = old_prefix.strip("/"), new_prefix.strip("/")
+    if old == new or not topic.startswith(old + "/"):
+        return topic
+    return new + topic[len(old) :]
+
+
 # -- values ------------------------------------------------------------------------------
 
 
