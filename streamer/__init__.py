@@ -3,7 +3,11 @@
 Feeds -> parse -> book -> calibrate -> publish (MQTT / JSONL). See README.md.
 """
 
+import hashlib
+import os
+import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 try:
     __version__ = version("streamer")
@@ -11,3 +15,38 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = ["__version__"]
+
+_KERNEL_PACKAGES = ("pricing", "models", "calib")
+
+
+def _key_numba_cache() -> None:
+    """Key numba's on-disk cache by a hash of the package's kernel sources.
+
+    numba (``cache=True``) invalidates a cached function only when *its own* file changes;
+    a kernel that inlines or calls one from another module (the calibrator's compiled LM
+    inlines each model's row kernel) would keep stale machine code after an edit or a partial
+    upgrade. Under ``$NUMBA_CACHE_DIR`` (default ``$XDG_CACHE_HOME/streamer/numba``) every
+    version of the sources gets its own directory. Left alone when that is not writable.
+    """
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for sub in _KERNEL_PACKAGES:
+        for path in sorted((here / sub).glob("*.py")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "streamer"
+    base = Path(os.environ.get("NUMBA_CACHE_DIR") or default / "numba")
+    key = digest.hexdigest()[:16]
+    target = base if base.name == key else base / key  # a child process inherits the keyed dir
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    if not os.access(target, os.W_OK):
+        return
+    if "numba" in sys.modules:
+        sys.modules["numba"].config.CACHE_DIR = str(target)
+    os.environ["NUMBA_CACHE_DIR"] = str(target)
+
+
+_key_numba_cache()

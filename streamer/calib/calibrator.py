@@ -21,7 +21,8 @@ One ``Calibrator`` per (underlying, model). ``fit(snapshot)``:
    replaces the last good one: the result is then the last good fit with ``status="degraded"``.
 
 Per-expiry models fit all slices together as independent blocks of one Levenberg-Marquardt
-run (``streamer.calib.lm``), so the cost is one vectorised model evaluation per iteration.
+run: compiled (``streamer.calib.kernel``) for models with a scalar row kernel (SVI, SABR,
+eSSVI), else ``streamer.calib.lm`` with one vectorised model evaluation per iteration.
 """
 
 from __future__ import annotations
@@ -36,12 +37,21 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from streamer.calib.constraints import hinge_rows, pair_range
+from streamer.calib import kernel
+from streamer.calib.constraints import hinge_grids, hinge_rows, pair_grids
 from streamer.calib.data import FilterConfig, Prepared, in_band, prepare
 from streamer.calib.lm import Evaluate, LMProblem, LMResult, Loss, solve
 from streamer.calib.repair import calendar_grid, check_grid, repair_slice
 from streamer.calib.repair import total_variance as slice_total_variance
-from streamer.models.base import FitData, FloatArray, IntArray, Model, ParamView, Violation
+from streamer.models.base import (
+    KERNEL_NONE,
+    FitData,
+    FloatArray,
+    IntArray,
+    Model,
+    ParamView,
+    Violation,
+)
 from streamer.snapshot import ChainSnapshot
 
 DEFAULT_PENALTY = 10.0
@@ -198,8 +208,7 @@ class Calibrator:
                     1, data.slice_T[j : j + 1]
                 )
                 fwd_jump[j] = abs(data.slice_forward[j] / f_prev - 1.0) > cfg.regime_forward_move
-        evaluate = _slice_evaluator(model, data)
-        hinges = hinge_rows(model, data) if cfg.constraints_in_fit else None
+        run = self._slice_runner(data, starts, lower, upper)
         nfev = 0
         # cold candidates for slices without a prior (and regime shifts, below)
         guess_cache: dict[int, list[FloatArray]] = {}
@@ -223,11 +232,7 @@ class Calibrator:
             for g in range(n_g):
                 x0 = np.array([guesses[j][min(g, len(guesses[j]) - 1)] for j in range(S)])
                 x0 = np.where(mask[:, None], x0, prior)
-                res = solve(
-                    self._problem(evaluate, data, starts, lower, upper, extra=hinges),
-                    x0,
-                    max_iter=cfg.max_iter_cold,
-                )
+                res = run(x0, None, None, cfg.max_iter_cold, mask)
                 best = res if best is None else _merge_best(best, res, starts, data)
             assert best is not None
             return best
@@ -235,11 +240,7 @@ class Calibrator:
         warm_used = bool(has_prior.any())
         if warm_used:
             x0 = np.array([prior[j] if has_prior[j] else guess(j)[0] for j in range(S)])
-            res = solve(
-                self._problem(evaluate, data, starts, lower, upper, prior, pen_w, hinges),
-                x0,
-                max_iter=cfg.max_iter_warm,
-            )
+            res = run(x0, prior, pen_w, cfg.max_iter_warm, None)
             nfev += res.nfev
             x, iv, data_cost, pen = res.x, res.iv, res.data_cost, res.penalty
             wrms = _block_wrms(iv, data, starts)
@@ -281,21 +282,85 @@ class Calibrator:
             iv = np.where(pt, c.iv, iv)
             data_cost = np.where(take, c.data_cost, data_cost)
             pen = np.where(take, 0.0, pen)
-        # arbitrage gate: shortest slice first; each must pass its own checks and lie above
-        # the previous accepted slice (calendar); a failing slice is re-fitted with the
-        # constraints enforced, else falls back to its last accepted parameters, else drops
+        # arbitrage gate: all slices' own checks and calendar gaps at once; only when one
+        # fails, the slice-by-slice gate (repair, last accepted parameters, or drop)
         violations: list[Violation] = []
         keep = np.isfinite(data_cost) & np.all(np.isfinite(x), axis=1)
+        own = model.arbitrage_slices(np.where(keep[:, None], x, lo), data.slice_T)
+        k_cal = pair_grids(data, 61)
+        gaps = _calendar_gaps(model, x, data.slice_T, k_cal) if keep.all() else None
+        clean = gaps is not None and not any(own) and bool(np.all(gaps <= cfg.calendar_tol))
+        if not clean:
+            self._gate_slices(x, keep, own, k_cal, data, prior, pen_w, has_prior, prev, violations)
+            if not keep.any():
+                return self._failed(
+                    ts_ms,
+                    "no slice passed the fit and arbitrage checks",
+                    prep,
+                    t0,
+                    nfev,
+                    violations,
+                )
+            iv = _refresh_iv(model, x, data)
+        wrms = _block_wrms(iv, data, starts)
+        for j, e in enumerate(data.slice_expiry):
+            if keep[j]:
+                self._prev_wrms[e] = float(wrms[j])
+        pts = keep[data.slice_idx]
+        self._prev_band[""] = _band_ref(
+            self._prev_band.get(""),
+            float(np.mean(in_band(iv[pts], data.iv_bid[pts], data.iv_ask[pts]))),
+        )
+        atm = model.implied_vol_slices(x, data.slice_T)
+        params = [model.view(x[j], 1).slices[0] for j in range(S)]
+        slices = _slice_fits(data, prep, iv, atm, params, keep)
+        xs = [x[j].copy() for j in range(S) if keep[j]]
+        pts = keep[data.slice_idx]
+        return self._result(
+            ts_ms,
+            prep,
+            t0,
+            iv,
+            pts,
+            tuple(slices),
+            tuple(xs),
+            {},
+            nfev,
+            float(np.sum(pen[keep])),
+            warm_used,
+            regime,
+            violations,
+        )
+
+    def _gate_slices(
+        self,
+        x: FloatArray,
+        keep: npt.NDArray[np.bool_],
+        own: list[list[Violation]],
+        k_cal: FloatArray,
+        data: FitData,
+        prior: FloatArray,
+        pen_w: FloatArray,
+        has_prior: npt.NDArray[np.bool_],
+        prev: dict[str, tuple[FloatArray, float]],
+        violations: list[Violation],
+    ) -> None:
+        """The arbitrage gate slice by slice (updates ``x``, ``keep``, ``violations``).
+
+        Shortest slice first: each must pass its own checks and lie above the previous
+        accepted slice (calendar, on ``k_cal[j]``); a failing slice is re-fitted with the
+        constraints enforced, else falls back to its last accepted parameters, else drops.
+        """
+        model, cfg = self.model, self.config
         k_bf = check_grid(data)
         below: int | None = None  # the last accepted slice
-        own = model.arbitrage_slices(np.where(keep[:, None], x, lo), data.slice_T)
-        for j in range(S):
+        for j in range(data.n_slices):
             if not keep[j]:
                 continue
             Tj = float(data.slice_T[j])
             found = list(own[j])
             w_below: FloatArray | None = None
-            k_grid = np.linspace(*pair_range(data, j), 61) if j else np.zeros(1)
+            k_grid = k_cal[j] if j else np.zeros(1)
             if below is not None:
                 Tb = float(data.slice_T[below])
                 w_below = slice_total_variance(model, x[below], k_grid, Tb)
@@ -331,40 +396,79 @@ class Calibrator:
                     continue
                 x[j] = fixed
             below = j
-        if not keep.any():
-            return self._failed(
-                ts_ms, "no slice passed the fit and arbitrage checks", prep, t0, nfev, violations
+
+    def _slice_runner(
+        self, data: FitData, starts: IntArray, lower: FloatArray, upper: FloatArray
+    ) -> Callable[
+        [FloatArray, FloatArray | None, FloatArray | None, int, npt.NDArray[np.bool_] | None],
+        LMResult,
+    ]:
+        """``run(x0, prior, pen_w, max_iter, active)``: the block LM over all slices, compiled
+        (``streamer.calib.kernel``) for models with a row kernel, else ``lm.solve`` (which
+        fits every slice: ``active`` only saves work)."""
+        model, cfg = self.model, self.config
+        hinges_on = cfg.constraints_in_fit
+        if model.kernel_kind == KERNEL_NONE:
+            evaluate = _slice_evaluator(model, data)
+            hinges = hinge_rows(model, data) if hinges_on else None
+
+            def run_numpy(
+                x0: FloatArray,
+                prior: FloatArray | None,
+                pen_w: FloatArray | None,
+                max_iter: int,
+                active: npt.NDArray[np.bool_] | None,
+            ) -> LMResult:
+                problem = self._problem(evaluate, data, starts, lower, upper, prior, pen_w, hinges)
+                return solve(problem, x0, max_iter=max_iter)
+
+            return run_numpy
+        S, p = lower.shape
+        inner, outer, kcal = hinge_grids(data)
+        band = (
+            cfg.band_fraction * 0.5 * (data.iv_ask - data.iv_bid)
+            if cfg.objective == "band"
+            else np.zeros(0)
+        )
+        zeros = np.zeros((S, p))
+
+        def run_kernel(
+            x0: FloatArray,
+            prior: FloatArray | None,
+            pen_w: FloatArray | None,
+            max_iter: int,
+            active: npt.NDArray[np.bool_] | None,
+        ) -> LMResult:
+            X, iv, cost, pen, conv, nfev, iters = kernel.fit_slices(
+                model.kernel_kind,
+                model.kernel_arg,
+                np.ascontiguousarray(x0, dtype=np.float64),
+                np.ones(S, dtype=np.bool_) if active is None else active,
+                data.k,
+                data.T,
+                data.iv,
+                data.weight,
+                band,
+                cfg.kappa,
+                kernel.LOSS_CODES[cfg.loss],
+                cfg.f_scale,
+                starts,
+                lower,
+                upper,
+                zeros if prior is None else prior,
+                zeros if pen_w is None else pen_w,
+                hinges_on,
+                inner,
+                outer,
+                kcal,
+                data.slice_T,
+                max_iter,
+                1e-5,
+                1e-9,
             )
-        iv = _refresh_iv(model, x, data)
-        wrms = _block_wrms(iv, data, starts)
-        for j, e in enumerate(data.slice_expiry):
-            if keep[j]:
-                self._prev_wrms[e] = float(wrms[j])
-        pts = keep[data.slice_idx]
-        self._prev_band[""] = _band_ref(
-            self._prev_band.get(""),
-            float(np.mean(in_band(iv[pts], data.iv_bid[pts], data.iv_ask[pts]))),
-        )
-        atm = model.implied_vol_slices(x, data.slice_T)
-        params = [model.view(x[j], 1).slices[0] for j in range(S)]
-        slices = _slice_fits(data, prep, iv, atm, params, keep)
-        xs = [x[j].copy() for j in range(S) if keep[j]]
-        pts = keep[data.slice_idx]
-        return self._result(
-            ts_ms,
-            prep,
-            t0,
-            iv,
-            pts,
-            tuple(slices),
-            tuple(xs),
-            {},
-            nfev,
-            float(np.sum(pen[keep])),
-            warm_used,
-            regime,
-            violations,
-        )
+            return LMResult(X, iv, cost, pen, conv, int(nfev), int(iters))
+
+        return run_kernel
 
     # ---------------------------------------------------------------- surface
     def _fit_surface(self, ts_ms: int, prep: Prepared, t0: float) -> FitResult:
@@ -783,6 +887,33 @@ def _fd_jac(
         xp[i] += h
         jac[:, i] = (model.implied_vol(xp, k, T, idx) - iv) / h
     return jac
+
+
+def _calendar_gaps(
+    model: Model, X: FloatArray, slice_T: FloatArray, k_cal: FloatArray
+) -> FloatArray | None:
+    """Per slice ``j >= 1``: the largest fall of total variance from slice ``j-1`` to ``j``
+    on ``k_cal[j]`` (entry 0: -inf), for all slices at once; None for a model without a
+    row-wise evaluation."""
+    S, G = k_cal.shape
+    if S < 2:
+        return np.full(S, -np.inf)
+    k = k_cal[1:].ravel()
+    T_j = np.repeat(slice_T[1:], G)
+    T_prev = np.repeat(slice_T[:-1], G)
+    if model.kernel_kind != KERNEL_NONE:
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        idx = np.repeat(np.arange(1, S), G)
+        iv_j = kernel.rows_iv(model.kernel_kind, model.kernel_arg, X, idx, k, T_j)
+        iv_p = kernel.rows_iv(model.kernel_kind, model.kernel_arg, X, idx - 1, k, T_prev)
+    else:
+        iv_rows = getattr(model, "iv_rows", None)
+        if iv_rows is None:
+            return None
+        iv_j = iv_rows(np.repeat(X[1:], G, axis=0), k, T_j)
+        iv_p = iv_rows(np.repeat(X[:-1], G, axis=0), k, T_prev)
+    gap = (iv_p * iv_p * T_prev - iv_j * iv_j * T_j).reshape(S - 1, G)
+    return np.concatenate([[-np.inf], np.max(gap, axis=1)])
 
 
 def _refresh_iv(model: Model, x: FloatArray, data: FitData) -> FloatArray:

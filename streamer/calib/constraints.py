@@ -9,7 +9,7 @@ log-moneyness points scaled to the slice (``+-6`` ATM standard deviations, withi
 
   with ``w = iv^2 T`` and ``w'``, ``w''`` central differences on the grid; row
   ``mu_bf * max(0, margin - g)``, its Jacobian by the chain rule through ``dw/dx``;
-* calendar: ``w_j(k) >= w_{j-1}(k)`` where both slices quote (``pair_range``), with
+* calendar: ``w_j(k) >= w_{j-1}(k)`` where both slices quote (``pair_ranges``), with
   the shorter slice taken at its current parameters; row
   ``mu_cal * max(0, w_{j-1} - w_j) / W_SCALE``.
 
@@ -45,19 +45,45 @@ def slice_grids(data: FitData, n: int = G_POINTS) -> FloatArray:
     return np.asarray(np.linspace(-1.0, 1.0, n)[None, :] * half[:, None])
 
 
-def pair_range(data: FitData, j: int, margin: float = 0.02) -> tuple[float, float]:
-    """Log-moneyness range quoted in both slices ``j-1`` and ``j`` (the calendar check's).
+def pair_ranges(data: FitData, margin: float = 0.02) -> tuple[FloatArray, FloatArray]:
+    """Per slice ``j >= 1``: the log-moneyness range quoted in both slices ``j-1`` and ``j``
+    (the calendar check's); entry 0 is a placeholder.
 
     The intersection: outside it one of the two smiles is extrapolated (a short expiry's
     linear SVI wings far beyond its last strike), and a "crossing" there says nothing the
     market quotes. Where the ranges do not overlap, the check runs at the money.
     """
-    a, b = data.k[data.slice_idx == j - 1], data.k[data.slice_idx == j]
-    lo = max(float(a.min()), float(b.min())) - margin
-    hi = min(float(a.max()), float(b.max())) + margin
-    if lo > hi:
-        return -margin, margin
+    S = data.n_slices
+    if S == 0:
+        return np.zeros(0), np.zeros(0)
+    # quotes are sorted by slice (prepare); empty slices would break reduceat
+    starts = np.searchsorted(data.slice_idx, np.arange(S))
+    kmin = np.minimum.reduceat(data.k, starts)
+    kmax = np.maximum.reduceat(data.k, starts)
+    lo = np.full(S, -margin)
+    hi = np.full(S, margin)
+    lo[1:] = np.maximum(kmin[:-1], kmin[1:]) - margin
+    hi[1:] = np.minimum(kmax[:-1], kmax[1:]) + margin
+    apart = lo > hi
+    lo[apart], hi[apart] = -margin, margin
     return lo, hi
+
+
+def pair_grids(data: FitData, n: int) -> FloatArray:
+    """``(S, n)``: row ``j`` spans ``pair_ranges``' range of slices ``j-1`` and ``j``."""
+    lo, hi = pair_ranges(data)
+    u = np.linspace(0.0, 1.0, n)
+    return np.asarray(lo[:, None] + (hi - lo)[:, None] * u[None, :])
+
+
+def hinge_grids(data: FitData) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """The hinge rows' grids per slice: butterfly inner (``slice_grids``), butterfly outer
+    (+-3 and every quote, ``OUTER_POINTS``), calendar (``pair_grids``, ``G_POINTS``)."""
+    S = data.n_slices
+    lo = min(-3.0, float(data.k.min()) - 0.1)
+    hi = max(3.0, float(data.k.max()) + 0.1)
+    outer = np.tile(np.linspace(lo, hi, OUTER_POINTS), (S, 1))
+    return slice_grids(data), outer, pair_grids(data, G_POINTS)
 
 
 def _butterfly(
@@ -91,29 +117,23 @@ def _butterfly(
 
 
 def hinge_rows(
-    model: Model, data: FitData, grids: FloatArray | None = None
+    model: Model, data: FitData
 ) -> Callable[[FloatArray], tuple[FloatArray, FloatArray]] | None:
     """``X (S, p) -> (rows (S, m), jacobian (S, m, p))`` for a model with ``block_jacobian``.
 
     Butterfly rows on two grids per slice: a fine one around the money (``slice_grids``) and
     a wide one over +-3 (and every quote), where short-dated wings bend; calendar rows on
-    ``pair_range``.
+    ``pair_ranges``. (Models with a compiled kernel get the same rows in
+    ``streamer.calib.kernel``.)
     """
     block = getattr(model, "block_jacobian", None)
     if block is None or not model.per_expiry:
         return None
     iv_only = getattr(model, "iv_rows", None)  # values without derivatives, when offered
     S = data.n_slices
-    inner = slice_grids(data) if grids is None else grids
-    G = inner.shape[1]
-    lo = min(-3.0, float(data.k.min()) - 0.1)
-    hi = max(3.0, float(data.k.max()) + 0.1)
-    outer = np.tile(np.linspace(lo, hi, OUTER_POINTS), (S, 1))
+    inner, outer, kcal = hinge_grids(data)
+    G = kcal.shape[1]
     T = data.slice_T
-    # calendar rows: for slice j >= 1, where slices j-1 and j both quote
-    kcal = np.zeros((S, G))
-    for j in range(1, S):
-        kcal[j] = np.linspace(*pair_range(data, j), G)
     kcal_flat = kcal[1:].ravel()
     TT_cal = np.repeat(T[1:], G)
     TT_prev = np.repeat(T[:-1], G)

@@ -151,9 +151,7 @@ def prepare(
         iv_ask=iv_ask,
         weight=1.0 / np.maximum(half, cfg.iv_floor),
         is_call=is_call[idx].astype(np.bool_),
-        slice_T=np.array(
-            [float(np.max(T[snapshot.expiry_idx == s])) for s in slices], dtype=np.float64
-        ),
+        slice_T=_expiry_years(snapshot)[slices],
         slice_forward=snapshot.forwards[slices].astype(np.float64),
         slice_expiry=tuple(snapshot.expiries[s] for s in slices),
     )
@@ -163,6 +161,13 @@ def prepare(
         expiry_ms=snapshot.expiry_ms[slices].astype(np.int64),
         drops=drops,
     )
+
+
+def _expiry_years(snapshot: ChainSnapshot) -> FloatArray:
+    """Per expiry of the snapshot: the longest ``T`` among its quotes (NaN without quotes)."""
+    out = np.full(snapshot.n_expiries, -np.inf)
+    np.maximum.at(out, snapshot.expiry_idx, snapshot.T.astype(np.float64))
+    return np.where(np.isfinite(out), out, np.nan)
 
 
 def _drop(

@@ -27,6 +27,9 @@ from streamer.pricing import black_price
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
+# per-expiry models with a compiled scalar kernel (``streamer.calib.kernel`` dispatches on it)
+KERNEL_NONE, KERNEL_SVI, KERNEL_SABR, KERNEL_ESSVI = -1, 0, 1, 2
+
 
 @dataclass(frozen=True)
 class FitData:
@@ -99,6 +102,13 @@ class Model(ABC):
 
     name: ClassVar[str]
     per_expiry: ClassVar[bool]
+    # per-expiry models: which compiled row kernel fits them (KERNEL_NONE: the numpy path)
+    kernel_kind: ClassVar[int] = KERNEL_NONE
+
+    @property
+    def kernel_arg(self) -> float:
+        """A fixed model constant the compiled kernel needs (SABR's ``beta``)."""
+        return 0.0
 
     @classmethod
     def from_params(cls, surface_params: dict[str, float]) -> Model:
@@ -135,10 +145,14 @@ class Model(ABC):
 
     def implied_vol_slices(self, X: FloatArray, slice_T: FloatArray) -> FloatArray:
         """Per-expiry models: the ATM (k = 0) vol of every slice row of ``X``."""
-        block = getattr(self, "block_jacobian", None)
         zero = np.zeros(X.shape[0])
+        X = np.asarray(X, dtype=np.float64)
+        iv_rows = getattr(self, "iv_rows", None)
+        if iv_rows is not None:
+            return np.asarray(iv_rows(X, zero, np.asarray(slice_T, dtype=np.float64)))
+        block = getattr(self, "block_jacobian", None)
         if block is not None:
-            return np.asarray(block(np.asarray(X, dtype=np.float64), zero, slice_T)[0])
+            return np.asarray(block(X, zero, slice_T)[0])
         one = np.zeros(1, dtype=np.int64)
         return np.array(
             [
@@ -176,13 +190,14 @@ class Model(ABC):
         For per-expiry models ``x`` is one slice's vector and everything goes to ``slices[0]``.
         """
         names = self.param_names(n_slices)
+        if self.per_expiry:
+            values = np.asarray(x, dtype=np.float64).tolist()
+            return ParamView(surface={}, slices=[dict(zip(names, values, strict=True))])
         surface: dict[str, float] = {}
         slices: list[dict[str, float]] = [{} for _ in range(n_slices)]
         for name, value in zip(names, np.asarray(x, dtype=np.float64).tolist(), strict=True):
             base, j = _split_name(name)
-            if self.per_expiry:
-                slices[0][name] = value
-            elif j is None:
+            if j is None:
                 surface[name] = value
             else:
                 slices[j][base] = value

@@ -20,9 +20,13 @@ the calibrator's gate where both slices quote. Published per slice: ``theta``, `
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+from numba import njit
 
 from streamer.models.base import (
+    KERNEL_ESSVI,
     FitData,
     FloatArray,
     ParamView,
@@ -53,6 +57,42 @@ def total_variance(
     return np.asarray(0.5 * theta * (1.0 + rho * phi * k + np.sqrt(q * q + 1.0 - rho * rho)))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def essvi_row(x: FloatArray, k: float, T: float, jac: FloatArray) -> float:
+    """One point's IV and its analytic gradient in ``(theta, rho, z)``.
+
+    With ``R = sqrt(psi^2 k^2 + 2 rho theta psi k + theta^2)`` (``= theta sqrt(q^2 + 1 -
+    rho^2)``), ``w = (theta + rho psi k + R) / 2``, so ``dw/dtheta = (1 + (rho psi k +
+    theta)/R)/2``, ``dw/drho = psi k (1 + theta/R)/2``, ``dw/dpsi = (rho k + (psi k^2 + rho
+    theta k)/R)/2``, and ``psi(theta, rho, z)`` through the active branch of its cap. The
+    kernel of the calibrator's compiled Levenberg-Marquardt (``streamer.calib.kernel``).
+    """
+    theta, rho, zz = x[0], x[1], x[2]
+    a = 1.0 + abs(rho)
+    sgn = 1.0 if rho > 0.0 else (-1.0 if rho < 0.0 else 0.0)
+    cap_lin = 4.0 / a
+    cap_sq = math.sqrt(4.0 * max(theta, 0.0) / a)
+    if cap_lin <= cap_sq:
+        cap = cap_lin
+        dcap_dth = 0.0
+        dcap_drho = -4.0 / (a * a) * sgn
+    else:
+        cap = cap_sq
+        dcap_dth = 0.5 * cap / theta if theta > 0.0 else 0.0
+        dcap_drho = -0.5 * cap / a * sgn
+    psi = zz * PSI_SAFETY * cap
+    pk = psi * k
+    r = math.sqrt(pk * pk + 2.0 * rho * theta * pk + theta * theta)
+    w = 0.5 * (theta + rho * pk + r)
+    iv = math.sqrt(max(w, 1e-14) / T)
+    s = 0.5 / (T * iv)
+    dw_dpsi = 0.5 * (rho * k + (pk * k + rho * theta * k) / r)
+    jac[0] = (0.5 * (1.0 + (rho * pk + theta) / r) + dw_dpsi * zz * PSI_SAFETY * dcap_dth) * s
+    jac[1] = (0.5 * pk * (1.0 + theta / r) + dw_dpsi * zz * PSI_SAFETY * dcap_drho) * s
+    jac[2] = dw_dpsi * PSI_SAFETY * cap * s
+    return iv
+
+
 def _iv(rows: FloatArray, k: FloatArray, T: FloatArray) -> FloatArray:
     th, rho, z = rows[:, 0], rows[:, 1], rows[:, 2]
     w = total_variance(th, rho, psi_of(th, rho, z), k)
@@ -65,6 +105,7 @@ class ESSVI(RowModel):
 
     name = "essvi"
     n_params = 3
+    kernel_kind = KERNEL_ESSVI
 
     def param_names(self, n_slices: int) -> tuple[str, ...]:
         return NAMES

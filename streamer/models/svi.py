@@ -30,9 +30,20 @@ parameters; the best grid points seed the non-linear fit. Analytic Jacobian::
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
-from streamer.models.base import FitData, FloatArray, IntArray, Model, Violation, register
+import numpy as np
+from numba import njit
+
+from streamer.models.base import (
+    KERNEL_SVI,
+    FitData,
+    FloatArray,
+    IntArray,
+    Model,
+    Violation,
+    register,
+)
 
 NAMES = ("a", "b", "rho", "m", "sigma")
 LOWER = np.array([-1.0, 0.0, -0.999, -2.0, 1e-4])
@@ -49,6 +60,25 @@ def total_variance(x: FloatArray, k: FloatArray) -> FloatArray:
     a, b, rho, m, sigma = (x[..., i] for i in range(5))
     d = k - m
     return np.asarray(a + b * (rho * d + np.sqrt(d * d + sigma * sigma)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def svi_row(x: FloatArray, k: float, T: float, jac: FloatArray) -> float:
+    """One point's IV and ``d iv / d x`` (into ``jac``): the scalar kernel of the calibrator's
+    compiled Levenberg-Marquardt (``streamer.calib.kernel``); same formulas as
+    ``SVI.block_jacobian``."""
+    a, b, rho, m, sigma = x[0], x[1], x[2], x[3], x[4]
+    d = k - m
+    r = math.sqrt(d * d + sigma * sigma)
+    w = max(a + b * (rho * d + r), VAR_FLOOR)
+    iv = math.sqrt(w / T)
+    s = 0.5 / (T * iv)
+    jac[0] = s
+    jac[1] = (rho * d + r) * s
+    jac[2] = b * d * s
+    jac[3] = -b * (rho + d / r) * s
+    jac[4] = b * sigma / r * s
+    return iv
 
 
 def _w_derivatives(x: FloatArray, k: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
@@ -119,6 +149,7 @@ class SVI(Model):
     name = "svi"
     per_expiry = True
     n_params = 5
+    kernel_kind = KERNEL_SVI
 
     def param_names(self, n_slices: int) -> tuple[str, ...]:
         return NAMES
