@@ -55,6 +55,7 @@ from streamer.models.base import (
 from streamer.snapshot import ChainSnapshot
 
 DEFAULT_PENALTY = 10.0
+EXACT_CALENDAR_TOL = 1e-9  # relative: the exact tests' margin is (w_j - w_{j-1}) / w_{j-1}
 # lambda per model, tuned on noisy re-quotes of one surface (tests/test_calib.py): the warm fit's
 # parameter jitter falls well below 1/5 of the cold fit's while in_band stays within 2 points
 DEFAULT_PENALTIES = {
@@ -290,6 +291,8 @@ class Calibrator:
         k_cal = pair_grids(data, 61)
         gaps = _calendar_gaps(model, x, data.slice_T, k_cal) if keep.all() else None
         clean = gaps is not None and not any(own) and bool(np.all(gaps <= cfg.calendar_tol))
+        if clean and model.exact_calendar and S > 1:
+            clean = bool(np.all(model.calendar_shortfall(x[:-1], x[1:]) <= EXACT_CALENDAR_TOL))
         if not clean:
             self._gate_slices(x, keep, own, k_cal, data, prior, pen_w, has_prior, prev, violations)
             if not keep.any():
@@ -363,6 +366,8 @@ class Calibrator:
             k_grid = k_cal[j] if j else np.zeros(1)
             if below is not None:
                 Tb = float(data.slice_T[below])
+                if model.exact_calendar:  # the repair's grid reaches every k
+                    k_grid = np.sort(np.concatenate([k_grid, model.calendar_grid(x[below], 61)]))
                 w_below = slice_total_variance(model, x[below], k_grid, Tb)
             w = slice_total_variance(model, x[j], k_grid, Tj)
             if w_below is not None and np.max(w_below - w) > cfg.calendar_tol:
@@ -371,6 +376,8 @@ class Calibrator:
                         "calendar", j, float(np.max(w_below - w)), "total variance falls with T"
                     )
                 )
+            elif below is not None and self._crosses(x[below], x[j]):
+                found.append(Violation("calendar", j, 1.0, "slices cross beyond the quotes"))
             if found:
                 violations.extend(replace(v, slice=j) for v in found)
                 fixed = repair_slice(
@@ -383,19 +390,42 @@ class Calibrator:
                     k_grid,
                     cfg.calendar_tol,
                 )
+                if fixed is not None and below is not None and self._crosses(x[below], fixed):
+                    fixed = None
                 e = data.slice_expiry[j]
                 if fixed is None and e in prev:
                     cand = prev[e][0]
                     wc = slice_total_variance(model, cand, k_grid, Tj)
-                    ok_prev = not model.arbitrage(cand, data.slice_T[j : j + 1]) and (
-                        w_below is None or np.max(w_below - wc) <= cfg.calendar_tol
+                    ok_prev = (
+                        not model.arbitrage(cand, data.slice_T[j : j + 1])
+                        and (w_below is None or np.max(w_below - wc) <= cfg.calendar_tol)
+                        and (below is None or not self._crosses(x[below], cand))
                     )
                     fixed = cand if ok_prev else None
+                if (
+                    fixed is None
+                    and model.exact_calendar
+                    and below is not None
+                    and all(v.check == "calendar" for v in found)
+                ):
+                    fixed = model.calendar_repair(x[below], x[j])
+                    if self._crosses(x[below], fixed) or model.arbitrage(
+                        fixed, data.slice_T[j : j + 1]
+                    ):
+                        fixed = None
                 if fixed is None:
                     keep[j] = False
                     continue
                 x[j] = fixed
             below = j
+
+    def _crosses(self, x_below: FloatArray, x: FloatArray) -> bool:
+        """The exact whole-line calendar test between two slices (``exact_calendar``
+        models; others are checked on the grid only)."""
+        if not self.model.exact_calendar:
+            return False
+        gap = self.model.calendar_shortfall(x_below[None, :], x[None, :])
+        return bool(gap[0] > EXACT_CALENDAR_TOL)
 
     def _slice_runner(
         self, data: FitData, starts: IntArray, lower: FloatArray, upper: FloatArray

@@ -9,7 +9,8 @@ log-moneyness points scaled to the slice (``+-6`` ATM standard deviations, withi
 
   with ``w = iv^2 T`` and ``w'``, ``w''`` central differences on the grid; row
   ``mu_bf * max(0, margin - g)``, its Jacobian by the chain rule through ``dw/dx``;
-* calendar: ``w_j(k) >= w_{j-1}(k)`` where both slices quote (``pair_ranges``), with
+* calendar: ``w_j(k) >= w_{j-1}(k)`` where both slices quote (``pair_ranges``; on the
+  neighbour's whole-line grid for ``exact_calendar`` models such as eSSVI), with
   the shorter slice taken at its current parameters; row
   ``mu_cal * max(0, w_{j-1} - w_j) / W_SCALE``.
 
@@ -137,9 +138,14 @@ def hinge_rows(
     kcal_flat = kcal[1:].ravel()
     TT_cal = np.repeat(T[1:], G)
     TT_prev = np.repeat(T[:-1], G)
+    moving_grid = S > 1 and model.exact_calendar
 
     def extra(X: FloatArray) -> tuple[FloatArray, FloatArray]:
         p = X.shape[1]
+        k_flat = kcal_flat
+        if moving_grid:  # the model's whole-line grid against each current neighbour
+            grids = [model.calendar_grid(X[j - 1], G) for j in range(1, S)]
+            k_flat = np.concatenate([g for g in grids if g is not None])
         r_in, j_in = _butterfly(block, X, inner, T)
         r_out, j_out = _butterfly(block, X, outer, T)
         # calendar against the shorter neighbour (taken at its current parameters)
@@ -148,11 +154,11 @@ def hinge_rows(
         if S > 1:
             prev_rows = np.repeat(X[:-1], G, axis=0)
             iv_prev = (
-                iv_only(prev_rows, kcal_flat, TT_prev)
+                iv_only(prev_rows, k_flat, TT_prev)
                 if iv_only is not None
-                else block(prev_rows, kcal_flat, TT_prev)[0]
+                else block(prev_rows, k_flat, TT_prev)[0]
             )
-            iv_j, jac_j = block(np.repeat(X[1:], G, axis=0), kcal_flat, TT_cal)
+            iv_j, jac_j = block(np.repeat(X[1:], G, axis=0), k_flat, TT_cal)
             gap = ((iv_prev * iv_prev * TT_prev) - (iv_j * iv_j * TT_cal)).reshape(S - 1, G)
             dwj = ((2.0 * iv_j * TT_cal)[:, None] * jac_j).reshape(S - 1, G, p)
             act = gap > 0.0

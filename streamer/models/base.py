@@ -104,6 +104,9 @@ class Model(ABC):
     per_expiry: ClassVar[bool]
     # per-expiry models: which compiled row kernel fits them (KERNEL_NONE: the numpy path)
     kernel_kind: ClassVar[int] = KERNEL_NONE
+    # per-expiry models with an exact two-slice calendar test for every k
+    # (``calendar_shortfall``, ``calendar_grid``); otherwise the quoted range is checked
+    exact_calendar: ClassVar[bool] = False
 
     @property
     def kernel_arg(self) -> float:
@@ -164,6 +167,22 @@ class Model(ABC):
     def arbitrage_slices(self, X: FloatArray, slice_T: FloatArray) -> list[list[Violation]]:
         """Per-expiry models: ``arbitrage`` of every slice row of ``X`` (override to batch)."""
         return [list(self.arbitrage(X[j], slice_T[j : j + 1])) for j in range(X.shape[0])]
+
+    def calendar_shortfall(self, prev: FloatArray, cur: FloatArray) -> FloatArray:
+        """``exact_calendar`` models: for parameter rows of the shorter (``prev``) and longer
+        (``cur``) expiry, how far each pair is from being free of calendar arbitrage at
+        *every* ``k`` (0 when it is)."""
+        raise NotImplementedError(f"{self.name} has no exact calendar test")
+
+    def calendar_grid(self, x_prev: FloatArray, n: int) -> FloatArray:
+        """``exact_calendar`` models: ``n`` log-moneyness points on which the next slice's
+        calendar hinge rows (against the slice ``x_prev``) cover every ``k``."""
+        raise NotImplementedError(f"{self.name} has no whole-line calendar grid")
+
+    def calendar_repair(self, x_prev: FloatArray, x: FloatArray) -> FloatArray:
+        """``exact_calendar`` models: parameters near ``x`` that pass the exact test against
+        ``x_prev`` (the gate's last resort before leaving the slice out)."""
+        raise NotImplementedError(f"{self.name} has no calendar repair")
 
     def safe_bounds(
         self, x: FloatArray, lower: FloatArray, upper: FloatArray

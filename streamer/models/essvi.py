@@ -12,10 +12,23 @@ so ``rho`` and ``psi`` are functions of ``theta`` sampled at the listed expiries
 
 which keeps every slice inside Gatheral & Jacquier's (2014, Theorem 4.2) sufficient butterfly
 conditions ``psi (1 + |rho|) < 4`` and ``psi^2 (1 + |rho|) <= 4 theta`` by construction.
-Calendar arbitrage between slices (Hendriks & Martini 2019 give the exact two-slice
-condition) is enforced like SVI's: hinge rows ``w_j(k) >= w_{j-1}(k)`` inside the fit and
-the calibrator's gate where both slices quote. Published per slice: ``theta``, ``rho``,
-``psi``. The Jacobian is by central differences (three parameters, vectorised over slices).
+Calendar arbitrage between consecutive slices is checked *exactly, for every k* (the
+two-slice problem of Hendriks & Martini 2019; the closed form below is derived here). With
+``a = rho psi`` and ``c = psi^2 (1 - rho^2) / 4``, a slice's ``w(k)`` is the upper root of
+``Q(k, w) = w^2 - (theta + a k) w - c k^2``. Slice 2 lies above slice 1 at ``k`` iff
+``Q_2(k, w_1(k)) <= 0``, and on slice 1 ``Q_2 = Q_2 - Q_1 = -w_1^2 P(t)`` with ``t = k / w_1``::
+
+    P(t) = (r - 1) + (a_2 - r a_1) t + (c_2 - r c_1) t^2,        r = theta_2 / theta_1.
+
+Dividing ``Q_1 = 0`` by ``w_1^2`` gives ``c_1 t^2 + a_1 t - 1 = -theta_1/w_1 < 0``, so ``t``
+runs over exactly ``(t_-, t_+) = (-2/(psi_1 - a_1), 2/(psi_1 + a_1))`` as ``k`` runs over the
+real line (the ends are the wings: ``P(t_+) >= 0`` iff the right wing slope
+``psi (1 + rho)`` does not fall, Lee's bound between the slices). The slices never cross iff
+the quadratic ``P >= 0`` on that interval: its two ends and, when convex, its vertex
+(``calendar_margin``). Inside the fit the calendar hinge rows sit on a grid of ``t`` mapped
+to ``k = t theta_1 / (1 - a_1 t - c_1 t^2)`` (``essvi_calendar_grid``), which spans every
+``k``; the calibrator's gate applies the exact test. Published per slice: ``theta``,
+``rho``, ``psi``; gradients are analytic (``essvi_row``).
 """
 
 from __future__ import annotations
@@ -93,6 +106,56 @@ def essvi_row(x: FloatArray, k: float, T: float, jac: FloatArray) -> float:
     return iv
 
 
+def _slope_terms(x: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """``theta, a = rho psi, c = psi^2 (1 - rho^2)/4, psi`` of rows ``(theta, rho, z)``."""
+    theta, rho, z = x[..., 0], x[..., 1], x[..., 2]
+    psi = psi_of(theta, rho, z)
+    return theta, rho * psi, 0.25 * psi * psi * (1.0 - rho * rho), psi
+
+
+def calendar_margin(prev: FloatArray, cur: FloatArray) -> FloatArray:
+    """``min P(t)`` over ``[t_-, t_+]`` (module docstring) for slice pairs: parameter rows
+    ``(theta, rho, z)`` of the shorter (``prev``) and longer (``cur``) expiry. The pair is
+    free of calendar arbitrage for every ``k`` iff the margin is ``>= 0``."""
+    th1, a1, c1, psi1 = _slope_terms(np.asarray(prev, dtype=np.float64))
+    th2, a2, c2, _ = _slope_terms(np.asarray(cur, dtype=np.float64))
+    r = th2 / th1
+    A, B, C = c2 - r * c1, a2 - r * a1, r - 1.0
+    lo = -2.0 / np.maximum(psi1 - a1, 1e-300)
+    hi = 2.0 / np.maximum(psi1 + a1, 1e-300)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ends = np.minimum(C + B * lo + A * lo * lo, C + B * hi + A * hi * hi)
+        tv = np.where(A > 0.0, -B / np.where(A > 0.0, 2.0 * A, 1.0), 0.0)
+        inside = (A > 0.0) & (tv > lo) & (tv < hi)
+        vertex = np.where(inside, C - B * B / np.where(A > 0.0, 4.0 * A, 1.0), np.inf)
+    m = np.minimum(ends, vertex)
+    return np.asarray(np.where(np.isnan(m), -np.inf, m))  # degenerate (psi = 0): a finding
+
+
+ANCHOR_LIFT = 1.001  # calendar_repair's anchor: the shorter slice scaled up by this
+K_CAL_MAX = 10.0  # the grid's far ends (beyond, only the exact wing test speaks)
+
+
+@njit(cache=True, nogil=True)
+def essvi_calendar_grid(x_prev: FloatArray, out: FloatArray) -> None:
+    """Log-moneyness points ``k(t)`` for ``t`` uniform inside ``(t_-, t_+)`` of the slice
+    ``x_prev`` (module docstring): a grid over the whole real line, dense where the smile
+    bends; clipped to ``+-K_CAL_MAX``."""
+    theta, rho, zz = x_prev[0], x_prev[1], x_prev[2]
+    a_ = 1.0 + abs(rho)
+    psi = zz * PSI_SAFETY * min(4.0 / a_, math.sqrt(4.0 * max(theta, 0.0) / a_))
+    a = rho * psi
+    c = 0.25 * psi * psi * (1.0 - rho * rho)
+    lo = -2.0 / max(psi - a, 1e-12)
+    hi = 2.0 / max(psi + a, 1e-12)
+    n = out.shape[0]
+    for i in range(n):
+        t = lo + (hi - lo) * (i + 1.0) / (n + 1.0)
+        den = 1.0 - a * t - c * t * t
+        k = t * theta / den if den > 0.0 else (K_CAL_MAX if t > 0.0 else -K_CAL_MAX)
+        out[i] = min(max(k, -K_CAL_MAX), K_CAL_MAX)
+
+
 def _iv(rows: FloatArray, k: FloatArray, T: FloatArray) -> FloatArray:
     th, rho, z = rows[:, 0], rows[:, 1], rows[:, 2]
     w = total_variance(th, rho, psi_of(th, rho, z), k)
@@ -106,6 +169,7 @@ class ESSVI(RowModel):
     name = "essvi"
     n_params = 3
     kernel_kind = KERNEL_ESSVI
+    exact_calendar = True
 
     def param_names(self, n_slices: int) -> tuple[str, ...]:
         return NAMES
@@ -144,6 +208,40 @@ class ESSVI(RowModel):
         a = 1.0 + abs(rho)
         if psi * a >= 4.0 or psi * psi * a > 4.0 * theta * (1.0 + 1e-12):
             out.append(Violation("butterfly", 0, psi * a - 4.0, "GJ Theorem 4.2 bounds"))
+        return out
+
+    def calendar_shortfall(self, prev: FloatArray, cur: FloatArray) -> FloatArray:
+        """``max(0, -calendar_margin)`` for slice pairs (0: no crossing at any ``k``)."""
+        return np.asarray(np.maximum(-calendar_margin(prev, cur), 0.0))
+
+    def calendar_repair(self, x_prev: FloatArray, x: FloatArray) -> FloatArray:
+        """The point nearest ``x`` on the segment to an anchor strictly above ``x_prev``.
+
+        ``w`` is homogeneous of degree one in ``(theta, a, psi)`` and increasing in
+        ``theta``, so the anchor ``(max(theta, s theta_prev), rho_prev, s psi_prev)`` with
+        ``s = ANCHOR_LIFT`` lies above ``s w_prev > w_prev`` everywhere, wings included;
+        bisection on the segment (the margin is continuous along it) finds the last
+        crossing-free point."""
+        x_prev = np.asarray(x_prev, dtype=np.float64)
+        x = np.asarray(x, dtype=np.float64)
+        if calendar_margin(x_prev, x) >= 0.0:
+            return x
+        theta = max(float(x[0]), float(x_prev[0]) * ANCHOR_LIFT)
+        psi = ANCHOR_LIFT * float(psi_of(x_prev[0], x_prev[1], x_prev[2]))
+        cap = float(psi_of(np.array(theta), x_prev[1], np.array(1.0)))
+        anchor = np.array([theta, x_prev[1], min(psi / cap, 1.0) if cap > 0 else 0.0])
+        lo, hi = 0.0, 1.0  # hi: crossing-free
+        for _ in range(50):
+            mid = 0.5 * (lo + hi)
+            if calendar_margin(x_prev, (1.0 - mid) * x + mid * anchor) >= 0.0:
+                hi = mid
+            else:
+                lo = mid
+        return np.asarray((1.0 - hi) * x + hi * anchor)
+
+    def calendar_grid(self, x_prev: FloatArray, n: int) -> FloatArray:
+        out = np.empty(n)
+        essvi_calendar_grid(np.asarray(x_prev, dtype=np.float64), out)
         return out
 
     def scale(self, n_slices: int, slice_T: FloatArray | None = None) -> FloatArray:
