@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from streamer import __version__, plot, replay_cmd, report, simulate, subscribe_cmd
+from streamer import __version__, logs, plot, replay_cmd, report, simulate, subscribe_cmd
 from streamer.config import Config, load_config
 from streamer.errors import StreamerError
 
@@ -23,6 +23,7 @@ BENCHES: dict[str, str] = {
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
+    logs.configure("warning")  # the tables go to stdout; only problems to stderr
     module = importlib.import_module(BENCHES[args.name])
     main: Callable[[list[str]], int] = module.main
     return main(list(args.rest))

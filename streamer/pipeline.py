@@ -26,6 +26,7 @@ import structlog
 from streamer.book import Book, Books
 from streamer.calib.calibrator import CalibConfig, Calibrator, FitResult
 from streamer.calib.trigger import TriggerConfig, TriggerPolicy
+from streamer.calib.warmup import warm_up
 from streamer.feeds.deribit_parse import DeribitParser
 from streamer.feeds.events import Event, FeedStatus, Quote
 from streamer.instruments import parse_option
@@ -125,6 +126,11 @@ class Pipeline:
         self.records: list[FitRecord] = []  # every fit (kept only when keep_records)
         self.keep_records = False
         self.feed_state = "disconnected"
+
+    def warm_up(self) -> float:
+        """Load (or compile) the numba kernels of every configured model: a fit of a small
+        synthetic chain each (``streamer.calib.warmup``); returns the seconds it took."""
+        return warm_up(make_model(name, self.model_options.get(name)) for name in self.models)
 
     # ------------------------------------------------------------------ input
     def on_frame(self, frame: str | bytes, recv_ns: int) -> list[Event]:

@@ -16,7 +16,8 @@
 
 Stop (SIGTERM/SIGINT, or ``stop`` set): the feed is cancelled, the publishers close (MQTT sends
 ``offline``), the recorder flushes and closes; the whole shutdown is bounded by
-``SHUTDOWN_TIMEOUT_S``. ``sd_notify``: ``READY=1`` once the publishers are up,
+``SHUTDOWN_TIMEOUT_S``. ``sd_notify``: ``READY=1`` once the publishers are up and the
+models' numba kernels are loaded (compiled on a fresh install: ``streamer.calib.warmup``),
 ``WATCHDOG=1`` from the ticker, ``STOPPING=1`` on the way out.
 """
 
@@ -140,6 +141,8 @@ class Service:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 await self._open(stack)
+                warm_s = await asyncio.to_thread(self.pipeline.warm_up)
+                log.info("kernels_ready", seconds=round(warm_s, 3))
                 self.ready.set()
                 sdnotify.notify("READY=1")
                 log.info(

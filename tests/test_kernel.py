@@ -3,6 +3,8 @@ numpy one, and the vectorised gate checks against their slice-by-slice versions.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -341,3 +343,54 @@ def test_essvi_fits_of_real_chains_never_cross() -> None:
             (l1, r1), (l2, r2) = _wing_slopes(x1), _wing_slopes(x2)
             assert l2 >= l1 - 1e-12 and r2 >= r1 - 1e-12
     assert findings > 0
+
+
+def test_warm_up_fits_every_model_on_the_synthetic_chain() -> None:
+    """The daemon's pre-READY warm-up: every registered model fits the synthetic chain (so
+    every kernel it needs has been compiled or loaded), and the chain's quotes reproduce the
+    smile they were priced from."""
+    from streamer.calib.warmup import synthetic_snapshot, warm_up
+    from streamer.pricing import implied_vol
+
+    snap = synthetic_snapshot()
+    k = np.log(snap.strike / snap.forward)
+    smile = 0.6 - 0.15 * k + 0.3 * k * k
+    for price, shift in ((snap.bid, -0.01), (snap.ask, 0.01)):
+        usd = price * snap.forward
+        iv = np.asarray(implied_vol(usd, snap.forward, snap.strike, snap.T, snap.is_call))
+        np.testing.assert_allclose(iv, smile + shift, atol=1e-8)
+    for name, cls in REGISTRY.items():
+        r = Calibrator(cls()).fit(snap)
+        assert r.success and len(r.slices) == 3, name
+    assert warm_up([cls() for cls in REGISTRY.values()]) > 0.0
+
+
+def test_numba_cache_is_keyed_by_source_and_falls_back_to_a_writable_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel cache directory: under ``$NUMBA_CACHE_DIR``, one per hash of the kernel
+    sources (a child process keeps it); when neither it nor the home cache can be created,
+    the temp dir (a sandboxed service must still get a cache: numba refuses otherwise)."""
+    import os
+
+    import numba
+
+    import streamer
+
+    config = numba.config
+    monkeypatch.setattr(config, "CACHE_DIR", getattr(config, "CACHE_DIR"))  # noqa: B009
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cache"))
+    streamer._key_numba_cache()
+    keyed = Path(os.environ["NUMBA_CACHE_DIR"])
+    assert keyed.parent == tmp_path / "cache" and len(keyed.name) == 16 and keyed.is_dir()
+    assert str(keyed) == getattr(config, "CACHE_DIR")  # noqa: B009
+    streamer._key_numba_cache()  # what a child process sees: the same directory
+    assert Path(os.environ["NUMBA_CACHE_DIR"]) == keyed
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "xdg"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    streamer._key_numba_cache()
+    fallback = Path(os.environ["NUMBA_CACHE_DIR"])
+    assert fallback.parent.parent == tmp_path / "tmp" and fallback.name == keyed.name

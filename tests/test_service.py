@@ -344,6 +344,8 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
             "DynamicUser=yes",
             "ProtectSystem=strict",
             "NoNewPrivileges=yes",
+            "CacheDirectory=streamer",  # numba's kernel cache: home and install are read-only
+            "NUMBA_CACHE_DIR=%C/streamer/numba",
         ):
             assert directive in text, (name, directive)
         if analyze is None or exe is None:

@@ -128,6 +128,7 @@ async def run_model(
         listener = asyncio.create_task(listen())
         try:
             task = asyncio.create_task(service.run(stop, signals=False))
+            await service.ready.wait()  # kernels loaded (compiled, on a cold cache)
             await asyncio.sleep(n_frames / rate + 3.0)
             stop.set()
             await task
