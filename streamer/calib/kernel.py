@@ -226,6 +226,38 @@ def _hinges(
 
 
 @njit(cache=True, nogil=True)
+def _evaluate(
+    model: tuple[int, float, float, int, float],
+    x: FloatArray,
+    lo: int,
+    hi: int,
+    quotes: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray],
+    penalty: tuple[FloatArray, FloatArray],
+    hinge: tuple[bool, bool, float, FloatArray, FloatArray, FloatArray, FloatArray],
+    scratch: tuple[FloatArray, FloatArray],
+    bufs: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray],
+    s: int,
+) -> tuple[float, float]:
+    """Data cost and penalty (change penalty plus hinge rows) of one slice at ``x``, with
+    residuals, gradients and hinge rows written to slot ``s`` of the two-slot buffers."""
+    kind, arg, kappa, loss, f2 = model
+    k, T, target, weight, band = quotes
+    use_hinges, has_prev, Tj, w_prev, inner, outer, k_cal = hinge
+    iv, jac, r, drho, slope, erows, ejac = bufs
+    dc = _data(
+        kind, arg, x, lo, hi, k, T, target, weight, band, kappa, loss, f2, iv[s], jac[s], r[s],
+        drho[s], slope[s],
+    )  # fmt: skip
+    pc = _penalty(x, penalty[0], penalty[1])
+    if use_hinges:
+        w, dw = scratch
+        pc += _hinges(
+            kind, arg, x, w_prev, has_prev, Tj, inner, outer, k_cal, w, dw, erows[s], ejac[s]
+        )
+    return dc, pc
+
+
+@njit(cache=True, nogil=True)
 def _solve_small(A: FloatArray, b: FloatArray, out: FloatArray) -> bool:
     """``A out = b`` for a small dense system (Gaussian elimination, partial pivoting);
     False when singular. ``A`` and ``b`` are overwritten."""
@@ -301,28 +333,27 @@ def fit_slices(
     """
     S, p = X0.shape
     n = k.shape[0]
-    f2 = f_scale * f_scale
     X = np.empty((S, p))
-    iv = np.empty(n)
-    jac = np.empty((n, p))
-    r = np.empty(n)
-    drho = np.empty(n)
-    slope = np.empty(n)
-    iv_n = np.empty(n)
-    jac_n = np.empty((n, p))
-    r_n = np.empty(n)
-    drho_n = np.empty(n)
-    slope_n = np.empty(n)
+    iv_out = np.empty(n)
+    # two slots (current point, trial point) of every per-evaluation buffer: accepting a
+    # step flips the slot instead of copying
     m_rows = (inner.shape[1] - 2) + (outer.shape[1] - 2) + kcal.shape[1]
+    bufs = (
+        np.empty((2, n)),
+        np.empty((2, n, p)),
+        np.empty((2, n)),
+        np.empty((2, n)),
+        np.empty((2, n)),
+        np.zeros((2, m_rows)),
+        np.zeros((2, m_rows, p)),
+    )
+    iv, jac, r, drho, slope, erows, ejac = bufs
     G = max(inner.shape[1], outer.shape[1], kcal.shape[1])
-    w = np.empty(G)
-    dw = np.empty((G, p))
+    scratch = (np.empty(G), np.empty((G, p)))
     w_prev = np.empty(kcal.shape[1])
     k_cal = np.empty(kcal.shape[1])
-    erows = np.zeros(m_rows)
-    ejac = np.zeros((m_rows, p))
-    erows_n = np.zeros(m_rows)
-    ejac_n = np.zeros((m_rows, p))
+    model = (kind, arg, kappa, loss, f_scale * f_scale)
+    quotes = (k, T, target, weight, band)
     data_cost = np.empty(S)
     pen = np.empty(S)
     converged = np.zeros(S, dtype=np.bool_)
@@ -352,46 +383,14 @@ def fit_slices(
             for i in range(k_cal.shape[0]):
                 v = row(kind, arg, x_prev, k_cal[i], T_prev, step)
                 w_prev[i] = v * v * T_prev
-        dc = _data(
-            kind,
-            arg,
-            x,
-            lo,
-            hi,
-            k,
-            T,
-            target,
-            weight,
-            band,
-            kappa,
-            loss,
-            f2,
-            iv,
-            jac,
-            r,
-            drho,
-            slope,
-        )
-        pc = _penalty(x, prior[b], pen_w[b])
-        if use_hinges:
-            pc += _hinges(
-                kind,
-                arg,
-                x,
-                w_prev,
-                has_prev,
-                Tj,
-                inner[b],
-                outer[b],
-                k_cal,
-                w,
-                dw,
-                erows,
-                ejac,
-            )
+        cur = 0
+        penalty = (prior[b], pen_w[b])
+        hinge = (use_hinges, has_prev, Tj, w_prev, inner[b], outer[b], k_cal)
+        dc, pc = _evaluate(model, x, lo, hi, quotes, penalty, hinge, scratch, bufs, cur)
         evals = 1
         if not active[b]:
             X[b] = x
+            iv_out[lo:hi] = iv[cur, lo:hi]
             data_cost[b] = dc
             pen[b] = pc
             converged[b] = True
@@ -407,20 +406,20 @@ def fit_slices(
                 for c_ in range(p):
                     A[a_, c_] = 0.0
             for i in range(lo, hi):
-                sd = math.sqrt(drho[i])
-                rs = r[i] * sd
-                ok = math.isfinite(rs) and math.isfinite(iv[i])
+                sd = math.sqrt(drho[cur, i])
+                rs = r[cur, i] * sd
+                ok = math.isfinite(rs) and math.isfinite(iv[cur, i])
                 for q in range(p):
-                    if not math.isfinite(jac[i, q]):
+                    if not math.isfinite(jac[cur, i, q]):
                         ok = False
                 if not ok:
                     continue
-                ws = weight[i] * slope[i] * sd
+                ws = weight[i] * slope[cur, i] * sd
                 for a_ in range(p):
-                    ja = ws * jac[i, a_]
+                    ja = ws * jac[cur, i, a_]
                     g[a_] += ja * rs
                     for c_ in range(a_, p):
-                        A[a_, c_] += ja * ws * jac[i, c_]
+                        A[a_, c_] += ja * ws * jac[cur, i, c_]
             for a_ in range(p):
                 for c_ in range(a_):
                     A[a_, c_] = A[c_, a_]
@@ -430,13 +429,13 @@ def fit_slices(
                 g[q] += pw2 * (x[q] - prior[b, q])
             if use_hinges:
                 for i in range(m_rows):
-                    if erows[i] == 0.0:
+                    if erows[cur, i] == 0.0:
                         continue
                     for a_ in range(p):
-                        ea = ejac[i, a_]
-                        g[a_] += ea * erows[i]
+                        ea = ejac[cur, i, a_]
+                        g[a_] += ea * erows[cur, i]
                         for c_ in range(p):
-                            A[a_, c_] += ea * ejac[i, c_]
+                            A[a_, c_] += ea * ejac[cur, i, c_]
             dmax = 0.0
             for q in range(p):
                 dmax = max(dmax, A[q, q])
@@ -459,43 +458,9 @@ def fit_slices(
                 predicted -= g[q] * dq
                 for c_ in range(p):
                     predicted -= 0.5 * dq * A[q, c_] * (x_new[c_] - x[c_])
-            dc_n = _data(
-                kind,
-                arg,
-                x_new,
-                lo,
-                hi,
-                k,
-                T,
-                target,
-                weight,
-                band,
-                kappa,
-                loss,
-                f2,
-                iv_n,
-                jac_n,
-                r_n,
-                drho_n,
-                slope_n,
+            dc_n, pc_n = _evaluate(
+                model, x_new, lo, hi, quotes, penalty, hinge, scratch, bufs, 1 - cur
             )
-            pc_n = _penalty(x_new, prior[b], pen_w[b])
-            if use_hinges:
-                pc_n += _hinges(
-                    kind,
-                    arg,
-                    x_new,
-                    w_prev,
-                    has_prev,
-                    Tj,
-                    inner[b],
-                    outer[b],
-                    k_cal,
-                    w,
-                    dw,
-                    erows_n,
-                    ejac_n,
-                )
             evals += 1
             old_total = dc + pc
             new_total = dc_n + pc_n
@@ -508,13 +473,7 @@ def fit_slices(
             )
             if accept:
                 x, x_new = x_new, x
-                iv[lo:hi] = iv_n[lo:hi]
-                jac[lo:hi] = jac_n[lo:hi]
-                r[lo:hi] = r_n[lo:hi]
-                drho[lo:hi] = drho_n[lo:hi]
-                slope[lo:hi] = slope_n[lo:hi]
-                erows, erows_n = erows_n, erows
-                ejac, ejac_n = ejac_n, ejac
+                cur = 1 - cur
                 dc, pc = dc_n, pc_n
                 mu = max(mu / 3.0, 1e-12)
             else:
@@ -529,9 +488,10 @@ def fit_slices(
             if done:
                 break
         X[b] = x
+        iv_out[lo:hi] = iv[cur, lo:hi]
         data_cost[b] = dc
         pen[b] = pc
         converged[b] = done
         nfev = max(nfev, evals)
         iterations = max(iterations, it)
-    return X, iv, data_cost, pen, converged, nfev, iterations
+    return X, iv_out, data_cost, pen, converged, nfev, iterations

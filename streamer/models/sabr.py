@@ -121,9 +121,13 @@ def sabr_row(x: FloatArray, k: float, T: float, beta: float, jac: FloatArray) ->
         dx_drho = 1.0 / (1.0 - rho) - (1.0 + z / disc) / (disc + z - rho)
         dr_dz = (xz - z / disc) / (xz * xz)
         dr_drho = -z * dx_drho / (xz * xz)
-    kb = math.exp((beta - 1.0) * k)
-    c_a = omb * omb / 24.0 * kb
-    c_x = 0.25 * beta * math.sqrt(kb)
+    if omb == 0.0:  # beta = 1: K^(beta-1) = 1
+        c_a = 0.0
+        c_x = 0.25
+    else:
+        kb = math.exp((beta - 1.0) * k)
+        c_a = omb * omb / 24.0 * kb
+        c_x = 0.25 * beta * math.sqrt(kb)
     c_n = (2.0 - 3.0 * rho * rho) / 24.0
     corr = 1.0 + (c_a * alpha * alpha + c_x * rho * nu * alpha + c_n * nu * nu) * T
     lead = alpha * lead_k
