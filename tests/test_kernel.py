@@ -394,3 +394,30 @@ def test_numba_cache_is_keyed_by_source_and_falls_back_to_a_writable_dir(
     streamer._key_numba_cache()
     fallback = Path(os.environ["NUMBA_CACHE_DIR"])
     assert fallback.parent.parent == tmp_path / "tmp" and fallback.name == keyed.name
+
+
+@pytest.mark.parametrize("name", ["svi", "sabr", "essvi"])
+def test_compiled_fits_survive_garbage_quotes(name: str) -> None:
+    """Re-quotes with NaNs, zeros, crossed and absurd prices, zero and negative sizes: every
+    fit returns (accepted or degraded with the last good one), nothing raises, and what is
+    published stays finite."""
+    from dataclasses import replace
+
+    _, fn = svi_surface(0.6, -0.3)
+    base = make_chain(fn, noise_iv=0.003)
+    cal = Calibrator(REGISTRY[name]())
+    assert cal.fit(base).success
+    rng = np.random.default_rng(9)
+    n = base.n_quotes
+    for round_ in range(12):
+        bid, ask = base.bid.copy(), base.ask.copy()
+        hit = rng.random(n) < 0.3
+        garbage = rng.choice([np.nan, 0.0, -1.0, 1e6, 1e-12, np.inf], size=n)
+        bid = np.where(hit, garbage, bid)
+        ask = np.where(rng.random(n) < 0.1, bid * rng.uniform(0.5, 1.5, n), ask)
+        snap = replace(base, bid=bid, ask=ask, ts_ms=base.ts_ms + 1000 * (round_ + 1))
+        r = cal.fit(snap)
+        assert r.status in ("ok", "degraded")
+        if r.success:
+            assert all(np.all(np.isfinite(x)) for x in r.x)
+            assert np.all(np.isfinite(r.fitted_iv)) and np.isfinite(r.rmse_iv)

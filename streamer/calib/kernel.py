@@ -17,7 +17,9 @@ with ``active[j] = False`` are kept at their start values (a regime fit of a few
 not re-fit the rest).
 
 ``nfev`` is the largest number of evaluations any slice needed: the numpy version's count,
-where one evaluation covers every slice.
+where one evaluation covers every slice. Kernels use numba's ``error_model="numpy"``: a
+division by zero gives inf/NaN, which the LM treats like numpy's (a rejected step, a
+skipped point), instead of raising.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ LOSS_CODES = {"linear": 0, "soft_l1": 1, "huber": 2}
 BAD_ROW = 1e6  # a non-finite hinge row counts as this (as in lm._extra_cost)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def row(kind: int, arg: float, x: FloatArray, k: float, T: float, jac: FloatArray) -> float:
     """IV and gradient of one point under model ``kind``."""
     if kind == KERNEL_SVI:
@@ -55,7 +57,7 @@ def row(kind: int, arg: float, x: FloatArray, k: float, T: float, jac: FloatArra
     return math.nan
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def rows_iv(
     kind: int, arg: float, X: FloatArray, idx: np.ndarray, k: FloatArray, T: FloatArray
 ) -> FloatArray:
@@ -67,7 +69,7 @@ def rows_iv(
     return out
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _rho(z: float, loss: int) -> tuple[float, float]:
     if loss == 0:
         return z, 1.0
@@ -80,7 +82,7 @@ def _rho(z: float, loss: int) -> tuple[float, float]:
     return z, 1.0
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _data(
     kind: int,
     arg: float,
@@ -127,7 +129,7 @@ def _data(
     return cost if math.isfinite(cost) else math.inf
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _butterfly(
     kind: int,
     arg: float,
@@ -175,7 +177,7 @@ def _butterfly(
     return at
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _hinges(
     kind: int,
     arg: float,
@@ -225,7 +227,7 @@ def _hinges(
     return 0.5 * cost
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _evaluate(
     model: tuple[int, float, float, int, float],
     x: FloatArray,
@@ -257,7 +259,7 @@ def _evaluate(
     return dc, pc
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _solve_small(A: FloatArray, b: FloatArray, out: FloatArray) -> bool:
     """``A out = b`` for a small dense system (Gaussian elimination, partial pivoting);
     False when singular. ``A`` and ``b`` are overwritten."""
@@ -288,7 +290,7 @@ def _solve_small(A: FloatArray, b: FloatArray, out: FloatArray) -> bool:
     return True
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _penalty(x: FloatArray, prior: FloatArray, pw: FloatArray) -> float:
     s = 0.0
     for q in range(x.shape[0]):
@@ -297,7 +299,7 @@ def _penalty(x: FloatArray, prior: FloatArray, pw: FloatArray) -> float:
     return 0.5 * s
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def fit_slices(
     kind: int,
     arg: float,

@@ -70,7 +70,7 @@ def total_variance(
     return np.asarray(0.5 * theta * (1.0 + rho * phi * k + np.sqrt(q * q + 1.0 - rho * rho)))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def essvi_row(x: FloatArray, k: float, T: float, jac: FloatArray) -> float:
     """One point's IV and its analytic gradient in ``(theta, rho, z)``.
 
@@ -136,7 +136,7 @@ ANCHOR_LIFT = 1.001  # calendar_repair's anchor: the shorter slice scaled up by 
 K_CAL_MAX = 10.0  # the grid's far ends (beyond, only the exact wing test speaks)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def essvi_calendar_grid(x_prev: FloatArray, out: FloatArray) -> None:
     """Log-moneyness points ``k(t)`` for ``t`` uniform inside ``(t_-, t_+)`` of the slice
     ``x_prev`` (module docstring): a grid over the whole real line, dense where the smile

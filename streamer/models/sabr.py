@@ -87,7 +87,7 @@ def _x_of_z(z: FloatArray, rho: FloatArray, disc: FloatArray) -> FloatArray:
 SERIES_Z = 1e-5  # below it the kernel uses the series of z/x(z) (error O(z^3))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def sabr_row(x: FloatArray, k: float, T: float, beta: float, jac: FloatArray) -> float:
     """One point's IV (as ``sabr_vol``) and its analytic gradient in ``(alpha, rho, nu)``.
 

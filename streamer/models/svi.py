@@ -62,7 +62,7 @@ def total_variance(x: FloatArray, k: FloatArray) -> FloatArray:
     return np.asarray(a + b * (rho * d + np.sqrt(d * d + sigma * sigma)))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def svi_row(x: FloatArray, k: float, T: float, jac: FloatArray) -> float:
     """One point's IV and ``d iv / d x`` (into ``jac``): the scalar kernel of the calibrator's
     compiled Levenberg-Marquardt (``streamer.calib.kernel``); same formulas as
