@@ -318,7 +318,6 @@ class Calibrator:
         params = [model.view(x[j], 1).slices[0] for j in range(S)]
         slices = _slice_fits(data, prep, iv, atm, params, keep)
         xs = [x[j].copy() for j in range(S) if keep[j]]
-        pts = keep[data.slice_idx]
         return self._result(
             ts_ms,
             prep,

@@ -383,7 +383,7 @@ def fit_slices(
             else:
                 k_cal[:] = kcal[b]
             for i in range(k_cal.shape[0]):
-                v = row(kind, arg, x_prev, k_cal[i], T_prev, step)
+                v = row(kind, arg, x_prev, k_cal[i], T_prev, step)  # step: scratch here
                 w_prev[i] = v * v * T_prev
         cur = 0
         penalty = (prior[b], pen_w[b])
