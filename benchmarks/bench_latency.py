@@ -1,0 +1,8 @@
+"""Tick-to-publish latency through the service and mosquitto (``streamer bench latency``)."""
+
+import sys
+
+from streamer.bench.latency import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
