@@ -3,11 +3,12 @@
 A full real BTC chain (``../shared/data/deribit/snapshots/...``, turned into Deribit ticker
 frames by ``../shared/tools/csv_to_replay.py``; or ``--recording``) is replayed through the
 real service (``streamer.service.Service`` with a ``ReplayFeed``: parser, book, trigger,
-fit in a worker thread, MQTT publisher) into a mosquitto started on a free loopback port, and
-a separate aiomqtt subscriber timestamps every surface it receives. Latency per surface =
-subscriber receive time - local time at which the newest frame of the fitted snapshot entered
-the parser. The chain is replayed ``--rounds`` times (later rounds are warm re-quotes), paced
-at ``--rate`` frames per second; one model at a time; p50, p99 and max over the surfaces.
+fit in a worker thread, MQTT publisher) into a mosquitto started on a free loopback port,
+and an aiomqtt subscriber in its own process (as a bot would be) timestamps every surface it
+receives. Latency per surface = subscriber receive time - wall-clock time at which the
+newest frame of the fitted snapshot entered the parser. The chain is replayed ``--rounds``
+times (later rounds are warm re-quotes), paced at ``--rate`` frames per second; one model at
+a time; p50, p99 and max over the surfaces.
 """
 
 from __future__ import annotations
@@ -61,6 +62,23 @@ def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     raise SystemExit("bench latency: mosquitto did not start")
 
 
+SUBSCRIBER = """
+import asyncio, sys, time
+import aiomqtt, orjson
+
+async def main(port, topic):
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        await client.subscribe(topic, qos=1)
+        print("subscribed", flush=True)
+        async for msg in client.messages:
+            t = time.time_ns()
+            body = orjson.loads(msg.payload)
+            print(body["seq"], t, int(bool(body["fit"]["warm"])), flush=True)
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+"""
+
+
 def make_recording(workdir: Path, rounds: int) -> Path:
     tool = shared_data().parent.parent / "tools" / "csv_to_replay.py"
     src = shared_data() / DEFAULT_SNAPSHOT
@@ -84,8 +102,6 @@ async def run_model(
     model: str, recording: Path, port: int, rate: float, min_changed: int
 ) -> list[tuple[float, bool]]:
     """(latency ms, warm fit?) of every surface the subscriber received."""
-    import aiomqtt
-
     from streamer.config import load_config
     from streamer.feeds.replay_feed import ReplayFeed
     from streamer.service import Service
@@ -112,29 +128,30 @@ async def run_model(
     service = Service(cfg, feed_factory=factory)
     service.publish_log = []
     stop = asyncio.Event()
-    async with aiomqtt.Client("127.0.0.1", port) as sub:
-        await sub.subscribe(topic, qos=1)
-
-        async def listen() -> None:
-            import orjson
-
-            async for msg in sub.messages:
-                t = time.time_ns()
-                raw = msg.payload
-                if isinstance(raw, bytes | bytearray):
-                    body = orjson.loads(raw)
-                    received[int(body["seq"])] = (t, bool(body["fit"]["warm"]))
-
-        listener = asyncio.create_task(listen())
-        try:
-            task = asyncio.create_task(service.run(stop, signals=False))
-            await service.ready.wait()  # kernels loaded (compiled, on a cold cache)
-            await asyncio.sleep(n_frames / rate + 3.0)
-            stop.set()
-            await task
-            await asyncio.sleep(0.5)
-        finally:
-            listener.cancel()
+    # the subscriber is a bot: its own process (with its own GIL and event loop)
+    sub = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SUBSCRIBER,
+        str(port),
+        topic,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert sub.stdout is not None
+    try:
+        await asyncio.wait_for(sub.stdout.readline(), 30.0)  # "subscribed"
+        task = asyncio.create_task(service.run(stop, signals=False))
+        await service.ready.wait()  # kernels loaded (compiled, on a cold cache)
+        await asyncio.sleep(n_frames / rate + 3.0)
+        stop.set()
+        await task
+        await asyncio.sleep(0.5)
+    finally:
+        sub.terminate()
+        out, _ = await sub.communicate()
+    for line in out.decode().splitlines():
+        seq, t_ns, warm = line.split()
+        received[int(seq)] = (int(t_ns), warm == "1")
     return [
         ((received[seq][0] - trig) / 1e6, received[seq][1])
         for t, seq, trig in service.publish_log
