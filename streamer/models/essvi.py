@@ -22,8 +22,9 @@ two-slice problem of Hendriks & Martini 2019; the closed form below is derived h
 
 Dividing ``Q_1 = 0`` by ``w_1^2`` gives ``c_1 t^2 + a_1 t - 1 = -theta_1/w_1 < 0``, so ``t``
 runs over exactly ``(t_-, t_+) = (-2/(psi_1 - a_1), 2/(psi_1 + a_1))`` as ``k`` runs over the
-real line (the ends are the wings: ``P(t_+) >= 0`` iff the right wing slope
-``psi (1 + rho)`` does not fall, Lee's bound between the slices). The slices never cross iff
+real line (inside it by that inequality, all of it by continuity, as ``t -> t_+-`` for
+``k -> +-inf``; the ends are the wings: ``P(t_+) >= 0`` iff the right wing slope
+``psi (1 + rho) / 2`` does not fall from slice 1 to 2). The slices never cross iff
 the quadratic ``P >= 0`` on that interval: its two ends and, when convex, its vertex
 (``calendar_margin``). Inside the fit the calendar hinge rows sit on a grid of ``t`` mapped
 to ``k = t theta_1 / (1 - a_1 t - c_1 t^2)`` (``essvi_calendar_grid``), which spans every
