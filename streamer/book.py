@@ -525,14 +525,11 @@ class Book:
 
         # forward per expiry id: median of fresh quotes' forwards, else put-call parity
         good_fwd = fresh & (fwd > 0.0) & np.isfinite(fwd)
-        fwd_of: dict[int, float] = {}
+        fwd_by_id = _group_medians(exp_id[good_fwd], fwd[good_fwd], len(self._exp_ms))
         for e in np.unique(exp_id[~out]).tolist():
-            in_e = exp_id == e
-            f = fwd[good_fwd & in_e]
-            fwd_of[e] = (
-                float(np.median(f)) if f.size else self._parity(in_e & ~out, q, strike, is_call)
-            )
-        slice_fwd = np.array([fwd_of.get(e, NAN) for e in exp_id.tolist()], dtype=np.float64)
+            if np.isnan(fwd_by_id[e]):
+                fwd_by_id[e] = self._parity((exp_id == e) & ~out, q, strike, is_call)
+        slice_fwd = fwd_by_id[exp_id]
         drop("no_forward", np.isnan(slice_fwd))
 
         # below intrinsic, with the quote's own forward (else its slice's)
@@ -559,11 +556,12 @@ class Book:
 
         # order: expiry, strike, calls before puts
         sel = np.flatnonzero(keep)
-        exp_ms_q = np.array([self._exp_ms[e] for e in exp_id[sel].tolist()], dtype=np.int64)
+        exp_ms_all = np.array(self._exp_ms, dtype=np.int64)
+        exp_ms_q = exp_ms_all[exp_id[sel]]
         order = sel[np.lexsort((~is_call[sel], strike[sel], exp_ms_q))]
         ids = sorted(set(exp_id[order].tolist()), key=lambda e: self._exp_ms[e])
         pos = {e: i for i, e in enumerate(ids)}
-        expiry_ms = np.array([self._exp_ms[e] for e in ids], dtype=np.int64)
+        expiry_ms = exp_ms_all[np.array(ids, dtype=np.int64)]
         names = self._names
         slots = live[order].tolist()
         e_idx = np.array([pos[e] for e in exp_id[order].tolist()], dtype=np.int64)
@@ -590,7 +588,7 @@ class Book:
             quote_ts_ms=ts[order].astype(np.int64),
             expiries=tuple(self._exp_code[e] for e in ids),
             expiry_ms=expiry_ms,
-            forwards=np.array([fwd_of[e] for e in ids], dtype=np.float64),
+            forwards=fwd_by_id[np.array(ids, dtype=np.int64)],
             dirty=np.array([e in dirty_ids for e in ids], dtype=np.bool_),
         )
 
@@ -612,6 +610,21 @@ class Book:
                 if f > 0.0:
                     best, best_f = abs(d), f
         return best_f
+
+
+def _group_medians(ids: IntArray, values: FloatArray, n_ids: int) -> FloatArray:
+    """Median of ``values`` per id in ``0..n_ids-1`` (NaN for ids without values), all groups
+    in one sort: the middle element, or the mean of the two middle ones (as ``np.median``)."""
+    out = np.full(n_ids, NAN)
+    if ids.size == 0:
+        return out
+    order = np.lexsort((values, ids))
+    ids_s, vals_s = ids[order], values[order]
+    uniq, first, count = np.unique(ids_s, return_index=True, return_counts=True)
+    lo = first + (count - 1) // 2
+    hi = first + count // 2
+    out[uniq] = 0.5 * (vals_s[lo] + vals_s[hi])
+    return out
 
 
 class Books:

@@ -591,3 +591,19 @@ def test_fused_and_event_paths_give_identical_snapshots(tmp_path: Path) -> None:
     book, rows = chain_book(stale_after_s=1e9)
     now = max(int(r["timestamp"]) for r in rows)
     assert_same(btc.snapshot(now), book.snapshot(now))
+
+
+def test_group_medians_equal_numpy_median_per_group() -> None:
+    from streamer.book import _group_medians
+
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 9, 400)
+    values = rng.normal(60_000.0, 50.0, 400)
+    out = _group_medians(ids.astype(np.int64), values, 11)
+    for e in range(11):
+        got = values[ids == e]
+        if got.size:
+            assert out[e] == np.median(got)
+        else:
+            assert np.isnan(out[e])
+    assert np.isnan(_group_medians(np.zeros(0, dtype=np.int64), np.zeros(0), 3)).all()
