@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from streamer.bench.calib import requote
 from streamer.calib import kernel
 from streamer.calib.calibrator import CalibConfig, Calibrator, _calendar_gaps
 from streamer.calib.constraints import pair_ranges
@@ -108,14 +109,6 @@ def _numpy_twin(model: Model) -> Model:
     return twin
 
 
-def _requote(snap, rng, noise: float = 0.05):  # type: ignore[no-untyped-def]
-    from dataclasses import replace
-
-    half = 0.5 * (snap.ask - snap.bid)
-    shift = noise * half * rng.uniform(-1.0, 1.0, size=snap.n_quotes)
-    return replace(snap, bid=snap.bid + shift, ask=snap.ask + shift)
-
-
 def _chains() -> list:  # type: ignore[type-arg]
     _, fn = svi_surface(0.6, -0.3)
     out = [make_chain(fn, noise_iv=0.004, rng=np.random.default_rng(3))]
@@ -138,7 +131,7 @@ def test_compiled_and_numpy_lm_find_the_same_fits(name: str, config: CalibConfig
         fast = Calibrator(REGISTRY[name](), config)
         slow = Calibrator(_numpy_twin(REGISTRY[name]()), config)
         rng = np.random.default_rng(11)
-        for s in (snap, _requote(snap, rng), _requote(snap, rng)):
+        for s in (snap, requote(snap, rng, 0.05), requote(snap, rng, 0.05)):
             a, b = fast.fit(s), slow.fit(s)
             assert a.success and b.success
             assert a.expiries == b.expiries

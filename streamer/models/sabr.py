@@ -223,11 +223,7 @@ class SABR(RowModel):
         iv = self.iv_rows(np.repeat(X, G, axis=0), k.ravel(), TT)
         w = (iv * iv * TT).reshape(S, G)
         with np.errstate(invalid="ignore", divide="ignore"):
-            h = (k[:, 1] - k[:, 0])[:, None]
-            w1 = (w[:, 2:] - w[:, :-2]) / (2.0 * h)
-            w2 = (w[:, 2:] - 2.0 * w[:, 1:-1] + w[:, :-2]) / (h * h)
-            wc, kc = w[:, 1:-1], k[:, 1:-1]
-            g = (1.0 - kc * w1 / (2.0 * wc)) ** 2 - 0.25 * w1 * w1 * (1.0 / wc + 0.25) + 0.5 * w2
+            g = butterfly_g_numeric(k, w)
         bad_w = ~np.all(np.isfinite(w) & (w > 0), axis=1)
         suspect = bad_w | ~(np.min(g, axis=1) >= -1e-6)
         return [list(self.arbitrage(X[j], T[j : j + 1])) if suspect[j] else [] for j in range(S)]
@@ -241,11 +237,12 @@ class SABR(RowModel):
 
 
 def butterfly_g_numeric(k: FloatArray, w: FloatArray) -> FloatArray:
-    """Gatheral-Jacquier ``g`` at the inner grid points from central differences of ``w``."""
-    h = k[1] - k[0]
-    w1 = (w[2:] - w[:-2]) / (2.0 * h)
-    w2 = (w[2:] - 2.0 * w[1:-1] + w[:-2]) / (h * h)
-    wc, kc = w[1:-1], k[1:-1]
+    """Gatheral-Jacquier ``g`` at the inner grid points from central differences of ``w``,
+    along the last axis (uniform grids; one per row for 2-D ``k``, ``w``)."""
+    h = k[..., 1:2] - k[..., 0:1]
+    w1 = (w[..., 2:] - w[..., :-2]) / (2.0 * h)
+    w2 = (w[..., 2:] - 2.0 * w[..., 1:-1] + w[..., :-2]) / (h * h)
+    wc, kc = w[..., 1:-1], k[..., 1:-1]
     return np.asarray(
         (1.0 - kc * w1 / (2.0 * wc)) ** 2 - 0.25 * w1 * w1 * (1.0 / wc + 0.25) + 0.5 * w2
     )
