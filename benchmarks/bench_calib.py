@@ -2,7 +2,7 @@
 
 import sys
 
-from streamer.bench.calib import main
+from streamer.tools.bench.calib import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

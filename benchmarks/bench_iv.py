@@ -2,7 +2,7 @@
 
 import sys
 
-from streamer.bench.iv import main
+from streamer.tools.bench.iv import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -2,7 +2,7 @@
 
 import sys
 
-from streamer.bench.mqtt import main
+from streamer.tools.bench.mqtt import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -2,7 +2,7 @@
 
 import sys
 
-from streamer.bench.replay import main
+from streamer.tools.bench.replay import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -1,7 +1,7 @@
 """Reconnect delays: capped exponential backoff with jitter, reset after a good session.
 
-Shared by the feed adapters (Deribit websockets, ccxt). The MQTT side keeps its generator
-form (``streamer.publish.mqtt.backoff_delays``), which draws the same "equal jitter" delays.
+Shared vocabulary: the feed adapters (Deribit websockets, ccxt), the MQTT publisher and the
+subscriber client all reconnect with it.
 """
 
 from __future__ import annotations

@@ -18,12 +18,12 @@ Sections (every key optional; defaults below and in ``config/default.toml``)::
     max_spread_iv = 0.5               # wider bid-ask (in vol, 0.5 = 50 points) is dropped
 
     [models]
-    names = ["svi", "ssvi"]           # every name must be in streamer.models.REGISTRY
+    names = ["svi", "ssvi"]           # streamer.models.REGISTRY names (checked by the pipeline)
     penalty = { svi = 1.0 }           # per model: lambda of the parameter-change penalty
     sabr_beta = 1.0                   # SABR's fixed beta
     objective = "mid"                 # mid | band (count only what lies beyond bid-ask)
 
-    [trigger]                         # see streamer.calib.trigger
+    [trigger]                         # see streamer.calib.trigger (TriggerConfig here)
     min_changed_quotes = 20
     forward_move_bp = 10.0
     max_interval_s = 5.0
@@ -60,11 +60,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from streamer.calib.trigger import TriggerConfig
 from streamer.errors import ConfigError
 from streamer.settings import apply_env, build
 
 DEFAULT_DERIBIT_URL = "wss://www.deribit.com/ws/api/v2"
+DEFAULT_MIN_CHANGED_QUOTES = 20
+DEFAULT_FORWARD_MOVE_BP = 10.0
+DEFAULT_MAX_INTERVAL_S = 5.0
+DEFAULT_MIN_INTERVAL_S = 0.2
+DEFAULT_WARMUP_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerConfig:
+    """Refit after N changed quotes, a forward move beyond x bp, or a max interval."""
+
+    min_changed_quotes: int = DEFAULT_MIN_CHANGED_QUOTES
+    forward_move_bp: float = DEFAULT_FORWARD_MOVE_BP
+    max_interval_s: float = DEFAULT_MAX_INTERVAL_S
+    min_interval_s: float = DEFAULT_MIN_INTERVAL_S
+    warmup_s: float = DEFAULT_WARMUP_S
 
 
 @dataclass(frozen=True)
@@ -153,14 +168,7 @@ class Config:
 def config_from_table(table: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     """Validate a parsed TOML table (plus env overrides) into a ``Config``."""
     merged = apply_env(dict(table), os.environ if env is None else env)
-    config = build(Config, merged)
-    from streamer.models import REGISTRY
-
-    for i, name in enumerate(config.models.names):
-        if name not in REGISTRY:
-            allowed = ", ".join(sorted(REGISTRY)) or "(none registered)"
-            raise ConfigError(f"models.names[{i}]", f"unknown model {name!r}; allowed: {allowed}")
-    return config
+    return build(Config, merged)
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:

@@ -15,6 +15,7 @@ MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", 
 MONTH_INDEX = {m: i + 1 for i, m in enumerate(MONTHS)}
 SETTLEMENT_HOUR_UTC = 8
 MS_PER_YEAR = 365 * 86_400_000
+STABLECOINS = frozenset({"USDC", "USDT"})
 
 _OPTION = re.compile(
     r"^(?P<under>[A-Z0-9]+(?:_[A-Z]+)?)-(?P<day>\d{1,2})(?P<mon>[A-Z]{3})(?P<yy>\d{2})"
@@ -78,3 +79,8 @@ def parse_option(name: str) -> OptionName | None:
 def year_fraction(expiry_ms: int | float, now_ms: int | float) -> float:
     """``T = (expiry - now) / (365 days)`` in years (DESIGN section 2)."""
     return (expiry_ms - now_ms) / MS_PER_YEAR
+
+
+def inverse_of(underlying: str) -> bool:
+    """Coin-margined unless the underlying is a stablecoin pair (``XRP_USDC``, ``BTC_USDT``)."""
+    return not ("_" in underlying and underlying.rsplit("_", 1)[1] in STABLECOINS)

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
+from streamer.book.snapshot import ChainSnapshot
 from streamer.pricing import black_price
-from streamer.snapshot import ChainSnapshot
 
 FloatArray = npt.NDArray[np.float64]
 IvFn = Callable[[FloatArray, FloatArray, int], FloatArray]  # (k, T, slice j) -> iv

@@ -22,9 +22,10 @@ import numpy as np
 import orjson
 import pytest
 
-from streamer.book import Book, Books
-from streamer.feeds.deribit_parse import DeribitParser
-from streamer.feeds.events import (
+from streamer.book.book import Book, Books
+from streamer.book.fastpath import FastPath
+from streamer.book.snapshot import ChainSnapshot
+from streamer.events import (
     BookTop,
     FeedStatus,
     IndexPrice,
@@ -34,9 +35,9 @@ from streamer.feeds.events import (
     MarkPrice,
     Quote,
 )
+from streamer.feeds.deribit.parser import DeribitParser
 from streamer.instruments import MS_PER_YEAR, expiry_ms_of, parse_option
 from streamer.pricing import black_price
-from streamer.snapshot import ChainSnapshot
 from tests.conftest import REPO, shared_file
 
 CHAIN = "chains/bottama-btc-2021-02-11.csv"
@@ -452,10 +453,11 @@ def test_quote_update_allocates_nothing() -> None:
 
 def test_books_route_by_underlying() -> None:
     lines = shared_file("raw/cryptofeed-DERIBIT.0").read_text().splitlines()
-    p, books = DeribitParser(), Books()
+    books = Books()
+    fast = FastPath(DeribitParser(), books)
     for ln in lines:
         if ln.startswith("https://"):
-            for ev in p.parse_into(ln.split(": ", 1)[1], 1626993723_000_000_000, books):
+            for ev in fast.apply(ln.split(": ", 1)[1], 1626993723_000_000_000):
                 assert not isinstance(ev, Quote)
     assert {(b.venue, b.underlying, len(b)) for b in books} == {
         ("deribit", "BTC", 390),
@@ -525,8 +527,9 @@ def assert_same(a: ChainSnapshot, b: ChainSnapshot, *, dirty: bool = True) -> No
 def both_paths(frames: list[tuple[int, str]], **kw: float) -> tuple[Books, Books]:
     fused, event = Books(**kw), Books(**kw)  # type: ignore[arg-type]
     p1, p2 = DeribitParser(), DeribitParser()
+    fast = FastPath(p1, fused)
     for ns, frame in frames:
-        p1.parse_into(frame, ns, fused)
+        fast.apply(frame, ns)
         for ev in p2.parse(frame, ns):
             event.on_event(ev)
     assert p1.drops == p2.drops == Counter()
@@ -594,7 +597,7 @@ def test_fused_and_event_paths_give_identical_snapshots(tmp_path: Path) -> None:
 
 
 def test_group_medians_equal_numpy_median_per_group() -> None:
-    from streamer.book import _group_medians
+    from streamer.book.book import _group_medians
 
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 9, 400)

@@ -9,10 +9,10 @@ import pytest
 
 from streamer.calib.calibrator import CalibConfig, Calibrator
 from streamer.calib.data import FilterConfig, prepare
-from streamer.chains import load_chains
 from streamer.models import REGISTRY, Model
 from streamer.models.sabr import butterfly_g_numeric
 from streamer.models.svi import total_variance
+from streamer.tools.chains import load_chains
 from tests.conftest import shared_file
 from tests.synth import DEFAULT_DAYS, IvFn, make_chain, svi_surface
 

@@ -15,24 +15,16 @@ from typing import Any
 import pytest
 
 from streamer.errors import FeedError, InputError
-from streamer.feeds.ccxt_feed import (
-    CcxtFeed,
-    FakeCcxtExchange,
-    ccxt_exchange_factory,
-    default_retry_on,
+from streamer.events import Event, FeedStatus, InstrumentExpired, InstrumentListed, Quote
+from streamer.feeds.ccxt.connection import CcxtFeed, ccxt_exchange_factory, default_retry_on
+from streamer.feeds.ccxt.fake import FakeCcxtExchange
+from streamer.feeds.ccxt.mapping import (
     instrument_from_market,
     quote_from_ticker,
     select_option_markets,
     venue_of,
 )
-from streamer.feeds.events import (
-    Event,
-    FeedStatus,
-    InstrumentExpired,
-    InstrumentListed,
-    Quote,
-)
-from streamer.feeds.replay import read_cryptofeed_capture
+from streamer.feeds.recordings.reader import read_cryptofeed_capture
 from tests.conftest import shared_file
 
 EXPIRY_MS = 1_735_286_400_000  # 2024-12-27 08:00 UTC

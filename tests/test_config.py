@@ -44,8 +44,11 @@ def test_errors_name_key_and_allowed_values(
 
 
 def test_unknown_model_lists_the_registry(tmp_path: Path) -> None:
+    from streamer.daemon.pipeline import Pipeline
+
+    config = load_config(_write(tmp_path, '[models]\nnames = ["nope"]\n'), env={})
     with pytest.raises(ConfigError) as info:
-        load_config(_write(tmp_path, '[models]\nnames = ["nope"]\n'), env={})
+        Pipeline.from_config(config)
     assert info.value.key == "models.names[0]"
     assert "unknown model 'nope'" in str(info.value)
 

@@ -21,22 +21,7 @@ import pytest
 
 from streamer.backoff import Backoff
 from streamer.errors import InputError
-from streamer.feeds.deribit import (
-    INVALID_REQUEST,
-    SUBSCRIBE,
-    UNSUBSCRIBE,
-    DeribitFeed,
-    Subscriptions,
-    batch_channels,
-    book_channel,
-    currency_of,
-    index_channel,
-    instrument_channels,
-    rpc_request,
-    static_channels,
-    ticker_channel,
-)
-from streamer.feeds.events import (
+from streamer.events import (
     BookTop,
     Event,
     FeedStatus,
@@ -45,7 +30,8 @@ from streamer.feeds.events import (
     InstrumentListed,
     Quote,
 )
-from streamer.feeds.fake_deribit import (
+from streamer.feeds.deribit.connection import DeribitFeed
+from streamer.feeds.deribit.fake import (
     CAPTURE_INSTRUMENTS,
     CAPTURE_WS,
     ConnectionLog,
@@ -55,6 +41,20 @@ from streamer.feeds.fake_deribit import (
     script_from_capture,
     synthetic_instruments,
     synthetic_script,
+)
+from streamer.feeds.deribit.protocol import (
+    INVALID_REQUEST,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    Subscriptions,
+    batch_channels,
+    book_channel,
+    currency_of,
+    index_channel,
+    instrument_channels,
+    rpc_request,
+    static_channels,
+    ticker_channel,
 )
 from tests.conftest import shared_file
 
@@ -177,7 +177,7 @@ def test_subscriptions_unwant_resubscribe_and_errors() -> None:
 
 
 def test_feed_rejects_bad_arguments() -> None:
-    from streamer.feeds.deribit_parse import DeribitParser
+    from streamer.feeds.deribit.parser import DeribitParser
 
     p = DeribitParser()
     with pytest.raises(InputError, match="heartbeat_s"):
@@ -194,7 +194,7 @@ def test_feed_rejects_bad_arguments() -> None:
 
 
 def make_parser() -> Any:
-    from streamer.feeds.deribit_parse import DeribitParser
+    from streamer.feeds.deribit.parser import DeribitParser
 
     return DeribitParser()
 

@@ -17,9 +17,9 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamer.book import Books
-from streamer.feeds.deribit_parse import DeribitParser
-from streamer.feeds.events import (
+from streamer.book.book import Books
+from streamer.book.fastpath import FastPath
+from streamer.events import (
     BookTop,
     Event,
     FeedStatus,
@@ -32,6 +32,7 @@ from streamer.feeds.events import (
     RpcResponse,
     Trade,
 )
+from streamer.feeds.deribit.parser import DeribitParser
 from streamer.instruments import expiry_ms_of
 from tests.conftest import shared_file
 
@@ -122,7 +123,7 @@ def test_real_capture_parses_every_frame() -> None:
     rpc = next(e for e in events if isinstance(e, RpcResponse))
     assert rpc.id == 0 and isinstance(rpc.result, list) and len(rpc.result) == 30
     # receive times come from the line prefixes
-    assert events[0].recv_ns == frames[0][0] == 1626993723804318000
+    assert getattr(events[0], "recv_ns", None) == frames[0][0] == 1626993723804318000
 
 
 def test_real_ticker_fields_match_the_raw_text() -> None:
@@ -621,11 +622,11 @@ GARBAGE: list[tuple[str | bytes, str]] = [
 @pytest.mark.parametrize("fused", [False, True])
 def test_garbage_is_counted_by_reason_never_raised(fused: bool) -> None:
     p = DeribitParser()
-    books = Books()
+    fast = FastPath(p, Books())
     if fused:  # the instrument already has a row, so tickers reach the fused path
-        p.parse_into(ticker(), 0, books)
+        fast.apply(ticker(), 0)
     for frame, _ in GARBAGE:
-        out = p.parse_into(frame, 0, books) if fused else p.parse(frame, 0)
+        out = fast.apply(frame, 0) if fused else p.parse(frame, 0)
         assert not out, frame
     assert p.drops == Counter(reason for _, reason in GARBAGE)
     assert p.frames == len(GARBAGE) + fused
@@ -638,8 +639,9 @@ def test_fused_path_ignores_fields_the_book_does_not_keep() -> None:
     p = DeribitParser()
     assert p.parse(bad, 0) == [] and p.drops == Counter(bad_type=1)
     p2, books = DeribitParser(), Books()
-    p2.parse_into(ticker(), 0, books)
-    assert not p2.parse_into(bad, 0, books) and p2.drops == Counter()
+    fast = FastPath(p2, books)
+    fast.apply(ticker(), 0)
+    assert not fast.apply(bad, 0) and p2.drops == Counter()
     row = books.get("deribit", "BTC").quote_row("BTC-27DEC24-100000-C")  # type: ignore[union-attr]
     assert row is not None and row["bid"] == 0.051 and row["delta"] == 0.3
 
@@ -705,7 +707,7 @@ FIELD = st.one_of(
 def test_random_bytes_never_raise(data: bytes) -> None:
     p = DeribitParser(log_first=0)
     p.parse(data, 0)
-    p.parse_into(data, 0, Books())
+    FastPath(p, Books()).apply(data, 0)
     assert p.frames == 2
 
 
@@ -728,7 +730,7 @@ def test_random_bytes_never_raise(data: bytes) -> None:
 )
 def test_random_json_never_raises(value: object, channel: str) -> None:
     p = DeribitParser(log_first=0)
-    books = Books()
+    fast = FastPath(p, Books())
     for frame in (
         orjson.dumps(value),
         note(channel, value),
@@ -736,13 +738,13 @@ def test_random_json_never_raises(value: object, channel: str) -> None:
         orjson.dumps({"jsonrpc": "2.0", "method": "heartbeat", "params": value}),
     ):
         p.parse(frame, 0)
-        p.parse_into(frame, 0, books)
+        fast.apply(frame, 0)
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.dictionaries(st.sampled_from(TICKER_KEYS), FIELD, max_size=len(TICKER_KEYS)))
 def test_fused_ticker_path_decides_like_the_event_path(fields: dict[str, object]) -> None:
-    """Any ticker payload: parse_into's fused write and parse + Books.on_event leave the same
+    """Any ticker payload: the fused write (``FastPath``) and parse + Books.on_event leave the same
     row and count the same drops (for the fields the book keeps)."""
     name = "BTC-27DEC24-100000-C"
     frame = ticker(name, **fields)
@@ -751,9 +753,10 @@ def test_fused_ticker_path_decides_like_the_event_path(fields: dict[str, object]
     for fused in (True, False):
         p = DeribitParser(log_first=0)
         books = Books()
-        p.parse_into(ticker(name), 0, books)  # the instrument has a row already
+        fast = FastPath(p, books)
+        fast.apply(ticker(name), 0)  # the instrument has a row already
         if fused:
-            p.parse_into(frame, 0, books)
+            fast.apply(frame, 0)
         else:
             for ev in p.parse(frame, 0):
                 books.on_event(ev)
@@ -773,9 +776,10 @@ def test_fused_path_follows_the_data_not_the_channel_name() -> None:
     rows = []
     for fused in (True, False):
         p, books = DeribitParser(), Books()
+        fast = FastPath(p, books)
         for frame in (ticker(a), ticker(b), odd):
             if fused:
-                p.parse_into(frame, 0, books)
+                fast.apply(frame, 0)
             else:
                 for ev in p.parse(frame, 0):
                     books.on_event(ev)

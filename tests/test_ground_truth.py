@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamer.calib.trigger import TriggerConfig
-from streamer.pipeline import Pipeline, run_inline
-from streamer.simulate import simulate
+from streamer.config import TriggerConfig
+from streamer.daemon.pipeline import Pipeline, run_inline
+from streamer.tools.simulate.simulate import simulate
 
 CALM_MAX_ERR = 0.5  # vol points, ATM, any expiry (the bound)
 RATE = 150.0  # ticker frames per second: every option re-quotes every few seconds

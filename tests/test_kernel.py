@@ -3,22 +3,23 @@ numpy one, and the vectorised gate checks against their slice-by-slice versions.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from streamer.bench.calib import requote
 from streamer.calib import kernel
 from streamer.calib.calibrator import CalibConfig, Calibrator, _calendar_gaps
 from streamer.calib.constraints import pair_ranges
 from streamer.calib.data import FilterConfig
-from streamer.chains import load_chains
 from streamer.models import REGISTRY, Model
 from streamer.models.base import KERNEL_NONE, FitData
 from streamer.models.essvi import ESSVI
 from streamer.models.sabr import SABR
 from streamer.models.svi import SVI
+from streamer.tools.bench.calib import requote
+from streamer.tools.chains import load_chains
 from tests.conftest import SHARED_DATA
 from tests.synth import make_chain, svi_surface
 
@@ -358,35 +359,65 @@ def test_warm_up_fits_every_model_on_the_synthetic_chain() -> None:
     assert warm_up([cls() for cls in REGISTRY.values()]) > 0.0
 
 
-def test_numba_cache_is_keyed_by_source_and_falls_back_to_a_writable_dir(
+def test_numba_cache_is_keyed_by_source_and_falls_back_to_a_private_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The kernel cache directory: under ``$NUMBA_CACHE_DIR``, one per hash of the kernel
-    sources (a child process keeps it); when neither it nor the home cache can be created,
-    the temp dir (a sandboxed service must still get a cache: numba refuses otherwise)."""
+    sources (a child process computes the same one); when neither it nor the home cache can
+    be created, a private (0700, ours) directory in the temp dir, and none when that one is
+    not private (another user could plant machine code there)."""
     import os
+    import stat
 
-    import numba
+    from streamer.pricing import cache
 
-    import streamer
-
-    config = numba.config
-    monkeypatch.setattr(config, "CACHE_DIR", getattr(config, "CACHE_DIR"))  # noqa: B009
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cache"))
-    streamer._key_numba_cache()
-    keyed = Path(os.environ["NUMBA_CACHE_DIR"])
-    assert keyed.parent == tmp_path / "cache" and len(keyed.name) == 16 and keyed.is_dir()
-    assert str(keyed) == getattr(config, "CACHE_DIR")  # noqa: B009
-    streamer._key_numba_cache()  # what a child process sees: the same directory
-    assert Path(os.environ["NUMBA_CACHE_DIR"]) == keyed
+    keyed = cache.cache_dir()
+    assert keyed is not None and keyed.parent == tmp_path / "cache" and keyed.is_dir()
+    assert keyed.name == cache.source_key() and len(keyed.name) == cache.KEY_CHARS
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(keyed))  # a child handed the keyed dir keeps it
+    assert cache.cache_dir() == keyed
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(blocker / "cache"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "xdg"))
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
-    streamer._key_numba_cache()
-    fallback = Path(os.environ["NUMBA_CACHE_DIR"])
-    assert fallback.parent.parent == tmp_path / "tmp" and fallback.name == keyed.name
+    fallback = cache.cache_dir()
+    assert fallback is not None and fallback.parent.parent == tmp_path / "tmp"
+    assert fallback.name == keyed.name
+    assert stat.S_IMODE(fallback.parent.stat().st_mode) == 0o700
+    fallback.parent.chmod(0o755)  # opened up (by someone else, say): refused
+    assert cache.cache_dir() is None
+    fallback.parent.chmod(0o700)
+    assert cache.cache_dir() == fallback
+    assert os.environ["NUMBA_CACHE_DIR"] == str(blocker / "cache")  # the environment untouched
+
+
+def test_importing_streamer_and_the_client_has_no_side_effects(tmp_path: Path) -> None:
+    """``import streamer`` / ``import streamer.client`` load no kernels (no numba), create no
+    directory and leave the environment as it was: a bot that only subscribes pays nothing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys; before = dict(os.environ); import streamer, streamer.client; "
+        "from streamer.client import subscribe; "
+        "assert 'numba' not in sys.modules, 'numba imported'; "
+        "assert dict(os.environ) == before, 'environment changed'; "
+        "assert not os.listdir(os.environ['XDG_CACHE_HOME']), 'a cache dir was created'"
+    )
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+        "TMPDIR": str(tmp_path),
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    (tmp_path / "xdg").mkdir()
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
 
 
 @pytest.mark.parametrize("name", ["svi", "sabr", "essvi"])

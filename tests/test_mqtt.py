@@ -23,9 +23,10 @@ import aiomqtt
 import jsonschema
 import pytest
 
-from streamer.client import subscribe_payloads
+from streamer.client.render import render
+from streamer.client.subscribe import subscribe_payloads
 from streamer.errors import InputError, PublishError, SubscribeError
-from streamer.publish import decode, from_url
+from streamer.publish.base import decode
 from streamer.publish.memory import MemoryPublisher
 from streamer.publish.mqtt import MqttPublisher
 from streamer.publish.payloads import (
@@ -35,7 +36,7 @@ from streamer.publish.payloads import (
     topic_greeks,
     topic_surface,
 )
-from streamer.subscribe_cmd import render
+from streamer.publish.urls import from_url
 from tests.mosquitto import Mosquitto, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,7 +203,7 @@ async def test_status_online_feed_state_and_offline_on_close(mosquitto: Mosquitt
 
 _VICTIM = """
 import asyncio, sys
-from streamer.publish import from_url
+from streamer.publish.urls import from_url
 
 async def main():
     async with from_url(sys.argv[1], instance="victim") as pub:

@@ -17,10 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamer.errors import ConfigError, InputError, PublishError
-from streamer.publish import decode, encode, from_url, redact, sanitize
+from streamer.publish.base import decode, encode, sanitize
 from streamer.publish.jsonl import JsonlPublisher
 from streamer.publish.memory import MemoryPublisher
-from streamer.publish.mqtt import MqttPublisher, backoff_delays
+from streamer.publish.mqtt import MqttPublisher
 from streamer.publish.payloads import (
     GREEKS_COLUMNS,
     expiry_entry,
@@ -34,6 +34,7 @@ from streamer.publish.payloads import (
     topic_status,
     topic_surface,
 )
+from streamer.publish.urls import from_url, redact
 
 NAN = float("nan")
 INF = float("inf")
@@ -201,15 +202,6 @@ def test_bad_option_and_password_redacted() -> None:
     assert "secret" not in str(info2.value)
     assert redact("mqtt://u:secret@h:1883/p") == "mqtt://u:***@h:1883/p"
     assert redact("mqtt://h:1883") == "mqtt://h:1883"
-
-
-def test_backoff_is_jittered_capped_exponential() -> None:
-    gen = backoff_delays(0.1, 2.0, 2.0)
-    delays = [next(gen) for _ in range(12)]
-    nominal = [min(0.1 * 2.0**i, 2.0) for i in range(12)]
-    for d, n in zip(delays, nominal, strict=True):
-        assert n / 2 <= d <= n
-    assert len(set(delays)) > 1  # jittered, not a fixed schedule
 
 
 # -- jsonl and memory publishers -------------------------------------------------------------

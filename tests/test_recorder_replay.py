@@ -21,8 +21,7 @@ import zstandard
 from structlog.testing import capture_logs
 
 from streamer.errors import FeedError, InputError
-from streamer.feeds.recorder import Recorder
-from streamer.feeds.replay import (
+from streamer.feeds.recordings.reader import (
     ReplayStats,
     aiter_frames,
     detect_compression,
@@ -32,6 +31,7 @@ from streamer.feeds.replay import (
     read_recording,
     recording_paths,
 )
+from streamer.feeds.recordings.recorder import Recorder
 from tests.conftest import REPO, shared_file
 
 COMPRESSIONS = ("zst", "gz", "none")
@@ -220,7 +220,7 @@ def test_flush_interval_makes_lines_readable_while_open(tmp_path: Path, compress
 
 CHILD = """
 import sys
-from streamer.feeds.recorder import Recorder
+from streamer.feeds.recordings.recorder import Recorder
 from tests.test_recorder_replay import BASE_NS, frame_text
 
 rec = Recorder(sys.argv[1], venue="deribit", compression=sys.argv[2], flush_interval_s=3600.0)

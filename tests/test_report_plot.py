@@ -21,13 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamer import plot, report
+from streamer.book.snapshot import ChainSnapshot
 from streamer.calib.calibrator import Calibrator
-from streamer.chains import load_chains
+from streamer.cli import plot as plot_cmd
+from streamer.cli import report as report_cmd
+from streamer.daemon.pipeline import FitRecord, make_model
 from streamer.instruments import expiry_code_of
 from streamer.models import REGISTRY
-from streamer.pipeline import FitRecord, make_model
-from streamer.snapshot import ChainSnapshot
+from streamer.tools.chains import load_chains
+from streamer.tools.report import report
 from tests.conftest import shared_file
 from tests.synth import make_chain, svi_surface
 
@@ -123,8 +125,8 @@ def synth_chains() -> list[ChainSnapshot]:
 def run(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="streamer")
     sub = ap.add_subparsers(dest="command", required=True)
-    report.add_parser(sub)
-    plot.add_parser(sub)
+    report_cmd.add_parser(sub)
+    plot_cmd.add_parser(sub)
     args = ap.parse_args(argv)
     code: int = args.func(args)
     return code

@@ -23,15 +23,15 @@ import jsonschema
 import numpy as np
 import pytest
 
-from streamer import sdnotify
-from streamer.client import subscribe
+from streamer.client.subscribe import subscribe
+from streamer.client.surface import Surface
 from streamer.config import load_config
-from streamer.feeds.fake_deribit import FakeDeribitServer, ScriptFrame
-from streamer.metrics import Registry, serve
+from streamer.daemon import sdnotify
+from streamer.daemon.metrics import Registry, serve
+from streamer.daemon.service import Service
+from streamer.feeds.deribit.fake import FakeDeribitServer, ScriptFrame
 from streamer.publish.memory import MemoryPublisher
 from streamer.publish.payloads import load_schema
-from streamer.service import Service
-from streamer.surface import Surface
 from tests.mosquitto import Mosquitto
 from tests.synth import deribit_chain, make_chain, svi_surface, ticker_frame
 
@@ -399,7 +399,7 @@ async def test_replay_to_mosquitto_matches_jsonl(mosquitto: Mosquitto, tmp_path:
 
 async def test_record_only_writes_every_received_frame(tmp_path: Path) -> None:
     """`streamer record`'s service mode: no models, no publishers, raw frames to .jsonl.zst."""
-    from streamer.feeds.replay import read_recording
+    from streamer.feeds.recordings.reader import read_recording
 
     instruments, script = chain_script(rounds=1)
     async with FakeDeribitServer(instruments=instruments, script=script) as fake:
@@ -428,7 +428,7 @@ async def test_record_only_writes_every_received_frame(tmp_path: Path) -> None:
 
 async def test_replay_feed_drives_the_service(tmp_path: Path) -> None:
     """The replay plug point: a recording through the live service, paced at a frame rate."""
-    from streamer.feeds.replay_feed import ReplayFeed
+    from streamer.feeds.recordings.replay_feed import ReplayFeed
 
     _, fn = svi_surface()
     snap = make_chain(fn, noise_iv=0.002, rng=np.random.default_rng(4), ts_ms=FUTURE_MS)

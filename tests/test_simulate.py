@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamer import simulate as simmod
 from streamer.errors import InputError
-from streamer.feeds.deribit_parse import DeribitParser
-from streamer.feeds.events import InstrumentExpired, InstrumentListed, Quote, RpcResponse
+from streamer.events import InstrumentExpired, InstrumentListed, Quote, RpcResponse
+from streamer.feeds.deribit.parser import DeribitParser
 from streamer.instruments import MS_PER_YEAR, expiry_code_of, expiry_ms_of, parse_option
 from streamer.models.ssvi import SSVI
 from streamer.pricing import implied_vol
-from streamer.simulate import Simulation, simulate
+from streamer.tools.simulate import simulate as simmod
+from streamer.tools.simulate.simulate import Simulation, simulate
 
 REPO = Path(__file__).resolve().parent.parent
 Frames = list[tuple[int, str]]
@@ -150,7 +150,7 @@ def test_written_files_are_byte_identical(tmp_path: Path) -> None:
         for n in ("c", "d")
     ]
     assert gz[0].path.read_bytes() == gz[1].path.read_bytes()
-    from streamer.feeds.replay import read_frames
+    from streamer.feeds.recordings.reader import read_frames
 
     back = [(ts, frame) for ts, _venue, frame in read_frames(str(paths[0].path))]
     assert back == list(simulate("regime-shift", 0.5, seed=3))
@@ -434,7 +434,9 @@ def test_bad_data_is_counted_by_the_parser() -> None:
 def test_cli_writes_recording_and_truth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers()
-    simmod.add_parser(sub)
+    from streamer.cli import simulate as simulate_cmd
+
+    simulate_cmd.add_parser(sub)
     out = tmp_path / "sim.jsonl.zst"
     args = ap.parse_args(
         ["simulate", "--scenario", "calm", "--minutes", "0.25", "--seed", "1", "--out", str(out)]
@@ -465,7 +467,7 @@ def test_bundled_recordings(name: str) -> None:
     assert truth["config"]["scenario"] == name
     assert truth["end_ms"] - truth["start_ms"] == 3_600_000
     assert len(truth["path"]) == 361
-    from streamer.feeds.replay import read_frames
+    from streamer.feeds.recordings.reader import read_frames
 
     parser = DeribitParser()
     for n, (ts, _venue, frame) in enumerate(read_frames(str(rec))):

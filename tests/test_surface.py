@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from streamer.client.surface import Surface
 from streamer.models import REGISTRY, Model
 from streamer.models.base import FitData, FloatArray, IntArray, ParamView, Violation
 from streamer.pricing import black_greeks, black_price, deribit_greeks
-from streamer.surface import Surface
 
 
 class _FlatSmile(Model):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from streamer.errors import InputError
-from streamer.feeds.events import Event, InstrumentListed, Quote
-from streamer.feeds.tardis import TardisStats, read_tardis_options_chain, sorted_by_time
+from streamer.events import Event, InstrumentListed, Quote
+from streamer.feeds.recordings.tardis import TardisStats, read_tardis_options_chain, sorted_by_time
 from tests.conftest import shared_file
 
 MONTHS = ("2024-05", "2025-01", "2025-09")

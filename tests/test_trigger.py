@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from streamer.calib.trigger import TriggerConfig, TriggerPolicy
+from streamer.calib.trigger import TriggerPolicy
+from streamer.config import TriggerConfig
 
 CFG = TriggerConfig(
     min_changed_quotes=5, forward_move_bp=10.0, max_interval_s=2.0, min_interval_s=0.5

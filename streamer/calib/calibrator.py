@@ -37,6 +37,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from streamer.book.snapshot import ChainSnapshot
 from streamer.calib import kernel
 from streamer.calib.constraints import hinge_grids, hinge_rows, pair_grids
 from streamer.calib.data import FilterConfig, Prepared, in_band, prepare
@@ -52,7 +53,6 @@ from streamer.models.base import (
     ParamView,
     Violation,
 )
-from streamer.snapshot import ChainSnapshot
 
 DEFAULT_PENALTY = 10.0
 EXACT_CALENDAR_TOL = 1e-9  # relative: the exact tests' margin is (w_j - w_{j-1}) / w_{j-1}

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from streamer.book.snapshot import ChainSnapshot
 from streamer.models.base import FitData
 from streamer.pricing import black_greeks, implied_vol
-from streamer.snapshot import ChainSnapshot
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]

@@ -16,24 +16,8 @@ venue time in replay (deterministic), monotonic time live.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-DEFAULT_MIN_CHANGED_QUOTES = 20
-DEFAULT_FORWARD_MOVE_BP = 10.0
-DEFAULT_MAX_INTERVAL_S = 5.0
-DEFAULT_MIN_INTERVAL_S = 0.2
-DEFAULT_WARMUP_S = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class TriggerConfig:
-    """Refit after N changed quotes, a forward move beyond x bp, or a max interval."""
-
-    min_changed_quotes: int = DEFAULT_MIN_CHANGED_QUOTES
-    forward_move_bp: float = DEFAULT_FORWARD_MOVE_BP
-    max_interval_s: float = DEFAULT_MAX_INTERVAL_S
-    min_interval_s: float = DEFAULT_MIN_INTERVAL_S
-    warmup_s: float = DEFAULT_WARMUP_S
+from streamer.config import TriggerConfig
 
 
 class TriggerPolicy:

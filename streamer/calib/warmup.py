@@ -12,10 +12,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from streamer.book.snapshot import ChainSnapshot
 from streamer.calib.calibrator import Calibrator
 from streamer.models import Model
 from streamer.pricing import black_greeks, black_price
-from streamer.snapshot import ChainSnapshot
 
 DAY_MS = 86_400_000
 T0_MS = 1_700_006_400_000  # a Wednesday 08:00 UTC (any time works)

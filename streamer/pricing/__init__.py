@@ -16,9 +16,13 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from streamer.pricing.black import black_kernel
-from streamer.pricing.greeks import deribit_theta_kernel, greeks_kernel
-from streamer.pricing.implied import implied_vol_kernel
+from streamer.pricing.cache import configure as _configure_cache
+
+_configure_cache()  # before any kernel below is decorated (numba fixes its cache dir then)
+
+from streamer.pricing.black import black_kernel  # noqa: E402
+from streamer.pricing.greeks import deribit_theta_kernel, greeks_kernel  # noqa: E402
+from streamer.pricing.implied import implied_vol_kernel  # noqa: E402
 
 __all__ = [
     "DeribitGreeks",

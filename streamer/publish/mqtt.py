@@ -29,11 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import socket
 import ssl
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +40,7 @@ import aiomqtt
 import structlog
 
 from streamer import __version__
+from streamer.backoff import Backoff
 from streamer.errors import InputError, PublishError
 from streamer.publish.base import DEFAULT_INSTANCE, DEFAULT_PREFIX, Publisher, encode
 from streamer.publish.payloads import STATUS_SCHEMA, topic_status
@@ -58,24 +58,6 @@ DEFAULT_BATCH = 256
 # small messages must not wait for Nagle's algorithm (a 40 ms stall with delayed ACKs)
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 _TRUE = {"1", "true", "yes", "on"}
-
-
-def backoff_delays(
-    initial: float = DEFAULT_BACKOFF_INITIAL_S,
-    maximum: float = DEFAULT_BACKOFF_MAX_S,
-    factor: float = DEFAULT_BACKOFF_FACTOR,
-    rng: random.Random | None = None,
-) -> Iterator[float]:
-    """Endless capped exponential delays with "equal jitter": each in [d/2, d], d = min(cap, ..).
-
-    (Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog, 2015.)
-    """
-    rng = rng or random.Random()
-    delay = initial
-    while True:
-        capped = min(delay, maximum)
-        yield capped / 2 + rng.uniform(0, capped / 2)
-        delay = min(delay * factor, maximum)
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,12 +311,12 @@ class MqttPublisher(Publisher):
 
     async def _run(self) -> None:
         initial, maximum, factor = self._backoff
-        delays = backoff_delays(initial, maximum, factor)
+        backoff = Backoff(initial, maximum, factor)
         while not self._closing.is_set():
             try:
                 async with self._client() as client:
                     self._on_connect()
-                    delays = backoff_delays(initial, maximum, factor)
+                    backoff.reset()
                     await self._session(client)
                     # clean shutdown: say offline before DISCONNECT (which cancels the will)
                     await client.publish(
@@ -349,7 +331,7 @@ class MqttPublisher(Publisher):
             except* (aiomqtt.MqttError, OSError) as group:
                 was_connected = self.connected
                 self._on_disconnect()
-                delay = next(delays)
+                delay = backoff.next_delay()
                 log.warning(
                     "mqtt_disconnected" if was_connected else "mqtt_connect_failed",
                     host=self.host,

@@ -1,0 +1,730 @@
+"""The live option chain of one (venue, underlying), and the array snapshot it hands the calibrator.
+
+``Book`` keeps, per listed option, one row of a preallocated ``float64`` array (slot index per
+instrument, capacity doubled when full): quote time, best bid/ask and sizes, venue mark price
+and mark/bid/ask IVs (fractions), the option's own forward (Deribit ``underlying_price``) and
+the venue delta. A quote update is one ``struct.pack_into`` of that row: O(1), no allocation.
+``Book.write_ticker`` is that write, used directly by the fused ticker path
+(``streamer.book.fastpath``); ``Book.apply(event)`` is the general entry for every
+normalized event (``streamer.events``).
+
+``snapshot(now_ms)`` builds an immutable ``ChainSnapshot`` from the arrays (vectorized):
+
+* expiries whose settlement time (08:00 UTC, DESIGN section 2) is <= ``now_ms`` leave the book
+  first, whole slices at once; ``InstrumentExpired`` removes single instruments at any time;
+* per quote, excluded and counted in ``book.drops`` under the first reason that applies:
+  ``no_quote`` (listed, never quoted), ``stale`` (quote older than ``stale_after_s``),
+  ``zero`` (a side priced <= 0: a venue's "no quote" that was not mapped to NaN),
+  ``empty`` (no bid and no ask), ``crossed`` (bid > ask), ``wide_spread`` (ask IV - bid IV
+  above ``max_spread_iv``), ``no_forward`` (its expiry has no forward), ``below_intrinsic``
+  (mid, or the ask when there is no bid, below intrinsic value: for a coin-margined option
+  ``max(F - K, 0) / F`` (calls) / ``max(K - F, 0) / F`` (puts) in coin, ``max(±(F - K), 0)`` for
+  linear ones, F the quote's own forward);
+* one-sided quotes are kept, NaN on the missing side (the calibrator needs both sides and
+  decides), and counted in ``book.one_sided``;
+* the forward per expiry is the median of its fresh quotes' forwards; when no quote carries one,
+  put-call parity at the strike where call and put mids are closest (nearest the money):
+  coin-margined ``C - P = (F - K) / F`` so ``F = K / (1 - (C - P))``; linear ``F = K + C - P``;
+* ``dirty`` per expiry: a quote of it changed (any stored field but its time), an instrument was
+  added or removed, or the set of its quotes passing the filters changed, since the previous
+  snapshot.
+
+``Books`` routes events to one ``Book`` per (venue, underlying), by the instrument's
+underlying; instruments are created from ``InstrumentListed`` or on first sight by their name
+(``parse_option``).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import sys
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+import numpy.typing as npt
+
+from streamer.book.snapshot import ChainSnapshot
+from streamer.events import (
+    BookTop,
+    Event,
+    FeedStatus,
+    IndexPrice,
+    Instrument,
+    InstrumentExpired,
+    InstrumentListed,
+    MarkPrice,
+    Quote,
+)
+from streamer.instruments import MS_PER_YEAR, OptionName, inverse_of, parse_option
+
+NAN = math.nan
+DEFAULT_STALE_AFTER_S = 60.0
+DEFAULT_MAX_SPREAD_IV = 0.5
+DEFAULT_CAPACITY = 64
+INTRINSIC_RTOL = 1e-9  # float noise allowance of the below-intrinsic test
+
+# one row per instrument: column indexes
+TS, BID, BID_SIZE, ASK, ASK_SIZE, MARK_PRICE, MARK_IV, BID_IV, ASK_IV, FORWARD, DELTA = range(11)
+NCOL = 11
+_ROW = struct.Struct(f"={NCOL}d")
+ROW_BYTES = _ROW.size
+_SIDES = struct.Struct("=4d")  # bid, bid size, ask, ask size (from column BID)
+_TOP = struct.Struct("=5d")  # time + the four above (from column TS)
+_MARK = struct.Struct("=2d")  # mark price, mark IV (from column MARK_PRICE)
+_SIDES_OFF = BID * 8
+_MARK_OFF = MARK_PRICE * 8
+write_row = _ROW.pack_into
+"""``write_row(book.buffer, slot * ROW_BYTES, ts_ms, bid, ..., delta)``: ``Book.write_ticker``
+without the call (the fused path, ``streamer.book.fastpath``); the arguments must be numbers."""
+
+DROP_REASONS = (
+    "no_quote",
+    "stale",
+    "zero",
+    "empty",
+    "crossed",
+    "wide_spread",
+    "no_forward",
+    "below_intrinsic",
+)
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+Route = tuple["Book", int]
+
+
+class Book:
+    """The live chain of one (venue, underlying).
+
+    Args:
+        venue: the venue the events come from (``"deribit"``).
+        underlying: ``"BTC"``, ``"ETH"``, ``"XRP_USDC"``, ...
+        inverse: premiums in coin (True, Deribit BTC/ETH) or in the quote currency.
+        stale_after_s: quotes older than this (venue time) leave the snapshot.
+        max_spread_iv: a wider bid-ask in IV (0.5 = 50 vol points) leaves the snapshot.
+        capacity: initial number of instrument slots (doubled when full).
+        routes: a shared ``name -> (book, slot)`` map to keep current (``Books`` passes its
+            per-venue map, which the fused path reads).
+    """
+
+    __slots__ = (
+        "_cap",
+        "_exp",
+        "_exp_code",
+        "_exp_id",
+        "_exp_live",
+        "_exp_ms",
+        "_expired",
+        "_free",
+        "_included",
+        "_inst",
+        "_is_call",
+        "_n",
+        "_names",
+        "_prev",
+        "_q",
+        "_routes",
+        "_slot_of",
+        "_strike",
+        "_touched",
+        "buffer",
+        "drops",
+        "index_price",
+        "inverse",
+        "max_spread_iv",
+        "one_sided",
+        "rejected",
+        "stale_after_s",
+        "underlying",
+        "venue",
+    )
+
+    def __init__(
+        self,
+        venue: str,
+        underlying: str,
+        *,
+        inverse: bool = True,
+        stale_after_s: float = DEFAULT_STALE_AFTER_S,
+        max_spread_iv: float = DEFAULT_MAX_SPREAD_IV,
+        capacity: int = DEFAULT_CAPACITY,
+        routes: dict[str, Route] | None = None,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity: must be >= 1, got {capacity}")
+        self.venue = venue
+        self.underlying = underlying
+        self.inverse = inverse
+        self.stale_after_s = stale_after_s
+        self.max_spread_iv = max_spread_iv
+        self.index_price = NAN  # the venue's spot index (IndexPrice events)
+        self.drops: Counter[str] = Counter()  # the latest snapshot's exclusions, by reason
+        self.one_sided = 0  # one-sided quotes kept in the latest snapshot
+        self.rejected: Counter[str] = Counter()  # events refused by apply(), by reason
+        self._routes: dict[str, Route] = routes if routes is not None else {}
+        self._slot_of: dict[str, int] = {}
+        self._free: list[int] = []
+        self._n = 0  # slots ever used (high-water mark)
+        self._cap = 0
+        self._q: FloatArray = np.empty((0, NCOL))
+        self.buffer = memoryview(b"")  # the rows as bytes (write_row packs into it)
+        self._grow(capacity)
+        self._exp_id: dict[str, int] = {}
+        self._exp_code: list[str] = []
+        self._exp_ms: list[int] = []
+        self._exp_live: list[int] = []
+        self._touched: set[int] = set()  # expiry ids with instruments added/removed
+        self._expired: set[str] = set()  # removed names: never re-created from a late quote
+
+    # -- storage --------------------------------------------------------------------------------
+
+    def _grow(self, cap: int) -> None:
+        old = self._cap
+        q = np.full((cap, NCOL), NAN)
+        prev = np.full((cap, NCOL), NAN)
+        strike = np.zeros(cap)
+        is_call = np.zeros(cap, dtype=np.bool_)
+        exp = np.full(cap, -1, dtype=np.int64)
+        included = np.zeros(cap, dtype=np.bool_)
+        if old:
+            q[:old] = self._q
+            prev[:old] = self._prev
+            strike[:old] = self._strike
+            is_call[:old] = self._is_call
+            exp[:old] = self._exp
+            included[:old] = self._included
+            self._names.extend([""] * (cap - old))
+            self._inst.extend([None] * (cap - old))
+        else:
+            self._names: list[str] = [""] * cap
+            self._inst: list[Instrument | None] = [None] * cap
+        self.buffer.release()
+        self._q = q
+        self.buffer = memoryview(q).cast("B")  # type: ignore[arg-type]
+        self._prev: FloatArray = prev  # stored fields at the previous snapshot (dirty flags)
+        self._strike: FloatArray = strike
+        self._is_call: BoolArray = is_call
+        self._exp: IntArray = exp  # expiry id per slot, -1 = free
+        self._included: BoolArray = included  # in the previous snapshot
+        self._cap = cap
+
+    def __len__(self) -> int:
+        """Live instruments."""
+        return len(self._slot_of)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._slot_of
+
+    def instruments(self) -> list[Instrument]:
+        """The live instruments (slot order)."""
+        return [i for i in self._inst[: self._n] if i is not None]
+
+    def slot(self, name: str) -> int | None:
+        """The row of a live instrument."""
+        return self._slot_of.get(name)
+
+    def expiry_of(self, slot: int) -> str:
+        """The expiry code of the live instrument in ``slot``."""
+        inst = self._inst[slot]
+        return inst.expiry if inst is not None else ""
+
+    def quote_row(self, name: str) -> dict[str, float] | None:
+        """One instrument's stored fields by column name (for inspection and tests)."""
+        slot = self._slot_of.get(name)
+        if slot is None:
+            return None
+        cols = _ROW.unpack_from(self.buffer, slot * ROW_BYTES)
+        keys = (
+            "ts_ms",
+            "bid",
+            "bid_size",
+            "ask",
+            "ask_size",
+            "mark_price",
+            "mark_iv",
+            "bid_iv",
+            "ask_iv",
+            "forward",
+            "delta",
+        )
+        return dict(zip(keys, cols, strict=True))
+
+    def nbytes(self) -> int:
+        """Bytes of the per-slot numpy arrays (the instrument table is extra)."""
+        return int(
+            self._q.nbytes
+            + self._prev.nbytes
+            + self._strike.nbytes
+            + self._is_call.nbytes
+            + self._exp.nbytes
+            + self._included.nbytes
+        )
+
+    # -- instruments ----------------------------------------------------------------------------
+
+    def add(self, instrument: Instrument, now_ms: int = 0) -> int | None:
+        """List an instrument (or refresh its metadata); its slot, or None if refused."""
+        name = instrument.name
+        slot = self._slot_of.get(name)
+        if slot is not None:
+            self._inst[slot] = instrument
+            self._strike[slot] = instrument.strike
+            self._is_call[slot] = instrument.is_call
+            return slot
+        if instrument.underlying != self.underlying or instrument.venue != self.venue:
+            self.rejected["other_underlying"] += 1
+            return None
+        if name in self._expired or instrument.expiry_ms <= now_ms:
+            self.rejected["expired"] += 1
+            return None
+        if self._free:
+            slot = self._free.pop()
+        else:
+            if self._n == self._cap:
+                self._grow(2 * self._cap)
+            slot = self._n
+            self._n += 1
+        e = self._exp_id.get(instrument.expiry)
+        if e is None:
+            e = self._exp_id[instrument.expiry] = len(self._exp_code)
+            self._exp_code.append(instrument.expiry)
+            self._exp_ms.append(instrument.expiry_ms)
+            self._exp_live.append(0)
+        self._exp_live[e] += 1
+        self._touched.add(e)
+        # the slot's row is NaN and not included: fresh from _grow, or reset by remove()
+        self._strike[slot] = instrument.strike
+        self._is_call[slot] = instrument.is_call
+        self._exp[slot] = e
+        self._names[slot] = name
+        self._inst[slot] = instrument
+        self._slot_of[name] = slot
+        self._routes[name] = (self, slot)
+        return slot
+
+    def _add_name(self, name: str, now_ms: int) -> int | None:
+        opt = parse_option(name)
+        if opt is None:
+            self.rejected["not_option"] += 1
+            return None
+        return self.add_option(opt, now_ms)
+
+    def add_option(self, opt: OptionName, now_ms: int = 0) -> int | None:
+        """List an instrument from what its name says (``parse_option``)."""
+        slot = self._slot_of.get(opt.name)
+        if slot is not None:
+            return slot
+        return self.add(
+            Instrument(
+                venue=self.venue,
+                name=opt.name,
+                # one string shared by the whole book (add() refuses another underlying)
+                underlying=self.underlying if opt.underlying == self.underlying else opt.underlying,
+                expiry=sys.intern(opt.expiry),
+                expiry_ms=opt.expiry_ms,
+                strike=opt.strike,
+                is_call=opt.is_call,
+                inverse=self.inverse,
+            ),
+            now_ms,
+        )
+
+    def remove(self, name: str) -> bool:
+        """Forget an instrument (expired, delisted); later quotes of it are refused."""
+        self._expired.add(name)
+        slot = self._slot_of.pop(name, None)
+        if slot is None:
+            return False
+        self._routes.pop(name, None)
+        e = int(self._exp[slot])
+        self._exp_live[e] -= 1
+        self._touched.add(e)
+        self._exp[slot] = -1
+        self._q[slot] = NAN
+        self._prev[slot] = NAN
+        self._included[slot] = False
+        self._names[slot] = ""
+        self._inst[slot] = None
+        self._free.append(slot)
+        return True
+
+    def expire(self, now_ms: int) -> int:
+        """Remove every instrument whose expiry is at or before ``now_ms``; how many."""
+        gone = 0
+        for e, ms in enumerate(self._exp_ms):
+            if ms <= now_ms and self._exp_live[e] > 0:
+                for slot in np.flatnonzero(self._exp[: self._n] == e).tolist():
+                    gone += self.remove(self._names[slot])
+        return gone
+
+    # -- updates --------------------------------------------------------------------------------
+
+    def write_ticker(
+        self,
+        slot: int,
+        ts_ms: float,
+        bid: float,
+        bid_size: float,
+        ask: float,
+        ask_size: float,
+        mark_price: float,
+        mark_iv: float,
+        bid_iv: float,
+        ask_iv: float,
+        forward: float,
+        delta: float,
+    ) -> None:
+        """Overwrite one instrument's row: O(1), no allocation. Arguments must be numbers
+        (NaN for none; IVs as fractions); ``slot`` from ``slot()`` or the routes map."""
+        write_row(
+            self.buffer,
+            slot * ROW_BYTES,
+            ts_ms,
+            bid,
+            bid_size,
+            ask,
+            ask_size,
+            mark_price,
+            mark_iv,
+            bid_iv,
+            ask_iv,
+            forward,
+            delta,
+        )
+
+    def _slot_for(self, name: str, ts_ms: int) -> int | None:
+        slot = self._slot_of.get(name)
+        return slot if slot is not None else self._add_name(name, ts_ms)
+
+    def apply(self, event: Event) -> bool:
+        """Apply one event; True when a quote of this book changed (a ``Quote`` always counts:
+        it refreshes the quote's time), False for everything else (listings, index, ...)."""
+        t = type(event)
+        if t is Quote:
+            q: Quote = event  # type: ignore[assignment]
+            slot = self._slot_for(q.instrument, q.ts_ms)
+            if slot is None:
+                return False
+            self.write_ticker(
+                slot,
+                q.ts_ms,
+                q.bid,
+                q.bid_size,
+                q.ask,
+                q.ask_size,
+                q.mark_price,
+                q.mark_iv,
+                q.bid_iv,
+                q.ask_iv,
+                q.forward,
+                q.delta,
+            )
+            return True
+        if t is BookTop:
+            b: BookTop = event  # type: ignore[assignment]
+            slot = self._slot_for(b.instrument, b.ts_ms)
+            if slot is None:
+                return False
+            off = slot * ROW_BYTES
+            before = self.buffer[off + _SIDES_OFF : off + _SIDES_OFF + _SIDES.size].tobytes()
+            _TOP.pack_into(self.buffer, off, b.ts_ms, b.bid, b.bid_size, b.ask, b.ask_size)
+            return self._changed(off + _SIDES_OFF, before)
+        if t is MarkPrice:
+            m: MarkPrice = event  # type: ignore[assignment]
+            slot = self._slot_for(m.instrument, m.ts_ms)
+            if slot is None:
+                return False
+            off = slot * ROW_BYTES + _MARK_OFF
+            before = self.buffer[off : off + _MARK.size].tobytes()
+            _MARK.pack_into(self.buffer, off, m.mark_price, m.mark_iv)
+            return self._changed(off, before)
+        if t is InstrumentListed:
+            listed: InstrumentListed = event  # type: ignore[assignment]
+            self.add(listed.instrument, listed.recv_ns // 1_000_000)
+            return False
+        if t is InstrumentExpired:
+            gone: InstrumentExpired = event  # type: ignore[assignment]
+            return self.remove(gone.name)
+        if t is FeedStatus:
+            st: FeedStatus = event  # type: ignore[assignment]
+            slot = self._slot_of.get(st.instrument) if st.state == "gap" else None
+            if slot is None:
+                return False
+            off = slot * ROW_BYTES + _SIDES_OFF  # the order book is unknown until resubscribed
+            before = self.buffer[off : off + _SIDES.size].tobytes()
+            _SIDES.pack_into(self.buffer, off, NAN, NAN, NAN, NAN)
+            return self._changed(off, before)
+        if t is IndexPrice:
+            ix: IndexPrice = event  # type: ignore[assignment]
+            self.index_price = ix.price
+        return False
+
+    def _changed(self, off: int, before: bytes) -> bool:
+        return bool(self.buffer[off : off + len(before)] != before)
+
+    def pending_changes(self) -> int:
+        """Live quotes whose stored fields (all but the time) changed since the last snapshot:
+        what a refit trigger counts (vectorized; cheap enough to ask often)."""
+        n = self._n
+        live = self._exp[:n] >= 0
+        now, prev = self._q[:n, 1:], self._prev[:n, 1:]
+        changed = (now.view(np.int64) != prev.view(np.int64)).any(axis=1)
+        return int((changed & live).sum())
+
+    # -- snapshot -------------------------------------------------------------------------------
+
+    def last_ts_ms(self) -> int:
+        """Venue time of the newest quote (0 if none)."""
+        ts = self._q[: self._n, TS]
+        ts = ts[~np.isnan(ts)]
+        return int(ts.max()) if ts.size else 0
+
+    def snapshot(self, now_ms: int | None = None) -> ChainSnapshot:
+        """The chain at ``now_ms`` (venue clock; default: the newest quote's time)."""
+        if now_ms is None:
+            now_ms = self.last_ts_ms()
+        self.expire(now_ms)
+        n = self._n
+        live = np.flatnonzero(self._exp[:n] >= 0)
+        q = self._q[live]
+        exp_id = self._exp[live]
+        strike = self._strike[live]
+        is_call = self._is_call[live]
+        ts, bid, ask = q[:, TS], q[:, BID].copy(), q[:, ASK].copy()
+        bid_size, ask_size = q[:, BID_SIZE].copy(), q[:, ASK_SIZE].copy()
+        fwd = q[:, FORWARD]
+
+        # the filters: each quote counted under the first reason that applies
+        out = np.zeros(len(live), dtype=np.bool_)
+        drops: Counter[str] = Counter()
+
+        def drop(reason: str, mask: BoolArray) -> None:
+            new = mask & ~out
+            k = int(new.sum())
+            if k:
+                drops[reason] += k
+                out[new] = True
+
+        drop("no_quote", np.isnan(ts))
+        drop("stale", ts < now_ms - self.stale_after_s * 1000.0)
+        fresh = ~out
+        drop("zero", (bid <= 0.0) | (ask <= 0.0))
+        # a side counts as quoted by its price, or by its IV where the venue sends IVs only
+        # (the hourly Tardis cuts, OKX greeks-only quotes)
+        has_bid = ~np.isnan(bid) | (q[:, BID_IV] > 0.0)
+        has_ask = ~np.isnan(ask) | (q[:, ASK_IV] > 0.0)
+        drop("empty", ~has_bid & ~has_ask)
+        drop("crossed", bid > ask)
+        drop("wide_spread", q[:, ASK_IV] - q[:, BID_IV] > self.max_spread_iv)
+
+        # forward per expiry id: median of fresh quotes' forwards, else put-call parity
+        good_fwd = fresh & (fwd > 0.0) & np.isfinite(fwd)
+        fwd_by_id = _group_medians(exp_id[good_fwd], fwd[good_fwd], len(self._exp_ms))
+        for e in np.unique(exp_id[~out]).tolist():
+            if np.isnan(fwd_by_id[e]):
+                fwd_by_id[e] = self._parity((exp_id == e) & ~out, q, strike, is_call)
+        slice_fwd = fwd_by_id[exp_id]
+        drop("no_forward", np.isnan(slice_fwd))
+
+        # below intrinsic, with the quote's own forward (else its slice's)
+        F = np.where(good_fwd, fwd, slice_fwd)
+        intrinsic = np.maximum(np.where(is_call, F - strike, strike - F), 0.0)
+        if self.inverse:
+            intrinsic = intrinsic / F
+        level = np.where(has_bid, 0.5 * (bid + ask), ask)  # NaN when the ask is missing
+        drop("below_intrinsic", level < intrinsic * (1.0 - INTRINSIC_RTOL))
+
+        keep = ~out
+        self.drops = drops
+        self.one_sided = int((keep & (has_bid != has_ask)).sum())
+
+        # dirty: stored fields (all but the time) changed, membership changed, or listed/removed
+        prev = self._prev[live]
+        changed = (q[:, 1:].view(np.int64) != prev[:, 1:].view(np.int64)).any(axis=1)
+        changed |= keep != self._included[live]
+        dirty_ids = set(exp_id[changed].tolist()) | self._touched
+        self._touched = set()
+        self._prev[:n] = self._q[:n]
+        self._included[:n] = False
+        self._included[live[keep]] = True
+
+        # order: expiry, strike, calls before puts
+        sel = np.flatnonzero(keep)
+        exp_ms_all = np.array(self._exp_ms, dtype=np.int64)
+        exp_ms_q = exp_ms_all[exp_id[sel]]
+        order = sel[np.lexsort((~is_call[sel], strike[sel], exp_ms_q))]
+        ids = sorted(set(exp_id[order].tolist()), key=lambda e: self._exp_ms[e])
+        pos = {e: i for i, e in enumerate(ids)}
+        expiry_ms = exp_ms_all[np.array(ids, dtype=np.int64)]
+        names = self._names
+        slots = live[order].tolist()
+        e_idx = np.array([pos[e] for e in exp_id[order].tolist()], dtype=np.int64)
+        return ChainSnapshot(
+            venue=self.venue,
+            underlying=self.underlying,
+            ts_ms=int(now_ms),
+            inverse=self.inverse,
+            instrument=tuple(names[s] for s in slots),
+            expiry_idx=e_idx,
+            T=(expiry_ms[e_idx] - now_ms) / MS_PER_YEAR,
+            forward=F[order],
+            strike=strike[order],
+            is_call=is_call[order],
+            bid=bid[order],
+            ask=ask[order],
+            bid_size=np.where(has_bid, bid_size, NAN)[order],
+            ask_size=np.where(has_ask, ask_size, NAN)[order],
+            bid_iv=q[order, BID_IV],
+            ask_iv=q[order, ASK_IV],
+            mark_iv=q[order, MARK_IV],
+            mark_price=q[order, MARK_PRICE],
+            venue_delta=q[order, DELTA],
+            quote_ts_ms=ts[order].astype(np.int64),
+            expiries=tuple(self._exp_code[e] for e in ids),
+            expiry_ms=expiry_ms,
+            forwards=fwd_by_id[np.array(ids, dtype=np.int64)],
+            dirty=np.array([e in dirty_ids for e in ids], dtype=np.bool_),
+        )
+
+    def _parity(
+        self, mask: BoolArray, q: FloatArray, strike: FloatArray, is_call: BoolArray
+    ) -> float:
+        """Forward from the call/put pair whose mids are closest (nearest the money)."""
+        bid, ask = q[:, BID], q[:, ASK]
+        two_sided = mask & (bid > 0.0) & (ask >= bid)
+        mids: dict[float, list[float]] = {}
+        for i in np.flatnonzero(two_sided).tolist():
+            pair = mids.setdefault(float(strike[i]), [NAN, NAN])
+            pair[0 if is_call[i] else 1] = 0.5 * (bid[i] + ask[i])
+        best, best_f = math.inf, NAN
+        for k, (c, p) in mids.items():
+            d = c - p
+            if not math.isnan(d) and abs(d) < best:
+                f = (k / (1.0 - d) if d < 1.0 else NAN) if self.inverse else k + d
+                if f > 0.0:
+                    best, best_f = abs(d), f
+        return best_f
+
+
+def _group_medians(ids: IntArray, values: FloatArray, n_ids: int) -> FloatArray:
+    """Median of ``values`` per id in ``0..n_ids-1`` (NaN for ids without values), all groups
+    in one sort: the middle element, or the mean of the two middle ones (as ``np.median``)."""
+    out = np.full(n_ids, NAN)
+    if ids.size == 0:
+        return out
+    order = np.lexsort((values, ids))
+    ids_s, vals_s = ids[order], values[order]
+    uniq, first, count = np.unique(ids_s, return_index=True, return_counts=True)
+    lo = first + (count - 1) // 2
+    hi = first + count // 2
+    out[uniq] = 0.5 * (vals_s[lo] + vals_s[hi])
+    return out
+
+
+class Books:
+    """One ``Book`` per (venue, underlying); routes each event to its instrument's book.
+
+    Keyword arguments are passed to every ``Book`` it creates.
+    """
+
+    def __init__(
+        self,
+        *,
+        stale_after_s: float = DEFAULT_STALE_AFTER_S,
+        max_spread_iv: float = DEFAULT_MAX_SPREAD_IV,
+        capacity: int = DEFAULT_CAPACITY,
+    ) -> None:
+        self.stale_after_s = stale_after_s
+        self.max_spread_iv = max_spread_iv
+        self.capacity = capacity
+        self.rejected: Counter[str] = Counter()  # events no book could take
+        self._books: dict[tuple[str, str], Book] = {}
+        self._routes: dict[str, dict[str, Route]] = {}
+
+    def __iter__(self) -> Iterator[Book]:
+        return iter(list(self._books.values()))
+
+    def __len__(self) -> int:
+        return len(self._books)
+
+    def get(self, venue: str, underlying: str) -> Book | None:
+        return self._books.get((venue, underlying))
+
+    def book(self, venue: str, underlying: str, *, inverse: bool | None = None) -> Book:
+        """The book of (venue, underlying), created on first use."""
+        b = self._books.get((venue, underlying))
+        if b is None:
+            b = self._books[(venue, underlying)] = Book(
+                venue,
+                underlying,
+                inverse=inverse_of(underlying) if inverse is None else inverse,
+                stale_after_s=self.stale_after_s,
+                max_spread_iv=self.max_spread_iv,
+                capacity=self.capacity,
+                routes=self.routes(venue),
+            )
+        return b
+
+    def routes(self, venue: str) -> dict[str, Route]:
+        """The live ``name -> (book, slot)`` map of one venue (kept current by the books)."""
+        r = self._routes.get(venue)
+        if r is None:
+            r = self._routes[venue] = {}
+        return r
+
+    def on_event(self, event: Event) -> Book | None:
+        """Apply one event; the book whose quotes changed, else None."""
+        t = type(event)
+        book: Book | None
+        if t is Quote or t is BookTop or t is MarkPrice:
+            ev: Quote | BookTop | MarkPrice = event  # type: ignore[assignment]
+            hit = self._routes.get(ev.venue, {}).get(ev.instrument)
+            if hit is not None:
+                book = hit[0]
+            else:  # first sight: list it from its name (parsed once, here)
+                opt = parse_option(ev.instrument)
+                if opt is None:
+                    self.rejected["not_option"] += 1
+                    return None
+                book = self.book(ev.venue, opt.underlying)
+                if book.add_option(opt, ev.ts_ms) is None:
+                    return None
+        elif t is InstrumentListed:
+            listed: InstrumentListed = event  # type: ignore[assignment]
+            inst = listed.instrument
+            self.book(inst.venue, inst.underlying, inverse=inst.inverse).apply(event)
+            return None
+        elif t is InstrumentExpired:
+            gone: InstrumentExpired = event  # type: ignore[assignment]
+            book = self._book_of(gone.venue, gone.name)
+        elif t is FeedStatus:
+            st: FeedStatus = event  # type: ignore[assignment]
+            if not st.instrument:
+                return None
+            book = self._book_of(st.venue, st.instrument)
+        elif t is IndexPrice:
+            ix: IndexPrice = event  # type: ignore[assignment]
+            under = ix.index.split("_", 1)[0].upper()  # "btc_usd" -> BTC
+            book = self._books.get((ix.venue, under))
+            if book is not None:
+                book.apply(event)
+            return None
+        else:
+            return None
+        if book is None:
+            return None
+        return book if book.apply(event) else None
+
+    def _book_of(self, venue: str, name: str) -> Book | None:
+        """The existing book of an instrument's underlying (None: no such book)."""
+        hit = self._routes.get(venue, {}).get(name)
+        if hit is not None:
+            return hit[0]
+        opt = parse_option(name)
+        if opt is None:
+            self.rejected["not_option"] += 1
+            return None
+        return self._books.get((venue, opt.underlying))

@@ -1,0 +1,1 @@
+"""The ``streamer`` command line (``main``): one thin module per command."""

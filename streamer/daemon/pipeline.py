@@ -1,0 +1,430 @@
+"""The synchronous pipeline: frames -> parser -> books -> trigger -> calibrators -> messages.
+
+Pure and deterministic: no asyncio, no clock of its own (trigger times are the venue's, from
+the events), no I/O. Replay drives it inline, frame by frame; the live service drives the
+same object from its event loop (the feed adapter parses with ``pipeline.fast``, the book's
+fused ticker path, as replay does) and runs the fits (the slow part) in worker threads.
+
+Per (venue, underlying) book there is one ``TriggerPolicy`` and one ``Calibrator`` per
+configured model. When a refit is due, every model is fitted on the same snapshot and each
+accepted (or degraded) fit becomes a surface message plus one greeks message per expiry,
+the greeks computed through ``streamer.surface.Surface`` from the very surface payload being
+published, so subscribers that rebuild the surface get the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import structlog
+
+from streamer.book.book import Book, Books
+from streamer.book.fastpath import FastPath
+from streamer.book.snapshot import ChainSnapshot
+from streamer.calib.calibrator import CalibConfig, Calibrator, FitResult
+from streamer.calib.trigger import TriggerPolicy
+from streamer.calib.warmup import warm_up
+from streamer.client.surface import Surface
+from streamer.config import Config, TriggerConfig
+from streamer.errors import ConfigError
+from streamer.events import BookChanged, Event, FeedStatus, Quote
+from streamer.feeds.deribit.parser import DeribitParser
+from streamer.instruments import parse_option
+from streamer.models import REGISTRY, Model
+from streamer.pricing import implied_vol
+from streamer.publish.payloads import (
+    greeks_payload,
+    greeks_rows,
+    surface_payload,
+    topic_greeks,
+    topic_surface,
+)
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One publication: a topic and its JSON payload."""
+
+    topic: str
+    payload: dict[str, Any]
+
+
+@dataclass
+class FitRecord:
+    """What one model's refit produced (for summaries, reports and metrics)."""
+
+    venue: str
+    underlying: str
+    model: str
+    result: FitResult
+    snapshot: ChainSnapshot
+
+
+@dataclass
+class _Surface:
+    calibrator: Calibrator
+    seq: int = 0
+    last_payload: dict[str, Any] | None = None
+    last_problem: str = ""
+
+
+@dataclass
+class _Underlying:
+    book: Book
+    trigger: TriggerPolicy
+    surfaces: dict[str, _Surface] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=65536)
+def _expiry_of(name: str) -> str:
+    opt = parse_option(name)
+    return opt.expiry if opt is not None else ""
+
+
+def make_model(name: str, options: Mapping[str, Any] | None = None) -> Model:
+    """A registered model by name, with its constructor options (e.g. SABR's ``beta``)."""
+    cls = REGISTRY[name]
+    return cls(**dict(options or {}))
+
+
+class Pipeline:
+    """Parse, book, trigger and fit: the daemon's pure core."""
+
+    def __init__(
+        self,
+        *,
+        models: Sequence[str],
+        prefix: str = "streamer",
+        trigger: TriggerConfig | None = None,
+        calib: Mapping[str, CalibConfig] | None = None,
+        model_options: Mapping[str, Mapping[str, Any]] | None = None,
+        greeks: bool = True,
+        stale_after_s: float = 60.0,
+        max_spread_iv: float = 0.5,
+        parser: DeribitParser | None = None,
+    ) -> None:
+        for name in models:
+            if name not in REGISTRY:
+                raise KeyError(name)
+        self.models = tuple(models)
+        self.prefix = prefix
+        self.trigger_config = trigger or TriggerConfig()
+        self.calib = dict(calib or {})
+        self.model_options = {k: dict(v) for k, v in (model_options or {}).items()}
+        self.greeks = greeks
+        self.parser = parser or DeribitParser()
+        self.books = Books(stale_after_s=stale_after_s, max_spread_iv=max_spread_iv)
+        # frames -> book rows (tickers) or events; the feed adapter parses with this too
+        self.fast = FastPath(self.parser, self.books, self._on_write if self.models else None)
+        self._under: dict[tuple[str, str], _Underlying] = {}
+        self.fits: Counter[str] = Counter()  # per model: fits run
+        self.failed: Counter[str] = Counter()  # per model: fits not accepted
+        self.quality: dict[str, list[tuple[float, float, float, bool, bool]]] = {}
+        # per model, per fit: (in_band, rmse_iv, elapsed_ms, warm, regime_shift)
+        self.records: list[FitRecord] = []  # every fit (kept only when keep_records)
+        self.keep_records = False
+        self.feed_state = "disconnected"
+
+    @classmethod
+    def from_config(
+        cls, config: Config, *, models: Sequence[str] | None = None, greeks: bool | None = None
+    ) -> Pipeline:
+        """The pipeline ``config`` describes (``models``/``greeks`` override its choices);
+        ``ConfigError`` (key ``models.names[i]``) for a model that is not registered."""
+        names = list(config.models.names if models is None else models)
+        for i, name in enumerate(names):
+            if name not in REGISTRY:
+                allowed = ", ".join(sorted(REGISTRY))
+                raise ConfigError(
+                    f"models.names[{i}]", f"unknown model {name!r}; allowed: {allowed}"
+                )
+        return cls(
+            models=names,
+            prefix=config.publish.prefix,
+            trigger=config.trigger,
+            calib={
+                m: CalibConfig(
+                    penalty=config.models.penalty.get(m), objective=config.models.objective
+                )
+                for m in names
+            },
+            model_options=config.models.options(),
+            greeks=config.publish.greeks if greeks is None else greeks,
+            stale_after_s=config.book.stale_after_s,
+            max_spread_iv=config.book.max_spread_iv,
+        )
+
+    def warm_up(self) -> float:
+        """Load (or compile) the numba kernels of every configured model: a fit of a small
+        synthetic chain each (``streamer.calib.warmup``); returns the seconds it took."""
+        return warm_up(make_model(name, self.model_options.get(name)) for name in self.models)
+
+    # ------------------------------------------------------------------ input
+    def on_frame(self, frame: str | bytes, recv_ns: int) -> Sequence[Event]:
+        """Parse one raw frame (the fused path) and apply its events; returns the events."""
+        events = self.fast.parse(frame, recv_ns)
+        for ev in events:
+            self.on_event(ev)
+        return events
+
+    def on_event(self, event: Event) -> Book | None:
+        """Apply one normalized event to the books and the trigger of its underlying; the
+        book whose quotes changed, else None."""
+        if type(event) is BookChanged:  # the fused path wrote it and told the trigger
+            return self.books.get(event.venue, event.underlying)
+        if type(event) is FeedStatus and not event.instrument:
+            self.feed_state = event.state
+        book = self.books.on_event(event)
+        if book is None or self.models == ():
+            return book
+        u = self._underlying(book)
+        if type(event) is Quote:
+            u.trigger.on_quote(_expiry_of(event.instrument), event.forward)
+        else:
+            u.trigger.on_quote("", math.nan)
+        return book
+
+    def _on_write(self, book: Book, slot: int, forward: float) -> None:
+        """A ticker went straight into ``book`` (the fused path): tell its trigger."""
+        self._underlying(book).trigger.on_quote(book.expiry_of(slot), forward)
+
+    def _underlying(self, book: Book) -> _Underlying:
+        key = (book.venue, book.underlying)
+        u = self._under.get(key)
+        if u is None:
+            u = _Underlying(book=book, trigger=TriggerPolicy(self.trigger_config))
+            for name in self.models:
+                model = make_model(name, self.model_options.get(name))
+                u.surfaces[name] = _Surface(Calibrator(model, self.calib.get(name)))
+            self._under[key] = u
+        return u
+
+    # --------------------------------------------------------------- triggers
+    def due(self, now_s: float) -> list[Book]:
+        """Books whose refit is due at ``now_s`` (venue seconds in replay)."""
+        return [u.book for u in self._under.values() if u.trigger.due(now_s)]
+
+    def is_due(self, book: Book, now_s: float) -> bool:
+        """Is a refit of ``book`` due at ``now_s``?"""
+        return self._underlying(book).trigger.due(now_s)
+
+    def pending(self) -> list[Book]:
+        """Books with changes not yet fitted (end of a replay: one last fit each)."""
+        return [u.book for u in self._under.values() if u.trigger.changed > 0]
+
+    def take_snapshot(self, book: Book, now_s: float) -> ChainSnapshot:
+        """Snapshot ``book`` and mark the trigger fitted (call on the event loop)."""
+        u = self._underlying(book)
+        snap = book.snapshot()
+        u.trigger.fitted(now_s, dict(zip(snap.expiries, snap.forwards.tolist(), strict=True)))
+        return snap
+
+    # -------------------------------------------------------------------- fit
+    def fit_snapshot(self, snap: ChainSnapshot, *, greeks: bool | None = None) -> list[Message]:
+        """Fit every model on ``snap`` and build the messages (safe in a worker thread).
+
+        ``greeks=False`` leaves the greeks topics out (the service publishes the surfaces
+        first and builds their greeks with ``greeks_for`` right after).
+        """
+        with_greeks = self.greeks if greeks is None else greeks
+        u = self._under[(snap.venue, snap.underlying)]
+        out: list[Message] = []
+        for name, surf in u.surfaces.items():
+            result = surf.calibrator.fit(snap)
+            self.fits[name] += 1
+            if not result.success:
+                self.failed[name] += 1
+                # warn when the reason changes; repeats of the same reason go to debug
+                level = log.debug if result.message == surf.last_problem else log.warning
+                surf.last_problem = result.message
+                level(
+                    "fit_not_accepted",
+                    venue=snap.venue,
+                    underlying=snap.underlying,
+                    model=name,
+                    message=result.message,
+                    failed=self.failed[name],
+                )
+            else:
+                surf.last_problem = ""
+            if result.success:
+                self.quality.setdefault(name, []).append(
+                    (
+                        result.in_band,
+                        result.rmse_iv,
+                        result.elapsed_ms,
+                        result.warm,
+                        result.regime_shift,
+                    )
+                )
+            if self.keep_records:
+                self.records.append(FitRecord(snap.venue, snap.underlying, name, result, snap))
+            if not result.slices:
+                continue  # nothing accepted yet: nothing to publish
+            surf.seq += 1
+            payload = self.surface_message(snap, name, result, surf.seq)
+            surf.last_payload = payload
+            out.append(
+                Message(topic_surface(self.prefix, snap.venue, snap.underlying, name), payload)
+            )
+            if with_greeks:
+                out.extend(self.greeks_messages(snap, name, payload))
+        return out
+
+    def greeks_for(self, snap: ChainSnapshot, surfaces: list[Message]) -> list[Message]:
+        """The greeks messages of surface messages ``fit_snapshot`` made from ``snap``."""
+        if not self.greeks:
+            return []
+        out: list[Message] = []
+        for msg in surfaces:
+            if msg.topic.endswith("/surface"):
+                out.extend(self.greeks_messages(snap, str(msg.payload["model"]), msg.payload))
+        return out
+
+    def fit_book(self, book: Book, now_s: float) -> list[Message]:
+        """Snapshot and fit in one go (the inline path replay uses)."""
+        return self.fit_snapshot(self.take_snapshot(book, now_s))
+
+    def stale_messages(self) -> list[Message]:
+        """Every last surface re-stamped ``stale`` (the feed went away)."""
+        out = []
+        for (venue, under), u in self._under.items():
+            for name, surf in u.surfaces.items():
+                if surf.last_payload is None:
+                    continue
+                surf.seq += 1
+                payload = dict(surf.last_payload, status="stale", seq=surf.seq)
+                out.append(Message(topic_surface(self.prefix, venue, under, name), payload))
+        return out
+
+    # ---------------------------------------------------------------- payloads
+    def surface_message(
+        self, snap: ChainSnapshot, model: str, result: FitResult, seq: int
+    ) -> dict[str, Any]:
+        """The ``streamer.surface/1`` payload of one fit."""
+        payload = surface_payload(
+            venue=snap.venue,
+            underlying=snap.underlying,
+            model=model,
+            ts_ms=snap.ts_ms,
+            seq=seq,
+            status="ok" if result.status == "ok" else "degraded",
+            fit={
+                "rmse_iv": result.rmse_iv,
+                "in_band": result.in_band,
+                "n_quotes": result.n_quotes,
+                "nfev": result.nfev,
+                "elapsed_ms": result.elapsed_ms,
+                "warm": result.warm,
+                "regime_shift": result.regime_shift,
+                "penalty": result.penalty,
+            },
+            params=result.params,
+            expiries=[
+                {
+                    "expiry": s.expiry,
+                    "expiry_ms": s.expiry_ms,
+                    "T": s.T,
+                    "forward": s.forward,
+                    "atm_iv": s.atm_iv,
+                    "params": s.params,
+                    "rmse_iv": s.rmse_iv,
+                    "in_band": s.in_band,
+                    "n_quotes": s.n_quotes,
+                }
+                for s in result.slices
+            ],
+        )
+        return dict(payload)
+
+    def greeks_messages(
+        self, snap: ChainSnapshot, model: str, payload: Mapping[str, Any]
+    ) -> list[Message]:
+        """One greeks message per published expiry: every live instrument of it."""
+        surface = Surface.from_payload(payload)
+        out = []
+        fwd_q = snap.forwards[snap.expiry_idx] if snap.n_quotes else np.zeros(0)
+        unit = fwd_q if snap.inverse else np.ones(snap.n_quotes)
+        for j_pub, expiry in enumerate(surface.expiries):
+            try:
+                j = snap.expiries.index(expiry)
+            except ValueError:
+                continue
+            m = snap.expiry_idx == j
+            if not m.any():
+                continue
+            K, calls = snap.strike[m], snap.is_call[m]
+            g = surface.greeks(K, expiry, calls)
+            F, T = float(surface.forward[j_pub]), float(surface.T[j_pub])
+            bid_iv = _market_iv(snap.bid_iv[m], snap.bid[m] * unit[m], F, K, T, calls)
+            ask_iv = _market_iv(snap.ask_iv[m], snap.ask[m] * unit[m], F, K, T, calls)
+            rows = greeks_rows(
+                instruments=[n for n, keep in zip(snap.instrument, m, strict=True) if keep],
+                strikes=K,
+                is_call=calls,
+                bid_iv=bid_iv,
+                ask_iv=ask_iv,
+                **g,
+            )
+            body = greeks_payload(
+                ts_ms=int(payload["ts_ms"]),
+                seq=int(payload["seq"]),
+                expiry=expiry,
+                forward=F,
+                T=T,
+                instruments=rows,
+            )
+            topic = topic_greeks(self.prefix, snap.venue, snap.underlying, model, expiry)
+            out.append(Message(topic, dict(body)))
+        return out
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, Any]:
+        drops: Counter[str] = Counter()
+        for b in self.books:
+            drops.update(b.drops)
+        return {
+            "frames": self.parser.frames,
+            "parse_drops": dict(self.parser.drops),
+            "book_drops": dict(drops),
+            "fits": dict(self.fits),
+            "failed": dict(self.failed),
+        }
+
+
+def _market_iv(
+    venue_iv: np.ndarray, price_usd: np.ndarray, F: float, K: np.ndarray, T: float, calls: Any
+) -> np.ndarray:
+    """The book's IV of one side: the venue's where sent, else implied from the price."""
+    mine = np.asarray(implied_vol(price_usd, F, K, T, calls), dtype=np.float64)
+    return np.where(np.isfinite(venue_iv) & (venue_iv > 0), venue_iv, mine)
+
+
+def run_inline(
+    pipeline: Pipeline, items: Iterable[tuple[int, str | bytes | Event]]
+) -> Iterator[list[Message]]:
+    """Drive ``pipeline`` over recorded frames (or events), fitting inline when due.
+
+    Yields the message batch of each refit. The clock is the items' receive time, so a
+    replay makes the same fits every time; at the end every book with unfitted changes gets
+    one last fit.
+    """
+    now_s = 0.0
+    for ts_ns, item in items:
+        if isinstance(item, str | bytes):
+            pipeline.on_frame(item, ts_ns)
+        else:
+            pipeline.on_event(item)
+        now_s = ts_ns / 1e9
+        for book in pipeline.due(now_s):
+            yield pipeline.fit_book(book, now_s)
+    for book in pipeline.pending():
+        yield pipeline.fit_book(book, now_s)

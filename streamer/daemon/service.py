@@ -1,0 +1,364 @@
+"""The daemon: feed -> pipeline -> fits in worker threads -> publishers, in one TaskGroup.
+
+``Service(config).run(stop)`` wires:
+
+* the feed adapter (``streamer.feeds.venues.open_feed``: Deribit websockets or ccxt) parsing
+  with ``pipeline.fast`` (the book's fused ticker path, what replay measures); raw frames also
+  go to the recorder when ``[recorder] dir`` is set;
+* the pure ``Pipeline`` (parser, books, trigger policy, calibrators) on the event loop;
+* one fit worker task per underlying: fits run off the event loop (``asyncio.to_thread``:
+  numba kernels and numpy release the GIL for their heavy parts), latest-wins: while one runs,
+  new quotes only mark the trigger, and when it ends a fresh snapshot is fitted if due;
+* a ticker that checks the trigger's max interval, flushes the recorder, pings systemd's
+  watchdog and refreshes metrics;
+* publishers (``mqtt``/``jsonl``/``memory``), each given every message; the MQTT one keeps the
+  status topic (online, offline as last will and on shutdown) with the feed state;
+* the Prometheus endpoint on 127.0.0.1 when ``[metrics] port`` is set.
+
+Feed, ticker, fit workers and the stop watcher are tasks of one ``asyncio.TaskGroup``. Stop
+(SIGTERM/SIGINT, ``stop`` set, or the feed ending): the watcher cancels the feed and the
+ticker, lets fits in flight finish and publish (``FIT_DRAIN_S``), and the group ends; the
+surfaces are re-stamped ``stale``, the publishers close (MQTT sends ``offline``) and the
+recorder flushes, bounded by ``SHUTDOWN_TIMEOUT_S``; ``run`` returns 0. An exception in any
+task ends the group: it is logged with its cause (``service_failed``), the same shutdown
+runs, and ``run`` returns ``EXIT_FAILURE`` so systemd's ``Restart=on-failure`` restarts the
+shard. ``sd_notify``: ``READY=1`` once the publishers are up and the models' numba kernels are
+loaded (compiled on a fresh install: ``streamer.calib.warmup``), ``WATCHDOG=1`` from the
+ticker, ``STOPPING=1`` on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+
+from streamer.book.book import Book
+from streamer.config import Config
+from streamer.daemon import sdnotify
+from streamer.daemon.metrics import Registry, serve
+from streamer.daemon.pipeline import Message, Pipeline
+from streamer.errors import StreamerError
+from streamer.events import BookChanged, Event, FeedStatus
+from streamer.feeds.base import Feed, FrameParser
+from streamer.feeds.venues import open_feed
+from streamer.publish.base import Publisher
+from streamer.publish.payloads import retopic
+from streamer.publish.urls import from_url
+
+log = structlog.get_logger(__name__)
+
+SHUTDOWN_TIMEOUT_S = 3.0
+FIT_DRAIN_S = 1.0
+# the GIL hand-off interval while a fit thread and the event loop both want the CPU: Python's
+# 5 ms default would let a 2 ms fit take 15 ms of wall time behind a busy feed
+SWITCH_INTERVAL_S = 0.0005
+TICK_S = 0.1
+
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+FeedFactory = Callable[[Config, FrameParser, Callable[[str, int], None] | None], Feed]
+
+
+class Service:
+    """One daemon instance (one shard: a venue and its currencies)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        feed_factory: FeedFactory = open_feed,
+        publishers: Sequence[Publisher] | None = None,
+        record_only: bool = False,
+    ) -> None:
+        self.config = config
+        self.pipeline = Pipeline.from_config(config, models=[] if record_only else None)
+        self.metrics = Registry()
+        self._feed_factory = feed_factory
+        self._given_publishers = list(publishers) if publishers is not None else None
+        self.publishers: list[Publisher] = []
+        self.recorder: Any = None
+        self._running: set[tuple[str, str]] = set()  # underlyings with a fit in flight
+        self._workers: dict[tuple[str, str], tuple[asyncio.Task[None], asyncio.Event]] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._closing = False
+        self._trigger_ns: dict[tuple[str, str], int] = {}
+        self.metrics_port: int | None = None
+        self.ready = asyncio.Event()
+        self.latencies_ms: list[float] = []
+        self._frames_seen = 0
+        self._stale_due = False
+        # (surface topic, seq, receive ns of the newest frame in its snapshot) when enabled
+        self.publish_log: list[tuple[str, int, int]] | None = None
+
+    # ------------------------------------------------------------------ run
+    async def run(self, stop: asyncio.Event | None = None, *, signals: bool = True) -> int:
+        """Run until ``stop`` is set, SIGTERM/SIGINT, or the feed ends: ``EXIT_OK``; after a
+        task failed: ``EXIT_FAILURE`` (the failure is logged with its cause)."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        previous_switch = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, stop.set)
+        code = EXIT_OK
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                await self._open(stack)
+                await self._warm_up()
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        self._tg = tg
+                        feed = tg.create_task(self._consume(stop), name="feed")
+                        ticker = tg.create_task(self._ticker(stop), name="ticker")
+                        tg.create_task(self._watch_stop(stop, feed, ticker), name="stop")
+                except* Exception as group:
+                    code = EXIT_FAILURE
+                    for exc in group.exceptions:
+                        log.error(
+                            "service_failed",
+                            instance=self.config.instance,
+                            error=repr(exc),
+                            exc_info=exc,
+                        )
+                finally:
+                    self._tg = None
+                sdnotify.notify("STOPPING=1")
+                await self._publish(self.pipeline.stale_messages(), trigger_ns=None)
+                # the exit stack closes publishers (MQTT: offline) and the recorder, bounded
+                async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+                    await stack.aclose()
+        finally:
+            sys.setswitchinterval(previous_switch)
+            if signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    with contextlib.suppress(NotImplementedError, RuntimeError):
+                        loop.remove_signal_handler(sig)
+        log.info("service_stopped", instance=self.config.instance, exit_code=code)
+        return code
+
+    async def _warm_up(self) -> None:
+        warm_s = await asyncio.to_thread(self.pipeline.warm_up)
+        log.info("kernels_ready", seconds=round(warm_s, 3))
+        # everything alive now (~140k objects: modules, compiled kernels, config) lives for the
+        # whole run; out of the cyclic collector's sight, a full collection no longer walks it
+        # (such pauses took 20-65 ms: README, tick-to-publish)
+        gc.collect()
+        gc.freeze()
+        self.ready.set()
+        sdnotify.notify("READY=1")
+        log.info(
+            "service_ready",
+            instance=self.config.instance,
+            models=list(self.pipeline.models),
+            metrics_port=self.metrics_port,
+        )
+
+    async def _watch_stop(
+        self, stop: asyncio.Event, feed: asyncio.Task[None], ticker: asyncio.Task[None]
+    ) -> None:
+        """On stop: end the feed and the ticker, let fits in flight publish, end the workers."""
+        await stop.wait()
+        log.info("service_stopping", reason="feed ended" if feed.done() else "stop")
+        for task in (feed, ticker):
+            task.cancel()
+        self._closing = True
+        workers = [task for task, _ in self._workers.values()]
+        for _, wake in self._workers.values():
+            wake.set()
+        if workers:
+            _, late = await asyncio.wait(workers, timeout=FIT_DRAIN_S)
+            for task in late:
+                task.cancel()
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
+        cfg = self.config
+        if cfg.recorder.dir:
+            from streamer.feeds.recordings.recorder import Recorder
+
+            self.recorder = Recorder(
+                cfg.recorder.dir,
+                venue=cfg.feed.venue if cfg.feed.venue != "ccxt" else cfg.feed.ccxt_exchange,
+                rotate_bytes=cfg.recorder.rotate_mb * 2**20,
+                rotate_seconds=cfg.recorder.rotate_minutes * 60.0,
+            )
+            stack.callback(self.recorder.close)
+        if self._given_publishers is not None:
+            self.publishers = list(self._given_publishers)
+        else:
+            for url in cfg.publish.urls:
+                pub = from_url(url, instance=cfg.instance, prefix_default=cfg.publish.prefix)
+                self.publishers.append(await stack.enter_async_context(pub))
+        if cfg.metrics.port:
+            server = await serve(self.metrics, cfg.metrics.host, cfg.metrics.port)
+            self.metrics_port = server.sockets[0].getsockname()[1]
+
+            async def close_server() -> None:
+                server.close()
+                await server.wait_closed()
+
+            stack.push_async_callback(close_server)
+
+    # ----------------------------------------------------------------- feed
+    def _on_frame(self, frame: str, recv_ns: int) -> None:
+        self._frames_seen += 1
+        if self.recorder is not None:
+            self.recorder.write(frame, recv_ns)
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        feed = self._feed_factory(self.config, self.pipeline.fast, self._on_frame)
+        try:
+            events = feed.events()
+            async with contextlib.aclosing(events):  # type: ignore[type-var]
+                async for ev in events:
+                    self._on_event(ev)
+        finally:
+            await feed.aclose()
+        stop.set()  # the feed ended (a replay): the service ends with it
+
+    def _on_event(self, ev: Event) -> None:
+        p = self.pipeline
+        self.metrics.events.inc(type=type(ev).__name__)
+        if type(ev) is FeedStatus and not ev.instrument:
+            self._feed_state(ev)
+        book = p.on_event(ev)
+        if book is None or not p.models:
+            return
+        key = (book.venue, book.underlying)
+        recv_ns = p.fast.last_recv_ns if type(ev) is BookChanged else getattr(ev, "recv_ns", 0)
+        self._trigger_ns[key] = recv_ns or time.time_ns()
+        if key not in self._running and p.is_due(book, time.monotonic()):
+            self._kick(book)
+
+    def _feed_state(self, ev: FeedStatus) -> None:
+        self.metrics.feed_up.set(1.0 if ev.state == "connected" else 0.0)
+        for pub in self.publishers:
+            setter = getattr(pub, "set_feed_state", None)
+            if setter is not None:
+                setter(ev.venue, ev.state)
+        log.info("feed_state", venue=ev.venue, state=ev.state, detail=ev.detail)
+        # the ticker re-stamps the surfaces "stale" once no fit is in flight (ordering)
+        self._stale_due = ev.state == "disconnected"
+
+    # ------------------------------------------------------------------ fits
+    def _kick(self, book: Book) -> None:
+        """Wake the fit worker of ``book``'s underlying (started on first use)."""
+        key = (book.venue, book.underlying)
+        worker = self._workers.get(key)
+        if worker is None:
+            if self._tg is None or self._closing:
+                return
+            wake = asyncio.Event()
+            task = self._tg.create_task(self._fit_worker(book, wake), name=f"fit-{key}")
+            worker = self._workers[key] = (task, wake)
+        worker[1].set()
+
+    async def _fit_worker(self, book: Book, wake: asyncio.Event) -> None:
+        """Fit ``book`` whenever woken and due, until the service closes."""
+        key = (book.venue, book.underlying)
+        p = self.pipeline
+        while True:
+            await wake.wait()
+            wake.clear()
+            if self._closing:
+                return
+            self._running.add(key)
+            try:
+                while p.is_due(book, time.monotonic()):
+                    await self._fit_once(book)
+                    if self._closing:
+                        return
+            except Exception as exc:  # a bug in a fit must not take the feed down
+                log.exception("fit_loop_failed", venue=key[0], underlying=key[1], error=repr(exc))
+            finally:
+                self._running.discard(key)
+
+    async def _fit_once(self, book: Book) -> None:
+        key = (book.venue, book.underlying)
+        p = self.pipeline
+        # the newest frame in this snapshot: tick-to-publish is measured from it
+        trigger_ns = self._trigger_ns.pop(key, None)
+        snap = p.take_snapshot(book, time.monotonic())
+        t0 = time.perf_counter()
+        msgs = await asyncio.to_thread(p.fit_snapshot, snap, greeks=False)
+        elapsed = time.perf_counter() - t0
+        for name in p.models:
+            self.metrics.fit_seconds.observe(elapsed / max(len(p.models), 1), model=name)
+        await self._publish(msgs, trigger_ns=trigger_ns)  # surfaces first
+        if msgs and p.greeks:
+            greeks = await asyncio.to_thread(p.greeks_for, snap, msgs)
+            await self._publish(greeks, trigger_ns=None)
+
+    async def _publish(self, msgs: list[Message], *, trigger_ns: int | None) -> None:
+        for msg in msgs:
+            for pub in self.publishers:
+                await pub.publish(retopic(msg.topic, self.pipeline.prefix, pub.prefix), msg.payload)
+        if msgs and trigger_ns is not None:
+            lat = (time.time_ns() - trigger_ns) / 1e9
+            self.metrics.latency.observe(lat)
+            self.latencies_ms.append(lat * 1e3)
+            if self.publish_log is not None:
+                for msg in msgs:
+                    if msg.topic.endswith("/surface"):
+                        self.publish_log.append((msg.topic, int(msg.payload["seq"]), trigger_ns))
+
+    # ---------------------------------------------------------------- ticker
+    async def _ticker(self, stop: asyncio.Event) -> None:
+        wd = sdnotify.watchdog_interval_s()
+        last_wd = 0.0
+        while not stop.is_set():
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            for book in self.pipeline.due(now):
+                if (book.venue, book.underlying) not in self._running:
+                    self._kick(book)
+            if self._stale_due and not self._running:
+                self._stale_due = False
+                await self._publish(self.pipeline.stale_messages(), trigger_ns=None)
+            if self.recorder is not None:
+                self.recorder.flush()
+            if wd is not None and now - last_wd >= wd:
+                sdnotify.notify("WATCHDOG=1")
+                last_wd = now
+            self._refresh_metrics()
+
+    def _refresh_metrics(self) -> None:
+        m, p = self.metrics, self.pipeline
+        m.frames.set(float(p.parser.frames or self._frames_seen))
+        for reason, n in p.parser.drops.items():
+            m.drops.set(float(n), stage="parse", reason=reason)
+        for book in p.books:
+            for reason, n in book.drops.items():
+                m.drops.set(float(n), stage="book", reason=reason, underlying=book.underlying)
+        for name in p.models:
+            m.fits.set(float(p.fits[name] - p.failed[name]), model=name, result="ok")
+            m.fits.set(float(p.failed[name]), model=name, result="degraded")
+        for i, pub in enumerate(self.publishers):
+            stats = getattr(pub, "stats", None)
+            connected = getattr(stats(), "connected", True) if callable(stats) else True
+            m.broker.set(1.0 if connected else 0.0, publisher=str(i))
+
+
+def serve_forever(config: Config, *, record_only: bool = False, command: str = "run") -> int:
+    """Run a service on ``config`` in a fresh event loop: its exit code (2: a config or
+    start-up error, printed to stderr)."""
+    from streamer.daemon import logs
+
+    logs.configure(config.log.level, config.log.format)
+    try:
+        return asyncio.run(Service(config, record_only=record_only).run())
+    except StreamerError as exc:
+        print(f"streamer {command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE

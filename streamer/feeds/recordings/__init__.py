@@ -1,0 +1,1 @@
+"""Recordings: the recorder, readers (our format, cryptofeed, Tardis), and a replay feed."""

@@ -1,0 +1,196 @@
+"""``streamer bench latency``: tick-to-publish latency through a real mosquitto on loopback.
+
+A full real BTC chain (``../shared/data/deribit/snapshots/...``, turned into Deribit ticker
+frames by ``../shared/tools/csv_to_replay.py``; or ``--recording``) is replayed through the
+real service (``streamer.service.Service`` with a ``ReplayFeed``: parser, book, trigger,
+fit in a worker thread, MQTT publisher) into a mosquitto started on a free loopback port,
+and an aiomqtt subscriber in its own process (as a bot would be) timestamps every surface it
+receives. Latency per surface = subscriber receive time - wall-clock time at which the
+newest frame of the fitted snapshot entered the parser. The chain is replayed ``--rounds``
+times (later rounds are warm re-quotes), paced at ``--rate`` frames per second; one model at
+a time; p50, p99 and max over the surfaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from streamer.tools.bench.calib import shared_data
+
+DEFAULT_SNAPSHOT = "snapshots/deribit_options_snapshot_20260105T041127Z.csv"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    binary = "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+    binary = binary or shutil.which("mosquitto")
+    if binary is None:
+        raise SystemExit("bench latency: mosquitto not installed (scripts/install adds it)")
+    port = _free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"user {pwd.getpwuid(os.getuid()).pw_name}\nset_tcp_nodelay true\n"
+    )
+    proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("bench latency: mosquitto did not start")
+
+
+SUBSCRIBER = """
+import asyncio, sys, time
+import aiomqtt, orjson
+
+async def main(port, topic):
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        await client.subscribe(topic, qos=1)
+        print("subscribed", flush=True)
+        async for msg in client.messages:
+            t = time.time_ns()
+            body = orjson.loads(msg.payload)
+            print(body["seq"], t, int(bool(body["fit"]["warm"])), flush=True)
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+"""
+
+
+def make_recording(workdir: Path, rounds: int) -> Path:
+    tool = shared_data().parent.parent / "tools" / "csv_to_replay.py"
+    src = shared_data() / DEFAULT_SNAPSHOT
+    if not tool.exists() or not src.exists():
+        raise SystemExit(f"bench latency: needs {tool} and {src} (../shared)")
+    one = workdir / "chain.jsonl"
+    subprocess.run(
+        [sys.executable, str(tool), str(src), "-o", str(one), "--underlying", "BTC"],
+        check=True,
+        capture_output=True,
+    )
+    lines = one.read_text().splitlines()
+    out = workdir / "rounds.jsonl"
+    with out.open("w") as fh:
+        for _ in range(rounds):
+            fh.write("\n".join(lines) + "\n")
+    return out
+
+
+async def run_model(
+    model: str, recording: Path, port: int, rate: float, min_changed: int
+) -> list[tuple[float, bool]]:
+    """(latency ms, warm fit?) of every surface the subscriber received."""
+    from streamer.config import load_config
+    from streamer.daemon.service import Service
+    from streamer.feeds.recordings.replay_feed import ReplayFeed
+
+    cfg = load_config(None)
+    n_frames = sum(1 for _ in recording.open())
+    cfg = dataclasses.replace(
+        cfg,
+        instance=f"bench-{model}",
+        models=dataclasses.replace(cfg.models, names=(model,)),
+        publish=dataclasses.replace(
+            cfg.publish, urls=(f"mqtt://127.0.0.1:{port}/bench{model}",), greeks=True
+        ),
+        trigger=dataclasses.replace(
+            cfg.trigger, min_changed_quotes=min_changed, min_interval_s=0.0, max_interval_s=1.0
+        ),
+    )
+    received: dict[int, tuple[int, bool]] = {}
+    topic = f"bench{model}/deribit/BTC/{model}/surface"
+
+    def factory(config, parser, on_frame):  # type: ignore[no-untyped-def]
+        return ReplayFeed([str(recording)], parser=parser, rate=rate)
+
+    service = Service(cfg, feed_factory=factory)
+    service.publish_log = []
+    stop = asyncio.Event()
+    # the subscriber is a bot: its own process (with its own GIL and event loop)
+    sub = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SUBSCRIBER,
+        str(port),
+        topic,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert sub.stdout is not None
+    try:
+        await asyncio.wait_for(sub.stdout.readline(), 30.0)  # "subscribed"
+        task = asyncio.create_task(service.run(stop, signals=False))
+        await service.ready.wait()  # kernels loaded (compiled, on a cold cache)
+        await asyncio.sleep(n_frames / rate + 3.0)
+        stop.set()
+        await task
+        await asyncio.sleep(0.5)
+    finally:
+        sub.terminate()
+        out, _ = await sub.communicate()
+    for line in out.decode().splitlines():
+        seq, t_ns, warm = line.split()
+        received[int(seq)] = (int(t_ns), warm == "1")
+    return [
+        ((received[seq][0] - trig) / 1e6, received[seq][1])
+        for t, seq, trig in service.publish_log
+        if t.endswith(f"/{model}/surface") and seq in received
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="streamer bench latency", description=__doc__)
+    ap.add_argument("--model", action="append", help="models (default: svi and ssvi)")
+    ap.add_argument("--rounds", type=int, default=4, help="times the chain is replayed")
+    ap.add_argument("--rate", type=float, default=2000.0, help="frames per second")
+    ap.add_argument("--min-changed", type=int, default=50, help="trigger: changed quotes")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        rec = make_recording(work, args.rounds)
+        proc, port = start_mosquitto(work)
+        try:
+            print(
+                f"replaying {sum(1 for _ in rec.open()):,} frames (a real BTC chain x "
+                f"{args.rounds}) at {args.rate:,.0f} frames/s; refit every "
+                f"{args.min_changed} changed quotes; mosquitto on 127.0.0.1:{port}"
+            )
+            print()
+            print("| model | fits | surfaces | p50 ms | p99 ms | max ms | goal p99 ms |")
+            print("|---|---|---:|---:|---:|---:|---:|")
+            for m in args.model or ["svi", "ssvi"]:
+                got = asyncio.run(run_model(m, rec, port, args.rate, args.min_changed))
+                for label, sel in (("all", got), ("warm", [g for g in got if g[1]])):
+                    a = np.array([g[0] for g in sel])
+                    if not a.size:
+                        print(f"| {m} | {label} | 0 | - | - | - | 10 |")
+                        continue
+                    print(
+                        f"| {m} | {label} | {len(a)} | {np.percentile(a, 50):.2f} | "
+                        f"{np.percentile(a, 99):.2f} | {a.max():.2f} | 10 |"
+                    )
+        finally:
+            proc.terminate()
+            proc.wait(5)
+    return 0

@@ -1,0 +1,1 @@
+"""Fit quality reports (Markdown) and smile plots (PNG) over recordings and chains."""

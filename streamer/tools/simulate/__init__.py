@@ -1,0 +1,1 @@
+"""The market simulator: recordings of a known surface with their ground truth."""
