@@ -1,6 +1,6 @@
 """Replaying simulated feeds: published surfaces track the surface that generated the quotes.
 
-The simulator (``streamer.simulate``) records its true SSVI surface every 10 s of feed time;
+The simulator (``streamer.tools.simulate``) records its true SSVI surface every 10 s of feed time;
 the replay (parse -> book -> trigger -> warm fits with the change penalty -> payloads) runs
 the daemon's own pipeline. Compared: each published expiry's ATM IV with the truth at the
 surface's time (linear interpolation between truth samples).
@@ -15,7 +15,7 @@ import pytest
 
 from streamer.config import TriggerConfig
 from streamer.daemon.pipeline import Pipeline, run_inline
-from streamer.tools.simulate.simulate import simulate
+from streamer.tools.simulate import simulate
 
 CALM_MAX_ERR = 0.5  # vol points, ATM, any expiry (the issue's bound)
 RATE = 150.0  # ticker frames per second: every option re-quotes every few seconds

@@ -29,7 +29,7 @@ from streamer.daemon.pipeline import FitRecord, make_model
 from streamer.instruments import expiry_code_of
 from streamer.models import REGISTRY
 from streamer.tools.chains import load_chains
-from streamer.tools.report import report
+from streamer.tools.report import collect, plots, tables
 from tests.conftest import shared_file
 from tests.synth import make_chain, svi_surface
 
@@ -180,12 +180,12 @@ def header_index(text: str) -> dict[str, int]:
 # ------------------------------------------------------------------ metrics
 def test_atm_jitter_on_constructed_sequences() -> None:
     same = {"7JAN26": 0.55, "27FEB26": 0.60}
-    assert report.atm_jitter([same, dict(same)]) == 0.0
+    assert tables.atm_jitter([same, dict(same)]) == 0.0
     seq = [{"A": 0.50}, {"A": 0.52, "B": 0.60}, {"A": 0.51, "B": 0.60, "C": 0.7}]
     # matched by expiry: A +0.02, A -0.01, B 0.00 (C and the first B have no predecessor)
-    assert report.atm_jitter(seq) == pytest.approx(math.sqrt((0.02**2 + 0.01**2) / 3), abs=1e-15)
-    assert math.isnan(report.atm_jitter([same]))
-    assert math.isnan(report.atm_jitter([{"A": 0.5}, {"B": 0.5}]))  # nothing matched
+    assert tables.atm_jitter(seq) == pytest.approx(math.sqrt((0.02**2 + 0.01**2) / 3), abs=1e-15)
+    assert math.isnan(tables.atm_jitter([same]))
+    assert math.isnan(tables.atm_jitter([{"A": 0.5}, {"B": 0.5}]))  # nothing matched
 
 
 def test_jitter_zero_for_identical_fits_and_errors_vs_known_surface() -> None:
@@ -193,14 +193,14 @@ def test_jitter_zero_for_identical_fits_and_errors_vs_known_surface() -> None:
     cal = Calibrator(make_model("svi"))
     rec = FitRecord("test", "BTC", "svi", cal.fit(snap), snap)
     assert rec.result.success
-    stats = report.ModelStats()
+    stats = tables.ModelStats()
     stats.add(rec)
     stats.add(rec)
-    row = report.summarize([stats])
+    row = tables.summarize([stats])
     assert row.jitter == 0.0
     assert row.fits == 2
     # the synthetic mark IV is the true surface; the fit sees it through +-1 vol of spread
-    mark, _ = report.fit_errors(rec)
+    mark, _ = tables.fit_errors(rec)
     assert mark.size == rec.result.n_quotes
     assert np.median(np.abs(mark)) < 0.005
 
@@ -213,12 +213,12 @@ def test_fit_errors_delta_matches_deribit_on_real_snapshot() -> None:
     assert rec.result.success and rec.result.prepared is not None
     q = rec.result.prepared.quote_index
     at_mark = dataclasses.replace(rec.result, fitted_iv=snap.mark_iv[q].copy())
-    mark, delta = report.fit_errors(dataclasses.replace(rec, result=at_mark))
+    mark, delta = tables.fit_errors(dataclasses.replace(rec, result=at_mark))
     assert np.all(mark == 0.0)
     assert delta.size > 100
     assert np.median(np.abs(delta)) < 2e-4  # Deribit rounds its deltas to 4 decimals
     # and with the fitted IV the deltas stay close, the IVs within a couple of vol points
-    mark, delta = report.fit_errors(rec)
+    mark, delta = tables.fit_errors(rec)
     assert np.median(np.abs(mark)) < 0.02
     assert np.median(np.abs(delta)) < 0.01
 
@@ -227,7 +227,7 @@ def test_fit_errors_delta_matches_deribit_on_real_snapshot() -> None:
 def test_report_writes_a_row_per_model_with_sane_numbers(report_run: tuple[Path, str]) -> None:
     out, stdout = report_run
     text = (out / "report.md").read_text()
-    models = [m for m in report.DEFAULT_MODELS if m in REGISTRY]
+    models = [m for m in collect.DEFAULT_MODELS if m in REGISTRY]
     col = header_index(text)
     for section in ("Overall", "synth-BTC"):
         rows = table_rows(text, section)
@@ -332,7 +332,7 @@ def test_report_on_a_real_chain_csv(tmp_path: Path, capsys: pytest.CaptureFixtur
             assert float(v["quotes/fit"]) > 100
             assert float(v["mark med (vp)"]) < 1.0, (und, m)
             assert float(v["delta med"]) < 0.005, (und, m)
-    assert len(list(tmp_path.glob("smile-*.png"))) == 2 * report.SMILES_PER_INPUT
+    assert len(list(tmp_path.glob("smile-*.png"))) == 2 * plots.SMILES_PER_INPUT
     assert "| svi |" in capsys.readouterr().out
 
 

@@ -22,8 +22,19 @@ from streamer.feeds.deribit.parser import DeribitParser
 from streamer.instruments import MS_PER_YEAR, expiry_code_of, expiry_ms_of, parse_option
 from streamer.models.ssvi import SSVI
 from streamer.pricing import implied_vol
-from streamer.tools.simulate import simulate as simmod
-from streamer.tools.simulate.simulate import Simulation, simulate
+from streamer.tools.simulate import (
+    BAD_KINDS,
+    EXPECTED_DROP,
+    UNDERLYINGS,
+    Simulation,
+    load_truth,
+    simulate,
+    truth_path_for,
+    write,
+)
+from streamer.tools.simulate.listing import listed_expiries, settlement_period
+from streamer.tools.simulate.scenarios import default_start_ms
+from streamer.tools.simulate.simulation import QUIET_S
 
 REPO = Path(__file__).resolve().parent.parent
 Frames = list[tuple[int, str]]
@@ -90,13 +101,13 @@ def calm() -> tuple[Simulation, Frames]:
 def test_expiries_and_strikes_look_like_deribit(calm: tuple[Simulation, Frames]) -> None:
     # Monday 2 March 2026, 09:00 UTC: five dailies, three Friday weeklies, the last Fridays of
     # March, April, May and of the quarters June, September, December (written out by hand)
-    start = simmod.default_start_ms("calm")
-    codes = [expiry_code_of(ms) for ms in simmod.listed_expiries(start)]
+    start = default_start_ms("calm")
+    codes = [expiry_code_of(ms) for ms in listed_expiries(start)]
     assert codes == [
         "3MAR26", "4MAR26", "5MAR26", "6MAR26", "7MAR26", "13MAR26", "20MAR26", "27MAR26",
         "24APR26", "29MAY26", "26JUN26", "25SEP26", "25DEC26",
     ]  # fmt: skip
-    assert simmod.settlement_period(simmod.listed_expiries(start)[0]) == "day"
+    assert settlement_period(listed_expiries(start)[0]) == "day"
     _, frames = calm
     first = json.loads(frames[0][1])
     assert first["id"] == 1
@@ -112,7 +123,7 @@ def test_expiries_and_strikes_look_like_deribit(calm: tuple[Simulation, Frames])
     for item in listed:
         if item["option_type"] == "call":
             by_expiry[item["instrument_name"].split("-")[1]].append(item["strike"])
-    spot = simmod.UNDERLYINGS["BTC"].spot
+    spot = UNDERLYINGS["BTC"].spot
     for strikes in by_expiry.values():
         strikes.sort()
         assert strikes[0] < spot < strikes[-1]
@@ -140,13 +151,13 @@ def test_written_files_are_byte_identical(tmp_path: Path) -> None:
     paths = []
     for name in ("a", "b"):
         out = tmp_path / name / "run.jsonl.zst"
-        res = simmod.write(simulate("regime-shift", 0.5, seed=3), out, zstd_level=3)
+        res = write(simulate("regime-shift", 0.5, seed=3), out, zstd_level=3)
         assert res.truth_path == out.with_name("run.truth.json")
         paths.append(res)
     assert paths[0].path.read_bytes() == paths[1].path.read_bytes()
     assert paths[0].truth_path.read_bytes() == paths[1].truth_path.read_bytes()
     gz = [
-        simmod.write(simulate("calm", 0.2, seed=3), tmp_path / n / "x.jsonl.gz", zstd_level=3)
+        write(simulate("calm", 0.2, seed=3), tmp_path / n / "x.jsonl.gz", zstd_level=3)
         for n in ("c", "d")
     ]
     assert gz[0].path.read_bytes() == gz[1].path.read_bytes()
@@ -185,8 +196,8 @@ def test_calm_parses_with_zero_drops(calm: tuple[Simulation, Frames]) -> None:
         longest = max(longest, ts - last.get(name, ts))
         last[name] = ts
         count[name] += 1
-    assert longest <= simmod.QUIET_S[1] * 10**9
-    spot = simmod.UNDERLYINGS["BTC"].spot
+    assert longest <= QUIET_S[1] * 10**9
+    spot = UNDERLYINGS["BTC"].spot
     t0_ms = frames[0][0] // 10**6
     zs = {}
     for n in count:
@@ -404,11 +415,11 @@ def test_bad_data_is_counted_by_the_parser() -> None:
     n_ticker = sim.counts["ticker"]
     # the known rate: binomial(n_ticker, 0.05) within 5 sd, every kind present
     assert abs(n_bad - 0.05 * n_ticker) < 5 * math.sqrt(0.05 * n_ticker)
-    assert set(injected) == set(simmod.BAD_KINDS)
+    assert set(injected) == set(BAD_KINDS)
     expected: Counter[str] = Counter()
     for kind, n in injected.items():
-        if simmod.EXPECTED_DROP[kind]:
-            expected[simmod.EXPECTED_DROP[kind]] += n
+        if EXPECTED_DROP[kind]:
+            expected[EXPECTED_DROP[kind]] += n
     assert parser.drops == expected
     assert sum(parser.drops.values()) + quotes == n_ticker
 
@@ -443,13 +454,13 @@ def test_cli_writes_recording_and_truth(tmp_path: Path, capsys: pytest.CaptureFi
     )
     assert args.func(args) == 0
     assert "frames" in capsys.readouterr().err
-    truth = simmod.load_truth(tmp_path / "sim.truth.json")
+    truth = load_truth(tmp_path / "sim.truth.json")
     assert truth["config"]["seed"] == 1 and truth["config"]["scenario"] == "calm"
     assert len(truth["path"]) == 3
     bad = ap.parse_args(["simulate", "--out", str(tmp_path / "x.csv"), "--minutes", "0.1"])
     assert bad.func(bad) == 2
-    assert simmod.truth_path_for("a/b.jsonl") == Path("a/b.truth.json")
-    assert simmod.truth_path_for("b.jsonl.gz") == Path("b.truth.json")
+    assert truth_path_for("a/b.jsonl") == Path("a/b.truth.json")
+    assert truth_path_for("b.jsonl.gz") == Path("b.truth.json")
     with pytest.raises(InputError):
         simulate("nope", 1.0, 0)
     with pytest.raises(InputError):
@@ -463,7 +474,7 @@ def test_bundled_recordings(name: str) -> None:
     if not rec.exists() or not truth_file.exists():
         pytest.skip(f"bundled recording not generated: {rec}")
     assert rec.stat().st_size < 6_000_000
-    truth = simmod.load_truth(truth_file)
+    truth = load_truth(truth_file)
     assert truth["config"]["scenario"] == name
     assert truth["end_ms"] - truth["start_ms"] == 3_600_000
     assert len(truth["path"]) == 361

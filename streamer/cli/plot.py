@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from streamer.tools.report import plots as tool
+from streamer.tools.report.collect import INPUT_ERRORS, add_gap_option, collect, setup
 from streamer.tools.report.plots import plot_smile, safe_name, smile_of
 
 
@@ -39,8 +40,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="only this expiry (venue code, e.g. 27DEC24; repeatable; default: all)",
     )
     p.add_argument("--config", metavar="C", help="TOML config (default: built-in defaults)")
-    from streamer.tools.report.report import add_gap_option
-
     add_gap_option(p)
     p.set_defaults(func=main)
     return p
@@ -48,17 +47,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     """Run the command: 0 on success, 2 on bad arguments, input or config."""
-    from streamer.tools.report import report
-
-    setup = report.setup("plot", [args.file], args.model, args.config)
-    if setup is None:
+    setup_ = setup("plot", [args.file], args.model, args.config)
+    if setup_ is None:
         return 2
-    config, models = setup
+    config, models = setup_
     out = Path(args.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        datasets = report.collect(args.file, models, config, args.fit_on_gap)
-    except report.INPUT_ERRORS as exc:
+        datasets = collect(args.file, models, config, args.fit_on_gap)
+    except INPUT_ERRORS as exc:
         print(f"streamer plot: {args.file}: {exc}", file=sys.stderr)
         return 2
     if not datasets:

@@ -11,20 +11,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streamer.tools.report import report as tool
-from streamer.tools.report.report import (
+from streamer.tools.report import collect as collect_doc
+from streamer.tools.report import tables as tables_doc
+from streamer.tools.report.collect import (
     DEFAULT_MODELS,
     INPUT_ERRORS,
-    Dataset,
-    ModelStats,
     add_gap_option,
     collect,
-    markdown_table,
-    plot_dataset,
-    render,
     setup,
-    summarize,
 )
+from streamer.tools.report.plots import plot_dataset
+from streamer.tools.report.tables import Dataset, markdown_table, overall_rows, render
+
+
+def _description() -> str:
+    """The help text: what goes in (``collect``), what comes out (``tables``)."""
+    parts = [(m.__doc__ or "").split("\n\n", 1)[1].strip() for m in (collect_doc, tables_doc)]
+    return "\n\n".join(parts) + "\n"
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -32,7 +35,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         "report",
         help="fit every model on recordings or chain CSVs; Markdown report and PNGs",
-        description=(tool.__doc__ or "").split("\n\n", 1)[1],
+        description=_description(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="recordings, Tardis or chain CSVs")
@@ -91,7 +94,6 @@ def main(args: argparse.Namespace) -> int:
             images[ds.label] = plot_dataset(ds, out)
         datasets += found
     (out / "report.md").write_text(render(datasets, models, images), encoding="utf-8")
-    overall = [(m, summarize([d.stats.get(m, ModelStats()) for d in datasets])) for m in models]
-    print(markdown_table(overall))
+    print(markdown_table(overall_rows(datasets, models)))
     print(f"streamer report: wrote {out / 'report.md'}", file=sys.stderr)
     return 0

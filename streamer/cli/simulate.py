@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from streamer.errors import InputError
-from streamer.tools.simulate.simulate import (
+from streamer.tools.simulate import (
     DEFAULT_RATE,
     DEFAULT_START,
     EXPIRY_ROLL_START,

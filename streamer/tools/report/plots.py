@@ -1,13 +1,13 @@
 """``streamer plot FILE``: the fitted smiles of a replay's final state, one PNG per expiry.
 
 The input (a recording, a Tardis ``options_chain`` CSV, or one of the real chain CSVs that
-``streamer.chains.load_chains`` reads) is replayed or loaded and every model is fitted exactly
-as ``streamer report`` does (``streamer.report.collect``). For each expiry of the final state
-one PNG shows the market's fitted quotes (OTM, two-sided) as bid/ask implied-vol bars with
-their mid, the venue's mark IV where it sent one, and each model's fitted smile, against
-log-moneyness ``k = ln(K/F)``. Files: ``DIR/smile-<input>-<expiry>.png``.
+``streamer.tools.chains.load_chains`` reads) is replayed or loaded and every model is fitted
+exactly as ``streamer report`` does (``streamer.tools.report.collect``). For each expiry of the
+final state one PNG shows the market's fitted quotes (OTM, two-sided) as bid/ask implied-vol
+bars with their mid, the venue's mark IV where it sent one, and each model's fitted smile,
+against log-moneyness ``k = ln(K/F)``. Files: ``DIR/smile-<input>-<expiry>.png``.
 
-This module also holds the plotting helpers ``streamer report`` uses (smiles, ATM IV and
+This module also holds the plots of ``streamer report`` (``plot_dataset``: smiles, ATM IV and
 in-band share over fits). matplotlib (the ``plot`` extra) is imported lazily with the
 non-interactive ``Agg`` backend, so the rest of the package never needs it.
 """
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
@@ -26,14 +27,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from streamer.tools.report.tables import Dataset
+
 if TYPE_CHECKING:
     from streamer.client.surface import Surface
     from streamer.daemon.pipeline import FitRecord, Pipeline
 
 FloatArray = npt.NDArray[np.float64]
+Series = tuple[Sequence[int], Sequence[float]]  # (ts_ms, values)
 
 SMILE_GRID = 161  # points of each model's curve
 K_MARGIN = 0.15  # the curve extends this share of the quoted k span beyond each end
+SMILES_PER_INPUT = 4
+PARAM_PANELS = 6
 
 
 # ------------------------------------------------------------------------ data
@@ -132,6 +138,27 @@ def _pyplot() -> Any:
     return plt
 
 
+@contextmanager
+def _figure(path: Path, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
+    """``plt.subplots(*args, **kwargs)``, saved to ``path`` (tight layout, 100 dpi) when the
+    block ends without an error; closed in any case."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(*args, **kwargs)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def _lines(ax: Any, series: Mapping[str, Series], by_time: bool, scale: float) -> None:
+    """One ``o-`` line per name: ``values * scale`` over time (or fit number)."""
+    for name, (ts, values) in series.items():
+        v = np.asarray(values, dtype=np.float64) * scale
+        ax.plot(_x(ts, by_time), v, "o-", ms=2.5, lw=1.0, label=name)
+
+
 def _x_axis(all_ts: Sequence[int]) -> tuple[bool, str]:
     """Time on the x axis, unless every fit has one time stamp (then the fit number)."""
     by_time = len(all_ts) > 1 and max(all_ts) > min(all_ts)
@@ -146,9 +173,7 @@ def _x(ts_ms: Sequence[int], by_time: bool) -> list[datetime] | list[int]:
 
 def plot_smile(smile: Smile, path: Path) -> Path:
     """Bid/ask IV bars, mid dots, mark dots and each model's curve (vol points vs k)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    try:
+    with _figure(path, figsize=(9, 5.5)) as (_, ax):
         ax.vlines(
             smile.k, smile.bid * 100, smile.ask * 100, color="0.55", lw=1.6, label="market bid/ask"
         )
@@ -176,15 +201,11 @@ def plot_smile(smile: Smile, path: Path) -> Path:
         ax.set_title(smile.title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
     return path
 
 
 def plot_series(
-    series: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+    series: Mapping[str, Series],
     path: Path,
     *,
     title: str,
@@ -192,13 +213,9 @@ def plot_series(
     scale: float = 1.0,
 ) -> Path:
     """One line per name: ``(ts_ms, values)`` over time."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4.5))
     by_time, xlabel = _x_axis([t for ts, _ in series.values() for t in ts])
-    try:
-        for name, (ts, values) in series.items():
-            v = np.asarray(values, dtype=np.float64) * scale
-            ax.plot(_x(ts, by_time), v, "o-", ms=2.5, lw=1.0, label=name)
+    with _figure(path, figsize=(9, 4.5)) as (fig, ax):
+        _lines(ax, series, by_time, scale)
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         ax.set_xlabel(xlabel)
@@ -206,31 +223,24 @@ def plot_series(
         if series:
             ax.legend(fontsize=8)
         fig.autofmt_xdate()
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
     return path
 
 
 def plot_atm_panels(
-    panels: Mapping[str, Mapping[str, tuple[Sequence[int], Sequence[float]]]],
+    panels: Mapping[str, Mapping[str, Series]],
     path: Path,
     *,
     title: str,
 ) -> Path:
     """One panel per expiry, one line per model: ATM IV (vol points) over fits."""
-    plt = _pyplot()
     n = max(len(panels), 1)
     cols = 2 if n > 1 else 1
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
     by_time, xlabel = _x_axis([t for s in panels.values() for ts, _ in s.values() for t in ts])
-    try:
+    size = (6 * cols, 3.2 * rows)
+    with _figure(path, rows, cols, figsize=size, squeeze=False) as (fig, axes):
         for ax, (expiry, series) in zip(axes.flat, panels.items(), strict=False):
-            for name, (ts, values) in series.items():
-                v = np.asarray(values, dtype=np.float64) * 100
-                ax.plot(_x(ts, by_time), v, "o-", ms=2.5, lw=1.0, label=name)
+            _lines(ax, series, by_time, 100.0)
             ax.set_title(expiry, fontsize=10)
             ax.set_xlabel(xlabel, fontsize=8)
             ax.set_ylabel("ATM IV (vol pts)")
@@ -240,16 +250,47 @@ def plot_atm_panels(
         for ax in list(axes.flat)[len(panels) :]:
             ax.axis("off")
         fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
     return path
 
 
-# ------------------------------------------------------------------- command
+# ------------------------------------------------------------------ report
+def plot_dataset(ds: Dataset, out: Path) -> list[Path]:
+    """The data set's PNGs: a few smiles of the last fit, ATM IV and in_band over fits."""
+    name = safe_name(ds.label)
+    written: list[Path] = []
+    last = ds.last_records()
+    expiries = ds.final_expiries()
+    for expiry in pick_expiries(expiries, SMILES_PER_INPUT):
+        smile = smile_of(last, expiry, title=f"{ds.label} {expiry} ({ds.final_time()})")
+        if smile is not None:
+            path = out / f"smile-{name}-{safe_name(expiry)}.png"
+            written.append(plot_smile(smile, path))
+    if not last:
+        return written
+    panels = {e: atm_series(ds, e) for e in pick_expiries(expiries, PARAM_PANELS)}
+    written.append(
+        plot_atm_panels(panels, out / f"params-{name}.png", title=f"{ds.label}: ATM IV per expiry")
+    )
+    inband = {m: (st.ts_ms, st.in_band) for m in ds.models if (st := ds.stats.get(m)) and st.fits}
+    written.append(
+        plot_series(
+            inband,
+            out / f"inband-{name}.png",
+            title=f"{ds.label}: share of fitted quotes inside bid/ask",
+            ylabel="in_band",
+        )
+    )
+    return written
 
 
-def iso_time(ts_ms: int) -> str:
-    """``2026-01-05 04:11 UTC``."""
-    return datetime.fromtimestamp(ts_ms / 1000.0, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
+def atm_series(ds: Dataset, expiry: str) -> dict[str, Series]:
+    """Per model (that has it), ``expiry``'s ATM IV over the accepted fits."""
+    series: dict[str, Series] = {}
+    for m in ds.models:
+        st = ds.stats.get(m)
+        if st is None:
+            continue
+        pts = [(t, a[expiry]) for t, a in zip(st.ts_ms, st.atm, strict=True) if expiry in a]
+        if pts:
+            series[m] = ([t for t, _ in pts], [v for _, v in pts])
+    return series
