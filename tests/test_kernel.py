@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from streamer.calib import kernel
-from streamer.calib.calibrator import CalibConfig, Calibrator, _calendar_gaps
+from streamer.calib.calibrator import CalibConfig, Calibrator
 from streamer.calib.constraints import pair_ranges
 from streamer.calib.data import FilterConfig
+from streamer.calib.gate import calendar_gaps
 from streamer.models import REGISTRY, Model
 from streamer.models.base import KERNEL_NONE, FitData
 from streamer.models.essvi import ESSVI
@@ -193,7 +194,7 @@ def test_calendar_gaps_equal_direct_evaluation(kernel_on: bool) -> None:
     X = _random_params(model, rng, 6)
     T = np.sort(rng.uniform(0.01, 1.0, 6))
     k_cal = np.sort(rng.uniform(-0.5, 0.5, (6, 31)), axis=1)
-    gaps = _calendar_gaps(model, X, T, k_cal)
+    gaps = calendar_gaps(model, X, T, k_cal)
     assert gaps is not None and gaps[0] == -np.inf
     z = np.zeros(31, dtype=np.int64)
     for j in range(1, 6):

@@ -67,98 +67,118 @@ def prepare(
     """Filter and weigh a snapshot's quotes; slices sorted by expiry, quotes by strike."""
     cfg = config or FilterConfig()
     drops: Counter[str] = Counter()
-    n = snapshot.n_quotes
-    # each quote against its own forward (the venue computed its IVs that way; quotes of one
-    # expiry seen at different times carry different forwards); the slice's forward otherwise
-    F_slice = snapshot.forwards[snapshot.expiry_idx] if n else np.zeros(0)
-    F = np.where(np.isfinite(snapshot.forward) & (snapshot.forward > 0), snapshot.forward, F_slice)
-    K, T, is_call = snapshot.strike, snapshot.T, snapshot.is_call
-    unit = F if snapshot.inverse else np.ones(n)
-    bid_usd, ask_usd = snapshot.bid * unit, snapshot.ask * unit
+    q = _Quotes.of(snapshot)
+    idx = _price_filters(q, cfg, drops)
+    idx, iv_bid, iv_ask = _iv_filters(q, idx, cfg, drops)
+    return _slices(q, idx, iv_bid, iv_ask, cfg, cfg.min_quotes_per_slice or min_quotes, drops)
 
-    keep = np.ones(n, dtype=np.bool_)
 
-    def drop(mask: npt.NDArray[np.bool_], reason: str) -> None:
-        _drop(keep, mask, reason, drops)
+@dataclass(frozen=True)
+class _Quotes:
+    """The snapshot's quotes with each one's forward and USD prices."""
 
-    drop(cfg.min_T_days > T * 365.0, "short_expiry")
-    has_bid_px = np.isfinite(bid_usd) & (bid_usd > 0)
-    has_ask_px = np.isfinite(ask_usd) & (ask_usd > 0)
+    snap: ChainSnapshot
+    F: FloatArray  # each quote's own forward, else its expiry's
+    bid_usd: FloatArray
+    ask_usd: FloatArray
+
+    @classmethod
+    def of(cls, snapshot: ChainSnapshot) -> _Quotes:
+        n = snapshot.n_quotes
+        # each quote against its own forward (the venue computed its IVs that way; quotes of
+        # one expiry seen at different times carry different forwards); the slice's otherwise
+        F_slice = snapshot.forwards[snapshot.expiry_idx] if n else np.zeros(0)
+        fwd = snapshot.forward
+        F = np.where(np.isfinite(fwd) & (fwd > 0), fwd, F_slice)
+        unit = F if snapshot.inverse else np.ones(n)
+        return cls(snapshot, F, snapshot.bid * unit, snapshot.ask * unit)
+
+
+def _price_filters(q: _Quotes, cfg: FilterConfig, drops: Counter[str]) -> IntArray:
+    """Quotes long enough to expiry, two-sided, not crossed, out of the money (if asked)."""
+    snap = q.snap
+    keep = np.ones(snap.n_quotes, dtype=np.bool_)
+    _drop(keep, cfg.min_T_days > snap.T * 365.0, "short_expiry", drops)
+    has_bid_px = np.isfinite(q.bid_usd) & (q.bid_usd > 0)
+    has_ask_px = np.isfinite(q.ask_usd) & (q.ask_usd > 0)
     # where a venue sends IVs but no prices (Tardis cuts), its IVs stand in for the prices
-    has_bid = has_bid_px | (np.isfinite(snapshot.bid_iv) & (snapshot.bid_iv > 0))
-    has_ask = has_ask_px | (np.isfinite(snapshot.ask_iv) & (snapshot.ask_iv > 0))
-    drop(~(has_bid & has_ask), "one_sided")
-    drop(has_bid_px & has_ask_px & (bid_usd > ask_usd), "crossed")
+    has_bid = has_bid_px | (np.isfinite(snap.bid_iv) & (snap.bid_iv > 0))
+    has_ask = has_ask_px | (np.isfinite(snap.ask_iv) & (snap.ask_iv > 0))
+    _drop(keep, ~(has_bid & has_ask), "one_sided", drops)
+    _drop(keep, has_bid_px & has_ask_px & (q.bid_usd > q.ask_usd), "crossed", drops)
     if cfg.otm_only:
-        k_all = np.log(K / F)
-        drop(np.where(is_call, k_all < 0.0, k_all >= 0.0), "itm")
-    idx = np.flatnonzero(keep)
-    Fi, Ki, Ti, ci = F[idx], K[idx], T[idx], is_call[idx]
-    iv_bid = np.asarray(implied_vol(bid_usd[idx], Fi, Ki, Ti, ci), dtype=np.float64)
-    iv_ask = np.asarray(implied_vol(ask_usd[idx], Fi, Ki, Ti, ci), dtype=np.float64)
-    iv_bid = np.where(has_bid_px[idx], iv_bid, snapshot.bid_iv[idx])
-    iv_ask = np.where(has_ask_px[idx], iv_ask, snapshot.ask_iv[idx])
-    ok = np.isfinite(iv_bid) & np.isfinite(iv_ask)
+        k_all = np.log(snap.strike / q.F)
+        _drop(keep, np.where(snap.is_call, k_all < 0.0, k_all >= 0.0), "itm", drops)
+    return np.flatnonzero(keep)
+
+
+def _iv_filters(
+    q: _Quotes, idx: IntArray, cfg: FilterConfig, drops: Counter[str]
+) -> tuple[IntArray, FloatArray, FloatArray]:
+    """Bid and ask IVs of the quotes ``idx`` (implied from the prices, else the venue's);
+    drops those without IVs, crossed or too wide in IV, or outside the delta band."""
+    snap = q.snap
+    Fi, Ki, Ti, ci = q.F[idx], snap.strike[idx], snap.T[idx], snap.is_call[idx]
+    bid_px, ask_px = q.bid_usd[idx], q.ask_usd[idx]
+    iv_bid = np.asarray(implied_vol(bid_px, Fi, Ki, Ti, ci), dtype=np.float64)
+    iv_ask = np.asarray(implied_vol(ask_px, Fi, Ki, Ti, ci), dtype=np.float64)
+    iv_bid = np.where(np.isfinite(bid_px) & (bid_px > 0), iv_bid, snap.bid_iv[idx])
+    iv_ask = np.where(np.isfinite(ask_px) & (ask_px > 0), iv_ask, snap.ask_iv[idx])
     sub = np.ones(len(idx), dtype=np.bool_)
-
-    def drop_sub(mask: npt.NDArray[np.bool_], reason: str) -> None:
-        _drop(sub, mask, reason, drops)
-
-    drop_sub(~ok, "no_iv")
-    drop_sub(iv_bid > iv_ask, "crossed")
-    drop_sub(np.nan_to_num(iv_ask - iv_bid, nan=np.inf) > cfg.max_spread_iv, "wide_spread")
+    _drop(sub, ~(np.isfinite(iv_bid) & np.isfinite(iv_ask)), "no_iv", drops)
+    _drop(sub, iv_bid > iv_ask, "crossed", drops)
+    wide = np.nan_to_num(iv_ask - iv_bid, nan=np.inf) > cfg.max_spread_iv
+    _drop(sub, wide, "wide_spread", drops)
     mid_iv = 0.5 * (iv_bid + iv_ask)
-    delta = np.asarray(black_greeks(Fi, Ki, Ti, np.where(sub, mid_iv, 0.5), ci).delta)
-    ad = np.abs(delta)
-    drop_sub((ad < cfg.min_abs_delta) | (ad > cfg.max_abs_delta), "delta_band")
+    ad = np.abs(np.asarray(black_greeks(Fi, Ki, Ti, np.where(sub, mid_iv, 0.5), ci).delta))
+    _drop(sub, (ad < cfg.min_abs_delta) | (ad > cfg.max_abs_delta), "delta_band", drops)
+    return idx[sub], iv_bid[sub], iv_ask[sub]
 
-    idx, iv_bid, iv_ask, mid_iv = idx[sub], iv_bid[sub], iv_ask[sub], mid_iv[sub]
-    exp_idx = snapshot.expiry_idx[idx]
-    counts = np.bincount(exp_idx, minlength=snapshot.n_expiries)
-    thin = counts < (cfg.min_quotes_per_slice or min_quotes)
+
+def _slices(
+    q: _Quotes,
+    idx: IntArray,
+    iv_bid: FloatArray,
+    iv_ask: FloatArray,
+    cfg: FilterConfig,
+    min_quotes: int,
+    drops: Counter[str],
+) -> Prepared:
+    """Drop thin expiries; order slices by expiry and quotes by strike; targets, weights."""
+    snap = q.snap
+    K = snap.strike
+    exp_idx = snap.expiry_idx[idx]
+    counts = np.bincount(exp_idx, minlength=snap.n_expiries)
+    thin = counts < min_quotes
     thin_pts = thin[exp_idx]
     if thin_pts.any():
         drops["thin_slice"] += int(thin_pts.sum())
     live = ~thin_pts
-    idx, iv_bid, iv_ask, mid_iv, exp_idx = (
-        idx[live],
-        iv_bid[live],
-        iv_ask[live],
-        mid_iv[live],
-        exp_idx[live],
-    )
+    idx, iv_bid, iv_ask, exp_idx = idx[live], iv_bid[live], iv_ask[live], exp_idx[live]
+    order = np.lexsort((K[idx], snap.expiry_ms[exp_idx]))
+    idx, iv_bid, iv_ask, exp_idx = idx[order], iv_bid[order], iv_ask[order], exp_idx[order]
     slices = np.flatnonzero(~thin & (counts > 0))
-    order = np.lexsort((K[idx], snapshot.expiry_ms[exp_idx]))
-    idx, iv_bid, iv_ask, mid_iv, exp_idx = (
-        idx[order],
-        iv_bid[order],
-        iv_ask[order],
-        mid_iv[order],
-        exp_idx[order],
-    )
-    slices = slices[np.argsort(snapshot.expiry_ms[slices], kind="stable")]
-    remap = np.full(snapshot.n_expiries, -1, dtype=np.int64)
+    slices = slices[np.argsort(snap.expiry_ms[slices], kind="stable")]
+    remap = np.full(snap.n_expiries, -1, dtype=np.int64)
     remap[slices] = np.arange(len(slices))
-    slice_idx = remap[exp_idx]
     half = 0.5 * (iv_ask - iv_bid)
-    Fq = F[idx]
     data = FitData(
-        k=np.log(K[idx] / Fq),
-        T=T[idx].astype(np.float64),
-        slice_idx=slice_idx.astype(np.int64),
-        iv=mid_iv,
+        k=np.log(K[idx] / q.F[idx]),
+        T=snap.T[idx].astype(np.float64),
+        slice_idx=remap[exp_idx].astype(np.int64),
+        iv=0.5 * (iv_bid + iv_ask),
         iv_bid=iv_bid,
         iv_ask=iv_ask,
         weight=1.0 / np.maximum(half, cfg.iv_floor),
-        is_call=is_call[idx].astype(np.bool_),
-        slice_T=_expiry_years(snapshot)[slices],
-        slice_forward=snapshot.forwards[slices].astype(np.float64),
-        slice_expiry=tuple(snapshot.expiries[s] for s in slices),
+        is_call=snap.is_call[idx].astype(np.bool_),
+        slice_T=_expiry_years(snap)[slices],
+        slice_forward=snap.forwards[slices].astype(np.float64),
+        slice_expiry=tuple(snap.expiries[s] for s in slices),
     )
     return Prepared(
         data=data,
         quote_index=idx.astype(np.int64),
-        expiry_ms=snapshot.expiry_ms[slices].astype(np.int64),
+        expiry_ms=snap.expiry_ms[slices].astype(np.int64),
         drops=drops,
     )
 

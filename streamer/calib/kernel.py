@@ -25,8 +25,10 @@ skipped point), instead of raising.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from numba import njit
 
 from streamer.calib.constraints import (
@@ -35,14 +37,16 @@ from streamer.calib.constraints import (
     MU_CALENDAR,
     W_SCALE,
 )
-from streamer.calib.lm import MU_INIT, MU_MAX, STALL_ITERS, STALL_RTOL
-from streamer.models.base import KERNEL_ESSVI, KERNEL_SABR, KERNEL_SVI, FloatArray
+from streamer.calib.lm import MU_INIT, MU_MAX, STALL_ITERS, STALL_RTOL, LMResult
+from streamer.models.base import KERNEL_ESSVI, KERNEL_SABR, KERNEL_SVI, FloatArray, IntArray
 from streamer.models.essvi import essvi_calendar_grid, essvi_row
 from streamer.models.sabr import sabr_row
 from streamer.models.svi import svi_row
 
 LOSS_CODES = {"linear": 0, "soft_l1": 1, "huber": 2}
 BAD_ROW = 1e6  # a non-finite hinge row counts as this (as in lm._extra_cost)
+FTOL = 1e-5  # relative cost reduction below which a slice has converged
+XTOL = 1e-9  # relative parameter move below which a slice has converged
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
@@ -300,6 +304,204 @@ def _penalty(x: FloatArray, prior: FloatArray, pw: FloatArray) -> float:
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _neighbour(
+    kind: int,
+    arg: float,
+    x_prev: FloatArray,
+    T_prev: float,
+    kcal_b: FloatArray,
+    k_cal: FloatArray,
+    w_prev: FloatArray,
+    tmp: FloatArray,
+) -> None:
+    """The calendar hinge grid ``k_cal`` of a slice and the shorter neighbour's total variance
+    on it (``w_prev``), from the neighbour's final fit (eSSVI: a grid over every ``k``)."""
+    if kind == KERNEL_ESSVI:
+        essvi_calendar_grid(x_prev, k_cal)
+    else:
+        k_cal[:] = kcal_b
+    for i in range(k_cal.shape[0]):
+        v = row(kind, arg, x_prev, k_cal[i], T_prev, tmp)
+        w_prev[i] = v * v * T_prev
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _normal_equations(
+    x: FloatArray,
+    lo: int,
+    hi: int,
+    weight: FloatArray,
+    prior: FloatArray,
+    pen_w: FloatArray,
+    use_hinges: bool,
+    bufs: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray],
+    cur: int,
+    A: FloatArray,
+    g: FloatArray,
+) -> None:
+    """``A = J'J``, ``g = J'r`` at the current point: IRLS-scaled data rows (non-finite ones
+    skipped), penalty rows, hinge rows."""
+    iv, jac, r, drho, slope, erows, ejac = bufs
+    p = x.shape[0]
+    for a_ in range(p):
+        g[a_] = 0.0
+        for c_ in range(p):
+            A[a_, c_] = 0.0
+    for i in range(lo, hi):
+        sd = math.sqrt(drho[cur, i])
+        rs = r[cur, i] * sd
+        ok = math.isfinite(rs) and math.isfinite(iv[cur, i])
+        for q in range(p):
+            if not math.isfinite(jac[cur, i, q]):
+                ok = False
+        if not ok:
+            continue
+        ws = weight[i] * slope[cur, i] * sd
+        for a_ in range(p):
+            ja = ws * jac[cur, i, a_]
+            g[a_] += ja * rs
+            for c_ in range(a_, p):
+                A[a_, c_] += ja * ws * jac[cur, i, c_]
+    for a_ in range(p):
+        for c_ in range(a_):
+            A[a_, c_] = A[c_, a_]
+    for q in range(p):
+        pw2 = pen_w[q] * pen_w[q]
+        A[q, q] += pw2
+        g[q] += pw2 * (x[q] - prior[q])
+    if use_hinges:
+        for i in range(erows.shape[1]):
+            if erows[cur, i] == 0.0:
+                continue
+            for a_ in range(p):
+                ea = ejac[cur, i, a_]
+                g[a_] += ea * erows[cur, i]
+                for c_ in range(p):
+                    A[a_, c_] += ea * ejac[cur, i, c_]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _step(
+    x: FloatArray,
+    A: FloatArray,
+    g: FloatArray,
+    mu: float,
+    lower: FloatArray,
+    upper: FloatArray,
+    work: tuple[FloatArray, FloatArray, FloatArray],
+    x_new: FloatArray,
+) -> tuple[float, float]:
+    """The damped Gauss-Newton step ``(A + mu diag(A)) d = -g`` projected on the bounds into
+    ``x_new``; returns (largest relative move, the model's predicted cost reduction)."""
+    Ad, rhs, step = work
+    p = x.shape[0]
+    dmax = 0.0
+    for q in range(p):
+        dmax = max(dmax, A[q, q])
+    for a_ in range(p):
+        rhs[a_] = -g[a_]
+        for c_ in range(p):
+            Ad[a_, c_] = A[a_, c_]
+        Ad[a_, a_] += mu * (A[a_, a_] + 1e-12 * (1.0 + dmax))
+    if not _solve_small(Ad, rhs, step):
+        for q in range(p):
+            step[q] = -g[q] / max(A[q, q] * (1.0 + mu), 1e-300)
+    for q in range(p):
+        x_new[q] = min(max(x[q] + step[q], lower[q]), upper[q])
+    moved = 0.0
+    predicted = 0.0
+    for q in range(p):
+        dq = x_new[q] - x[q]
+        moved = max(moved, abs(dq) / (abs(x[q]) + 1e-8))
+        predicted -= g[q] * dq
+        for c_ in range(p):
+            predicted -= 0.5 * dq * A[q, c_] * (x_new[c_] - x[c_])
+    return moved, predicted
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _iterate(
+    model: tuple[int, float, float, int, float],
+    x: FloatArray,
+    x_new: FloatArray,
+    lo: int,
+    hi: int,
+    quotes: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray],
+    penalty: tuple[FloatArray, FloatArray],
+    hinge: tuple[bool, bool, float, FloatArray, FloatArray, FloatArray, FloatArray],
+    scratch: tuple[FloatArray, FloatArray],
+    bufs: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray],
+    bounds: tuple[FloatArray, FloatArray],
+    work: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray],
+    dc: float,
+    pc: float,
+    max_iter: int,
+    tols: tuple[float, float],
+) -> tuple[FloatArray, int, float, float, bool, int, int]:
+    """Levenberg-Marquardt on one slice from ``x`` (evaluated in slot 0: cost ``dc + pc``):
+    accept a step when the cost falls (flip the buffers' slot), damp more when not; stop on
+    a small reduction (actual or predicted), a small move, ``mu`` past ``MU_MAX``, or a stall
+    over ``STALL_ITERS``. Returns (x, slot, dc, pc, converged, evaluations, iterations)."""
+    A, g, Ad, rhs, step = work
+    ftol, xtol = tols
+    mu = MU_INIT
+    checkpoint = dc + pc
+    cur = 0
+    evals = 1
+    done = False
+    it = 0
+    for it in range(1, max_iter + 1):
+        _normal_equations(x, lo, hi, quotes[3], penalty[0], penalty[1], hinge[0], bufs, cur, A, g)
+        moved, predicted = _step(x, A, g, mu, bounds[0], bounds[1], (Ad, rhs, step), x_new)
+        dc_n, pc_n = _evaluate(model, x_new, lo, hi, quotes, penalty, hinge, scratch, bufs, 1 - cur)
+        evals += 1
+        old_total = dc + pc
+        new_total = dc_n + pc_n
+        accept = new_total < old_total
+        scale = max(old_total, 1e-300)
+        small = (
+            (accept and (old_total - new_total) <= ftol * scale)
+            or predicted <= ftol * scale
+            or moved <= xtol
+        )
+        if accept:
+            x, x_new = x_new, x
+            cur = 1 - cur
+            dc, pc = dc_n, pc_n
+            mu = max(mu / 3.0, 1e-12)
+        else:
+            mu *= 4.0
+        if small or mu > MU_MAX:
+            done = True
+        elif it % STALL_ITERS == 0:
+            now_total = dc + pc
+            if checkpoint - now_total <= STALL_RTOL * max(now_total, 1e-300):
+                done = True
+            checkpoint = now_total
+        if done:
+            break
+    return x, cur, dc, pc, done, evals, it
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _buffers(
+    n: int, p: int, m_rows: int
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
+    """Per evaluation: IVs, gradients, residuals, loss derivatives, band slopes (per quote),
+    hinge rows and their gradients, each in two slots (the current point and the trial
+    point): accepting a step flips the slot instead of copying."""
+    return (
+        np.empty((2, n)),
+        np.empty((2, n, p)),
+        np.empty((2, n)),
+        np.empty((2, n)),
+        np.empty((2, n)),
+        np.zeros((2, m_rows)),
+        np.zeros((2, m_rows, p)),
+    )
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def fit_slices(
     kind: int,
     arg: float,
@@ -327,8 +529,9 @@ def fit_slices(
     ftol: float,
     xtol: float,
 ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, np.ndarray, int, int]:
-    """Fit every active slice; returns ``(X, iv, data_cost, penalty, converged, nfev,
-    iterations)`` as ``lm.solve``'s ``LMResult`` (``penalty`` includes the hinge rows).
+    """Fit every active slice, shortest first; returns ``(X, iv, data_cost, penalty,
+    converged, nfev, iterations)`` as ``lm.solve``'s ``LMResult`` (``penalty`` includes the
+    hinge rows).
 
     ``band`` is empty for the plain objective; ``pen_w`` rows of zeros mean no penalty;
     ``inner``/``outer``/``kcal`` are the per-slice hinge grids (``constraints.hinge_grids``).
@@ -337,19 +540,7 @@ def fit_slices(
     n = k.shape[0]
     X = np.empty((S, p))
     iv_out = np.empty(n)
-    # two slots (current point, trial point) of every per-evaluation buffer: accepting a
-    # step flips the slot instead of copying
-    m_rows = (inner.shape[1] - 2) + (outer.shape[1] - 2) + kcal.shape[1]
-    bufs = (
-        np.empty((2, n)),
-        np.empty((2, n, p)),
-        np.empty((2, n)),
-        np.empty((2, n)),
-        np.empty((2, n)),
-        np.zeros((2, m_rows)),
-        np.zeros((2, m_rows, p)),
-    )
-    iv, jac, r, drho, slope, erows, ejac = bufs
+    bufs = _buffers(n, p, (inner.shape[1] - 2) + (outer.shape[1] - 2) + kcal.shape[1])
     G = max(inner.shape[1], outer.shape[1], kcal.shape[1])
     scratch = (np.empty(G), np.empty((G, p)))
     w_prev = np.empty(kcal.shape[1])
@@ -359,141 +550,82 @@ def fit_slices(
     data_cost = np.empty(S)
     pen = np.empty(S)
     converged = np.zeros(S, dtype=np.bool_)
-    A = np.empty((p, p))
-    g = np.empty(p)
-    Ad = np.empty((p, p))
-    rhs = np.empty(p)
-    step = np.empty(p)
-    x = np.empty(p)
-    x_new = np.empty(p)
+    work = (np.empty((p, p)), np.empty(p), np.empty((p, p)), np.empty(p), np.empty(p))
+    x0 = np.empty(p)
+    x1 = np.empty(p)
     nfev = 0
     iterations = 0
     for b in range(S):
         lo = starts[b]
         hi = starts[b + 1] if b + 1 < S else n
         for q in range(p):
-            x[q] = min(max(X0[b, q], lower[b, q]), upper[b, q])
-        Tj = slice_T[b]
+            x0[q] = min(max(X0[b, q], lower[b, q]), upper[b, q])
         has_prev = b > 0
         if use_hinges and has_prev:
-            T_prev = slice_T[b - 1]
-            x_prev = X[b - 1]
-            if kind == KERNEL_ESSVI:  # a grid over every k, from the neighbour's final fit
-                essvi_calendar_grid(x_prev, k_cal)
-            else:
-                k_cal[:] = kcal[b]
-            for i in range(k_cal.shape[0]):
-                v = row(kind, arg, x_prev, k_cal[i], T_prev, step)  # step: scratch here
-                w_prev[i] = v * v * T_prev
-        cur = 0
+            _neighbour(kind, arg, X[b - 1], slice_T[b - 1], kcal[b], k_cal, w_prev, work[4])
         penalty = (prior[b], pen_w[b])
-        hinge = (use_hinges, has_prev, Tj, w_prev, inner[b], outer[b], k_cal)
-        dc, pc = _evaluate(model, x, lo, hi, quotes, penalty, hinge, scratch, bufs, cur)
-        evals = 1
+        hinge = (use_hinges, has_prev, slice_T[b], w_prev, inner[b], outer[b], k_cal)
+        dc, pc = _evaluate(model, x0, lo, hi, quotes, penalty, hinge, scratch, bufs, 0)
         if not active[b]:
-            X[b] = x
-            iv_out[lo:hi] = iv[cur, lo:hi]
+            X[b] = x0
+            iv_out[lo:hi] = bufs[0][0, lo:hi]
             data_cost[b] = dc
             pen[b] = pc
             converged[b] = True
             continue
-        mu = MU_INIT
-        checkpoint = dc + pc
-        done = False
-        it = 0
-        for it in range(1, max_iter + 1):
-            # normal equations: IRLS-scaled data rows, penalty rows, hinge rows
-            for a_ in range(p):
-                g[a_] = 0.0
-                for c_ in range(p):
-                    A[a_, c_] = 0.0
-            for i in range(lo, hi):
-                sd = math.sqrt(drho[cur, i])
-                rs = r[cur, i] * sd
-                ok = math.isfinite(rs) and math.isfinite(iv[cur, i])
-                for q in range(p):
-                    if not math.isfinite(jac[cur, i, q]):
-                        ok = False
-                if not ok:
-                    continue
-                ws = weight[i] * slope[cur, i] * sd
-                for a_ in range(p):
-                    ja = ws * jac[cur, i, a_]
-                    g[a_] += ja * rs
-                    for c_ in range(a_, p):
-                        A[a_, c_] += ja * ws * jac[cur, i, c_]
-            for a_ in range(p):
-                for c_ in range(a_):
-                    A[a_, c_] = A[c_, a_]
-            for q in range(p):
-                pw2 = pen_w[b, q] * pen_w[b, q]
-                A[q, q] += pw2
-                g[q] += pw2 * (x[q] - prior[b, q])
-            if use_hinges:
-                for i in range(m_rows):
-                    if erows[cur, i] == 0.0:
-                        continue
-                    for a_ in range(p):
-                        ea = ejac[cur, i, a_]
-                        g[a_] += ea * erows[cur, i]
-                        for c_ in range(p):
-                            A[a_, c_] += ea * ejac[cur, i, c_]
-            dmax = 0.0
-            for q in range(p):
-                dmax = max(dmax, A[q, q])
-            for a_ in range(p):
-                rhs[a_] = -g[a_]
-                for c_ in range(p):
-                    Ad[a_, c_] = A[a_, c_]
-                Ad[a_, a_] += mu * (A[a_, a_] + 1e-12 * (1.0 + dmax))
-            if not _solve_small(Ad, rhs, step):
-                for q in range(p):
-                    step[q] = -g[q] / max(A[q, q] * (1.0 + mu), 1e-300)
-            for q in range(p):
-                x_new[q] = min(max(x[q] + step[q], lower[b, q]), upper[b, q])
-            # the Gauss-Newton model's predicted reduction of the (robust, penalised) cost
-            moved = 0.0
-            predicted = 0.0
-            for q in range(p):
-                dq = x_new[q] - x[q]
-                moved = max(moved, abs(dq) / (abs(x[q]) + 1e-8))
-                predicted -= g[q] * dq
-                for c_ in range(p):
-                    predicted -= 0.5 * dq * A[q, c_] * (x_new[c_] - x[c_])
-            dc_n, pc_n = _evaluate(
-                model, x_new, lo, hi, quotes, penalty, hinge, scratch, bufs, 1 - cur
-            )
-            evals += 1
-            old_total = dc + pc
-            new_total = dc_n + pc_n
-            accept = new_total < old_total
-            scale = max(old_total, 1e-300)
-            small = (
-                (accept and (old_total - new_total) <= ftol * scale)
-                or predicted <= ftol * scale
-                or moved <= xtol
-            )
-            if accept:
-                x, x_new = x_new, x
-                cur = 1 - cur
-                dc, pc = dc_n, pc_n
-                mu = max(mu / 3.0, 1e-12)
-            else:
-                mu *= 4.0
-            if small or mu > MU_MAX:
-                done = True
-            elif it % STALL_ITERS == 0:
-                now_total = dc + pc
-                if checkpoint - now_total <= STALL_RTOL * max(now_total, 1e-300):
-                    done = True
-                checkpoint = now_total
-            if done:
-                break
+        x, cur, dc, pc, done, evals, it = _iterate(
+            model, x0, x1, lo, hi, quotes, penalty, hinge, scratch, bufs,
+            (lower[b], upper[b]), work, dc, pc, max_iter, (ftol, xtol),
+        )  # fmt: skip
         X[b] = x
-        iv_out[lo:hi] = iv[cur, lo:hi]
+        iv_out[lo:hi] = bufs[0][cur, lo:hi]
         data_cost[b] = dc
         pen[b] = pc
         converged[b] = done
         nfev = max(nfev, evals)
         iterations = max(iterations, it)
     return X, iv_out, data_cost, pen, converged, nfev, iterations
+
+
+@dataclass(frozen=True)
+class SliceProblem:
+    """One per-expiry problem for ``fit_slices``: the quotes, objective, bounds and hinge
+    grids, fixed; ``solve`` runs it from a start with a prior and penalty weights."""
+
+    kind: int
+    arg: float
+    k: FloatArray
+    T: FloatArray
+    target: FloatArray
+    weight: FloatArray
+    band: FloatArray  # empty: the plain objective
+    kappa: float
+    loss: int  # LOSS_CODES
+    f_scale: float
+    starts: IntArray
+    lower: FloatArray
+    upper: FloatArray
+    hinges: bool
+    inner: FloatArray
+    outer: FloatArray
+    kcal: FloatArray
+    slice_T: FloatArray
+    ftol: float = FTOL
+    xtol: float = XTOL
+
+    def solve(
+        self,
+        x0: FloatArray,
+        prior: FloatArray,
+        pen_w: FloatArray,
+        active: npt.NDArray[np.bool_],
+        max_iter: int,
+    ) -> LMResult:
+        """Fit the active slices from ``x0`` (others keep their start)."""
+        X, iv, cost, pen, conv, nfev, iters = fit_slices(
+            self.kind, self.arg, np.ascontiguousarray(x0, dtype=np.float64), active,
+            self.k, self.T, self.target, self.weight, self.band, self.kappa, self.loss,
+            self.f_scale, self.starts, self.lower, self.upper, prior, pen_w, self.hinges,
+            self.inner, self.outer, self.kcal, self.slice_T, max_iter, self.ftol, self.xtol,
+        )  # fmt: skip
+        return LMResult(X, iv, cost, pen, conv, int(nfev), int(iters))

@@ -146,6 +146,96 @@ def _shape(e: FloatArray, problem: LMProblem) -> tuple[FloatArray, FloatArray]:
     return problem.kappa * e + outside, np.asarray(slope, dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class _Point:
+    """Everything known at one parameter point of every block."""
+
+    x: FloatArray  # (B, p)
+    iv: FloatArray
+    jac: FloatArray
+    r: FloatArray  # weighted residuals
+    drho: FloatArray  # loss derivatives
+    data: FloatArray  # per-block data cost
+    pen: FloatArray  # per-block penalty (change penalty plus extra rows)
+    erows: FloatArray | None
+    ejac: FloatArray | None
+
+    @property
+    def total(self) -> FloatArray:
+        return self.data + self.pen
+
+
+def _point(problem: LMProblem, x: FloatArray) -> _Point:
+    """Evaluate the model, the costs and the extra rows at ``x``."""
+    iv, jac = problem.evaluate(x)
+    data, pen, r, drho = _costs(problem, x, iv)
+    ecost, erows, ejac = _extra_cost(problem, x)
+    return _Point(x, iv, jac, r, drho, data, pen + ecost, erows, ejac)
+
+
+def _normal_equations(
+    problem: LMProblem, pt: _Point, pw2: FloatArray | None
+) -> tuple[FloatArray, FloatArray]:
+    """Per block ``A = J'J`` and ``g = J'r`` of the IRLS-scaled data rows (non-finite points
+    count as zero), the penalty rows and the extra rows."""
+    jac, iv, starts = pt.jac, pt.iv, problem.starts
+    p = pt.x.shape[1]
+    if not np.all(np.isfinite(jac)) or not np.all(np.isfinite(iv)):
+        bad_pts = ~(np.isfinite(iv) & np.all(np.isfinite(jac), axis=1))
+        jac = np.where(bad_pts[:, None], 0.0, jac)
+    slope = _shape(iv - problem.target, problem)[1]
+    wj = (problem.weight * slope * np.sqrt(pt.drho))[:, None] * jac  # IRLS-scaled rows
+    rs = pt.r * np.sqrt(pt.drho)
+    rs = np.where(np.isfinite(rs), rs, 0.0)
+    if starts.shape[0] == 1:
+        A = (wj.T @ wj)[None, :, :]
+        g = (wj.T @ rs)[None, :]
+    else:
+        A = _block_sum(wj[:, :, None] * wj[:, None, :], starts)
+        g = _block_sum(wj * rs[:, None], starts)
+    if pw2 is not None and problem.prior is not None:
+        A = A + pw2[:, None, :] * np.eye(p)
+        g = g + pw2 * (pt.x - problem.prior)
+    if pt.erows is not None and pt.ejac is not None:
+        A = A + np.einsum("bmi,bmj->bij", pt.ejac, pt.ejac)
+        g = g + np.einsum("bmi,bm->bi", pt.ejac, pt.erows)
+    return A, g
+
+
+def _step(A: FloatArray, g: FloatArray, mu: FloatArray) -> FloatArray:
+    """Marquardt's damped step ``(A + mu diag(A)) d = -g`` per block."""
+    eye = np.eye(A.shape[1])
+    diag = np.einsum("bii->bi", A)
+    damped = (
+        A
+        + (mu[:, None] * (diag + 1e-12 * (1.0 + diag.max(axis=1, keepdims=True))))[:, :, None] * eye
+    )
+    try:
+        return np.asarray(-np.linalg.solve(damped, g[:, :, None])[:, :, 0])
+    except np.linalg.LinAlgError:
+        return np.asarray(-g / np.maximum(np.einsum("bii->bi", damped), 1e-300))
+
+
+def _take(old: _Point, new: _Point, accept: npt.NDArray[np.bool_], block_of: IntArray) -> _Point:
+    """Per block, the new point where its step was accepted, else the old one."""
+    pt = accept[block_of]
+    erows, ejac = old.erows, old.ejac
+    if erows is not None and new.erows is not None and ejac is not None and new.ejac is not None:
+        erows = np.where(accept[:, None], new.erows, erows)
+        ejac = np.where(accept[:, None, None], new.ejac, ejac)
+    return _Point(
+        x=np.where(accept[:, None], new.x, old.x),
+        iv=np.where(pt, new.iv, old.iv),
+        jac=np.where(pt[:, None], new.jac, old.jac),
+        r=np.where(pt, new.r, old.r),
+        drho=np.where(pt, new.drho, old.drho),
+        data=np.where(accept, new.data, old.data),
+        pen=np.where(accept, new.pen, old.pen),
+        erows=erows,
+        ejac=ejac,
+    )
+
+
 def solve(
     problem: LMProblem,
     x0: FloatArray,
@@ -154,108 +244,58 @@ def solve(
     ftol: float = 1e-5,
     xtol: float = 1e-9,
 ) -> LMResult:
-    """Minimise every block's objective from ``x0`` (shape ``(B, p)``)."""
+    """Minimise every block's objective from ``x0`` (shape ``(B, p)``).
+
+    A block stops on a small cost reduction (actual or predicted by the Gauss-Newton model),
+    a small move, ``mu`` past ``MU_MAX``, or a stall: ``STALL_ITERS`` iterations that bought
+    less than ``STALL_RTOL`` of its cost (a block creeping along a flat valley, SVI's
+    a/b/sigma trade-off).
+    """
     lower, upper = problem.lower, problem.upper
-    x = np.clip(np.asarray(x0, dtype=np.float64), lower, upper)
-    n_blocks, p = x.shape
-    starts = problem.starts
-    counts = np.diff(np.append(starts, problem.target.shape[0]))
+    cur = _point(problem, np.clip(np.asarray(x0, dtype=np.float64), lower, upper))
+    n_blocks = cur.x.shape[0]
+    counts = np.diff(np.append(problem.starts, problem.target.shape[0]))
     block_of = np.repeat(np.arange(n_blocks), counts)
     has_pen = problem.prior is not None and problem.penalty_weight is not None
     pw2 = problem.penalty_weight**2 if has_pen and problem.penalty_weight is not None else None
-
-    iv, jac = problem.evaluate(x)
     nfev = 1
-    data, pen, r, drho = _costs(problem, x, iv)
-    ecost, erows, ejac = _extra_cost(problem, x)
-    pen = pen + ecost
     mu = np.full(n_blocks, MU_INIT)
-    checkpoint = data + pen
+    checkpoint = cur.total
     converged = np.zeros(n_blocks, dtype=np.bool_)
     iterations = 0
-    eye = np.eye(p)
     for iterations in range(1, max_iter + 1):
-        if not np.all(np.isfinite(jac)) or not np.all(np.isfinite(iv)):
-            bad_pts = ~(np.isfinite(iv) & np.all(np.isfinite(jac), axis=1))
-            jac = np.where(bad_pts[:, None], 0.0, jac)
-        slope = _shape(iv - problem.target, problem)[1]
-        wj = (problem.weight * slope * np.sqrt(drho))[:, None] * jac  # IRLS-scaled rows
-        rs = r * np.sqrt(drho)
-        rs = np.where(np.isfinite(rs), rs, 0.0)
-        if n_blocks == 1:
-            A = (wj.T @ wj)[None, :, :]
-            g = (wj.T @ rs)[None, :]
-        else:
-            A = _block_sum(wj[:, :, None] * wj[:, None, :], starts)
-            g = _block_sum(wj * rs[:, None], starts)
-        if pw2 is not None and problem.prior is not None:
-            A = A + pw2[:, None, :] * eye
-            g = g + pw2 * (x - problem.prior)
-        if erows is not None and ejac is not None:
-            A = A + np.einsum("bmi,bmj->bij", ejac, ejac)
-            g = g + np.einsum("bmi,bm->bi", ejac, erows)
-        diag = np.einsum("bii->bi", A)
-        damped = (
-            A
-            + (mu[:, None] * (diag + 1e-12 * (1.0 + diag.max(axis=1, keepdims=True))))[:, :, None]
-            * eye
-        )
-        try:
-            step = -np.linalg.solve(damped, g[:, :, None])[:, :, 0]
-        except np.linalg.LinAlgError:
-            step = -g / np.maximum(np.einsum("bii->bi", damped), 1e-300)
+        A, g = _normal_equations(problem, cur, pw2)
+        step = _step(A, g, mu)
         step[converged] = 0.0
-        x_new = np.clip(x + step, lower, upper)
-        d = x_new - x
+        x_new = np.clip(cur.x + step, lower, upper)
+        d = x_new - cur.x
         # the Gauss-Newton model's predicted reduction of the (robust, penalised) cost
         predicted = -(np.sum(g * d, axis=1) + 0.5 * np.einsum("bi,bij,bj->b", d, A, d))
-        iv_new, jac_new = problem.evaluate(x_new)
+        new = _point(problem, x_new)
         nfev += 1
-        data_new, pen_new, r_new, drho_new = _costs(problem, x_new, iv_new)
-        ecost_new, erows_new, ejac_new = _extra_cost(problem, x_new)
-        pen_new = pen_new + ecost_new
-        old_total = data + pen
-        new_total = data_new + pen_new
+        old_total, new_total = cur.total, new.total
         accept = (new_total < old_total) & ~converged
-        moved = np.max(np.abs(x_new - x) / (np.abs(x) + 1e-8), axis=1)
+        moved = np.max(np.abs(x_new - cur.x) / (np.abs(cur.x) + 1e-8), axis=1)
         scale = np.maximum(old_total, 1e-300)
         small = (
             (accept & ((old_total - new_total) <= ftol * scale))
             | (predicted <= ftol * scale)
             | (moved <= xtol)
         )
-        # accept per block: swap in the new point's values for accepted blocks
-        pt_acc = accept[block_of]
-        x = np.where(accept[:, None], x_new, x)
-        iv = np.where(pt_acc, iv_new, iv)
-        jac = np.where(pt_acc[:, None], jac_new, jac)
-        r = np.where(pt_acc, r_new, r)
-        drho = np.where(pt_acc, drho_new, drho)
-        data = np.where(accept, data_new, data)
-        pen = np.where(accept, pen_new, pen)
-        if (
-            erows is not None
-            and erows_new is not None
-            and ejac is not None
-            and ejac_new is not None
-        ):
-            erows = np.where(accept[:, None], erows_new, erows)
-            ejac = np.where(accept[:, None, None], ejac_new, ejac)
+        cur = _take(cur, new, accept, block_of)
         mu = np.where(accept, np.maximum(mu / 3.0, 1e-12), mu * 4.0)
         converged |= small | (mu > MU_MAX)
-        # stagnation: a block creeping along a flat valley (SVI's a/b/sigma trade-off) stops
-        # once STALL_ITERS iterations bought less than STALL_RTOL of its cost
         if iterations % STALL_ITERS == 0:
-            now_total = data + pen
+            now_total = cur.total
             converged |= (checkpoint - now_total) <= STALL_RTOL * np.maximum(now_total, 1e-300)
             checkpoint = now_total
         if converged.all():
             break
     return LMResult(
-        x=x,
-        iv=iv,
-        data_cost=data,
-        penalty=pen,
+        x=cur.x,
+        iv=cur.iv,
+        data_cost=cur.data,
+        penalty=cur.pen,
         converged=converged,
         nfev=nfev,
         iterations=iterations,

@@ -1,0 +1,317 @@
+"""The per-expiry strategy (SVI, SABR, eSSVI, ...): all slices as blocks of one LM run.
+
+``fit_slices(model, history, ts_ms, prepared, t0)`` in named steps:
+
+1. ``_SliceFit.__init__`` (data): bounds per slice, and from the last accepted fit each
+   slice's prior, its change-penalty weights ``sqrt(lambda) / s`` and whether its forward
+   jumped (``regime_forward_move``). Slices (expiries) the last fit did not have start cold
+   and carry no penalty.
+2. ``warm`` (start, solve): from the priors, with the penalty; then the regime tests per
+   slice: a forward jump, an error jump (``History.jumped``), the in-band share of all slices
+   slipping (``History.slipped``), or a long gap since the last fit.
+3. ``cold`` (solve): penalty-free fits of the slices that need one (new, or shifted) from
+   the warm result and the model's cold guesses; kept where the data fit beats the warm one
+   by ``cold_margin``.
+4. ``gate``: the arbitrage gate (``streamer.calib.gate``): the fast all-slice check, else
+   slice by slice.
+5. ``result``: per-slice statistics, the regime references for the next fit, ``Fitted``.
+
+The LM is compiled (``streamer.calib.kernel``) for models with a scalar row kernel, else
+``streamer.calib.lm.solve`` with one vectorised model evaluation per iteration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+from streamer.calib import kernel
+from streamer.calib.constraints import hinge_grids, hinge_rows, pair_grids
+from streamer.calib.data import Prepared, in_band
+from streamer.calib.evaluate import fitted_iv, slice_evaluator
+from streamer.calib.gate import Prior, SliceGate, all_clean
+from streamer.calib.lm import LMResult, solve
+from streamer.calib.options import CalibConfig, History
+from streamer.calib.result import (
+    Failure,
+    FitResult,
+    Fitted,
+    block_wrms,
+    slice_fits,
+    starts_of,
+)
+from streamer.models.base import KERNEL_NONE, FitData, FloatArray, IntArray, Model, Violation
+
+BoolArray = npt.NDArray[np.bool_]
+Runner = Callable[
+    [FloatArray, FloatArray | None, FloatArray | None, int, BoolArray | None], LMResult
+]
+
+
+def fit_slices(model: Model, history: History, ts_ms: int, prep: Prepared) -> Fitted | Failure:
+    """One per-expiry calibration: the accepted fit, or why there is none."""
+    fit = _SliceFit(model, history, ts_ms, prep)
+    fit.warm()
+    fit.cold()
+    if not fit.gate():
+        return Failure("no slice passed the fit and arbitrage checks", fit.nfev, fit.violations)
+    return fit.result()
+
+
+def prev_slices(last: FitResult | None) -> Prior:
+    """The last accepted fit by expiry: (parameters, forward)."""
+    if last is None or not last.slices or len(last.x) != len(last.slices):
+        return {}
+    return {s.expiry: (x, s.forward) for s, x in zip(last.slices, last.x, strict=True)}
+
+
+class _SliceFit:
+    """The working state of one per-expiry fit, step by step."""
+
+    def __init__(self, model: Model, history: History, ts_ms: int, prep: Prepared) -> None:
+        self.model, self.history, self.prep = model, history, prep
+        self.cfg: CalibConfig = history.config
+        data = self.data = prep.data
+        S = self.S = data.n_slices
+        lo, hi = model.bounds(1)
+        self.lo = lo
+        self.starts = starts_of(data.slice_idx, S)
+        self.lower, self.upper = np.tile(lo, (S, 1)), np.tile(hi, (S, 1))
+        self.prev = prev_slices(history.last_good)
+        self.prior = np.zeros((S, len(lo)))
+        self.pen_w = np.zeros((S, len(lo)))
+        self.has_prior = np.zeros(S, dtype=np.bool_)
+        self.fwd_jump = np.zeros(S, dtype=np.bool_)
+        for j, e in enumerate(data.slice_expiry):
+            if e in self.prev:
+                x_prev, f_prev = self.prev[e]
+                self.prior[j] = x_prev
+                self.has_prior[j] = True
+                self.pen_w[j] = math.sqrt(history.penalty_now(ts_ms)) / model.scale(
+                    1, data.slice_T[j : j + 1]
+                )
+                jump = abs(data.slice_forward[j] / f_prev - 1.0) > self.cfg.regime_forward_move
+                self.fwd_jump[j] = jump
+        self.gap = history.gap_shift(ts_ms)
+        self.run = _runner(model, self.cfg, data, self.starts, self.lower, self.upper)
+        self.nfev = 0
+        self.warm_used = bool(self.has_prior.any())
+        self.x = np.zeros((S, len(lo)))
+        self.iv = np.zeros(data.n_quotes)
+        self.data_cost = np.full(S, np.inf)
+        self.pen = np.zeros(S)
+        self.shift = np.zeros(S, dtype=np.bool_)
+        self.keep = np.ones(S, dtype=np.bool_)
+        self.violations: list[Violation] = []
+        self._guesses: dict[int, list[FloatArray]] = {}
+
+    def guess(self, j: int) -> list[FloatArray]:
+        """Slice ``j``'s cold-start candidates (computed once, when first needed)."""
+        if j not in self._guesses:
+            self._guesses[j] = self.model.initial_guesses(self.data.slice(j))
+        return self._guesses[j]
+
+    # -- 2. warm start ---------------------------------------------------------------------
+    def warm(self) -> None:
+        """The penalised fit from the last accepted parameters, and the regime tests."""
+        if not self.warm_used:
+            return
+        data, cfg, hist = self.data, self.cfg, self.history
+        x0 = np.array(
+            [self.prior[j] if self.has_prior[j] else self.guess(j)[0] for j in range(self.S)]
+        )
+        res = self.run(x0, self.prior, self.pen_w, cfg.max_iter_warm, None)
+        self.nfev += res.nfev
+        self.x, self.iv, self.data_cost, self.pen = res.x, res.iv, res.data_cost, res.penalty
+        wrms = block_wrms(self.iv, data, self.starts)
+        # the in-band share over all slices (one slice's share is too noisy to judge)
+        slipped = hist.slipped(float(np.mean(in_band(self.iv, data.iv_bid, data.iv_ask))))
+        err_jump = np.array(
+            [
+                self.has_prior[j] and (slipped or hist.jumped(e, float(wrms[j])))
+                for j, e in enumerate(data.slice_expiry)
+            ],
+            dtype=np.bool_,
+        )
+        self.shift = (self.fwd_jump | err_jump | self.gap) & self.has_prior
+
+    # -- 3. cold starts --------------------------------------------------------------------
+    def cold(self) -> None:
+        """Penalty-free fits of new and shifted slices; kept where they fit clearly better."""
+        need = self.shift | ~self.has_prior
+        if not need.any():
+            return
+        c = self._multi_start(need, self.x if self.warm_used else None)
+        self.nfev += c.nfev
+        take = need & (
+            ~self.has_prior
+            | (c.data_cost < self.cfg.cold_margin * self.data_cost)
+            | ~np.isfinite(self.data_cost)
+        )
+        pt = take[self.data.slice_idx]
+        self.x = np.where(take[:, None], c.x, self.x)
+        self.iv = np.where(pt, c.iv, self.iv)
+        self.data_cost = np.where(take, c.data_cost, self.data_cost)
+        self.pen = np.where(take, 0.0, self.pen)
+
+    def _multi_start(self, mask: BoolArray, free: FloatArray | None) -> LMResult:
+        """Penalty-free fits of the masked slices from the multi-start guesses and, when
+        given, from ``free`` (the warm result: the cheap answer to a gradual shift)."""
+        S, prior = self.S, self.prior
+        guesses = [
+            ([free[j]] if free is not None and self.has_prior[j] else []) + self.guess(j)
+            if mask[j]
+            else [prior[j]]
+            for j in range(S)
+        ]
+        best: LMResult | None = None
+        for g in range(max(len(guesses[j]) for j in range(S))):
+            x0 = np.array([guesses[j][min(g, len(guesses[j]) - 1)] for j in range(S)])
+            x0 = np.where(mask[:, None], x0, prior)
+            res = self.run(x0, None, None, self.cfg.max_iter_cold, mask)
+            best = res if best is None else _merge_best(best, res, self.data)
+        assert best is not None
+        return best
+
+    # -- 4. the arbitrage gate -------------------------------------------------------------
+    def gate(self) -> bool:
+        """All slices' own checks and calendar gaps at once; only when one fails, the
+        slice-by-slice gate (repair, last accepted parameters, or drop). False: none left."""
+        model, data, x = self.model, self.data, self.x
+        keep = self.keep = np.isfinite(self.data_cost) & np.all(np.isfinite(x), axis=1)
+        own = model.arbitrage_slices(np.where(keep[:, None], x, self.lo), data.slice_T)
+        k_cal = pair_grids(data, 61)
+        if all_clean(model, self.cfg, x, keep, own, data.slice_T, k_cal):
+            return True
+        gate = SliceGate(model, self.cfg, data, self.prior, self.pen_w, self.has_prior, self.prev)
+        gate.run(x, keep, own, k_cal, self.violations)
+        if not keep.any():
+            return False
+        self.iv = fitted_iv(model, x, data)
+        return True
+
+    # -- 5. the result ---------------------------------------------------------------------
+    def result(self) -> Fitted:
+        """Statistics of the kept slices; the regime references for the next fit."""
+        model, data, keep, iv, x = self.model, self.data, self.keep, self.iv, self.x
+        wrms = block_wrms(iv, data, self.starts)
+        for j, e in enumerate(data.slice_expiry):
+            if keep[j]:
+                self.history.prev_wrms[e] = float(wrms[j])
+        pts = keep[data.slice_idx]
+        self.history.update_band(
+            float(np.mean(in_band(iv[pts], data.iv_bid[pts], data.iv_ask[pts])))
+        )
+        atm = model.implied_vol_slices(x, data.slice_T)
+        params = [model.view(x[j], 1).slices[0] for j in range(self.S)]
+        return Fitted(
+            iv=iv,
+            points=pts,
+            slices=slice_fits(data, self.prep, iv, atm, params, keep),
+            x=tuple(x[j].copy() for j in range(self.S) if keep[j]),
+            params={},
+            nfev=self.nfev,
+            penalty=float(np.sum(self.pen[keep])),
+            warm=self.warm_used,
+            regime=bool(self.shift.any()),
+            violations=self.violations,
+        )
+
+
+def _runner(
+    model: Model,
+    cfg: CalibConfig,
+    data: FitData,
+    starts: IntArray,
+    lower: FloatArray,
+    upper: FloatArray,
+) -> Runner:
+    """``run(x0, prior, pen_w, max_iter, active)``: the block LM over all slices, compiled
+    (``streamer.calib.kernel``) for models with a row kernel, else ``lm.solve`` (which fits
+    every slice: ``active`` only saves work)."""
+    if model.kernel_kind == KERNEL_NONE:
+        return _numpy_runner(model, cfg, data, starts, lower, upper)
+    S, p = lower.shape
+    grids = hinge_grids(data)
+    band = cfg.band(data)
+    zeros = np.zeros((S, p))
+    compiled = kernel.SliceProblem(
+        kind=model.kernel_kind,
+        arg=model.kernel_arg,
+        k=data.k,
+        T=data.T,
+        target=data.iv,
+        weight=data.weight,
+        band=np.zeros(0) if band is None else band,
+        kappa=cfg.kappa,
+        loss=kernel.LOSS_CODES[cfg.loss],
+        f_scale=cfg.f_scale,
+        starts=starts,
+        lower=lower,
+        upper=upper,
+        hinges=cfg.constraints_in_fit,
+        inner=grids[0],
+        outer=grids[1],
+        kcal=grids[2],
+        slice_T=data.slice_T,
+    )
+
+    def run_kernel(
+        x0: FloatArray,
+        prior: FloatArray | None,
+        pen_w: FloatArray | None,
+        max_iter: int,
+        active: BoolArray | None,
+    ) -> LMResult:
+        return compiled.solve(
+            x0,
+            zeros if prior is None else prior,
+            zeros if pen_w is None else pen_w,
+            np.ones(S, dtype=np.bool_) if active is None else active,
+            max_iter,
+        )
+
+    return run_kernel
+
+
+def _numpy_runner(
+    model: Model,
+    cfg: CalibConfig,
+    data: FitData,
+    starts: IntArray,
+    lower: FloatArray,
+    upper: FloatArray,
+) -> Runner:
+    """The numpy LM (``lm.solve``) over all slices, one model evaluation per iteration."""
+    evaluate = slice_evaluator(model, data)
+    hinges = hinge_rows(model, data) if cfg.constraints_in_fit else None
+
+    def run_numpy(
+        x0: FloatArray,
+        prior: FloatArray | None,
+        pen_w: FloatArray | None,
+        max_iter: int,
+        active: BoolArray | None,
+    ) -> LMResult:
+        problem = cfg.problem(evaluate, data, starts, lower, upper, prior, pen_w, hinges)
+        return solve(problem, x0, max_iter=max_iter)
+
+    return run_numpy
+
+
+def _merge_best(a: LMResult, b: LMResult, data: FitData) -> LMResult:
+    """Per slice, the better data fit of two runs."""
+    take = b.data_cost < a.data_cost
+    pt = take[data.slice_idx]
+    return LMResult(
+        x=np.where(take[:, None], b.x, a.x),
+        iv=np.where(pt, b.iv, a.iv),
+        data_cost=np.where(take, b.data_cost, a.data_cost),
+        penalty=np.where(take, b.penalty, a.penalty),
+        converged=np.where(take, b.converged, a.converged),
+        nfev=a.nfev + b.nfev,
+        iterations=max(a.iterations, b.iterations),
+    )

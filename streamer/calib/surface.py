@@ -1,0 +1,202 @@
+"""The surface strategy (SSVI, ssvi-rho, Heston, Bates, ...): one parameter vector, one LM block.
+
+``fit_surface(model, history, ts_ms, prepared)`` in named steps:
+
+1. ``warm`` (start, solve): from the last accepted fit (its parameters by expiry: a new
+   expiry takes the cold guess's), with the change penalty; then the regime tests: an expiry
+   rolled in or out, a forward moved beyond ``regime_forward_move``, the error jumped, the
+   in-band share slipped, or a long gap.
+2. ``cold`` (solve): on a regime shift or without a warm start, penalty-free fits from the warm
+   result and the model's cold guesses; kept if it beats the warm fit by ``cold_margin``.
+3. ``gate``: the model's own conditions and the calendar check on the quoted range
+   (``streamer.calib.gate``); a violation is re-fitted inside the model's ``safe_bounds``
+   (a region free of arbitrage by construction) or the fit is not accepted.
+4. ``result``: the regime references for the next fit, per-slice statistics, ``Fitted``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+import numpy.typing as npt
+
+from streamer.calib.data import Prepared
+from streamer.calib.evaluate import surface_evaluator
+from streamer.calib.gate import surface_calendar
+from streamer.calib.lm import LMResult, solve
+from streamer.calib.options import History
+from streamer.calib.result import Failure, FitResult, Fitted, block_band, block_wrms, slice_fits
+from streamer.models.base import FitData, FloatArray, Model, ParamView, Violation
+
+REFITTED = " (re-fitted)"
+
+
+def fit_surface(model: Model, history: History, ts_ms: int, prep: Prepared) -> Fitted | Failure:
+    """One surface calibration: the accepted fit, or why there is none."""
+    fit = _SurfaceFit(model, history, ts_ms, prep)
+    best = fit.warm()
+    if best is None or fit.regime:
+        best = fit.cold(best)
+    x = best.x[0]
+    if not (np.isfinite(best.data_cost[0]) and np.all(np.isfinite(x))):
+        return Failure("non-finite fit", fit.nfev)
+    best, violations = fit.gate(best)
+    if any(REFITTED not in v.detail for v in violations):
+        return Failure("static arbitrage: " + violations[0].check, fit.nfev, violations)
+    return fit.result(best, violations)
+
+
+class _SurfaceFit:
+    """The working state of one surface fit, step by step."""
+
+    def __init__(self, model: Model, history: History, ts_ms: int, prep: Prepared) -> None:
+        self.model, self.history, self.prep, self.ts_ms = model, history, prep, ts_ms
+        self.cfg = history.config
+        self.data = data = prep.data
+        self.S = data.n_slices
+        self.lo, self.hi = model.bounds(self.S)
+        self.starts = np.zeros(1, dtype=np.int64)
+        self.evaluate = surface_evaluator(model, data)
+        self.nfev = 0
+        self.regime = False
+        self.warm_used = False
+        self._guesses: list[list[FloatArray]] = []
+
+    def guesses(self) -> list[FloatArray]:
+        """The model's cold-start candidates (computed once, when first needed)."""
+        if not self._guesses:
+            self._guesses.append(self.model.initial_guesses(self.data))
+        return self._guesses[0]
+
+    def _solve(
+        self,
+        x0: FloatArray,
+        max_iter: int,
+        prior: FloatArray | None = None,
+        pen_w: FloatArray | None = None,
+        bounds: tuple[FloatArray, FloatArray] | None = None,
+    ) -> LMResult:
+        lo, hi = bounds or (self.lo, self.hi)
+        problem = self.cfg.problem(
+            self.evaluate, self.data, self.starts, lo[None, :], hi[None, :], prior, pen_w
+        )
+        res = solve(problem, np.asarray(x0, dtype=np.float64)[None, :], max_iter=max_iter)
+        self.nfev += res.nfev
+        return res
+
+    # -- 1. warm start ---------------------------------------------------------------------
+    def warm(self) -> LMResult | None:
+        """The penalised fit from the last accepted one (None without one); sets ``regime``."""
+        last, cfg, data, hist = self.history.last_good, self.cfg, self.data, self.history
+        if last is None or not last.x:
+            return None
+        self.warm_used = True
+        x0, prior_mask = warm_vector(self.model, last, data, self.guesses)
+        scale = self.model.scale(self.S, data.slice_T)
+        pen_w = np.where(prior_mask, math.sqrt(hist.penalty_now(self.ts_ms)) / scale, 0.0)
+        best = self._solve(x0, cfg.max_iter_warm, x0[None, :].copy(), pen_w[None, :])
+        wrms = float(block_wrms(best.iv, data, self.starts)[0])
+        prev_f = {s.expiry: s.forward for s in last.slices}
+        rolled = set(prev_f) != set(data.slice_expiry)
+        moved = any(
+            abs(f / prev_f[e] - 1.0) > cfg.regime_forward_move
+            for e, f in zip(data.slice_expiry, data.slice_forward, strict=True)
+            if e in prev_f
+        )
+        band = float(block_band(best.iv, data, self.starts)[0])
+        self.regime = (
+            rolled
+            or moved
+            or hist.jumped("", wrms)
+            or hist.slipped(band)
+            or hist.gap_shift(self.ts_ms)
+        )
+        return best
+
+    # -- 2. cold starts --------------------------------------------------------------------
+    def cold(self, warm: LMResult | None) -> LMResult:
+        """Penalty-free fits from the warm result and the cold guesses; the best if it beats
+        the warm fit by ``cold_margin`` (or there is no usable warm fit)."""
+        cold_best: LMResult | None = None
+        for g in ([warm.x[0]] if warm is not None else []) + list(self.guesses()):
+            r = self._solve(g, self.cfg.max_iter_cold)
+            if cold_best is None or r.data_cost[0] < cold_best.data_cost[0]:
+                cold_best = r
+        assert cold_best is not None
+        if (
+            warm is None
+            or cold_best.data_cost[0] < self.cfg.cold_margin * warm.data_cost[0]
+            or (not np.isfinite(warm.data_cost[0]))
+        ):
+            return replace(cold_best, penalty=np.zeros(1))
+        return warm
+
+    # -- 3. the arbitrage gate -------------------------------------------------------------
+    def gate(self, best: LMResult) -> tuple[LMResult, list[Violation]]:
+        """The model's conditions and the calendar check; a violation is re-fitted inside
+        ``safe_bounds`` and marked re-fitted when that fit passes."""
+        model, cfg, data = self.model, self.cfg, self.data
+        x = best.x[0]
+        violations = list(model.arbitrage(x, data.slice_T))
+        surface_calendar(model, cfg, x, data, violations)
+        pinned = model.safe_bounds(x, self.lo, self.hi) if violations else None
+        if pinned is None:
+            return best, violations
+        again = self._solve(np.clip(x, pinned[0], pinned[1]), cfg.max_iter_cold, bounds=pinned)
+        x2 = again.x[0]
+        found: list[Violation] = list(model.arbitrage(x2, data.slice_T))
+        surface_calendar(model, cfg, x2, data, found)
+        if not found and np.isfinite(again.data_cost[0]):
+            best = replace(again, penalty=np.zeros(1))
+            violations = [replace(v, detail=v.detail + REFITTED) for v in violations]
+        return best, violations
+
+    # -- 4. the result ---------------------------------------------------------------------
+    def result(self, best: LMResult, violations: list[Violation]) -> Fitted:
+        model, data, S = self.model, self.data, self.S
+        x = best.x[0]
+        iv = best.iv
+        self.history.prev_wrms[""] = float(block_wrms(iv, data, self.starts)[0])
+        self.history.update_band(float(block_band(iv, data, self.starts)[0]))
+        view = model.view(x, S)
+        atm = model.implied_vol(x, np.zeros(S), data.slice_T, np.arange(S, dtype=np.int64))
+        return Fitted(
+            iv=iv,
+            points=np.ones(data.n_quotes, dtype=np.bool_),
+            slices=slice_fits(data, self.prep, iv, atm, view.slices, np.ones(S, dtype=np.bool_)),
+            x=(x.copy(),),
+            params=view.surface,
+            nfev=self.nfev,
+            penalty=float(best.penalty[0]),
+            warm=self.warm_used,
+            regime=self.regime,
+            violations=violations,
+        )
+
+
+def warm_vector(
+    model: Model, last: FitResult, data: FitData, cold_guesses: Callable[[], list[FloatArray]]
+) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
+    """Warm start for a surface model on the current slices: the last fit's parameters, by
+    expiry; new expiries take the (lazily computed) cold guess. Also which entries have a
+    previous value."""
+    S = data.n_slices
+    last_slices = {s.expiry: s.params for s in last.slices}
+    slices: list[dict[str, float]] = []
+    for j, e in enumerate(data.slice_expiry):
+        if e in last_slices:
+            slices.append(dict(last_slices[e]))
+        else:
+            slices.append(dict(model.view(cold_guesses()[0], S).slices[j]))
+    view = ParamView(surface=dict(last.params), slices=slices)
+    x0 = model.from_view(view, S)
+    mask = np.ones(len(x0), dtype=np.bool_)
+    for i, name in enumerate(model.param_names(S)):
+        if name.endswith("]"):
+            j = int(name[name.index("[") + 1 : -1])
+            mask[i] = data.slice_expiry[j] in last_slices
+    lo, hi = model.bounds(S)
+    return np.clip(x0, lo, hi), mask
