@@ -44,6 +44,16 @@ from streamer.models.sabr import sabr_row
 from streamer.models.svi import svi_row
 
 LOSS_CODES = {"linear": 0, "soft_l1": 1, "huber": 2}
+
+# the tuples the kernels pass around (numba takes them as they are; the names are for reading)
+ModelArgs = tuple[int, float, float, int, float]  # kind, arg, kappa, loss code, f_scale^2
+Quotes = tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]  # k, T, target, w, band
+Penalty = tuple[FloatArray, FloatArray]  # prior, weights
+# use, has a neighbour, T, neighbour's w, inner grid, outer grid, calendar grid
+Hinge = tuple[bool, bool, float, FloatArray, FloatArray, FloatArray, FloatArray]
+Scratch = tuple[FloatArray, FloatArray]
+# two slots each: iv, jac, residual, loss slope, band slope, hinge rows, hinge jacobian
+Buffers = tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]
 BAD_ROW = 1e6  # a non-finite hinge row counts as this (as in lm._extra_cost)
 FTOL = 1e-5  # relative cost reduction below which a slice has converged
 XTOL = 1e-9  # relative parameter move below which a slice has converged
@@ -233,15 +243,15 @@ def _hinges(
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _evaluate(
-    model: tuple[int, float, float, int, float],
+    model: ModelArgs,
     x: FloatArray,
     lo: int,
     hi: int,
-    quotes: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray],
-    penalty: tuple[FloatArray, FloatArray],
-    hinge: tuple[bool, bool, float, FloatArray, FloatArray, FloatArray, FloatArray],
-    scratch: tuple[FloatArray, FloatArray],
-    bufs: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray],
+    quotes: Quotes,
+    penalty: Penalty,
+    hinge: Hinge,
+    scratch: Scratch,
+    bufs: Buffers,
     s: int,
 ) -> tuple[float, float]:
     """Data cost and penalty (change penalty plus hinge rows) of one slice at ``x``, with
@@ -334,7 +344,7 @@ def _normal_equations(
     prior: FloatArray,
     pen_w: FloatArray,
     use_hinges: bool,
-    bufs: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray],
+    bufs: Buffers,
     cur: int,
     A: FloatArray,
     g: FloatArray,
@@ -421,16 +431,16 @@ def _step(
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _iterate(
-    model: tuple[int, float, float, int, float],
+    model: ModelArgs,
     x: FloatArray,
     x_new: FloatArray,
     lo: int,
     hi: int,
-    quotes: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray],
-    penalty: tuple[FloatArray, FloatArray],
-    hinge: tuple[bool, bool, float, FloatArray, FloatArray, FloatArray, FloatArray],
-    scratch: tuple[FloatArray, FloatArray],
-    bufs: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray],
+    quotes: Quotes,
+    penalty: Penalty,
+    hinge: Hinge,
+    scratch: Scratch,
+    bufs: Buffers,
     bounds: tuple[FloatArray, FloatArray],
     work: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray],
     dc: float,
@@ -484,9 +494,7 @@ def _iterate(
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _buffers(
-    n: int, p: int, m_rows: int
-) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
+def _buffers(n: int, p: int, m_rows: int) -> Buffers:
     """Per evaluation: IVs, gradients, residuals, loss derivatives, band slopes (per quote),
     hinge rows and their gradients, each in two slots (the current point and the trial
     point): accepting a step flips the slot instead of copying."""

@@ -43,7 +43,7 @@ from streamer.calib.result import (
     slice_fits,
     starts_of,
 )
-from streamer.models.base import KERNEL_NONE, FitData, FloatArray, IntArray, Model, Violation
+from streamer.models.base import KERNEL_NONE, FitData, FloatArray, Model, Violation
 
 BoolArray = npt.NDArray[np.bool_]
 Runner = Callable[
@@ -96,7 +96,7 @@ class _SliceFit:
                 jump = abs(data.slice_forward[j] / f_prev - 1.0) > self.cfg.regime_forward_move
                 self.fwd_jump[j] = jump
         self.gap = history.gap_shift(ts_ms)
-        self.run = _runner(model, self.cfg, data, self.starts, self.lower, self.upper)
+        self.run = _runner(self)
         self.nfev = 0
         self.warm_used = bool(self.has_prior.any())
         self.x = np.zeros((S, len(lo)))
@@ -221,19 +221,13 @@ class _SliceFit:
         )
 
 
-def _runner(
-    model: Model,
-    cfg: CalibConfig,
-    data: FitData,
-    starts: IntArray,
-    lower: FloatArray,
-    upper: FloatArray,
-) -> Runner:
+def _runner(fit: _SliceFit) -> Runner:
     """``run(x0, prior, pen_w, max_iter, active)``: the block LM over all slices, compiled
     (``streamer.calib.kernel``) for models with a row kernel, else ``lm.solve`` (which fits
     every slice: ``active`` only saves work)."""
+    model, cfg, data, lower = fit.model, fit.cfg, fit.data, fit.lower
     if model.kernel_kind == KERNEL_NONE:
-        return _numpy_runner(model, cfg, data, starts, lower, upper)
+        return _numpy_runner(fit)
     S, p = lower.shape
     grids = hinge_grids(data)
     band = cfg.band(data)
@@ -249,9 +243,9 @@ def _runner(
         kappa=cfg.kappa,
         loss=kernel.LOSS_CODES[cfg.loss],
         f_scale=cfg.f_scale,
-        starts=starts,
+        starts=fit.starts,
         lower=lower,
-        upper=upper,
+        upper=fit.upper,
         hinges=cfg.constraints_in_fit,
         inner=grids[0],
         outer=grids[1],
@@ -277,15 +271,11 @@ def _runner(
     return run_kernel
 
 
-def _numpy_runner(
-    model: Model,
-    cfg: CalibConfig,
-    data: FitData,
-    starts: IntArray,
-    lower: FloatArray,
-    upper: FloatArray,
-) -> Runner:
+def _numpy_runner(fit: _SliceFit) -> Runner:
     """The numpy LM (``lm.solve``) over all slices, one model evaluation per iteration."""
+    model, cfg, data, starts, lower, upper = (
+        fit.model, fit.cfg, fit.data, fit.starts, fit.lower, fit.upper
+    )  # fmt: skip
     evaluate = slice_evaluator(model, data)
     hinges = hinge_rows(model, data) if cfg.constraints_in_fit else None
 

@@ -7,9 +7,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from streamer import __version__
-from streamer.cli import bench, plot, record, replay, report, run, simulate, subscribe
+from streamer.cli import bench, plot, replay, report, run, simulate, subscribe
 
-COMMANDS = (bench, run, record, replay, subscribe, simulate, report, plot)
+COMMANDS = (bench, run, replay, subscribe, simulate, report, plot)  # run: also record
 
 
 def build_parser() -> argparse.ArgumentParser:

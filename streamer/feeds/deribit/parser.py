@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -473,16 +474,22 @@ class DeribitParser:
 
     # -- other channels -------------------------------------------------------------------------
 
-    def _trades(self, data: object, recv_ns: int) -> list[Event]:
+    def _option_items(
+        self, data: object, what: str, item: str
+    ) -> Iterator[tuple[dict[str, Any], OptionName]]:
+        """The objects of a list-valued channel that name single options, with their names."""
         if type(data) is not list:
-            raise ParseError("bad_type", "trades data not a list")
-        out: list[Event] = []
+            raise ParseError("bad_type", f"{what} data not a list")
         for t in data:
             if type(t) is not dict:
-                raise ParseError("bad_type", "trade not an object")
+                raise ParseError("bad_type", f"{item} not an object")
             opt = self._option(t["instrument_name"])
-            if opt is None:
-                continue
+            if opt is not None:
+                yield t, opt
+
+    def _trades(self, data: object, recv_ns: int) -> list[Event]:
+        out: list[Event] = []
+        for t, opt in self._option_items(data, "trades", "trade"):
             direction = t["direction"]
             if direction not in ("buy", "sell"):
                 raise ParseError("bad_value", f"direction {direction!r:.20}")
@@ -503,15 +510,8 @@ class DeribitParser:
         return out
 
     def _markprice(self, data: object, recv_ns: int) -> list[Event]:
-        if type(data) is not list:
-            raise ParseError("bad_type", "markprice data not a list")
         out: list[Event] = []
-        for m in data:
-            if type(m) is not dict:
-                raise ParseError("bad_type", "markprice item not an object")
-            opt = self._option(m["instrument_name"])
-            if opt is None:
-                continue
+        for m, opt in self._option_items(data, "markprice", "markprice item"):
             ts = _int(m["timestamp"], "timestamp")
             # this channel's iv is a fraction already (0.9 = 90%)
             out.append(
