@@ -30,7 +30,7 @@ Sections (every key optional; defaults below and in ``config/default.toml``)::
     min_interval_s = 0.2
 
     [publish]
-    urls = ["jsonl:-"]                # mqtt://user:pass@host:1883/prefix, mqtts://..., jsonl:PATH
+    urls = ["jsonl:-"]                # mqtt://[user[:pass]@]host:1883/prefix, jsonl:PATH, ...
     prefix = "streamer"
     greeks = true                     # also publish the per-expiry greeks topics
 
@@ -40,8 +40,9 @@ Sections (every key optional; defaults below and in ``config/default.toml``)::
     rotate_minutes = 60
 
     [metrics]
-    host = "127.0.0.1"
+    host = "127.0.0.1"                # loopback only unless allow_remote
     port = 0                          # 0 = off
+    allow_remote = false              # true: any host (e.g. "0.0.0.0"), logged as a warning
 
     [log]
     level = "info"                    # debug | info | warning | error
@@ -49,6 +50,12 @@ Sections (every key optional; defaults below and in ``config/default.toml``)::
 
 Environment variables override keys: ``STREAMER__PUBLISH__URLS='["mqtt://h:1883"]'``,
 ``STREAMER__LOG__LEVEL=debug`` (see ``streamer.settings``).
+
+Secrets: a password may sit in a ``publish.urls`` URL of the config file (or of
+``STREAMER__PUBLISH__URLS``); otherwise it comes from ``STREAMER_MQTT_PASSWORD``, the file
+named by ``STREAMER_MQTT_PASSWORD_FILE``, or the systemd credential ``mqtt_password``
+(``streamer.settings.read_secret``; the order is in its docstring), never from the command
+line. Every config error that shows a value shows it with URL passwords redacted.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from streamer.errors import ConfigError
-from streamer.settings import apply_env, build
+from streamer.settings import apply_env, build, is_loopback
 
 DEFAULT_DERIBIT_URL = "wss://www.deribit.com/ws/api/v2"
 DEFAULT_MIN_CHANGED_QUOTES = 20
@@ -142,6 +149,16 @@ class RecorderSettings:
 class MetricsSettings:
     host: str = "127.0.0.1"
     port: int = 0
+    allow_remote: bool = False  # a host that is not loopback must be meant
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("metrics.port must lie in [0, 65535] (0 = off)")
+        if not self.allow_remote and not is_loopback(self.host):
+            raise ValueError(
+                f"metrics.host {self.host!r} is not a loopback address: the metrics would be "
+                "open to the network; set [metrics] allow_remote = true to mean it"
+            )
 
 
 @dataclass(frozen=True)

@@ -7,22 +7,117 @@ dataclass default; unknown keys are errors (listing the allowed ones) so typos d
 silently. ``apply_env`` overlays ``STREAMER__SECTION__KEY=value`` variables (value in TOML
 syntax, e.g. ``42``, ``true``, ``"x"``, ``["a", "b"]``; a bare word is taken as a string).
 
+Secrets. Errors show the offending value, and a value may be a URL with a password in it
+(``mqtt://bot:s3cret@broker``): every value an error shows goes through ``redact_secrets``,
+which replaces the password of every ``scheme://user:password@`` in a text by ``***`` (also in
+URLs too broken to parse, e.g. an unencoded ``/`` or ``#`` in the password). ``read_secret``
+finds a secret outside the config, in this order (the first source that is set wins):
+
+1. the environment variable ``STREAMER_{NAME}`` (``STREAMER_MQTT_PASSWORD``), or the file named
+   by ``STREAMER_{NAME}_FILE`` (``STREAMER_MQTT_PASSWORD_FILE``; one trailing newline is
+   dropped); setting both is an error, so it is never a guess which one is used;
+2. the systemd credential ``{name}`` (``mqtt_password``): ``$CREDENTIALS_DIRECTORY/{name}``,
+   which systemd fills from ``LoadCredential=mqtt_password:/etc/streamer/mqtt_password``
+   (systemd.exec(5), "Credentials"): readable only by the service, never in its environment.
+
+Callers put a password written into a URL of the config file first (it names one broker).
+
 This module is the generic machinery; ``streamer.config`` declares the daemon's settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import os
+import re
 import tomllib
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from streamer.errors import ConfigError
 
 T = TypeVar("T")
 ENV_PREFIX = "STREAMER__"
+SECRET_ENV_PREFIX = "STREAMER_"
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
+REDACTED = "***"
+
+# scheme://user:password@ -- the password runs to the last "@" of the token (a password with an
+# unencoded "/", "#" or "@" is still covered); tokens end at white space and quotes
+_URL_PASSWORD = re.compile(
+    r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:'\"]*):(?P<password>[^\s'\"]*)@"
+)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@...`` replaced by ``***``."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
+
+
+def has_url_password(text: str) -> bool:
+    """True if ``text`` holds a ``scheme://user:password@`` (an empty password counts)."""
+    return _URL_PASSWORD.search(text) is not None
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` for an error message, passwords in URLs redacted."""
+    return redact_secrets(repr(value))
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_secret(name: str, env: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """The secret ``name`` (``mqtt_password``) and where it came from, or None if unset.
+
+    Sources in order (module docstring): ``STREAMER_{NAME}`` or the file named by
+    ``STREAMER_{NAME}_FILE`` (both set: ``ConfigError``), then the systemd credential
+    ``$CREDENTIALS_DIRECTORY/{name}``. A named file that cannot be read, or an empty secret,
+    is a ``ConfigError`` that names the variable and the file, never the secret.
+    """
+    env = os.environ if env is None else env
+    var = SECRET_ENV_PREFIX + name.upper()
+    file_var = var + "_FILE"
+    value, path = env.get(var), env.get(file_var)
+    if value is not None and path is not None:
+        raise ConfigError(var, f"set either {var} or {file_var}, not both")
+    if value is not None:
+        if not value:
+            raise ConfigError(var, "is set but empty")
+        return value, f"environment {var}"
+    if path is not None:
+        return _read_secret_file(Path(path), file_var), f"file {path} ({file_var})"
+    directory = env.get(CREDENTIALS_ENV)
+    if directory:
+        cred = Path(directory) / name
+        if cred.is_file():
+            return _read_secret_file(cred, f"systemd credential {name}"), (
+                f"systemd credential {name}"
+            )
+    return None
+
+
+def _read_secret_file(path: Path, what: str) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(what, f"cannot read {str(path)!r}: {reason}") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise ConfigError(what, f"{str(path)!r} is empty")
+    return text
 
 
 def _describe(tp: Any) -> str:
@@ -47,7 +142,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise ConfigError(path, f"got {value!r}, allowed: {', '.join(map(repr, allowed))}")
+            raise ConfigError(path, f"got {_show(value)}, allowed: {', '.join(map(repr, allowed))}")
         return value
     if origin in (types.UnionType, typing.Union):
         args = get_args(tp)
@@ -60,36 +155,36 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 return _convert(arg, value, path)
             except ConfigError:
                 continue
-        raise ConfigError(path, f"got {value!r}, expected {_describe(tp)}")
+        raise ConfigError(path, f"got {_show(value)}, expected {_describe(tp)}")
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ConfigError(path, f"expected a list, got {value!r}")
+            raise ConfigError(path, f"expected a list, got {_show(value)}")
         item = get_args(tp)[0]
         return tuple(_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(path, f"expected a table, got {value!r}")
+            raise ConfigError(path, f"expected a table, got {_show(value)}")
         item = get_args(tp)[1]
         return {str(k): _convert(item, v, f"{path}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, Mapping):
-            raise ConfigError(path, f"expected a table, got {value!r}")
+            raise ConfigError(path, f"expected a table, got {_show(value)}")
         return build(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(path, f"expected true or false, got {value!r}")
+            raise ConfigError(path, f"expected true or false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"expected an integer, got {value!r}")
+            raise ConfigError(path, f"expected an integer, got {_show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(path, f"expected a number, got {value!r}")
+            raise ConfigError(path, f"expected a number, got {_show(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(path, f"expected a string, got {value!r}")
+            raise ConfigError(path, f"expected a string, got {_show(value)}")
         return value
     raise ConfigError(path, f"unsupported setting type {tp!r}")  # a bug in a dataclass
 
@@ -111,7 +206,7 @@ def build(cls: type[T], table: Mapping[str, Any], path: str = "") -> T:
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(path or cls.__name__, str(exc)) from exc
+        raise ConfigError(path or cls.__name__, redact_secrets(str(exc))) from None
     return obj
 
 

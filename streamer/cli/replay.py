@@ -10,6 +10,12 @@ Messages go to every ``--publish URL`` (``mqtt://``, ``mqtts://``, ``jsonl:PATH`
 ``jsonl:-``) and to ``--out FILE`` (short for ``--publish jsonl:FILE``); with neither, to the
 config's ``publish.urls`` (the default config: stdout). A progress bar (on a terminal) and the
 summary table go to stderr.
+
+Passwords never go on the command line (``ps`` shows it to every user): a ``--publish`` URL
+with one is refused. Give it as ``STREAMER_MQTT_PASSWORD``, in a file named by
+``STREAMER_MQTT_PASSWORD_FILE``, as the systemd credential ``mqtt_password``, or in a URL in
+the ``--config`` file. Exit codes: 0 done, every message delivered; 1 a broker refused us
+(credentials, ACL, TLS) or messages were not delivered; 2 bad arguments or config.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from streamer.config import load_config
-from streamer.errors import StreamerError
+from streamer.errors import PublishError, StreamerError
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -45,7 +54,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="URL",
-        help="mqtt://[user:pass@]host:port[/prefix], mqtts://..., jsonl:PATH, jsonl:- (stdout)",
+        help="mqtt://[user@]host:port[/prefix], mqtts://..., jsonl:PATH, jsonl:- (stdout); "
+        "passwords: STREAMER_MQTT_PASSWORD(_FILE), the systemd credential mqtt_password, or "
+        "a URL in --config, never here",
     )
     p.add_argument("--out", metavar="OUT.jsonl", help="short for --publish jsonl:OUT.jsonl")
     p.add_argument(
@@ -59,23 +70,29 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the command: 0 on success, 2 on bad arguments or config."""
+    """Run the command: 0 on success, 1 on a delivery failure, 2 on bad arguments or config."""
     from streamer.daemon import logs
     from streamer.daemon.replay import replay
+    from streamer.publish.urls import argv_password_error
 
+    for url in args.publish:
+        refusal = argv_password_error("--publish", url)
+        if refusal is not None:
+            print(f"streamer replay: {refusal}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         config = load_config(args.config)
     except StreamerError as exc:
         print(f"streamer replay: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     logs.configure(config.log.level, config.log.format)
     for f in args.files:
         if not Path(f).is_file():
             print(f"streamer replay: no such file: {f}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
     if args.speed is not None and not args.speed > 0:
         print("streamer replay: --speed must be positive", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     models = list(config.models.names) if args.model is None else list(args.model)
     if "none" in models:
         models = []
@@ -94,9 +111,12 @@ def main(args: argparse.Namespace) -> int:
                 progress=not args.quiet and sys.stderr.isatty(),
             )
         )
+    except PublishError as exc:
+        print(f"streamer replay: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except StreamerError as exc:
         print(f"streamer replay: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if not args.quiet:
         print(summary, file=sys.stderr)
     return 0

@@ -5,7 +5,10 @@ forward, ATM IV in %, RMSE in IV points, share of quotes in the bid-ask band, pa
 greeks payloads (``streamer.greeks/1``) as a short summary, status as one line; any other
 payload as JSON. ``--json`` prints each message raw as ``{"topic": ..., "payload": ...}`` a
 line (the ``jsonl`` publisher's format); ``--count N`` exits after N messages; ``--timeout S``
-gives up (exit code 1) after S seconds.
+gives up (exit code 1) after S seconds. A broker that refuses us (credentials, ACL, TLS) is
+an error (exit code 1) naming the broker. A password in ``--url`` is refused (exit code 2):
+give it as ``STREAMER_MQTT_PASSWORD``, in a file named by ``STREAMER_MQTT_PASSWORD_FILE`` or as
+the systemd credential ``mqtt_password``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--url",
         default=DEFAULT_URL,
-        help=f"broker, mqtt[s]://[user:pass@]host:port ({DEFAULT_URL})",
+        help=f"broker, mqtt[s]://[user@]host:port ({DEFAULT_URL}); the password comes from "
+        "STREAMER_MQTT_PASSWORD(_FILE) or the systemd credential mqtt_password, never argv",
     )
     p.add_argument("--json", action="store_true", help="print raw JSON lines")
     p.add_argument("--count", type=int, default=0, metavar="N", help="exit after N messages")
@@ -40,10 +44,17 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the command; exit code 0 after ``--count`` messages or Ctrl-C, 1 on timeout/error."""
+    """Run the command; exit code 0 after ``--count`` messages or Ctrl-C, 1 on timeout/error,
+    2 on bad arguments."""
     import structlog
 
-    from streamer.errors import StreamerError
+    from streamer.errors import ConfigError, StreamerError
+    from streamer.publish.urls import argv_password_error
+
+    refusal = argv_password_error("--url", args.url)
+    if refusal is not None:
+        print(f"streamer subscribe: {refusal}", file=sys.stderr)
+        return 2
 
     if not structlog.is_configured():  # keep stdout for the data
         from streamer.daemon import logs
@@ -56,6 +67,9 @@ def main(args: argparse.Namespace) -> int:
         return asyncio.run(_run(args.url, args.topic, args.json, args.count, args.timeout))
     except KeyboardInterrupt:
         return 0
+    except ConfigError as exc:  # a bad URL, an unreadable password file
+        print(f"streamer subscribe: {exc}", file=sys.stderr)
+        return 2
     except StreamerError as exc:
         print(f"streamer subscribe: {exc}", file=sys.stderr)
         return 1

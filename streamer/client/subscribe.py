@@ -10,9 +10,17 @@ latest state). Messages that are not JSON objects are logged and skipped, never 
         ...
 
 The URL is ``mqtt[s]://[user:pass@]host[:port]`` (a path, if any, is ignored here: the topic is
-taken as given). Credentials and TLS also come from the environment as for the publisher
-(``STREAMER_MQTT_USERNAME``, ``STREAMER_MQTT_PASSWORD``, ``STREAMER_MQTT_CAFILE``,
-``STREAMER_MQTT_TLS_INSECURE``).
+taken as given). Credentials and TLS come as for the publisher (``streamer.publish.mqtt``):
+keyword arguments or the URL, then ``STREAMER_MQTT_USERNAME`` / ``STREAMER_MQTT_PASSWORD`` (or
+``..._FILE``), then the systemd credentials ``mqtt_username`` / ``mqtt_password``;
+``STREAMER_MQTT_CAFILE``, ``STREAMER_MQTT_TLS_INSECURE``.
+
+A broker that refuses us raises ``SubscribeError`` at once, with or without ``reconnect``: a
+CONNACK refusal (bad username or password, not authorised), a TLS failure (untrusted
+certificate, host name mismatch) or a refused subscription (the ACL does not let this user read
+the topic). Retrying the same credentials cannot succeed, and a bot must not sit silently
+waiting for data that will never come. Only a lost or unreachable broker is retried (logged at
+warning level on each attempt) when ``reconnect`` is true.
 """
 
 from __future__ import annotations
@@ -29,7 +37,15 @@ import structlog
 
 from streamer.backoff import Backoff
 from streamer.errors import SubscribeError
-from streamer.publish.mqtt import DEFAULT_BACKOFF_INITIAL_S, DEFAULT_BACKOFF_MAX_S, NODELAY
+from streamer.publish.mqtt import (
+    DEFAULT_BACKOFF_INITIAL_S,
+    DEFAULT_BACKOFF_MAX_S,
+    EXPLAIN,
+    NODELAY,
+    REFUSALS,
+    classify_failure,
+    mqtt_credentials,
+)
 from streamer.publish.urls import parse_mqtt_url, redact
 
 if TYPE_CHECKING:
@@ -71,15 +87,17 @@ async def subscribe_payloads(
 ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
     """Yield ``(topic, payload)`` for each JSON-object message on ``topic`` (QoS 1).
 
-    With ``reconnect=False`` a lost or refused connection raises ``SubscribeError``; otherwise
-    the iterator reconnects (capped jittered backoff) and never ends by itself.
+    A refusal (credentials, authorisation, TLS, a subscription the ACL denies) always raises
+    ``SubscribeError`` naming the broker; with ``reconnect=False`` so does a lost or unreachable
+    broker, otherwise the iterator reconnects (capped jittered backoff) and never ends by itself.
     """
     parsed = parse_mqtt_url(url)
-    env = os.environ
-    user = username if username is not None else parsed.username
-    user = user if user is not None else env.get("STREAMER_MQTT_USERNAME")
-    pwd = password if password is not None else parsed.password
-    pwd = pwd if pwd is not None else env.get("STREAMER_MQTT_PASSWORD")
+    creds = mqtt_credentials(
+        username if username is not None else parsed.username,
+        password if password is not None else parsed.password,
+    )
+    user, pwd = creds.username, creds.password
+    broker = f"{'mqtts' if parsed.tls else 'mqtt'}://{parsed.host}:{parsed.port}"
     tls_context = _tls_context(parsed.tls, cafile, insecure)
     backoff = Backoff(DEFAULT_BACKOFF_INITIAL_S, max(backoff_max, DEFAULT_BACKOFF_INITIAL_S))
     while True:
@@ -94,7 +112,12 @@ async def subscribe_payloads(
         )
         try:
             async with client:
-                await client.subscribe(topic, qos=1)
+                granted = await client.subscribe(topic, qos=1)
+                if any(_code(g) >= 0x80 for g in _codes(granted)):
+                    raise SubscribeError(
+                        f"MQTT broker {broker} refused the subscription to {topic!r} for "
+                        f"user {user!r}: not authorised (the broker's ACL)"
+                    )
                 log.info("mqtt_subscribed", url=redact(url), topic=topic)
                 backoff.reset()
                 async for message in client.messages:
@@ -102,11 +125,35 @@ async def subscribe_payloads(
                     if payload is not None:
                         yield message.topic.value, payload
         except aiomqtt.MqttError as exc:
+            reason = classify_failure(exc)
+            if reason in REFUSALS:
+                who = f"user {user!r}" if user else "no username"
+                if creds.password_source:
+                    who += f", password from {creds.password_source}"
+                msg = f"MQTT broker {broker} {EXPLAIN[reason]} [{who}]: {exc}"
+                log.error("mqtt_subscriber_refused", broker=broker, reason=reason, error=msg)
+                raise SubscribeError(msg) from None
             if not reconnect:
-                raise SubscribeError(f"MQTT connection to {redact(url)} failed: {exc}") from exc
+                raise SubscribeError(f"MQTT connection to {broker} failed: {exc}") from None
             delay = backoff.next_delay()
-            log.warning("mqtt_subscriber_retry", url=redact(url), error=str(exc), retry_in_s=delay)
+            log.warning(
+                "mqtt_subscriber_retry",
+                broker=broker,
+                reason=reason,
+                error=str(exc),
+                retry_in_s=delay,
+            )
             await asyncio.sleep(delay)
+
+
+def _codes(granted: Any) -> list[Any]:
+    return list(granted) if isinstance(granted, list | tuple) else [granted]
+
+
+def _code(granted: Any) -> int:
+    """A SUBACK entry as a number (paho gives ints for MQTT 3.1.1, ReasonCodes for 5)."""
+    value = getattr(granted, "value", granted)
+    return int(value) if isinstance(value, int) else 0
 
 
 def _decode(message: aiomqtt.Message) -> dict[str, Any] | None:

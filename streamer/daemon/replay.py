@@ -7,6 +7,11 @@ publish, fitting inline whenever the trigger says so (the clock is the recording
 time, so every run makes the same fits), as fast as possible or paced at ``speed`` times real
 time. No models: parse + book only. ``streamer replay`` (``streamer.cli.replay``) is the
 command; ``summary_table`` its closing table.
+
+Nothing is lost silently: before the first frame each MQTT publisher's first connection
+attempt is awaited (``BROKER_CHECK_S``), and a broker that refuses us (credentials, ACL, TLS)
+raises ``PublishError`` naming it; after the publishers close, messages left undelivered (a
+broker that never came up) raise ``PublishError`` too.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from streamer.publish.payloads import retopic
 from streamer.publish.urls import from_url
 
 Item = tuple[int, "str | bytes | Event"]
+BROKER_CHECK_S = 10.0
 
 
 def items_of(paths: Sequence[str]) -> Iterator[Item]:
@@ -68,6 +74,10 @@ async def replay(
             )
             for u in urls
         ]
+        for pub in pubs:
+            check = getattr(pub, "check_broker", None)
+            if check is not None:
+                await check(BROKER_CHECK_S)
         counter = _Counted(_paced(items_of(files), speed))
         items: Iterator[Item] = iter(counter)
         if not models:
@@ -88,6 +98,10 @@ async def replay(
                 bar.tick(pipeline.parser.frames)
                 await asyncio.sleep(0)  # let network publishers breathe
     bar.done()
+    for pub in pubs:
+        undelivered = getattr(pub, "undelivered_error", None)
+        if undelivered is not None and (error := undelivered()) is not None:
+            raise error
     for book in pipeline.books:
         book.snapshot()  # count the final filters
     return summary_table(pipeline, time.perf_counter() - t0, published, counter.n)

@@ -202,7 +202,12 @@ class Service:
                 pub = from_url(url, instance=cfg.instance, prefix_default=cfg.publish.prefix)
                 self.publishers.append(await stack.enter_async_context(pub))
         if cfg.metrics.port:
-            server = await serve(self.metrics, cfg.metrics.host, cfg.metrics.port)
+            server = await serve(
+                self.metrics,
+                cfg.metrics.host,
+                cfg.metrics.port,
+                allow_remote=cfg.metrics.allow_remote,
+            )
             self.metrics_port = server.sockets[0].getsockname()[1]
 
             async def close_server() -> None:
@@ -345,10 +350,23 @@ class Service:
         for name in p.models:
             m.fits.set(float(p.fits[name] - p.failed[name]), model=name, result="ok")
             m.fits.set(float(p.failed[name]), model=name, result="degraded")
+        # each broker's state (a refusal: reason and error) in the metrics and, through
+        # whichever MQTT publisher is connected, in every status topic
+        brokers: dict[str, dict[str, Any]] = {}
         for i, pub in enumerate(self.publishers):
             stats = getattr(pub, "stats", None)
-            connected = getattr(stats(), "connected", True) if callable(stats) else True
-            m.broker.set(1.0 if connected else 0.0, publisher=str(i))
+            st = stats() if callable(stats) else None
+            m.set_broker(str(i), st)
+            if st is not None and getattr(st, "broker", None):
+                brokers[st.broker] = {
+                    "connected": st.connected,
+                    "reason": st.reason,
+                    "error": st.error,
+                }
+        for pub in self.publishers:
+            share = getattr(pub, "set_broker_states", None)
+            if share is not None:
+                share(brokers)
 
 
 def serve_forever(config: Config, *, record_only: bool = False, command: str = "run") -> int:

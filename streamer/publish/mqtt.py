@@ -16,9 +16,22 @@ Behaviour (DESIGN section 4):
 - The publisher owns an ``asyncio.TaskGroup`` (entered by ``start``/``__aenter__``, left by
   ``aclose``) holding its single background task, like aiomqtt's client owns its tasks.
 
-Credentials and TLS come from the URL / keyword arguments, or the environment:
-``STREAMER_MQTT_USERNAME``, ``STREAMER_MQTT_PASSWORD``, ``STREAMER_MQTT_CAFILE``,
-``STREAMER_MQTT_TLS_INSECURE`` (``1`` disables certificate checks; for testing only).
+- A broker that refuses us is an error, not a quiet retry: a CONNACK refusal (bad username
+  or password, not authorised; MQTT 3.1.1 section 3.2.2.3) or a TLS failure (untrusted
+  certificate, host name mismatch) is logged at error level on every attempt
+  (``mqtt_connect_refused``, with the broker's URL, redacted, the user, where the password came
+  from, and a ``reason``), kept in ``stats()`` (``reason``, ``error``, ``failures`` per
+  reason) for the daemon's metrics and status, and retried with the same backoff (the broker
+  side may be fixed while we wait). ``check_broker`` lets a one-shot command (``streamer
+  replay``) fail at once instead, and ``undelivered_error`` after ``aclose`` says what was lost.
+
+Credentials (``mqtt_credentials``), first found wins: the keyword arguments (from the URL of a
+config file: ``mqtt://user:password@host``), then ``STREAMER_MQTT_USERNAME`` /
+``STREAMER_MQTT_PASSWORD`` or the files named by ``STREAMER_MQTT_USERNAME_FILE`` /
+``STREAMER_MQTT_PASSWORD_FILE``, then the systemd credentials ``mqtt_username`` /
+``mqtt_password`` in ``$CREDENTIALS_DIRECTORY`` (``streamer.settings.read_secret``). TLS:
+``STREAMER_MQTT_CAFILE`` (a CA bundle; else the system's), ``STREAMER_MQTT_TLS_INSECURE``
+(``1`` disables certificate checks; for testing only).
 
 References: MQTT Version 3.1.1, OASIS Standard (2014), sections 3.1.2.5 (Will flag),
 3.3.1.3 (RETAIN), 4.3.2 (QoS 1 delivery).
@@ -33,17 +46,19 @@ import socket
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
 import structlog
+from aiomqtt.exceptions import MqttConnectError
 
 from streamer import __version__
 from streamer.backoff import Backoff
 from streamer.errors import InputError, PublishError
 from streamer.publish.base import DEFAULT_INSTANCE, DEFAULT_PREFIX, Publisher, encode
 from streamer.publish.payloads import STATUS_SCHEMA, topic_status
+from streamer.settings import read_secret
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +75,25 @@ NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 _TRUE = {"1", "true", "yes", "on"}
 
 
+# why a connection attempt failed; the first five are refusals: retrying cannot help until
+# someone changes the credentials, the broker's password file / ACL, or the certificates
+REFUSALS = ("not_authorized", "bad_credentials", "tls_untrusted", "tls_hostname", "tls_error")
+TRANSIENT = ("unreachable", "unavailable", "timeout", "connection_lost", "protocol")
+# CONNACK return codes (MQTT 3.1.1 table 3.1) and the MQTT 5 reason codes paho maps them to
+_CONNACK_REASONS = {4: "bad_credentials", 134: "bad_credentials", 5: "not_authorized",
+                    135: "not_authorized", 3: "unavailable", 136: "unavailable"}  # fmt: skip
+_HOSTNAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+EXPLAIN = {
+    "not_authorized": "refused the connection: not authorised (a wrong username or password, "
+    "or a user the broker does not let in)",
+    "bad_credentials": "refused the connection: bad username or password",
+    "tls_untrusted": "TLS: the broker's certificate is not trusted (set STREAMER_MQTT_CAFILE "
+    "to the CA that signed it)",
+    "tls_hostname": "TLS: the broker's certificate is not valid for this host name",
+    "tls_error": "TLS handshake failed",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class MqttStats:
     """Counters for metrics: a snapshot of the publisher's state."""
@@ -72,6 +106,69 @@ class MqttStats:
     connects: int
     reconnects: int
     pending: int
+    broker: str = ""  # mqtt[s]://host:port (never credentials)
+    reason: str | None = None  # why the last attempt failed (REFUSALS, TRANSIENT); None: fine
+    error: str | None = None  # the last failure, for people
+    failures: dict[str, int] = field(default_factory=dict)  # failed attempts by reason
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A username and password and where each came from (for messages; never the value)."""
+
+    username: str | None
+    password: str | None = field(repr=False)
+    username_source: str | None = None
+    password_source: str | None = None
+
+
+def mqtt_credentials(
+    username: str | None = None, password: str | None = None, *, source: str = "the URL"
+) -> Credentials:
+    """``username``/``password`` as given (``source`` says where from), else the environment,
+    a file or a systemd credential (``streamer.settings.read_secret``: ``mqtt_username``,
+    ``mqtt_password``). Raises ``ConfigError`` for an unreadable secret file."""
+    user_src = source if username is not None else None
+    pass_src = source if password is not None else None
+    if username is None and (found := read_secret("mqtt_username")) is not None:
+        username, user_src = found
+    if password is None and (found := read_secret("mqtt_password")) is not None:
+        password, pass_src = found
+    return Credentials(username, password, user_src, pass_src)
+
+
+def classify_failure(exc: BaseException) -> str:
+    """A reason (``REFUSALS`` or ``TRANSIENT``) for an exception from connecting/publishing."""
+    rc = getattr(exc, "rc", None)
+    if isinstance(exc, MqttConnectError) and rc is not None:
+        return _CONNACK_REASONS.get(int(getattr(rc, "value", rc)), "protocol")
+    # aiomqtt turns socket and TLS errors into MqttError(str(exc)) from None: the original is
+    # still the context
+    cause: BaseException | None = exc
+    for _ in range(3):
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            verify = getattr(cause, "verify_code", None)
+            text = str(cause).lower()
+            if verify in _HOSTNAME_MISMATCH or "mismatch" in text:
+                return "tls_hostname"
+            return "tls_untrusted"
+        if isinstance(cause, ssl.SSLError):
+            return "tls_error"
+        if isinstance(cause, TimeoutError):
+            return "timeout"
+        if isinstance(cause, OSError):
+            return "unreachable"
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc).lower()
+    if "certificate verify failed" in text:
+        return "tls_hostname" if "mismatch" in text else "tls_untrusted"
+    if "ssl" in text or "tls" in text:
+        return "tls_error"
+    if "timed out" in text or "timeout" in text:
+        return "timeout"
+    return "connection_lost" if isinstance(exc, aiomqtt.MqttCodeError) else "unreachable"
 
 
 def check_topic(topic: str) -> None:
@@ -87,7 +184,8 @@ class MqttPublisher(Publisher):
         host, port: the broker.
         prefix: topic prefix (topics are built by the caller with it; status uses it too).
         instance: names the status topic ``{prefix}/status/{instance}``.
-        username, password: credentials (default: env STREAMER_MQTT_USERNAME/PASSWORD).
+        username, password: credentials (default: ``mqtt_credentials``: environment, file,
+            systemd credential).
         tls: connect with TLS (``mqtts://``).
         cafile: CA bundle for TLS (default: env STREAMER_MQTT_CAFILE, else system CAs).
         insecure: skip TLS certificate and host name checks (env STREAMER_MQTT_TLS_INSECURE=1).
@@ -126,8 +224,10 @@ class MqttPublisher(Publisher):
         self.prefix = prefix
         self.instance = instance
         self.status_topic = topic_status(prefix, instance)
-        self._username = username if username is not None else env.get("STREAMER_MQTT_USERNAME")
-        self._password = password if password is not None else env.get("STREAMER_MQTT_PASSWORD")
+        self.broker = f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
+        creds = mqtt_credentials(username, password)
+        self._username, self._password = creds.username, creds.password
+        self._password_source = creds.password_source
         self._tls = tls
         self._cafile = cafile if cafile is not None else env.get("STREAMER_MQTT_CAFILE")
         if insecure is None:
@@ -153,6 +253,11 @@ class MqttPublisher(Publisher):
         self._started_ms = int(time.time() * 1000)
         self._started_mono = time.monotonic()
         self._feeds: dict[str, Any] = {}
+        self._brokers: dict[str, Any] = {}
+        self._attempted = asyncio.Event()  # set once a connection attempt has concluded
+        self.reason: str | None = None  # why the last attempt failed (None: connected / fine)
+        self.last_error: str | None = None
+        self.failures: dict[str, int] = {}
 
         self.connected = False
         self.published = 0
@@ -210,12 +315,50 @@ class MqttPublisher(Publisher):
             connects=self.connects,
             reconnects=self.reconnects,
             pending=len(self._pending),
+            broker=self.broker,
+            reason=self.reason,
+            error=self.last_error,
+            failures=dict(self.failures),
         )
 
     @property
     def pending(self) -> int:
         """Messages waiting for the broker (at most one per topic)."""
         return len(self._pending)
+
+    @property
+    def refused(self) -> bool:
+        """True while the broker refuses us (credentials, authorisation, TLS)."""
+        return self.reason in REFUSALS
+
+    async def check_broker(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) for the first connection attempt to conclude: True if
+        connected, False if the broker is not reachable (yet: messages stay buffered). A
+        refusal (``REFUSALS``) raises ``PublishError`` naming the broker and the reason."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._attempted.wait()
+        if self.refused:
+            raise PublishError(self.last_error or f"{self.broker}: {self.reason}")
+        return self.connected
+
+    def undelivered_error(self) -> PublishError | None:
+        """After ``aclose``: a ``PublishError`` if messages were dropped undelivered (naming
+        the broker and the last failure), else None."""
+        if not self.dropped:
+            return None
+        why = self.last_error or "broker not reachable"
+        return PublishError(f"{self.dropped} message(s) not delivered to {self.broker}: {why}")
+
+    def set_broker_states(self, brokers: Mapping[str, Any]) -> None:
+        """The state of every broker the daemon publishes to (``{url: {...}}``), shown in the
+        status topic so that a refusal by one broker is seen on the others; republishes the
+        status when it changed."""
+        if dict(brokers) == self._brokers:
+            return
+        self._brokers = dict(brokers)
+        if self._tg is not None and not self._closing.is_set():
+            self._put(self.status_topic, self._status_payload("online"), True)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until the publisher is connected (and has announced ``online``)."""
@@ -271,6 +414,7 @@ class MqttPublisher(Publisher):
                 "uptime_s": uptime,
                 "feeds": self._feeds,
                 "reason": reason,
+                **({"brokers": self._brokers} if self._brokers else {}),
             }
         )
 
@@ -332,24 +476,52 @@ class MqttPublisher(Publisher):
                 was_connected = self.connected
                 self._on_disconnect()
                 delay = backoff.next_delay()
-                log.warning(
-                    "mqtt_disconnected" if was_connected else "mqtt_connect_failed",
-                    host=self.host,
-                    port=self.port,
-                    error=str(group.exceptions[0]),
-                    retry_in_s=round(delay, 3),
-                    pending=len(self._pending),
-                )
+                self._on_failure(group.exceptions[0], was_connected, delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._closing.wait()
 
+    def _on_failure(self, exc: BaseException, was_connected: bool, delay: float) -> None:
+        reason = "connection_lost" if was_connected else classify_failure(exc)
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+        self.reason = reason
+        detail = str(exc)
+        if reason in REFUSALS:
+            who = f"user {self._username!r}" if self._username else "no username"
+            if self._password_source:
+                who += f", password from {self._password_source}"
+            elif reason in ("not_authorized", "bad_credentials"):
+                who += ", no password (STREAMER_MQTT_PASSWORD / _FILE / systemd credential)"
+            self.last_error = f"MQTT broker {self.broker} {EXPLAIN[reason]} [{who}]: {detail}"
+            log.error(
+                "mqtt_connect_refused",
+                broker=self.broker,
+                reason=reason,
+                error=self.last_error,
+                retry_in_s=round(delay, 3),
+                pending=len(self._pending),
+            )
+        else:
+            self.last_error = f"MQTT broker {self.broker}: {reason}: {detail}"
+            log.warning(
+                "mqtt_disconnected" if was_connected else "mqtt_connect_failed",
+                broker=self.broker,
+                reason=reason,
+                error=detail,
+                retry_in_s=round(delay, 3),
+                pending=len(self._pending),
+            )
+        self._attempted.set()
+
     def _on_connect(self) -> None:
+        self.reason = None
+        self.last_error = None
+        self._attempted.set()
         self.connects += 1
         if self.connects > 1:
             self.reconnects += 1
         self.connected = True
-        log.info("mqtt_connected", host=self.host, port=self.port, connects=self.connects)
+        log.info("mqtt_connected", broker=self.broker, connects=self.connects)
         # "online" goes out first, ahead of anything that waited for the broker.
         self._pending.pop(self.status_topic, None)
         self._pending = {self.status_topic: (self._status_payload("online"), True), **self._pending}

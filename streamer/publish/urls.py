@@ -6,6 +6,12 @@ URL forms accepted by ``from_url`` (DESIGN section 4)::
     mqtts://[user@]host[:port][/prefix]    TLS, port 8883 by default
     jsonl:PATH                             jsonl:- is stdout
     memory:
+
+A URL may carry a password (``mqtt://user:password@host``) only where it is not on a command
+line: in a config file's ``publish.urls`` or ``STREAMER__PUBLISH__URLS``. ``argv_password_error``
+is the refusal the commands print for a password in ``--publish``/``--url`` (every user sees
+argv in ``ps`` and ``/proc``); the other sources are in ``streamer.publish.mqtt`` (credentials).
+Every error and log line that shows a URL shows ``redact(url)``.
 """
 
 from __future__ import annotations
@@ -17,21 +23,33 @@ from urllib.parse import unquote, urlsplit
 
 from streamer.errors import ConfigError
 from streamer.publish.base import DEFAULT_INSTANCE, DEFAULT_PREFIX, Publisher
+from streamer.settings import has_url_password, redact_secrets
 
 DEFAULT_MQTT_PORT = 1883
 DEFAULT_MQTTS_PORT = 8883
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for errors and logs)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    """``url`` with any password replaced by ``***`` (for errors and logs).
+
+    Works on text, not on a parsed URL, so a password that breaks URL parsing (an unencoded
+    ``/``, ``#``, ``?`` or ``@``) is hidden too, and so is every URL in a longer text.
+    """
+    return redact_secrets(url)
+
+
+def argv_password_error(option: str, url: str) -> str | None:
+    """The refusal for a password inside a URL given on the command line, or None."""
+    if not has_url_password(url):
+        return None
+    return (
+        f"{option} {redact(url)}: a password on the command line is visible to every user "
+        "of this machine (ps, /proc/PID/cmdline, shell history), so it is refused. Drop it "
+        "from the URL and give it as STREAMER_MQTT_PASSWORD in the environment, in a file "
+        "named by STREAMER_MQTT_PASSWORD_FILE, as the systemd credential mqtt_password "
+        "(LoadCredential=mqtt_password:/etc/streamer/mqtt_password), or in the URL inside a "
+        "config file (publish.urls, --config)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +70,11 @@ def parse_mqtt_url(url: str, *, prefix_default: str = DEFAULT_PREFIX) -> MqttUrl
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise ConfigError("publish.url", f"bad port in {shown!r}: {exc}") from exc
+    except ValueError:  # (its message may quote a piece of a mangled password: not shown)
+        raise ConfigError(
+            "publish.url",
+            f"bad port or host in {shown!r} (a password with / # ? @ must be %-encoded)",
+        ) from None
     if parts.scheme.lower() not in ("mqtt", "mqtts"):
         raise ConfigError(
             "publish.url", f"unknown scheme {parts.scheme!r} in {shown!r}; allowed: mqtt, mqtts"
@@ -102,7 +123,9 @@ def _parse_jsonl(url: str, prefix_default: str, instance: str, options: Mapping[
     if path.startswith("//"):  # tolerate jsonl:///abs/path
         path = path[2:]
     if not path:
-        raise ConfigError("publish.url", f"missing path in {url!r} (jsonl:PATH, jsonl:- = stdout)")
+        raise ConfigError(
+            "publish.url", f"missing path in {redact(url)!r} (jsonl:PATH, jsonl:- = stdout)"
+        )
     return JsonlPublisher(path, prefix=prefix_default, **options)
 
 
@@ -110,7 +133,9 @@ def _parse_memory(url: str, prefix_default: str, instance: str, options: Mapping
     from streamer.publish.memory import MemoryPublisher
 
     if url not in ("memory:", "memory://"):
-        raise ConfigError("publish.url", f"memory publisher takes no path: {url!r} (use memory:)")
+        raise ConfigError(
+            "publish.url", f"memory publisher takes no path: {redact(url)!r} (use memory:)"
+        )
     return MemoryPublisher(prefix=prefix_default, **options)
 
 
@@ -142,4 +167,4 @@ def from_url(
     try:
         return SCHEMES[scheme.lower()](url, prefix_default, instance, options)
     except TypeError as exc:  # an unknown keyword option
-        raise ConfigError("publish.url", f"bad option for {redact(url)!r}: {exc}") from exc
+        raise ConfigError("publish.url", f"bad option for {redact(url)!r}: {exc}") from None
