@@ -83,14 +83,77 @@ def service_config(fake_url: str, broker_url: str, **feed: Any) -> Any:
     )
 
 
-def has_surfaces(latest: dict[str, dict[str, Any]]) -> bool:
-    """Both models published, and every expiry's greeks of that surface arrived."""
+def svi_iv(p: dict[str, float], k: np.ndarray, T: float) -> np.ndarray:
+    """Raw SVI (Gatheral 2004) written out here, independent of streamer.models.svi."""
+    w = p["a"] + p["b"] * (p["rho"] * (k - p["m"]) + np.sqrt((k - p["m"]) ** 2 + p["sigma"] ** 2))
+    return np.asarray(np.sqrt(w / T))
+
+
+def ssvi_iv(params: dict[str, float], theta: float, k: np.ndarray, T: float) -> np.ndarray:
+    """SSVI (Gatheral-Jacquier 2014) with the power-law phi, written out here."""
+    rho, eta, gamma = params["rho"], params["eta"], params["gamma"]
+    phi = eta / (theta**gamma * (1.0 + theta) ** (1.0 - gamma))
+    z = phi * k + rho
+    w = 0.5 * theta * (1.0 + rho * phi * k + np.sqrt(z * z + 1.0 - rho * rho))
+    return np.asarray(np.sqrt(w / T))
+
+
+def check_greeks_independently(g: dict[str, Any], surf: dict[str, Any] | None, model: str) -> None:
+    """Published prices and Greeks against QuantLib's Black formula at the published IV and,
+    for fitted expiries, the published IV against the model's closed form at the published
+    parameters (both written independently of the code that made them)."""
+    import QuantLib as ql
+
+    F, T = g["forward"], g["T"]
+    for r in g["instruments"]:
+        K, iv = r["strike"], r["iv"]
+        kind = ql.Option.Call if r["type"] == "C" else ql.Option.Put
+        calc = ql.BlackCalculator(ql.PlainVanillaPayoff(kind, K), F, iv * np.sqrt(T), 1.0)
+        assert np.isclose(r["price_usd"], calc.value(), rtol=1e-9, atol=1e-9)
+        assert np.isclose(r["price_coin"], calc.value() / F, rtol=1e-9, atol=1e-12)
+        assert np.isclose(r["delta"], calc.deltaForward(), rtol=1e-9, atol=1e-12)
+        assert np.isclose(r["gamma"], calc.gammaForward(), rtol=1e-7, atol=1e-15)
+        assert np.isclose(r["vega"], calc.vega(T) / 100.0, rtol=1e-9, atol=1e-9)
+    if surf is None:
+        return
+    entry = next(e for e in surf["expiries"] if e["expiry"] == g["expiry"])
+    K = np.array([r["strike"] for r in g["instruments"]])
+    k = np.log(K / entry["forward"])
+    if model == "svi":
+        want = svi_iv(entry["params"], k, entry["T"])
+    else:
+        want = ssvi_iv(surf["params"], entry["params"]["theta"], k, entry["T"])
+    got = np.array([r["iv"] for r in g["instruments"]])
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def check_calendar(greeks: dict[str, dict[str, Any]], seq: int) -> None:
+    """Across every published expiry (fitted or interpolated) of one surface: total variance
+    at fixed log-moneyness does not fall with T (no calendar arbitrage in what bots read)."""
+    same = sorted((g for g in greeks.values() if g["seq"] == seq), key=lambda g: g["T"])
+    grid = np.linspace(-0.3, 0.3, 13)
+    prev = None
+    for g in same:
+        k = np.log(np.array([r["strike"] for r in g["instruments"]]) / g["forward"])
+        w = np.array([r["iv"] for r in g["instruments"]]) ** 2 * g["T"]
+        calls = np.array([r["type"] == "C" for r in g["instruments"]])
+        order = np.argsort(k[calls])
+        inside = (grid >= k[calls].min()) & (grid <= k[calls].max())
+        wk = np.interp(grid, k[calls][order], w[calls][order])
+        if prev is not None:
+            both = inside & prev[1]
+            assert np.all(wk[both] >= prev[0][both] - 1e-9), g["expiry"]
+        prev = (wk, inside)
+
+
+def has_surfaces(latest: dict[str, dict[str, Any]], listed: set[str]) -> bool:
+    """Both models published, and every listed expiry's greeks of that surface arrived."""
     for m in ("svi", "ssvi"):
         surf = latest.get(f"streamer/deribit/BTC/{m}/surface")
         if surf is None or surf.get("seq", 0) < 1:
             return False
-        for e in surf["expiries"]:
-            g = latest.get(f"streamer/deribit/BTC/{m}/greeks/{e['expiry']}")
+        for e in listed:
+            g = latest.get(f"streamer/deribit/BTC/{m}/greeks/{e}")
             if g is None or g["seq"] < surf["seq"]:
                 return False
     return True
@@ -102,8 +165,11 @@ async def test_service_to_mosquitto_end_to_end(mosquitto: Mosquitto) -> None:
         service = Service(service_config(fake.url, mosquitto.url))
         stop = asyncio.Event()
         task = asyncio.create_task(service.run(stop, signals=False))
-        latest = await collect(mosquitto.url, "streamer/#", has_surfaces, 30 * UNIT)
-        assert has_surfaces(latest)
+        listed = {i["instrument_name"].split("-")[1] for i in instruments}
+        latest = await collect(
+            mosquitto.url, "streamer/#", lambda d: has_surfaces(d, listed), 30 * UNIT
+        )
+        assert has_surfaces(latest, listed)
         status = latest["streamer/status/test-shard"]
         assert status["state"] == "online" and status["feeds"]["deribit"] in (
             "connected",
@@ -115,22 +181,29 @@ async def test_service_to_mosquitto_end_to_end(mosquitto: Mosquitto) -> None:
             surf = latest[f"streamer/deribit/BTC/{model}/surface"]
             jsonschema.validate(surf, surface_schema)
             assert surf["status"] == "ok"
-            assert surf["fit"]["in_band"] > (0.9 if model == "svi" else 0.3)  # SSVI: misspecified
-            greeks_topics = [t for t in latest if t.startswith(f"streamer/deribit/BTC/{model}/g")]
-            assert len(greeks_topics) == len(surf["expiries"])
+            assert surf["fit"]["in_band"] > (0.9 if model == "svi" else 0.2)  # SSVI: misspecified
+            fitted = {e["expiry"] for e in surf["expiries"]}
+            prefix = f"streamer/deribit/BTC/{model}/greeks/"
+            greeks = {t.removeprefix(prefix): p for t, p in latest.items() if t.startswith(prefix)}
+            # every listed expiry has greeks, fitted or not, and says which it is
+            assert set(greeks) == listed and fitted < listed
             rebuilt = Surface.from_payload(surf)
-            for topic in greeks_topics:
-                g = latest[topic]
+            for expiry, g in greeks.items():
                 jsonschema.validate(g, greeks_schema)
+                assert g["fitted"] == (expiry in fitted) and g["status"] == "ok"
+                assert all(r["iv"] is not None and r["iv"] > 0 for r in g["instruments"])
                 if g["seq"] != surf["seq"]:
                     continue  # a newer surface arrived in between; compare matching pairs
-                rows = g["instruments"]
-                K = np.array([r["strike"] for r in rows])
-                calls = np.array([r["type"] == "C" for r in rows])
-                mine = rebuilt.greeks(K, g["expiry"], calls)
-                for col in ("iv", "price_coin", "delta", "gamma", "vega", "theta"):
-                    got = np.array([r[col] for r in rows], dtype=float)
-                    assert np.allclose(got, mine[col], rtol=1e-12, atol=1e-15), col
+                check_greeks_independently(g, surf if expiry in fitted else None, model)
+                if expiry in fitted:  # what a bot rebuilds is what was published
+                    rows = g["instruments"]
+                    K = np.array([r["strike"] for r in rows])
+                    calls = np.array([r["type"] == "C" for r in rows])
+                    mine = rebuilt.greeks(K, expiry, calls)
+                    for col in ("iv", "price_coin", "delta", "gamma", "vega", "theta"):
+                        got = np.array([r[col] for r in rows], dtype=float)
+                        assert np.allclose(got, mine[col], rtol=1e-12, atol=1e-15), col
+            check_calendar(greeks, surf["seq"])
         stop.set()
         assert await asyncio.wait_for(task, 5 * UNIT) == 0
         after = await collect(
@@ -454,3 +527,67 @@ async def test_replay_feed_drives_the_service(tmp_path: Path) -> None:
     surfaces = [m.payload for m in mem.messages if m.topic.endswith("/svi/surface")]
     assert surfaces and surfaces[-1]["status"] == "stale"  # the feed ended: re-stamped
     assert any(p["status"] == "ok" and p["fit"]["in_band"] > 0.9 for p in surfaces)
+
+
+class _BrokenFeed:
+    """A feed whose stream fails after its first event (a bug, or a fatal venue error);
+    without an error, a feed that goes quiet forever."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+        self.closed = False
+
+    async def events(self) -> Any:
+        from streamer.events import FeedStatus
+
+        yield FeedStatus("deribit", "connected", time.time_ns())
+        await asyncio.sleep(0.01)
+        if self.error is not None:
+            raise self.error
+        await asyncio.Event().wait()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_failed_task_ends_the_service_with_a_non_zero_exit() -> None:
+    """An exception in the feed task ends the TaskGroup: the service publishes its surfaces'
+    last state, closes the publishers, logs the cause, and returns EXIT_FAILURE (so systemd's
+    Restart=on-failure restarts it); every task it started is done."""
+    import structlog
+
+    from streamer.daemon.service import EXIT_FAILURE
+
+    feed = _BrokenFeed(RuntimeError("venue said no"))
+    mem = MemoryPublisher()
+    service = Service(
+        service_config("ws://127.0.0.1:1", "mqtt://127.0.0.1:1"),
+        feed_factory=lambda *a: feed,  # type: ignore[arg-type]
+        publishers=[mem],
+    )
+    before = asyncio.all_tasks()
+    with structlog.testing.capture_logs() as logs:
+        code = await asyncio.wait_for(service.run(signals=False), 30 * UNIT)
+    assert code == EXIT_FAILURE and feed.closed
+    failed = [e for e in logs if e["event"] == "service_failed"]
+    assert failed and "venue said no" in failed[0]["error"]
+    assert asyncio.all_tasks() <= before | {asyncio.current_task()}
+
+
+async def test_a_failed_ticker_ends_the_service_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamer.daemon.service import EXIT_FAILURE
+
+    mem = MemoryPublisher()
+    service = Service(
+        service_config("ws://127.0.0.1:1", "mqtt://127.0.0.1:1"),
+        feed_factory=lambda *a: _BrokenFeed(None),  # type: ignore[arg-type]
+        publishers=[mem],
+    )
+
+    def broken() -> None:
+        raise ValueError("metrics bug")
+
+    monkeypatch.setattr(service, "_refresh_metrics", broken)
+    stop = asyncio.Event()
+    code = await asyncio.wait_for(service.run(stop, signals=False), 30 * UNIT)
+    assert code == EXIT_FAILURE

@@ -45,7 +45,7 @@ from collections.abc import Iterator
 import numpy as np
 import numpy.typing as npt
 
-from streamer.book.snapshot import ChainSnapshot
+from streamer.book.snapshot import ChainSnapshot, Listing
 from streamer.events import (
     BookTop,
     Event,
@@ -562,6 +562,7 @@ class Book:
         names = self._names
         slots = live[order].tolist()
         e_idx = np.array([pos[e] for e in exp_id[order].tolist()], dtype=np.int64)
+        listing = self._listing(live, q, exp_id, strike, is_call, fresh, fwd_by_id)
         return ChainSnapshot(
             venue=self.venue,
             underlying=self.underlying,
@@ -587,6 +588,52 @@ class Book:
             expiry_ms=expiry_ms,
             forwards=fwd_by_id[np.array(ids, dtype=np.int64)],
             dirty=np.array([e in dirty_ids for e in ids], dtype=np.bool_),
+            listing=listing,
+        )
+
+    def _listing(
+        self,
+        live: IntArray,
+        q: FloatArray,
+        exp_id: IntArray,
+        strike: FloatArray,
+        is_call: BoolArray,
+        fresh: BoolArray,
+        fwd_by_id: FloatArray,
+    ) -> Listing:
+        """Every live instrument (``live`` slots, their rows ``q``): market fields where the
+        quote is fresh, the forward per expiry from the fresh quotes or else the last seen."""
+        exp_ms_all = np.array(self._exp_ms, dtype=np.int64)
+        order = np.lexsort((~is_call, strike, exp_ms_all[exp_id]))
+        ids = sorted(set(exp_id.tolist()), key=lambda e: self._exp_ms[e])
+        pos = np.full(len(self._exp_ms), -1, dtype=np.int64)
+        pos[ids] = np.arange(len(ids))
+        id_arr = np.array(ids, dtype=np.int64)
+        forwards = fwd_by_id[id_arr] if ids else np.zeros(0)
+        missing = ~np.isfinite(forwards)
+        if missing.any():  # no fresh forward: the last ones seen (stale quotes' forwards)
+            fwd = q[:, FORWARD]
+            seen = (fwd > 0.0) & np.isfinite(fwd)
+            last = _group_medians(exp_id[seen], fwd[seen], len(self._exp_ms))[id_arr]
+            forwards = np.where(missing, last, forwards)
+
+        def market(col: int) -> FloatArray:
+            return np.where(fresh, q[:, col], NAN)[order]
+
+        names = self._names
+        return Listing(
+            instrument=tuple(names[s] for s in live[order].tolist()),
+            expiry_idx=pos[exp_id[order]],
+            strike=strike[order],
+            is_call=is_call[order],
+            bid=market(BID),
+            ask=market(ASK),
+            bid_iv=market(BID_IV),
+            ask_iv=market(ASK_IV),
+            mark_iv=market(MARK_IV),
+            expiries=tuple(self._exp_code[e] for e in ids),
+            expiry_ms=exp_ms_all[id_arr] if ids else np.zeros(0, dtype=np.int64),
+            forwards=forwards,
         )
 
     def _parity(

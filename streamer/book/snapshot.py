@@ -5,6 +5,9 @@ it likes. Arrays are per quote (same length, one entry per live instrument that 
 book's filters), ``expiries``/``expiry_ms``/``forwards``/``dirty`` are per expiry slice.
 Prices are in the venue's quote unit: coin for inverse (coin-margined) options, USD for linear.
 IVs are fractions (0.62, not 62), NaN where the venue gave none or the side is empty.
+
+``listing`` (``Listing``) is every live instrument of the book, quoted or not, fresh or stale:
+what a bot may hold and what the greeks topics cover (the calibrator fits the quotes only).
 """
 
 from __future__ import annotations
@@ -17,6 +20,34 @@ import numpy.typing as npt
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True, eq=False)
+class Listing:
+    """Every live instrument of a book at the snapshot's time, by expiry, strike, calls first.
+
+    Market fields (``bid``/``ask`` prices, ``bid_iv``/``ask_iv``/``mark_iv``) are NaN unless
+    the instrument's quote is fresh (younger than the book's ``stale_after_s``);
+    ``forwards`` per expiry is the snapshot's where it has one, else the last forward the book
+    saw for that expiry (NaN if it never saw one).
+    """
+
+    instrument: tuple[str, ...]
+    expiry_idx: IntArray  # index into the per-expiry arrays below
+    strike: FloatArray
+    is_call: BoolArray
+    bid: FloatArray
+    ask: FloatArray
+    bid_iv: FloatArray
+    ask_iv: FloatArray
+    mark_iv: FloatArray
+    expiries: tuple[str, ...]
+    expiry_ms: IntArray
+    forwards: FloatArray
+
+    @property
+    def n_instruments(self) -> int:
+        return len(self.instrument)
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +80,7 @@ class ChainSnapshot:
     expiry_ms: IntArray
     forwards: FloatArray  # the book's forward per expiry (median of its quotes' forwards)
     dirty: BoolArray  # changed since the previous snapshot handed out
+    listing: Listing | None = None  # every live instrument (None: the quotes are all there is)
 
     @property
     def n_quotes(self) -> int:

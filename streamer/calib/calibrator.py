@@ -33,7 +33,8 @@ from streamer.calib.options import DEFAULT_PENALTIES, DEFAULT_PENALTY, CalibConf
 from streamer.calib.per_expiry import fit_slices
 from streamer.calib.result import Failure, FitResult, Fitted, SliceFit, accepted, failed
 from streamer.calib.surface import fit_surface
-from streamer.models.base import Model
+from streamer.instruments import MS_PER_YEAR
+from streamer.models.base import FloatArray, Model
 
 __all__ = ["CalibConfig", "Calibrator", "FitResult", "SliceFit"]
 
@@ -93,14 +94,42 @@ class Calibrator:
         if last is None:
             base = failed(self.model.name, ts_ms, why.message, prep, t0, why.nfev, why.violations)
             return replace(base, elapsed_ms=elapsed)
+        slices, x = _restamped(last, ts_ms, prep)
         return replace(
             last,
             ts_ms=ts_ms,
             success=False,
             status="degraded",
             message=why.message,
+            slices=slices,
+            x=x,
             elapsed_ms=elapsed,
             nfev=why.nfev,
             violations=tuple(why.violations),
             drops=prep.drops,
         )
+
+
+def _restamped(
+    last: FitResult, ts_ms: int, prep: Prepared
+) -> tuple[tuple[SliceFit, ...], tuple[FloatArray, ...]]:
+    """The last good fit's slices at ``ts_ms``: each expiry's T from now, its forward from
+    the current quotes where they have one; expiries past settlement left out (a per-expiry
+    model's parameter vectors with them)."""
+    data = prep.data
+    forward = dict(zip(data.slice_expiry, data.slice_forward.tolist(), strict=True))
+    keep = [(s.expiry_ms - ts_ms) > 0 for s in last.slices]
+    slices = tuple(
+        replace(
+            s,
+            T=(s.expiry_ms - ts_ms) / MS_PER_YEAR,
+            forward=forward.get(s.expiry, s.forward),
+        )
+        for s, k in zip(last.slices, keep, strict=True)
+        if k
+    )
+    if len(last.x) == len(last.slices):  # per-expiry: one vector per slice
+        x = tuple(v for v, k in zip(last.x, keep, strict=True) if k)
+    else:
+        x = last.x
+    return slices, x

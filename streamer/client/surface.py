@@ -8,6 +8,23 @@ Units of ``greeks`` (Deribit's, DESIGN section 2): ``price_coin`` = USD / F, ``p
 price_coin, ``gamma`` per USD, ``vega`` USD per vol point, ``theta`` USD per day (Deribit's
 rule, see ``streamer.pricing.greeks``), ``vanna`` change of delta per vol point, ``volga``
 change of vega (USD per vol point) per vol point. ``iv`` is a fraction (0.62).
+
+Any maturity (``iv_at``, ``greeks_at``, ``forward_at``): between two fitted expiries total
+implied variance is interpolated linearly in ``T`` at fixed log-moneyness ``k``,
+``w(k, T) = (1 - u) w1(k) + u w2(k)``. Between two slices free of calendar arbitrage
+(``w2 >= w1``) it rises with ``T`` at every ``k``, and a flat smile stays flat; but a convex
+combination of total variances can, rarely, break the butterfly condition. So the
+interpolated slice is checked (call prices decreasing and convex in strike on a grid of
+``k`` over +-3 standard deviations), and where it fails the price interpolation of Gatheral
+and Jacquier (2014, "Arbitrage-free SVI volatility surfaces", section 5.2) is used instead:
+``C(k, T) = a C1(k) + (1 - a) C2(k)`` (undiscounted calls per unit forward) with ``a`` set so
+the at-the-money total variance is linear in ``T`` (``C_atm(theta) = 2 N(sqrt(theta)/2) - 1``
+solved exactly), a mixture that is free of static arbitrage by construction (it turns a flat
+smile into a mild smile, hence not the first choice). Before the first and after the last
+fitted expiry the smile is held flat in implied vol at fixed ``k`` (constant forward variance:
+"flat-forward"). Models whose parameters describe every maturity (Heston, Bates) are
+evaluated at ``T`` itself. The forward is interpolated linearly in ``ln F`` against ``T`` (a
+constant basis rate between expiries), extrapolated with the nearest segment's rate.
 """
 
 from __future__ import annotations
@@ -22,10 +39,11 @@ import numpy.typing as npt
 
 from streamer.errors import InputError
 from streamer.models import REGISTRY, Model, ParamView
-from streamer.pricing import black_greeks, black_price, deribit_greeks
+from streamer.pricing import black_greeks, black_price, deribit_greeks, implied_vol
 
 FloatArray = npt.NDArray[np.float64]
 ArrayLike = npt.ArrayLike
+CHECK_POINTS = 121  # the butterfly check's grid of an interpolated slice
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,24 +129,136 @@ class Surface:
         j = self._slice(expiry)
         K = np.atleast_1d(np.asarray(strike, dtype=np.float64))
         F, T = float(self.forward[j]), float(self.T[j])
-        iv = self.iv(K, expiry)
-        d = deribit_greeks(F, K, T, iv, is_call)
-        g = black_greeks(F, K, T, iv, is_call)
-        coin = np.asarray(d.price_coin, dtype=np.float64)
-        return {
-            "iv": iv,
-            "price_coin": coin,
-            "price_usd": coin * F,
-            "delta": np.asarray(d.delta, dtype=np.float64),
-            "delta_premium_adj": np.asarray(d.delta_premium_adj, dtype=np.float64),
-            "gamma": np.asarray(d.gamma, dtype=np.float64),
-            "vega": np.asarray(d.vega, dtype=np.float64),
-            "theta": np.asarray(d.theta, dtype=np.float64),
-            "vanna": np.asarray(g.vanna, dtype=np.float64) / 100.0,
-            "volga": np.asarray(g.volga, dtype=np.float64) / 1e4,
-        }
+        return _greeks(F, K, T, self.iv(K, expiry), is_call, True)
+
+    # -- any maturity --------------------------------------------------------------------
+
+    def forward_at(self, T: float) -> float:
+        """The forward at ``T`` years: log-linear between fitted expiries (module docstring)."""
+        Ts, lnF = self.T, np.log(self.forward)
+        if len(Ts) == 1:
+            return float(self.forward[0])
+        j = int(np.clip(np.searchsorted(Ts, T) - 1, 0, len(Ts) - 2))
+        rate = (lnF[j + 1] - lnF[j]) / max(float(Ts[j + 1] - Ts[j]), 1e-12)
+        return float(np.exp(lnF[j] + rate * (T - Ts[j])))
+
+    def iv_at(self, strike: ArrayLike, T: float, forward: float | None = None) -> FloatArray:
+        """Model implied vol at ``strike`` for any maturity ``T`` (years) against ``forward``
+        (default ``forward_at(T)``): interpolated between fitted expiries (module docstring)."""
+        K = np.atleast_1d(np.asarray(strike, dtype=np.float64))
+        F = self.forward_at(T) if forward is None else float(forward)
+        k = np.log(K / F)
+        if not T > 0.0 or not self.expiries:
+            return np.full(K.shape, math.nan)
+        if self.model.any_maturity:
+            return self._slice_iv(0, k, np.full(k.shape, float(T)))
+        Ts = self.T
+        hit = np.flatnonzero(np.isclose(Ts, T, rtol=0.0, atol=1e-12))
+        if hit.size:
+            return self._slice_iv(int(hit[0]), k)
+        if Ts[0] > T or Ts[-1] < T:  # flat in implied vol at fixed k
+            return self._slice_iv(0 if Ts[0] > T else len(Ts) - 1, k)
+        j = int(np.searchsorted(Ts, T)) - 1
+        return self._interpolated_iv(j, k, float(T))
+
+    def greeks_at(
+        self,
+        strike: ArrayLike,
+        T: float,
+        is_call: ArrayLike,
+        forward: float | None = None,
+        *,
+        inverse: bool = True,
+    ) -> dict[str, FloatArray]:
+        """``greeks`` at any maturity ``T``; ``inverse=False`` (linear, USD-settled options)
+        leaves ``price_coin`` and ``delta_premium_adj`` NaN."""
+        K = np.atleast_1d(np.asarray(strike, dtype=np.float64))
+        F = self.forward_at(T) if forward is None else float(forward)
+        return _greeks(F, K, float(T), self.iv_at(K, T, F), is_call, inverse)
+
+    def _slice_iv(self, j: int, k: FloatArray, T: FloatArray | None = None) -> FloatArray:
+        """Slice ``j``'s model IVs at log-moneyness ``k`` (at its own T unless given)."""
+        TT = np.full(k.shape, float(self.T[j])) if T is None else T
+        if self.model.per_expiry:
+            x, idx = self.x[j], np.zeros(k.shape, dtype=np.int64)
+        else:
+            x, idx = self.x[0], np.full(k.shape, j, dtype=np.int64)
+        return np.asarray(self.model.implied_vol(x, k, TT, idx), dtype=np.float64)
+
+    def _interpolated_iv(self, j: int, k: FloatArray, T: float) -> FloatArray:
+        """Between slices ``j`` and ``j + 1``: total variance linear in ``T`` where that is
+        free of butterfly arbitrage, else the Gatheral-Jacquier price mixture."""
+        T1, T2 = float(self.T[j]), float(self.T[j + 1])
+        u = (T - T1) / (T2 - T1)
+
+        def w_lin(kk: FloatArray) -> FloatArray:
+            w1 = self._slice_iv(j, kk) ** 2 * T1
+            w2 = self._slice_iv(j + 1, kk) ** 2 * T2
+            return np.asarray((1.0 - u) * w1 + u * w2)
+
+        theta = float(w_lin(np.zeros(1))[0])
+        half = 3.0 * math.sqrt(max(theta, 1e-8))
+        grid = np.linspace(-half, half, CHECK_POINTS)
+        if _butterfly_free(grid, w_lin(grid)):
+            return np.asarray(np.sqrt(np.maximum(w_lin(k), 0.0) / T))
+        return self._mixture_iv(j, k, T)
+
+    def _mixture_iv(self, j: int, k: FloatArray, T: float) -> FloatArray:
+        """Gatheral-Jacquier price interpolation between slices ``j`` and ``j + 1``."""
+        T1, T2 = float(self.T[j]), float(self.T[j + 1])
+        zero = np.zeros(1)
+        th1 = float(self._slice_iv(j, zero)[0] ** 2 * T1)
+        th2 = float(self._slice_iv(j + 1, zero)[0] ** 2 * T2)
+        u = (T - T1) / (T2 - T1)
+        theta = th1 + u * (th2 - th1)
+        c1, c2, c = _atm_call(th1), _atm_call(th2), _atm_call(theta)
+        a = (c2 - c) / (c2 - c1) if abs(c2 - c1) > 1e-14 else 1.0 - u
+        K = np.exp(k)
+        calls = k >= 0.0  # the out-of-the-money side (parity is linear: the same mixture)
+        p1 = np.asarray(black_price(1.0, K, T1, self._slice_iv(j, k), calls))
+        p2 = np.asarray(black_price(1.0, K, T2, self._slice_iv(j + 1, k), calls))
+        price = a * p1 + (1.0 - a) * p2
+        return np.asarray(implied_vol(price, 1.0, K, T, calls), dtype=np.float64)
 
     def atm_iv(self, expiry: str) -> float:
         """Model IV at the forward."""
         value = float(self.iv(self.forward[self._slice(expiry)], expiry)[0])
         return value if math.isfinite(value) else math.nan
+
+
+def _butterfly_free(k: FloatArray, w: FloatArray) -> bool:
+    """Undiscounted calls (per unit forward) of total variance ``w`` at strikes ``e^k``:
+    decreasing and convex in the strike (discretely, to rounding)?"""
+    if not np.all(np.isfinite(w)) or np.any(w <= 0.0):
+        return False
+    K = np.exp(k)
+    C = np.asarray(black_price(1.0, K, 1.0, np.sqrt(w), True))
+    slope = np.diff(C) / np.diff(K)
+    return bool(np.all(slope <= 1e-12) and np.all(np.diff(slope) >= -1e-10))
+
+
+def _atm_call(theta: float) -> float:
+    """Undiscounted at-the-money call per unit forward at total variance ``theta``."""
+    return math.erf(math.sqrt(max(theta, 0.0)) / (2.0 * math.sqrt(2.0)))
+
+
+def _greeks(
+    F: float, K: FloatArray, T: float, iv: FloatArray, is_call: ArrayLike, inverse: bool
+) -> dict[str, FloatArray]:
+    """IV, prices and Greeks in Deribit's units at one (F, T)."""
+    d = deribit_greeks(F, K, T, iv, is_call)
+    g = black_greeks(F, K, T, iv, is_call)
+    coin = np.asarray(d.price_coin, dtype=np.float64)
+    none = np.full(K.shape, math.nan)
+    return {
+        "iv": iv,
+        "price_coin": coin if inverse else none,
+        "price_usd": coin * F,
+        "delta": np.asarray(d.delta, dtype=np.float64),
+        "delta_premium_adj": np.asarray(d.delta_premium_adj, dtype=np.float64) if inverse else none,
+        "gamma": np.asarray(d.gamma, dtype=np.float64),
+        "vega": np.asarray(d.vega, dtype=np.float64),
+        "theta": np.asarray(d.theta, dtype=np.float64),
+        "vanna": np.asarray(g.vanna, dtype=np.float64) / 100.0,
+        "volga": np.asarray(g.volga, dtype=np.float64) / 1e4,
+    }

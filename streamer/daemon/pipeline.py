@@ -26,7 +26,7 @@ import structlog
 
 from streamer.book.book import Book, Books
 from streamer.book.fastpath import FastPath
-from streamer.book.snapshot import ChainSnapshot
+from streamer.book.snapshot import ChainSnapshot, Listing
 from streamer.calib.calibrator import CalibConfig, Calibrator, FitResult
 from streamer.calib.trigger import TriggerPolicy
 from streamer.calib.warmup import warm_up
@@ -35,7 +35,7 @@ from streamer.config import Config, TriggerConfig
 from streamer.errors import ConfigError
 from streamer.events import BookChanged, Event, FeedStatus, Quote
 from streamer.feeds.deribit.parser import DeribitParser
-from streamer.instruments import parse_option
+from streamer.instruments import MS_PER_YEAR, parse_option
 from streamer.models import REGISTRY, Model
 from streamer.pricing import implied_vol
 from streamer.publish.payloads import (
@@ -51,10 +51,12 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One publication: a topic and its JSON payload."""
+    """One publication: a topic and its JSON payload; ``clear``: the topic's retained message
+    is to be removed (``Publisher.clear_retained``; the payload is then empty)."""
 
     topic: str
     payload: dict[str, Any]
+    clear: bool = False
 
 
 @dataclass
@@ -74,6 +76,8 @@ class _Surface:
     seq: int = 0
     last_payload: dict[str, Any] | None = None
     last_problem: str = ""
+    # expiry -> the last greeks payload published (stale re-stamps; cleared when it settles)
+    greeks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -294,7 +298,7 @@ class Pipeline:
         return self.fit_snapshot(self.take_snapshot(book, now_s))
 
     def stale_messages(self) -> list[Message]:
-        """Every last surface re-stamped ``stale`` (the feed went away)."""
+        """Every last surface and its greeks re-stamped ``stale`` (the feed went away)."""
         out = []
         for (venue, under), u in self._under.items():
             for name, surf in u.surfaces.items():
@@ -302,7 +306,13 @@ class Pipeline:
                     continue
                 surf.seq += 1
                 payload = dict(surf.last_payload, status="stale", seq=surf.seq)
+                surf.last_payload = payload
                 out.append(Message(topic_surface(self.prefix, venue, under, name), payload))
+                for expiry, greeks in surf.greeks.items():
+                    restamped = dict(greeks, status="stale", seq=surf.seq)
+                    surf.greeks[expiry] = restamped
+                    topic = topic_greeks(self.prefix, venue, under, name, expiry)
+                    out.append(Message(topic, restamped))
         return out
 
     # ---------------------------------------------------------------- payloads
@@ -348,43 +358,78 @@ class Pipeline:
     def greeks_messages(
         self, snap: ChainSnapshot, model: str, payload: Mapping[str, Any]
     ) -> list[Message]:
-        """One greeks message per published expiry: every live instrument of it."""
+        """One greeks message per listed expiry: every live instrument of it, the fitted
+        expiries from their slices, the others from the surface around them (``fitted``
+        false); the topics of expiries no longer listed are cleared."""
         surface = Surface.from_payload(payload)
-        out = []
-        fwd_q = snap.forwards[snap.expiry_idx] if snap.n_quotes else np.zeros(0)
-        unit = fwd_q if snap.inverse else np.ones(snap.n_quotes)
-        for j_pub, expiry in enumerate(surface.expiries):
-            try:
-                j = snap.expiries.index(expiry)
-            except ValueError:
+        listing = snap.listing or listing_of(snap)
+        surf = self._under[(snap.venue, snap.underlying)].surfaces[model]
+        out: list[Message] = []
+        listed: set[str] = set()
+        for e, expiry in enumerate(listing.expiries):
+            body = self._greeks_of(snap, listing, e, surface, payload)
+            if body is None:
                 continue
-            m = snap.expiry_idx == j
-            if not m.any():
-                continue
-            K, calls = snap.strike[m], snap.is_call[m]
-            g = surface.greeks(K, expiry, calls)
-            F, T = float(surface.forward[j_pub]), float(surface.T[j_pub])
-            bid_iv = _market_iv(snap.bid_iv[m], snap.bid[m] * unit[m], F, K, T, calls)
-            ask_iv = _market_iv(snap.ask_iv[m], snap.ask[m] * unit[m], F, K, T, calls)
-            rows = greeks_rows(
-                instruments=[n for n, keep in zip(snap.instrument, m, strict=True) if keep],
-                strikes=K,
-                is_call=calls,
-                bid_iv=bid_iv,
-                ask_iv=ask_iv,
-                **g,
-            )
-            body = greeks_payload(
-                ts_ms=int(payload["ts_ms"]),
-                seq=int(payload["seq"]),
-                expiry=expiry,
-                forward=F,
-                T=T,
-                instruments=rows,
-            )
+            listed.add(expiry)
+            surf.greeks[expiry] = body
             topic = topic_greeks(self.prefix, snap.venue, snap.underlying, model, expiry)
-            out.append(Message(topic, dict(body)))
+            out.append(Message(topic, body))
+        for expiry in [e for e in surf.greeks if e not in listed]:  # settled or delisted
+            del surf.greeks[expiry]
+            topic = topic_greeks(self.prefix, snap.venue, snap.underlying, model, expiry)
+            out.append(Message(topic, {}, clear=True))
         return out
+
+    def _greeks_of(
+        self,
+        snap: ChainSnapshot,
+        listing: Listing,
+        e: int,
+        surface: Surface,
+        payload: Mapping[str, Any],
+    ) -> dict[str, Any] | None:
+        """The greeks payload of the listing's expiry ``e`` (None: nothing to publish)."""
+        m = listing.expiry_idx == e
+        expiry = listing.expiries[e]
+        if not m.any():
+            return None
+        K, calls = listing.strike[m], listing.is_call[m]
+        fitted = expiry in surface.expiries
+        if fitted:
+            j = surface.expiries.index(expiry)
+            F, T = float(surface.forward[j]), float(surface.T[j])
+            g = surface.greeks(K, expiry, calls)
+            if not snap.inverse:
+                g["price_coin"] = g["delta_premium_adj"] = np.full(K.shape, math.nan)
+        else:
+            T = (int(listing.expiry_ms[e]) - snap.ts_ms) / MS_PER_YEAR
+            if not T > 0.0:
+                return None
+            F = float(listing.forwards[e])
+            if not (math.isfinite(F) and F > 0.0):
+                F = surface.forward_at(T)
+            g = surface.greeks_at(K, T, calls, F, inverse=snap.inverse)
+        unit = F if snap.inverse else 1.0
+        rows = greeks_rows(
+            instruments=[n for n, keep in zip(listing.instrument, m, strict=True) if keep],
+            strikes=K,
+            is_call=calls,
+            bid_iv=_market_iv(listing.bid_iv[m], listing.bid[m] * unit, F, K, T, calls),
+            ask_iv=_market_iv(listing.ask_iv[m], listing.ask[m] * unit, F, K, T, calls),
+            mark_iv=listing.mark_iv[m],
+            **g,
+        )
+        body = greeks_payload(
+            ts_ms=int(payload["ts_ms"]),
+            seq=int(payload["seq"]),
+            status=payload["status"],
+            expiry=expiry,
+            forward=F,
+            T=T,
+            fitted=fitted,
+            instruments=rows,
+        )
+        return dict(body)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
@@ -428,3 +473,21 @@ def run_inline(
             yield pipeline.fit_book(book, now_s)
     for book in pipeline.pending():
         yield pipeline.fit_book(book, now_s)
+
+
+def listing_of(snap: ChainSnapshot) -> Listing:
+    """A snapshot's own quotes as its listing (snapshots made without a book: chain files)."""
+    return Listing(
+        instrument=snap.instrument,
+        expiry_idx=snap.expiry_idx,
+        strike=snap.strike,
+        is_call=snap.is_call,
+        bid=snap.bid,
+        ask=snap.ask,
+        bid_iv=snap.bid_iv,
+        ask_iv=snap.ask_iv,
+        mark_iv=snap.mark_iv,
+        expiries=snap.expiries,
+        expiry_ms=snap.expiry_ms,
+        forwards=snap.forwards,
+    )

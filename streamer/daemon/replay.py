@@ -91,9 +91,8 @@ async def replay(
             for batch in run_inline(pipeline, items):
                 for msg in batch:
                     for pub in pubs:
-                        await pub.publish(
-                            retopic(msg.topic, pipeline.prefix, pub.prefix), msg.payload
-                        )
+                        topic = retopic(msg.topic, pipeline.prefix, pub.prefix)
+                        await pub.deliver(topic, msg.payload, clear=msg.clear)
                     published += 1
                 bar.tick(pipeline.parser.frames)
                 await asyncio.sleep(0)  # let network publishers breathe

@@ -309,7 +309,8 @@ class Service:
     async def _publish(self, msgs: list[Message], *, trigger_ns: int | None) -> None:
         for msg in msgs:
             for pub in self.publishers:
-                await pub.publish(retopic(msg.topic, self.pipeline.prefix, pub.prefix), msg.payload)
+                topic = retopic(msg.topic, self.pipeline.prefix, pub.prefix)
+                await pub.deliver(topic, msg.payload, clear=msg.clear)
         if msgs and trigger_ns is not None:
             lat = (time.time_ns() - trigger_ns) / 1e9
             self.metrics.latency.observe(lat)

@@ -107,6 +107,9 @@ class Model(ABC):
     # per-expiry models with an exact two-slice calendar test for every k
     # (``calendar_shortfall``, ``calendar_grid``); otherwise the quoted range is checked
     exact_calendar: ClassVar[bool] = False
+    # the parameters describe every maturity (Heston, Bates): ``implied_vol`` may be asked
+    # at any T; otherwise a maturity between fitted expiries is interpolated between them
+    any_maturity: ClassVar[bool] = False
 
     @property
     def kernel_arg(self) -> float:

@@ -617,6 +617,7 @@ class _CharacteristicFunctionModel(Model):
     """Shared plumbing of Heston and Bates: COS prices, implied vols, Jacobian, checks."""
 
     per_expiry: ClassVar[bool] = False
+    any_maturity: ClassVar[bool] = True
     names: ClassVar[tuple[str, ...]]
     lower: ClassVar[FloatArray]
     upper: ClassVar[FloatArray]

@@ -119,6 +119,18 @@ class Publisher(ABC):
     async def publish(self, topic: str, payload: Mapping[str, Any], *, retain: bool = True) -> None:
         """Hand ``payload`` over for delivery on ``topic``; never blocks for long."""
 
+    async def deliver(self, topic: str, payload: Mapping[str, Any], *, clear: bool = False) -> None:
+        """``publish`` the payload, or with ``clear`` ``clear_retained`` the topic."""
+        if clear:
+            await self.clear_retained(topic)
+        else:
+            await self.publish(topic, payload)
+
+    @abstractmethod
+    async def clear_retained(self, topic: str) -> None:
+        """Remove ``topic``'s retained message (MQTT: an empty retained message), so that new
+        subscribers no longer see it (a settled expiry, a model switched off)."""
+
     @abstractmethod
     async def aclose(self) -> None:
         """Flush what can be flushed and release resources. Idempotent."""

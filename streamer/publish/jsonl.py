@@ -58,9 +58,15 @@ class JsonlPublisher(Publisher):
             self._out = sys.stdout.buffer
 
     async def publish(self, topic: str, payload: Mapping[str, Any], *, retain: bool = True) -> None:
+        self._write(jsonl_line(topic, payload))
+
+    async def clear_retained(self, topic: str) -> None:
+        """A ``{"topic": ..., "payload": null}`` line: the topic's retained message is gone."""
+        self._write(b'{"topic":' + orjson.dumps(topic) + b',"payload":null}\n')
+
+    def _write(self, line: bytes) -> None:
         if self._out is None:
             raise PublishError(f"jsonl publisher {self.path!r} is closed")
-        line = jsonl_line(topic, payload)
         try:
             self._out.write(line)
             self._unflushed += 1

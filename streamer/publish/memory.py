@@ -20,8 +20,9 @@ class Message:
     """One published message, payload as decoded from its JSON bytes."""
 
     topic: str
-    payload: dict[str, Any]
+    payload: dict[str, Any]  # empty for a cleared topic
     retain: bool
+    cleared: bool = False  # an empty retained message (``clear_retained``)
 
 
 class MemoryPublisher(Publisher):
@@ -41,15 +42,22 @@ class MemoryPublisher(Publisher):
         if retain:
             self.retained[topic] = decoded
 
+    async def clear_retained(self, topic: str) -> None:
+        if self.closed:
+            raise PublishError("memory publisher is closed")
+        self.messages.append(Message(topic, {}, True, cleared=True))
+        self.retained.pop(topic, None)
+
     def topics(self) -> list[str]:
         """Topics seen, in order of first publication."""
         return list(dict.fromkeys(m.topic for m in self.messages))
 
     def latest(self, topic: str) -> dict[str, Any] | None:
-        """The last payload published on ``topic`` (retained or not), or None."""
+        """The last payload published on ``topic`` (retained or not), or None (also after
+        the topic was cleared)."""
         for message in reversed(self.messages):
             if message.topic == topic:
-                return message.payload
+                return None if message.cleared else message.payload
         return None
 
     def clear(self) -> None:

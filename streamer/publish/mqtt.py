@@ -295,6 +295,15 @@ class MqttPublisher(Publisher):
         check_topic(topic)
         self._put(topic, encode(payload), retain)
 
+    async def clear_retained(self, topic: str) -> None:
+        """Queue an empty retained message for ``topic`` (the broker drops its retained one)."""
+        if self._closed or self._closing.is_set():
+            raise PublishError(f"{self!r} is closed")
+        if self._tg is None:
+            raise PublishError(f"{self!r} not started: use 'async with' or await start()")
+        check_topic(topic)
+        self._put(topic, b"", True)
+
     def set_feed_state(self, name: str, state: Any) -> None:
         """Record a feed's state (any JSON value) and republish the ``online`` status."""
         self._feeds[name] = state

@@ -90,15 +90,18 @@ class GreeksRow(TypedDict):
     volga: float | None
     bid_iv: float | None
     ask_iv: float | None
+    mark_iv: float | None
 
 
 class GreeksPayload(TypedDict):
     schema: str
     ts_ms: int
     seq: int
+    status: Status
     expiry: str
     forward: float | None
     T: float | None
+    fitted: bool
     instruments: list[GreeksRow]
 
 
@@ -115,6 +118,7 @@ GREEKS_COLUMNS = (
     "volga",
     "bid_iv",
     "ask_iv",
+    "mark_iv",
 )
 
 # -- topics ------------------------------------------------------------------------------
@@ -307,6 +311,7 @@ def greeks_row(
     volga: float | None,
     bid_iv: float | None,
     ask_iv: float | None,
+    mark_iv: float | None = None,
 ) -> GreeksRow:
     """One instrument of the greeks payload (Deribit units, see ``schemas/greeks.json``)."""
     if type not in ("C", "P"):
@@ -332,6 +337,7 @@ def greeks_row(
         "volga": _num(volga),
         "bid_iv": _num(bid_iv),
         "ask_iv": _num(ask_iv),
+        "mark_iv": _num(mark_iv),
     }
 
 
@@ -358,7 +364,7 @@ def greeks_rows(
 ) -> list[GreeksRow]:
     """Rows from columns (numpy arrays of equal length): the fast path for whole expiries.
 
-    ``columns`` must be exactly ``GREEKS_COLUMNS`` (iv, price_coin, ..., bid_iv, ask_iv);
+    ``columns`` must be exactly ``GREEKS_COLUMNS`` (iv, price_coin, ..., ask_iv, mark_iv);
     non-finite entries become None.
     """
     n = len(instruments)
@@ -396,9 +402,15 @@ def greeks_payload(
     forward: float | None,
     T: float | None,
     instruments: Iterable[GreeksRow | Mapping[str, Any]],
+    status: Status = "ok",
+    fitted: bool = True,
 ) -> GreeksPayload:
     """A ``streamer.greeks/1`` payload; each ``instruments`` item is checked by ``greeks_row``
-    (so ``greeks_rows`` output and plain dicts with those keys both work)."""
+    (so ``greeks_rows`` output and plain dicts with those keys both work). ``status`` is the
+    surface's; ``fitted`` False: the expiry was not fitted, its IVs come from the surface
+    around it."""
+    if status not in STATUSES:
+        raise InputError("status", f"must be one of {', '.join(STATUSES)}, got {status!r}")
     rows: list[GreeksRow] = []
     try:
         for item in instruments:
@@ -409,9 +421,11 @@ def greeks_payload(
         "schema": GREEKS_SCHEMA,
         "ts_ms": _count("ts_ms", ts_ms),
         "seq": _count("seq", seq),
+        "status": status,
         "expiry": _segment("expiry", expiry),
         "forward": _num(forward),
         "T": _num(T),
+        "fitted": bool(fitted),
         "instruments": rows,
     }
 
