@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,11 @@ import pytest
 import structlog
 
 from tests.mosquitto import mosquitto, mosquitto_factory  # noqa: F401  (real-broker fixtures)
+
+UNIT = float(os.environ.get("STREAMER_TEST_UNIT", "1.0"))
+"""The suite's time unit: every timeout and deadline in the tests is a multiple of it (set
+``STREAMER_TEST_UNIT=3`` on a slow or loaded machine). Tests make no timed assertions beyond
+such generous bounds; speed is measured in benchmarks."""
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "deribit"

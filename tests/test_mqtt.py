@@ -37,10 +37,11 @@ from streamer.publish.payloads import (
     topic_surface,
 )
 from streamer.publish.urls import from_url
+from tests.conftest import UNIT
 from tests.mosquitto import Mosquitto, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-TIMEOUT = 10.0  # generous upper bound; tests finish in milliseconds when things work
+TIMEOUT = 10.0 * UNIT  # generous upper bound; tests finish in milliseconds when things work
 
 
 @contextlib.asynccontextmanager
@@ -224,7 +225,7 @@ async def test_last_will_offline_when_process_is_killed(mosquitto: Mosquitto) ->
         )
         try:
             assert proc.stdout is not None
-            async with asyncio.timeout(30):
+            async with asyncio.timeout(30 * UNIT):
                 while (line := await proc.stdout.readline()).strip() != b"ready":
                     assert line, "the publisher process died before it was ready"
             _, online = await next_message(queue)
@@ -303,7 +304,7 @@ async def test_close_with_broker_away_counts_dropped(mosquitto: Mosquitto) -> No
         await pub.publish(SURFACE_TOPIC, {"seq": 1})
         await pub.publish(GREEKS_TOPIC, {"seq": 1})
         started = time.monotonic()
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 2.0 * UNIT  # close_timeout 0.5 s bounds aclose
     assert pub.dropped == 2 and pub.published == 0 and not pub.connected
 
 
@@ -341,7 +342,7 @@ async def _run_cli(*args: str) -> tuple[int, str, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    out, err = await asyncio.wait_for(proc.communicate(), 60 * UNIT)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -355,22 +356,24 @@ async def test_streamer_subscribe_cli_end_to_end(mosquitto: Mosquitto) -> None:
         await pub.flush(TIMEOUT)
         code, out, err = await _run_cli(
             "subscribe", "streamer/deribit/#", "--url", mosquitto.url, "--json", "--count", "2",
-            "--timeout", "30",
+            "--timeout", str(30 * UNIT),
         )  # fmt: skip
         assert code == 0, err
         lines = [json.loads(line) for line in out.splitlines()]
         assert {m["topic"]: m["payload"] for m in lines} == memory.retained
 
         code, out, err = await _run_cli(
-            "subscribe", SURFACE_TOPIC, "--url", mosquitto.url, "--count", "1", "--timeout", "30"
-        )
+            "subscribe", SURFACE_TOPIC, "--url", mosquitto.url, "--count", "1",
+            "--timeout", str(30 * UNIT),
+        )  # fmt: skip
         assert code == 0, err
         assert "12FEB21" in out and "62.34%" in out and "47,812.50" in out
         assert "rho=-0.2" in out and "in_band" in out and "seq 1" in out
 
         code, out, err = await _run_cli(
-            "subscribe", GREEKS_TOPIC, "--url", mosquitto.url, "--count", "1", "--timeout", "30"
-        )
+            "subscribe", GREEKS_TOPIC, "--url", mosquitto.url, "--count", "1",
+            "--timeout", str(30 * UNIT),
+        )  # fmt: skip
         assert code == 0, err
         assert "1 instruments (1 C, 0 P)" in out and "BTC-12FEB21-48000-C" in out
 

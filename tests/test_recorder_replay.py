@@ -32,7 +32,7 @@ from streamer.feeds.recordings.reader import (
     recording_paths,
 )
 from streamer.feeds.recordings.recorder import Recorder
-from tests.conftest import REPO, shared_file
+from tests.conftest import REPO, UNIT, shared_file
 
 COMPRESSIONS = ("zst", "gz", "none")
 BASE_NS = 1_735_693_199_241_000_000  # 2025-01-01T00:59:59.241Z
@@ -252,7 +252,7 @@ def test_sigkilled_recorder_replays_to_its_last_complete_line(
     ) as proc:
         try:
             assert proc.stdout is not None
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 15 * UNIT
             for line in proc.stdout:
                 m = re.fullmatch(r"flushed (\d+)\n", line)
                 if m:
@@ -261,7 +261,7 @@ def test_sigkilled_recorder_replays_to_its_last_complete_line(
                     break
         finally:
             proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
+            proc.wait(timeout=10 * UNIT)
     assert proc.returncode == -signal.SIGKILL
     assert flushed >= 3000
     (path,) = tmp_path.glob("deribit-*.jsonl*")
@@ -458,7 +458,7 @@ def test_aiter_frames_paces_in_real_time(tmp_path: Path) -> None:
     got, elapsed = asyncio.run(run())
     assert got == ["0", "1000", "2000", "3000"] * 2
     # second file's ts go back to the start: no waiting there, so 3 s / 100 in total
-    assert 0.029 <= elapsed < 1.0
+    assert 0.029 <= elapsed < 1.0 * UNIT  # never early; the upper bound only catches a hang
 
 
 # -- real inputs ----------------------------------------------------------------------------
@@ -501,7 +501,7 @@ def test_csv_to_replay_output_reads_back(tmp_path: Path, suffix: str) -> None:
         [sys.executable, str(tool), str(csv_path), "-o", str(out), "--limit-rows", "40"],
         check=True,
         capture_output=True,
-        timeout=60,
+        timeout=60 * UNIT,
     )
     with csv_path.open(newline="") as fh:
         rows = [r for _, r in zip(range(40), csv.DictReader(fh), strict=False)]
