@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 import structlog
 
-from tests.mosquitto import mosquitto, mosquitto_factory  # noqa: F401  (real-broker fixtures)
+from tests.mosquitto import (  # noqa: F401  (real-broker fixtures)
+    mosquitto,
+    mosquitto_factory,
+    secure_mosquitto,
+    secure_mosquitto_factory,
+)
 
 UNIT = float(os.environ.get("STREAMER_TEST_UNIT", "1.0"))
 """The suite's time unit: every timeout and deadline in the tests is a multiple of it (set

@@ -6,17 +6,28 @@ waits until the broker accepts TCP connections and stops it at teardown. ``stop(
 ``start()`` restart it on the same port (retained messages do not survive: persistence is off,
 so whatever a subscriber sees after a restart was re-published). Tests skip with the reason if
 mosquitto is not installed (``scripts/install`` apt-installs it; CI has it).
+
+``secure_mosquitto_factory`` makes brokers the way a production one is set up: a TLS listener
+only (certificates made at test time by ``trustme``: a CA, the broker's certificate for the
+host names asked for, and a second CA that signed nothing here), ``allow_anonymous false``, a
+password file (mosquitto's PBKDF2-SHA512 format, written here: ``password_file``) and an ACL
+file (``acl_file``). The default users are the daemon (``streamer``: read and write under
+``streamer/#``, which holds its status topic) and a bot (``bot``: read only).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -43,7 +54,14 @@ class Mosquitto:
     """One mosquitto process on ``127.0.0.1:port``; ``start``/``stop``/``kill`` it at will."""
 
     def __init__(
-        self, binary: str, workdir: Path, port: int | None = None, extra_config: str = ""
+        self,
+        binary: str,
+        workdir: Path,
+        port: int | None = None,
+        extra_config: str = "",
+        *,
+        anonymous: bool = True,
+        persistence: bool = False,
     ) -> None:
         self.binary = binary
         self.workdir = workdir
@@ -51,14 +69,15 @@ class Mosquitto:
         self.port = port or free_port()
         self.config = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
+        store = f"persistence true\npersistence_location {workdir}/\n" if persistence else ""
         self.config.write_text(
             f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
+            f"allow_anonymous {'true' if anonymous else 'false'}\n"
             # run as the current user: as root, mosquitto would switch to "mosquitto", which
             # cannot read files under pytest's private tmp_path
             f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
-            "persistence false\n"
-            "set_tcp_nodelay true\n"  # no Nagle stalls (40 ms) on small messages
+            + (store or "persistence false\n")
+            + "set_tcp_nodelay true\n"  # no Nagle stalls (40 ms) on small messages
             "log_dest stderr\n"
             "log_type error\n"
             "log_type warning\n"
@@ -156,3 +175,133 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
+
+
+# --------------------------------------------------------------------------- TLS + auth + ACL
+
+DAEMON_USER = "streamer"
+BOT_USER = "bot"
+DEFAULT_ACL = """\
+# the daemon writes under its prefix only (its status topic is streamer/status/<instance>)
+user streamer
+topic readwrite streamer/#
+# a trading bot reads, never writes
+user bot
+topic read streamer/#
+"""
+
+
+def password_line(user: str, password: str, *, iterations: int = 101) -> str:
+    """A mosquitto 2.x password file line: ``user:$7$iterations$salt$hash`` with PBKDF2-HMAC-
+    SHA512 (what ``mosquitto_passwd`` writes; mosquitto's src/password_mosq.c)."""
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
+    b64 = base64.b64encode
+    return f"{user}:$7${iterations}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+@dataclass
+class SecureBroker:
+    """A running TLS + password + ACL mosquitto and what a client needs to talk to it."""
+
+    broker: Mosquitto
+    cafile: Path  # the CA that signed the broker's certificate
+    untrusted_cafile: Path  # a CA that did not
+    passwords: dict[str, str]  # user -> password
+
+    @property
+    def host(self) -> str:
+        return self.broker.host
+
+    @property
+    def port(self) -> int:
+        return self.broker.port
+
+    @property
+    def url(self) -> str:
+        """``mqtts://127.0.0.1:PORT`` (no user: give it as you mean to)."""
+        return f"mqtts://{self.broker.host}:{self.broker.port}"
+
+    def client_env(self, user: str = DAEMON_USER, password: str | None = None) -> dict[str, str]:
+        """Environment for streamer's own clients: user, password, the CA file."""
+        return {
+            "STREAMER_MQTT_USERNAME": user,
+            "STREAMER_MQTT_PASSWORD": self.passwords[user] if password is None else password,
+            "STREAMER_MQTT_CAFILE": str(self.cafile),
+        }
+
+
+def make_secure_broker(
+    binary: str,
+    workdir: Path,
+    *,
+    users: Mapping[str, str] | None = None,
+    acl: str = DEFAULT_ACL,
+    cert_hosts: Sequence[str] = ("127.0.0.1", "localhost"),
+    persistence: bool = False,
+) -> SecureBroker:
+    """Write certificates, a password file and an ACL into ``workdir``; start the broker."""
+    import trustme
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    ca, other = trustme.CA(), trustme.CA()
+    server = ca.issue_cert(*cert_hosts)
+    cafile, other_cafile = workdir / "ca.pem", workdir / "untrusted-ca.pem"
+    certfile, keyfile = workdir / "server.pem", workdir / "server.key"
+    ca.cert_pem.write_to_path(str(cafile))
+    other.cert_pem.write_to_path(str(other_cafile))
+    server.cert_chain_pems[0].write_to_path(str(certfile))
+    for extra in server.cert_chain_pems[1:]:
+        extra.write_to_path(str(certfile), append=True)
+    server.private_key_pem.write_to_path(str(keyfile))
+    passwords = (
+        dict(users)
+        if users is not None
+        else {
+            DAEMON_USER: "daemon-" + secrets.token_urlsafe(12),
+            BOT_USER: "bot-" + secrets.token_urlsafe(12),
+        }
+    )
+    passwd, acl_file = workdir / "passwd", workdir / "acl"
+    passwd.write_text("".join(password_line(u, p) + "\n" for u, p in passwords.items()))
+    acl_file.write_text(acl)
+    for path in (keyfile, passwd, acl_file):
+        path.chmod(0o600)
+    broker = Mosquitto(
+        binary,
+        workdir,
+        anonymous=False,
+        persistence=persistence,
+        extra_config=(
+            f"certfile {certfile}\nkeyfile {keyfile}\npassword_file {passwd}\nacl_file {acl_file}\n"
+        ),
+    )
+    broker.start()
+    return SecureBroker(broker, cafile, other_cafile, passwords)
+
+
+@pytest.fixture
+def secure_mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., SecureBroker]]:
+    """Make started TLS + password + ACL brokers (``make_secure_broker``'s keywords)."""
+    binary = find_mosquitto()
+    if binary is None:
+        pytest.skip("mosquitto is not installed (scripts/install apt-installs it)")
+    pytest.importorskip("trustme", reason="trustme (a dev dependency) makes the certificates")
+    made: list[SecureBroker] = []
+
+    def make(**kwargs: object) -> SecureBroker:
+        sb = make_secure_broker(binary, tmp_path / f"secure{len(made)}", **kwargs)  # type: ignore[arg-type]
+        made.append(sb)
+        return sb
+
+    try:
+        yield make
+    finally:
+        for sb in made:
+            sb.broker.stop()
+
+
+@pytest.fixture
+def secure_mosquitto(secure_mosquitto_factory: Callable[..., SecureBroker]) -> SecureBroker:
+    """A running TLS + password + ACL mosquitto on a free 127.0.0.1 port."""
+    return secure_mosquitto_factory()

@@ -171,7 +171,7 @@ class Registry:
 def _response(status: str, body: bytes = b"", *, head_only: bool = False, extra: str = "") -> bytes:
     kind = "text/plain; version=0.0.4" if status.startswith("200") else "text/plain"
     head = (
-        f"HTTP/1.1 {status}\r\nContent-Type: {kind}; charset=utf-8\r\n"
+        f"HTTP/1.0 {status}\r\nContent-Type: {kind}; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
     ).encode()
     return head if head_only else head + body
