@@ -1,19 +1,38 @@
 """The fused ticker path: Deribit frames straight into book rows, for replay and the daemon.
 
-``FastPath(parser, books).parse(frame, recv_ns)`` decodes a frame once (orjson). A ticker on
-a channel seen before, of an instrument the books already hold, is checked and written
-straight into that instrument's row (``write_row``: one ``struct.pack_into``, what
-``Book.write_ticker`` does) without building a ``Quote``: about 1.2 µs of Python after
-``orjson.loads`` (``streamer bench replay``). The book's refit trigger is told through
-``on_write(book, slot, forward)`` and the call returns that book's one-element ``(BookChanged,)``
-tuple (made once per book: nothing is allocated per frame).
+``FastPath(parser, books).parse(frame, recv_ns)`` decodes a frame once. A ticker on a channel
+seen before, of an instrument the books already hold, is checked and written straight into
+that instrument's row (``write_row``: one ``struct.pack_into``, what ``Book.write_ticker``
+does) without building a ``Quote``. The book's refit trigger is told through
+``on_write(book, slot, forward)`` and the call returns that book's one-element
+``(BookChanged,)`` tuple (made once per book: nothing is allocated per frame).
+``parse_batch(frames, on_event)`` is the same for a list of ``(ts_ns, venue, frame)`` (what
+``streamer.feeds.recordings.reader.read_recording_batches`` yields), applying the events of
+frames that are not fused through ``on_event`` in frame order: the replay loop, with no call
+per frame.
 
-Everything else (a first sight, a null, a wrong type, any other channel) goes through the
-parser's event path (``DeribitParser.parse_decoded``) and its events are returned for the
-caller to apply (``Books.on_event``; the pipeline does that); ``apply`` is parse + apply in
-one call. For every field the book stores, both paths accept and reject the same frames and
-leave the same rows (tested with hypothesis); fields the book does not keep (gamma, vega,
-theta, rho, index price, open interest, underlying index) are checked on the event path only.
+Decoding. A text frame is first decoded by a typed ``msgspec`` decoder (``_TICKER``: a
+ticker notification with every field Deribit documents for it, jointly about 0.5 µs less than
+``orjson.loads`` building dicts, and attribute reads after). It is strict on purpose, so it
+accepts only what ``orjson`` accepts and yields the same values: an unknown key at any
+level, a wrong type, a null where a number is needed, a timestamp outside int64, a number
+beyond the double range: any of these fail it (``forbid_unknown_fields``: nothing is ever
+skipped unchecked; msgspec's skip checks syntax but not the number range), and such a frame,
+like a bytes frame, goes the ``orjson`` way below, the reference, exactly as before. Numbers
+land as the same doubles either way (both parse correctly rounded; ints become
+``float(int)`` in the row, which is what ``struct.pack_into`` does with orjson's ints;
+hypothesis-tested in ``tests/test_fastpath_decode.py``). Should typed decoding keep failing
+on frames the ``orjson`` way then fuses (a venue that added a ticker field), it switches
+itself off (``typed_misses``; logged once) rather than cost every frame a wasted attempt.
+
+The ``orjson`` way: ``orjson.loads``, then the same check and write from the dicts (about
+1.2 µs of Python after ``orjson.loads``). Everything else (a first sight, a null, a wrong
+type, any other channel) goes through the parser's event path
+(``DeribitParser.parse_decoded``) and its events are returned for the caller to apply
+(``Books.on_event``; the pipeline does that); ``apply`` is parse + apply in one call. For every
+field the book stores, both paths accept and reject the same frames and leave the same rows
+(tested with hypothesis); fields the book does not keep (gamma, vega, theta, rho, index
+price, open interest, underlying index) are checked on the event path only.
 
 The book owns its row layout (``streamer.book.book``); the parser knows nothing of books. A
 ``FastPath`` has the parser's shape (``parse``, ``reset``), so a feed adapter takes it as its
@@ -24,16 +43,24 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
+from typing import Annotated
 
+import msgspec
 import orjson
+import structlog
 
 from streamer.book.book import ROW_BYTES, Book, Books, Route, write_row
 from streamer.events import BookChanged, Event, Quote
 from streamer.feeds.deribit.parser import NAME_CACHE_MAX, DeribitParser
 
+log = structlog.get_logger(__name__)
+
 NAN = float("nan")
 _loads = orjson.loads
 _NO_EVENTS: tuple[Event, ...] = ()
+TYPED_MISSES_MAX = 1024
+"""Typed decoding switches off after this many misses (typed failed, the orjson way fused)
+outnumbering its hits."""
 
 OnWrite = Callable[[Book, int, float], None]
 """``on_write(book, slot, forward)``: a fused write changed ``book``'s row ``slot``."""
@@ -63,6 +90,80 @@ _TICKER_FIELDS = operator.itemgetter(
 )
 
 
+# -- the typed ticker decoder -----------------------------------------------------------------
+# Field names and types of Deribit's ``ticker.{instrument}.{interval}`` notification (API v2,
+# "ticker" subscription, https://docs.deribit.com/#ticker-instrument_name-interval). Only the
+# fields the fused write reads have exact types (as the orjson way demands: an int timestamp,
+# numbers for the rest); the others accept any JSON scalar, and a missing one is fine. Every
+# struct forbids unknown fields, so the decoder never skips a value unchecked.
+
+_Scalar = float | str | bool | None
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # orjson: ints, not floats
+
+
+class _Greeks(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    delta: float
+    gamma: _Scalar = None
+    vega: _Scalar = None
+    theta: _Scalar = None
+    rho: _Scalar = None
+
+
+class _Stats(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    high: _Scalar = None
+    low: _Scalar = None
+    price_change: _Scalar = None
+    volume: _Scalar = None
+    volume_usd: _Scalar = None
+    volume_notional: _Scalar = None
+
+
+class _TickerData(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    timestamp: _Int64
+    instrument_name: str
+    best_bid_price: float
+    best_bid_amount: float
+    best_ask_price: float
+    best_ask_amount: float
+    mark_price: float
+    underlying_price: float
+    greeks: _Greeks
+    mark_iv: float = 0.0
+    bid_iv: float = 0.0
+    ask_iv: float = 0.0
+    state: _Scalar = None
+    underlying_index: _Scalar = None
+    open_interest: _Scalar = None
+    interest_rate: _Scalar = None
+    interest_value: _Scalar = None
+    index_price: _Scalar = None
+    last_price: _Scalar = None
+    settlement_price: _Scalar = None
+    delivery_price: _Scalar = None
+    estimated_delivery_price: _Scalar = None
+    min_price: _Scalar = None
+    max_price: _Scalar = None
+    current_funding: _Scalar = None
+    funding_8h: _Scalar = None
+    combo_state: _Scalar = None
+    stats: _Stats | None = None
+
+
+class _TickerParams(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    channel: str
+    data: _TickerData
+
+
+class _Ticker(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    params: _TickerParams
+    jsonrpc: _Scalar = None
+    method: _Scalar = None
+
+
+_TICKER = msgspec.json.Decoder(_Ticker)
+_typed_loads = _TICKER.decode
+
+
 class FastPath:
     """Deribit frames -> book rows (fused tickers) or events (everything else).
 
@@ -72,10 +173,26 @@ class FastPath:
         on_write: called after each fused write (the refit trigger), or None.
     """
 
-    __slots__ = ("_changed", "_channels", "_on_write", "_routes", "books", "last_recv_ns", "parser")
+    __slots__ = (
+        "_changed",
+        "_channels",
+        "_on_write",
+        "_routes",
+        "books",
+        "last_recv_ns",
+        "parser",
+        "typed",
+        "typed_hits",
+        "typed_misses",
+    )
 
     def __init__(
-        self, parser: DeribitParser, books: Books, on_write: OnWrite | None = None
+        self,
+        parser: DeribitParser,
+        books: Books,
+        on_write: OnWrite | None = None,
+        *,
+        typed: bool = True,
     ) -> None:
         self.parser = parser
         self.books = books
@@ -84,6 +201,9 @@ class FastPath:
         self._channels: dict[str, str] = {}  # "ticker.{inst}.100ms" -> inst
         self._changed: dict[int, tuple[Event, ...]] = {}  # id(book) -> (BookChanged,)
         self.last_recv_ns = 0  # receive time of the newest frame parsed
+        self.typed = typed  # try the typed decoder first (text frames)
+        self.typed_hits = 0  # fused writes from the typed decoder
+        self.typed_misses = 0  # typed decoding failed, the orjson way fused
 
     def reset(self) -> None:
         """A new connection: the parser forgets its order-book levels."""
@@ -92,9 +212,129 @@ class FastPath:
     def parse(self, frame: str | bytes, recv_ns: int) -> Sequence[Event]:
         """One frame: ``(BookChanged,)`` after a fused write, else the parser's events (not
         yet applied to the books). Never raises."""
-        parser = self.parser
-        parser.frames += 1
+        self.parser.frames += 1
         self.last_recv_ns = recv_ns
+        if self.typed and type(frame) is str:
+            try:
+                p = _typed_loads(frame).params
+            except Exception:  # not a ticker as documented: the orjson way decides
+                return self._parse_json(frame, recv_ns, missed=True)
+            d = p.data
+            name = self._channels.get(p.channel)
+            if name is not None and d.instrument_name == name:
+                route = self._routes.get(name)
+                if route is not None:
+                    book, slot = route
+                    bid = d.best_bid_price
+                    if bid:
+                        bsz = d.best_bid_amount
+                    else:  # zero: no bid
+                        bid = bsz = NAN
+                    ask = d.best_ask_price
+                    if ask:
+                        asz = d.best_ask_amount
+                    else:
+                        ask = asz = NAN
+                    miv, biv, aiv = d.mark_iv, d.bid_iv, d.ask_iv
+                    fwd = d.underlying_price
+                    write_row(
+                        book.buffer,
+                        slot * ROW_BYTES,
+                        d.timestamp,
+                        bid,
+                        bsz,
+                        ask,
+                        asz,
+                        d.mark_price,
+                        miv / 100.0 if miv else NAN,
+                        biv / 100.0 if biv else NAN,
+                        aiv / 100.0 if aiv else NAN,
+                        fwd,
+                        d.greeks.delta,
+                    )
+                    self.typed_hits += 1
+                    if self._on_write is not None:
+                        self._on_write(book, slot, fwd)
+                    return self._changed.get(id(book)) or self._changed_of(book)
+        return self._parse_json(frame, recv_ns, missed=False)
+
+    def parse_batch(
+        self,
+        frames: Sequence[tuple[int, str, str | bytes]],
+        on_event: Callable[[Event], object],
+    ) -> None:
+        """``parse`` every ``(ts_ns, venue, frame)`` of ``frames`` in order (``ts_ns`` is the
+        receive time, ``venue`` is not read: the parser has its own), applying the events of
+        frames that are not fused with ``on_event`` right away, so a later frame sees what an
+        earlier one did. Fused writes leave no event (their ``BookChanged`` says nothing
+        ``on_write`` did not). The same decisions and rows as ``parse`` frame by frame
+        (tested), in one loop: about 0.3 µs a frame less. Never raises for bad frames."""
+        if not frames:
+            return
+        self.parser.frames += len(frames)
+        channels, routes, on_write = self._channels, self._routes, self._on_write
+        typed = _typed_loads if self.typed else None
+        nan, row_bytes, write = NAN, ROW_BYTES, write_row
+        hits = 0
+        for ts_ns, _venue, frame in frames:
+            if typed is not None and type(frame) is str:
+                try:
+                    p = typed(frame).params
+                except Exception:
+                    self.last_recv_ns = ts_ns
+                    for ev in self._parse_json(frame, ts_ns, missed=True):
+                        if type(ev) is not BookChanged:
+                            on_event(ev)
+                    typed = _typed_loads if self.typed else None  # a miss may switch it off
+                    continue
+                d = p.data
+                name = channels.get(p.channel)
+                if name is not None and d.instrument_name == name:
+                    route = routes.get(name)
+                    if route is not None:
+                        book, slot = route
+                        bid = d.best_bid_price
+                        if bid:
+                            bsz = d.best_bid_amount
+                        else:
+                            bid = bsz = nan
+                        ask = d.best_ask_price
+                        if ask:
+                            asz = d.best_ask_amount
+                        else:
+                            ask = asz = nan
+                        miv, biv, aiv = d.mark_iv, d.bid_iv, d.ask_iv
+                        fwd = d.underlying_price
+                        write(
+                            book.buffer,
+                            slot * row_bytes,
+                            d.timestamp,
+                            bid,
+                            bsz,
+                            ask,
+                            asz,
+                            d.mark_price,
+                            miv / 100.0 if miv else nan,
+                            biv / 100.0 if biv else nan,
+                            aiv / 100.0 if aiv else nan,
+                            fwd,
+                            d.greeks.delta,
+                        )
+                        hits += 1
+                        if on_write is not None:
+                            on_write(book, slot, fwd)
+                        continue
+            self.last_recv_ns = ts_ns
+            for ev in self._parse_json(frame, ts_ns, missed=False):
+                if type(ev) is not BookChanged:
+                    on_event(ev)
+        self.typed_hits += hits
+        self.last_recv_ns = frames[-1][0]
+
+    def _parse_json(self, frame: str | bytes, recv_ns: int, *, missed: bool) -> Sequence[Event]:
+        """The orjson way: decode, fuse a ticker if it can, else the parser's events.
+        ``missed``: the typed decoder failed on this frame (a fused write here is a miss)."""
+        parser = self.parser
         try:
             msg = _loads(frame)
         except Exception as exc:  # JSONDecodeError, or not str/bytes at all
@@ -138,6 +378,8 @@ class FastPath:
                         fwd,
                         delta,
                     )
+                    if missed:
+                        self._missed()
                     if self._on_write is not None:
                         self._on_write(book, slot, fwd)
                     return self._changed.get(id(book)) or self._changed_of(book)
@@ -147,6 +389,20 @@ class FastPath:
         if len(events) == 1 and type(events[0]) is Quote:
             self._learn(msg, events[0].instrument)
         return events
+
+    def _missed(self) -> None:
+        """The typed decoder failed on a ticker the orjson way fused: count it, and switch
+        typed decoding off once misses pass ``TYPED_MISSES_MAX`` and outnumber the hits."""
+        self.typed_misses += 1
+        misses = self.typed_misses
+        if self.typed and misses >= TYPED_MISSES_MAX and misses > self.typed_hits:
+            self.typed = False
+            log.warning(
+                "fastpath_typed_decoding_off",
+                misses=misses,
+                hits=self.typed_hits,
+                reason="tickers the typed decoder does not know (new fields?)",
+            )
 
     def apply(self, frame: str | bytes, recv_ns: int) -> Sequence[Event]:
         """``parse`` and apply the events to the books; returns them (none for a fused write)."""

@@ -30,6 +30,7 @@ import numpy as np
 from streamer.config import Config
 from streamer.daemon.pipeline import Pipeline, run_inline
 from streamer.events import Event
+from streamer.feeds.recordings.reader import Frame
 from streamer.publish.payloads import retopic
 from streamer.publish.urls import from_url
 
@@ -39,16 +40,31 @@ BROKER_CHECK_S = 10.0
 
 def items_of(paths: Sequence[str]) -> Iterator[Item]:
     """Everything in ``paths``, in order: frames of recordings, events of Tardis CSVs."""
-    from streamer.feeds.recordings.reader import read_frames
+    for frames, events in batches_of(paths):
+        if frames is not None:
+            for ts_ns, _venue, frame in frames:
+                yield ts_ns, frame
+        else:
+            yield from events
+
+
+Batch = tuple["list[Frame] | None", "list[tuple[int, Event]]"]
+"""``(frames, None-or-[])``: a block of a recording's frames, or ``(None, events)`` of a CSV."""
+
+
+def batches_of(paths: Sequence[str]) -> Iterator[Batch]:
+    """``items_of`` in blocks: ``(frames, [])`` for a block of ``(ts_ns, venue, frame)`` of a
+    recording or capture, ``(None, events)`` for a Tardis CSV's ``(ts_ns, event)``."""
+    from streamer.feeds.recordings.reader import read_frame_batches
     from streamer.feeds.recordings.tardis import read_tardis_options_chain, sorted_by_time
 
     for path in paths:
         name = path.lower()
         if name.endswith((".csv", ".csv.gz")):
-            yield from sorted_by_time(read_tardis_options_chain(path))
+            yield None, list(sorted_by_time(read_tardis_options_chain(path)))
         else:
-            for ts_ns, _venue, frame in read_frames(path):
-                yield ts_ns, frame
+            for frames in read_frame_batches(path):
+                yield frames, []
 
 
 async def replay(
@@ -80,7 +96,20 @@ async def replay(
                 await check(BROKER_CHECK_S)
         counter = _Counted(_paced(items_of(files), speed))
         items: Iterator[Item] = iter(counter)
-        if not models:
+        if not models and speed is None:
+            # parse + book only, as fast as possible: blocks of frames straight into the
+            # fused path (no generator layer or call per frame)
+            parse_batch, on_event = pipeline.fast.parse_batch, pipeline.on_event
+            for frames, events in batches_of(files):
+                if frames is not None:
+                    parse_batch(frames, on_event)
+                    counter.n += len(frames)
+                else:
+                    for _, ev in events:
+                        on_event(ev)
+                    counter.n += len(events)
+                bar.tick(pipeline.parser.frames)
+        elif not models:
             for ts_ns, item in items:
                 if isinstance(item, str | bytes):
                     pipeline.on_frame(item, ts_ns)
