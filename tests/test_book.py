@@ -482,8 +482,12 @@ def test_books_route_by_underlying() -> None:
     )
     assert books.on_event(InstrumentExpired("deribit", "BTC-24SEP21-40000-P", 2)) is btc
     assert "BTC-24SEP21-40000-P" not in btc and "BTC-24SEP21-40000-P" not in books.routes("deribit")
-    usdc = books.on_event(Quote("deribit", "XRP_USDC-24JAN25-0d625-C", 1, 0, bid=0.01, ask=0.02))
+    xrp = "XRP_USDC-24JAN25-0d625-C"
+    usdc = books.on_event(Quote("deribit", xrp, 1626993723000, 0, bid=0.01, ask=0.02))
     assert usdc is not None and usdc.underlying == "XRP_USDC" and not usdc.inverse
+    # a first sight with an implausible time (1 ms after 1970) lists nothing
+    assert books.on_event(Quote("deribit", "XRP_USDC-24JAN25-1d0-C", 1, 0, bid=0.01)) is None
+    assert usdc.rejected["bad_timestamp"] == 1 and len(usdc) == 1
 
 
 # -- the parser into the books ---------------------------------------------------------------------
@@ -610,3 +614,170 @@ def test_group_medians_equal_numpy_median_per_group() -> None:
         else:
             assert np.isnan(out[e])
     assert np.isnan(_group_medians(np.zeros(0, dtype=np.int64), np.zeros(0), 3)).all()
+
+
+# -- bad timestamps (issue 12, bug 1) -------------------------------------------------------------
+
+
+def _quote(name: str, ts: int) -> Quote:
+    """A two-sided quote at the money (its forward is its strike: no intrinsic value)."""
+    opt = parse_option(name)
+    assert opt is not None
+    return Quote(
+        "deribit", name, ts, 0, bid=0.01, ask=0.02, bid_size=1.0, ask_size=1.0, forward=opt.strike
+    )
+
+
+def test_one_ticker_in_microseconds_does_not_empty_the_book() -> None:
+    """The issue's reproduction: two quotes, one with ``ts * 1000`` (a venue mapping slip),
+    then fresh quotes: the book keeps serving both, and the bad one is counted."""
+    now = expiry_ms_of("27DEC24") - 10 * 86_400_000
+    a, b = "BTC-27DEC24-100000-C", "BTC-27DEC24-100000-P"
+    book = Book("deribit", "BTC")
+    assert book.apply(_quote(a, now)) and book.apply(_quote(b, now))
+    book.apply(_quote(a, now * 1000))  # microseconds where milliseconds belong
+    book.snapshot()
+    assert book.apply(_quote(a, now + 1_000)) and book.apply(_quote(b, now + 1_000))
+    snap = book.snapshot()
+    assert snap.instrument == (a, b) and snap.ts_ms == now + 1_000
+    assert book.rejected["expired"] == 0 and book.rejected["bad_timestamp"] == 1
+
+
+def test_bad_timestamp_on_the_fused_path_neither_moves_the_clock_nor_expires() -> None:
+    """A row written without ``apply`` (the fused ticker path) with a timestamp far ahead of
+    the others: it leaves the snapshot (``bad_timestamp``) and the clock stays with the rest."""
+    now = expiry_ms_of("27DEC24") - 2 * 3_600_000  # two hours before a settlement
+    names = [f"BTC-27DEC24-{k}-C" for k in range(90_000, 110_000, 2_000)]
+    book = Book("deribit", "BTC")
+    for i, n in enumerate(names):
+        book.apply(_quote(n, now + i))
+    slot = book.slot(names[3])
+    assert slot is not None
+    for bad in (now + 86_400_000, now * 1000, now // 1000):  # a day ahead, in us, in s
+        book.write_ticker(slot, bad, 0.01, 1.0, 0.02, 1.0, 0.015, NAN, NAN, NAN, 96e3, 0.5)
+        snap = book.snapshot()
+        assert snap.ts_ms == now + len(names) - 1, bad
+        assert len(book) == len(names) and book.drops["bad_timestamp"] == 1
+        assert names[3] not in snap.instrument and snap.n_quotes == len(names) - 1
+    book.write_ticker(slot, now + 5, 0.01, 1.0, 0.02, 1.0, 0.015, NAN, NAN, NAN, 96e3, 0.5)
+    assert names[3] in book.snapshot().instrument and not book.drops["bad_timestamp"]
+
+
+def test_expiry_settles_only_when_the_quotes_say_so() -> None:
+    """A few quotes past a settlement (wrong clocks) do not settle it; once more than the
+    trim say so, the expiry goes, and for good. Until then its quotes are only dropped."""
+    first = expiry_ms_of("27DEC24")
+    near = [f"BTC-27DEC24-{k}-C" for k in range(90_000, 110_000, 2_000)]
+    far = [f"BTC-31JAN25-{k}-C" for k in range(90_000, 120_000, 2_000)]
+    book = Book("deribit", "BTC")
+    t0 = first - 30_000
+    for n in near + far:
+        book.apply(_quote(n, t0))
+    # three quotes 10 s past the settlement (inside max_skew of the rest): "now" moves, the
+    # settlement clock does not; the expiry's quotes are "expiring", nothing is removed
+    for n in far[:3]:
+        book.apply(_quote(n, first + 10_000))
+    snap = book.snapshot()
+    assert snap.ts_ms == first + 10_000 and book.settled_ms == t0
+    assert len(book) == len(near) + len(far) and "27DEC24" not in snap.expiries
+    assert book.drops["expiring"] == len(near) and snap.n_quotes == len(far)
+    assert (snap.T > 0).all()
+    # the rest of the far expiry's quotes arrive past the settlement: now it settles
+    for n in far[3:]:
+        book.apply(_quote(n, first + 20_000))
+    snap = book.snapshot()
+    assert book.settled_ms == first + 20_000 and len(book) == len(far)
+    assert snap.expiries == ("31JAN25",) and book.drops["expiring"] == 0
+    # settled names never come back: not by a listing, not by a (late) quote
+    opt = parse_option(near[0])
+    assert opt is not None
+    assert book.add_option(opt) is None and not book.apply(_quote(near[0], t0 + 1))
+    assert book.rejected["expired"] == 2 and book.relisted == 0
+    assert not book._expired  # settled names are not remembered (bounded)
+
+
+def test_a_wrongly_removed_instrument_can_be_relisted() -> None:
+    now = expiry_ms_of("27DEC24") - 86_400_000
+    a, b = "BTC-27DEC24-100000-C", "BTC-27DEC24-102000-C"
+    book = Book("deribit", "BTC")
+    book.apply(_quote(a, now))
+    book.apply(_quote(b, now))
+    assert book.apply(InstrumentExpired("deribit", a, now + 1_000))  # a wrong delisting
+    assert a not in book
+    assert not book.apply(_quote(a, now + 500))  # a late quote: still refused
+    assert book.rejected["expired"] == 1
+    assert book.apply(_quote(a, now + 2_000))  # traded after its removal: back
+    assert a in book and book.relisted == 1
+    assert book.apply(InstrumentExpired("deribit", b, now + 1_000))
+    opt = parse_option(b)
+    assert opt is not None
+    listed = Instrument("deribit", b, "BTC", opt.expiry, opt.expiry_ms, opt.strike, True)
+    book.apply(InstrumentListed(listed))  # the venue lists it again
+    assert b in book and book.relisted == 2
+    book.apply(_quote(b, now + 3_000))
+    assert book.snapshot().instrument == (a, b)
+
+
+def test_the_clock_follows_the_whole_book_forward_after_a_gap() -> None:
+    """A feed gap: every quote jumps forward by an hour. The first few of the new ones are
+    held back (they could be wrong), then the clock follows and the old ones go stale."""
+    now = expiry_ms_of("27DEC24") - 86_400_000
+    names = [f"BTC-27DEC24-{k}-{cp}" for k in range(80_000, 120_000, 1_000) for cp in "CP"]
+    book = Book("deribit", "BTC")
+    for n in names:
+        book.apply(_quote(n, now))
+    later = now + 3_600_000
+    for n in names[:3]:
+        book.apply(_quote(n, later))
+    assert book.snapshot().ts_ms == now and book.drops["bad_timestamp"] == 3
+    for n in names[3:10]:
+        book.apply(_quote(n, later))
+    snap = book.snapshot()
+    assert snap.ts_ms == later and snap.n_quotes == 10
+    assert book.drops["stale"] == len(names) - 10 and not book.drops["bad_timestamp"]
+
+
+@pytest.mark.skipif(not TOOL.exists(), reason=f"{TOOL} not available")
+def test_three_tickers_in_microseconds_in_a_real_hourly_chain(tmp_path: Path) -> None:
+    """The issue's real-chain case: the first two hourly BTC cuts of 2025-09-01 (13 expiries)
+    through the fused path, snapshots taken every 50 frames as a refit trigger would, three
+    tickers of the first hour sent again with their timestamp in microseconds. The book at
+    the end of the second hour is the clean run's, and only the bad tickers were refused.
+    (Before the fix: 628 quotes refused as ``expired``, 5 of 13 expiries left.)"""
+    out = tmp_path / "hourly.jsonl"
+    csv_path = shared_file("smiles/tardis-hourly-2025-09.csv")
+    cmd = [sys.executable, str(TOOL), str(csv_path), "-o", str(out), "--underlying", "BTC"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    recs = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    t0 = recs[0]["ts_ns"]
+    frames = [(r["ts_ns"], r["frame"]) for r in recs if r["ts_ns"] < t0 + 2 * 3_600 * 10**9]
+    bad = []
+    for i in (100, 200, 300):  # inside the first hour's cut (about 760 frames)
+        msg = orjson.loads(frames[i][1])
+        msg["params"]["data"]["timestamp"] *= 1000
+        bad.append((i, (frames[i][0], orjson.dumps(msg).decode())))
+    dirty = list(frames)
+    for i, frame in reversed(bad):
+        dirty.insert(i + 1, frame)
+
+    def run(items: list[tuple[int, str]]) -> tuple[Book, ChainSnapshot, int]:
+        books = Books(stale_after_s=3_600.0)
+        fast = FastPath(DeribitParser(), books)
+        dropped = 0
+        for k, (ns, frame) in enumerate(items):
+            fast.apply(frame, ns)
+            if k % 50 == 49:
+                b = books.get("deribit", "BTC")
+                assert b is not None
+                b.snapshot(recv_ms=ns // 1_000_000)
+                dropped += b.drops["bad_timestamp"]
+        b = books.get("deribit", "BTC")
+        assert b is not None
+        return b, b.snapshot(recv_ms=items[-1][0] // 1_000_000), dropped
+
+    clean, want, clean_dropped = run(frames)
+    book, got, dropped = run(dirty)
+    assert len(want.expiries) == 13 and clean_dropped == 0
+    assert_same(got, want, dirty=False)
+    assert len(book) == len(clean) and not book.rejected and book.relisted == 0
+    assert dropped >= 1  # the bad rows were seen, left out, and overwritten by the next cut

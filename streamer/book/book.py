@@ -10,10 +10,36 @@ normalized event (``streamer.events``).
 
 ``snapshot(now_ms)`` builds an immutable ``ChainSnapshot`` from the arrays (vectorized):
 
-* expiries whose settlement time (08:00 UTC, DESIGN section 2) is <= ``now_ms`` leave the book
-  first, whole slices at once; ``InstrumentExpired`` removes single instruments at any time;
+* the clock. A quote's time is the venue's, and one wrong timestamp must not move the book's
+  "now" (a ticker in microseconds, a corrupt frame, a skewed venue mapping: before this, one such
+  quote expired every expiry before it and emptied the book for good). Without ``now_ms`` the
+  clock is the *trimmed newest* quote time: the anchor is the ``k+1``-th newest plausible
+  timestamp (``k = min((n - 1) // 2, max(CLOCK_TRIM, n // 50))`` of the ``n`` quoted rows, so up
+  to ``k`` wrong rows at once cannot move it), and "now" is the newest quote time at most
+  ``max_skew_s`` beyond ``max(anchor, receive clock)``. Plausible: inside years 2000..2100 in
+  ms (a unit error is off by a factor of 1000 and falls outside). Quotes beyond
+  ``now + max_skew_s``, or outside that range, leave the snapshot as ``bad_timestamp`` (the
+  row stays: the next valid quote of the instrument overwrites it). The receive clock (the
+  newest frame's receive time, ``recv_ms``, and the newest ``recv_ns`` of the quotes applied)
+  only ever *widens* what is accepted: after a feed gap (or the next hourly cut of a
+  recording) the first fresh quotes count at once, without waiting for ``k+1`` of them; a host
+  clock that is off can then let a skewed quote through, never drop the good ones;
+* expiries whose settlement time (08:00 UTC, DESIGN section 2) is <= the *settlement clock*
+  leave the book, whole slices at once: the anchor above (or ``now_ms`` when given), never
+  moving backwards, so an expiry only goes when more than ``k`` quotes say its settlement
+  passed; quotes of an expiry between the anchor and "now" (its last ``max_skew_s``) are
+  dropped as ``expiring`` (T <= 0) but not removed. ``InstrumentExpired`` removes single
+  instruments at any time;
+* relisting: a removed name comes back with an ``InstrumentListed`` or a fresh valid quote
+  (newer than its ``InstrumentExpired``) as long as its expiry is after the settlement clock
+  (counted in ``book.relisted``); a settled expiry's names never come back. Removed names are
+  remembered only until their expiry settles (the settlement check refuses them after that);
+* ``apply`` refuses, counted in ``book.rejected["bad_timestamp"]``, a quote (ticker, book
+  top, mark price) whose time is not plausible, before it can list an instrument or touch a
+  row (a time that is plausible but skewed is caught at the snapshot, on either path);
 * per quote, excluded and counted in ``book.drops`` under the first reason that applies:
-  ``no_quote`` (listed, never quoted), ``stale`` (quote older than ``stale_after_s``),
+  ``no_quote`` (listed, never quoted), ``bad_timestamp`` and ``expiring`` (above),
+  ``stale`` (quote older than ``stale_after_s``),
   ``zero`` (a side priced <= 0: a venue's "no quote" that was not mapped to NaN),
   ``empty`` (no bid and no ask), ``crossed`` (bid > ask), ``wide_spread`` (ask IV - bid IV
   above ``max_spread_iv``), ``no_forward`` (its expiry has no forward), ``below_intrinsic``
@@ -63,6 +89,10 @@ NAN = math.nan
 DEFAULT_STALE_AFTER_S = 60.0
 DEFAULT_MAX_SPREAD_IV = 0.5
 DEFAULT_CAPACITY = 64
+DEFAULT_MAX_SKEW_S = 60.0  # how far a quote may run ahead of the book's other quotes
+CLOCK_TRIM = 3  # at least this many wrong timestamps at once cannot move the clock
+MIN_TS_MS = 946_684_800_000  # 2000-01-01: a plausible venue time in ms is after this ...
+MAX_TS_MS = 4_102_444_800_000  # ... and before 2100-01-01 (s and us are off by 1000x)
 INTRINSIC_RTOL = 1e-9  # float noise allowance of the below-intrinsic test
 
 # one row per instrument: column indexes
@@ -81,6 +111,8 @@ without the call (the fused path, ``streamer.book.fastpath``); the arguments mus
 
 DROP_REASONS = (
     "no_quote",
+    "bad_timestamp",
+    "expiring",
     "stale",
     "zero",
     "empty",
@@ -105,6 +137,8 @@ class Book:
         inverse: premiums in coin (True, Deribit BTC/ETH) or in the quote currency.
         stale_after_s: quotes older than this (venue time) leave the snapshot.
         max_spread_iv: a wider bid-ask in IV (0.5 = 50 vol points) leaves the snapshot.
+        max_skew_s: how far (venue time) a quote may run ahead of the book's clock; beyond
+            it the quote is a ``bad_timestamp`` (module docstring, "the clock").
         capacity: initial number of instrument slots (doubled when full).
         routes: a shared ``name -> (book, slot)`` map to keep current (``Books`` passes its
             per-venue map, which the fused path reads).
@@ -126,17 +160,22 @@ class Book:
         "_names",
         "_prev",
         "_q",
+        "_recv_ns",
         "_routes",
+        "_settled_ms",
         "_slot_of",
         "_strike",
         "_touched",
         "buffer",
+        "clock_ms",
         "drops",
         "index_price",
         "inverse",
+        "max_skew_s",
         "max_spread_iv",
         "one_sided",
         "rejected",
+        "relisted",
         "stale_after_s",
         "underlying",
         "venue",
@@ -150,16 +189,24 @@ class Book:
         inverse: bool = True,
         stale_after_s: float = DEFAULT_STALE_AFTER_S,
         max_spread_iv: float = DEFAULT_MAX_SPREAD_IV,
+        max_skew_s: float = DEFAULT_MAX_SKEW_S,
         capacity: int = DEFAULT_CAPACITY,
         routes: dict[str, Route] | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity: must be >= 1, got {capacity}")
+        if not max_skew_s >= 0.0:
+            raise ValueError(f"max_skew_s: must be >= 0, got {max_skew_s}")
         self.venue = venue
         self.underlying = underlying
         self.inverse = inverse
         self.stale_after_s = stale_after_s
         self.max_spread_iv = max_spread_iv
+        self.max_skew_s = max_skew_s
+        self.clock_ms = 0  # the latest snapshot's "now" (venue ms; 0: none yet)
+        self._settled_ms = 0  # expiries at or before this are settled (never moves back)
+        self.relisted = 0  # removed instruments that came back (listing or fresh quote)
+        self._recv_ns = 0  # the newest receive time of a quote applied (0: none)
         self.index_price = NAN  # the venue's spot index (IndexPrice events)
         self.drops: Counter[str] = Counter()  # the latest snapshot's exclusions, by reason
         self.one_sided = 0  # one-sided quotes kept in the latest snapshot
@@ -177,7 +224,8 @@ class Book:
         self._exp_ms: list[int] = []
         self._exp_live: list[int] = []
         self._touched: set[int] = set()  # expiry ids with instruments added/removed
-        self._expired: set[str] = set()  # removed names: never re-created from a late quote
+        # removed names -> (expiry ms, removal venue ms): a late quote does not re-create them
+        self._expired: dict[str, tuple[int, int]] = {}
 
     # -- storage --------------------------------------------------------------------------------
 
@@ -265,8 +313,12 @@ class Book:
 
     # -- instruments ----------------------------------------------------------------------------
 
-    def add(self, instrument: Instrument, now_ms: int = 0) -> int | None:
-        """List an instrument (or refresh its metadata); its slot, or None if refused."""
+    def add(self, instrument: Instrument, now_ms: int = 0, *, listing: bool = True) -> int | None:
+        """List an instrument (or refresh its metadata); its slot, or None if refused.
+
+        ``now_ms`` is the venue time of what lists it; ``listing`` False: a quote lists it
+        (on first sight), which does not bring back a name removed at or after ``now_ms``.
+        """
         name = instrument.name
         slot = self._slot_of.get(name)
         if slot is not None:
@@ -277,9 +329,16 @@ class Book:
         if instrument.underlying != self.underlying or instrument.venue != self.venue:
             self.rejected["other_underlying"] += 1
             return None
-        if name in self._expired or instrument.expiry_ms <= now_ms:
+        if instrument.expiry_ms <= max(now_ms, self._settled_ms):
             self.rejected["expired"] += 1
             return None
+        gone = self._expired.get(name)
+        if gone is not None:
+            if not listing and now_ms <= gone[1]:  # a late quote of a removed instrument
+                self.rejected["expired"] += 1
+                return None
+            del self._expired[name]  # not settled: listed again, or quoted after its removal
+            self.relisted += 1
         if self._free:
             slot = self._free.pop()
         else:
@@ -310,10 +369,11 @@ class Book:
         if opt is None:
             self.rejected["not_option"] += 1
             return None
-        return self.add_option(opt, now_ms)
+        return self.add_option(opt, now_ms, listing=False)
 
-    def add_option(self, opt: OptionName, now_ms: int = 0) -> int | None:
-        """List an instrument from what its name says (``parse_option``)."""
+    def add_option(self, opt: OptionName, now_ms: int = 0, *, listing: bool = True) -> int | None:
+        """List an instrument from what its name says (``parse_option``); ``listing`` as in
+        ``add`` (False: a quote of it was seen)."""
         slot = self._slot_of.get(opt.name)
         if slot is not None:
             return slot
@@ -330,12 +390,19 @@ class Book:
                 inverse=self.inverse,
             ),
             now_ms,
+            listing=listing,
         )
 
-    def remove(self, name: str) -> bool:
-        """Forget an instrument (expired, delisted); later quotes of it are refused."""
-        self._expired.add(name)
+    def remove(self, name: str, at_ms: int = 0) -> bool:
+        """Forget an instrument (expired, delisted at venue time ``at_ms``): quotes of it up
+        to ``at_ms`` are refused; a later one, or a listing, brings it back unless its expiry
+        has settled (module docstring, "relisting")."""
         slot = self._slot_of.pop(name, None)
+        inst = self._inst[slot] if slot is not None else None
+        expiry_ms = inst.expiry_ms if inst is not None else _expiry_ms_of(name)
+        if expiry_ms > self._settled_ms:  # settled names need no entry: expiry refuses them
+            at = at_ms if MIN_TS_MS <= at_ms <= MAX_TS_MS else self.clock_ms
+            self._expired[name] = (expiry_ms, at)
         if slot is None:
             return False
         self._routes.pop(name, None)
@@ -352,13 +419,24 @@ class Book:
         return True
 
     def expire(self, now_ms: int) -> int:
-        """Remove every instrument whose expiry is at or before ``now_ms``; how many."""
+        """Settle every expiry at or before ``now_ms`` (the settlement clock never moves
+        back): remove its instruments; how many."""
+        if now_ms > self._settled_ms:
+            self._settled_ms = now_ms
+            settled = self._settled_ms
+            for name in [n for n, (ms, _) in self._expired.items() if ms <= settled]:
+                del self._expired[name]  # refused by the expiry check from now on
         gone = 0
         for e, ms in enumerate(self._exp_ms):
             if ms <= now_ms and self._exp_live[e] > 0:
                 for slot in np.flatnonzero(self._exp[: self._n] == e).tolist():
                     gone += self.remove(self._names[slot])
         return gone
+
+    @property
+    def settled_ms(self) -> int:
+        """The settlement clock: expiries at or before it are gone for good (venue ms)."""
+        return self._settled_ms
 
     # -- updates --------------------------------------------------------------------------------
 
@@ -396,7 +474,12 @@ class Book:
         )
 
     def _slot_for(self, name: str, ts_ms: int) -> int | None:
+        """The row a quote of ``name`` at ``ts_ms`` goes to (listing it on first sight), or
+        None: refused (counted in ``rejected``), a timestamp check first."""
         slot = self._slot_of.get(name)
+        if not MIN_TS_MS <= ts_ms <= MAX_TS_MS:
+            self.rejected["bad_timestamp"] += 1
+            return None
         return slot if slot is not None else self._add_name(name, ts_ms)
 
     def apply(self, event: Event) -> bool:
@@ -408,6 +491,7 @@ class Book:
             slot = self._slot_for(q.instrument, q.ts_ms)
             if slot is None:
                 return False
+            self._recv_ns = max(self._recv_ns, q.recv_ns)
             self.write_ticker(
                 slot,
                 q.ts_ms,
@@ -447,7 +531,7 @@ class Book:
             return False
         if t is InstrumentExpired:
             gone: InstrumentExpired = event  # type: ignore[assignment]
-            return self.remove(gone.name)
+            return self.remove(gone.name, gone.ts_ms)
         if t is FeedStatus:
             st: FeedStatus = event  # type: ignore[assignment]
             slot = self._slot_of.get(st.instrument) if st.state == "gap" else None
@@ -482,11 +566,32 @@ class Book:
         ts = ts[~np.isnan(ts)]
         return int(ts.max()) if ts.size else 0
 
-    def snapshot(self, now_ms: int | None = None) -> ChainSnapshot:
-        """The chain at ``now_ms`` (venue clock; default: the newest quote's time)."""
+    def clock(self, recv_ms: int = 0) -> tuple[int, int]:
+        """``(now, anchor)`` from the live rows (module docstring, "the clock"): the anchor is
+        the trimmed newest plausible quote time, "now" the newest within ``max_skew_s`` of
+        the anchor or of the receive clock (``recv_ms``, or the newest quote's ``recv_ns``);
+        both the previous ``clock_ms`` when no row has a plausible time."""
+        ts = self._q[: self._n, TS][self._exp[: self._n] >= 0]
+        ts = np.sort(ts[(ts >= MIN_TS_MS) & (ts <= MAX_TS_MS)])  # NaN fails both
+        n = ts.size
+        if n == 0:
+            return self.clock_ms, self.clock_ms
+        trim = min((n - 1) // 2, max(CLOCK_TRIM, n // 50))
+        anchor = float(ts[n - 1 - trim])
+        recv = max(recv_ms, self._recv_ns // 1_000_000)
+        base = max(anchor, float(recv)) if MIN_TS_MS <= recv <= MAX_TS_MS else anchor
+        top = int(np.searchsorted(ts, base + self.max_skew_s * 1000.0, side="right"))
+        return int(ts[top - 1]), int(anchor)
+
+    def snapshot(self, now_ms: int | None = None, *, recv_ms: int = 0) -> ChainSnapshot:
+        """The chain at ``now_ms`` (venue clock; default: the book's own, ``clock(recv_ms)``,
+        ``recv_ms`` the receive time of the newest frame, 0 if unknown)."""
         if now_ms is None:
-            now_ms = self.last_ts_ms()
-        self.expire(now_ms)
+            now_ms, settle_ms = self.clock(recv_ms)
+        else:
+            settle_ms = now_ms
+        self.clock_ms = now_ms
+        self.expire(settle_ms)
         n = self._n
         live = np.flatnonzero(self._exp[:n] >= 0)
         q = self._q[live]
@@ -509,6 +614,9 @@ class Book:
                 out[new] = True
 
         drop("no_quote", np.isnan(ts))
+        skew_ms = self.max_skew_s * 1000.0
+        drop("bad_timestamp", ~((ts >= MIN_TS_MS) & (ts <= MAX_TS_MS) & (ts <= now_ms + skew_ms)))
+        drop("expiring", np.array(self._exp_ms, dtype=np.int64)[exp_id] <= now_ms)
         drop("stale", ts < now_ms - self.stale_after_s * 1000.0)
         fresh = ~out
         drop("zero", (bid <= 0.0) | (ask <= 0.0))
@@ -656,6 +764,12 @@ class Book:
         return best_f
 
 
+def _expiry_ms_of(name: str) -> int:
+    """The settlement time an option's name says (0 if it is no option name)."""
+    opt = parse_option(name)
+    return opt.expiry_ms if opt is not None else 0
+
+
 def _group_medians(ids: IntArray, values: FloatArray, n_ids: int) -> FloatArray:
     """Median of ``values`` per id in ``0..n_ids-1`` (NaN for ids without values), all groups
     in one sort: the middle element, or the mean of the two middle ones (as ``np.median``)."""
@@ -682,10 +796,12 @@ class Books:
         *,
         stale_after_s: float = DEFAULT_STALE_AFTER_S,
         max_spread_iv: float = DEFAULT_MAX_SPREAD_IV,
+        max_skew_s: float = DEFAULT_MAX_SKEW_S,
         capacity: int = DEFAULT_CAPACITY,
     ) -> None:
         self.stale_after_s = stale_after_s
         self.max_spread_iv = max_spread_iv
+        self.max_skew_s = max_skew_s
         self.capacity = capacity
         self.rejected: Counter[str] = Counter()  # events no book could take
         self._books: dict[tuple[str, str], Book] = {}
@@ -710,6 +826,7 @@ class Books:
                 inverse=inverse_of(underlying) if inverse is None else inverse,
                 stale_after_s=self.stale_after_s,
                 max_spread_iv=self.max_spread_iv,
+                max_skew_s=self.max_skew_s,
                 capacity=self.capacity,
                 routes=self.routes(venue),
             )
@@ -737,7 +854,10 @@ class Books:
                     self.rejected["not_option"] += 1
                     return None
                 book = self.book(ev.venue, opt.underlying)
-                if book.add_option(opt, ev.ts_ms) is None:
+                if not MIN_TS_MS <= ev.ts_ms <= MAX_TS_MS:
+                    book.rejected["bad_timestamp"] += 1
+                    return None
+                if book.add_option(opt, ev.ts_ms, listing=False) is None:
                     return None
         elif t is InstrumentListed:
             listed: InstrumentListed = event  # type: ignore[assignment]

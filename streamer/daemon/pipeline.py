@@ -227,7 +227,8 @@ class Pipeline:
     def take_snapshot(self, book: Book, now_s: float) -> ChainSnapshot:
         """Snapshot ``book`` and mark the trigger fitted (call on the event loop)."""
         u = self._underlying(book)
-        snap = book.snapshot()
+        # the receive clock lets the first fresh quotes after a gap count at once (book docs)
+        snap = book.snapshot(recv_ms=self.fast.last_recv_ns // 1_000_000)
         u.trigger.fitted(now_s, dict(zip(snap.expiries, snap.forwards.tolist(), strict=True)))
         return snap
 
