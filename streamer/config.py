@@ -44,6 +44,11 @@ Sections (every key optional; defaults below and in ``config/default.toml``)::
     port = 0                          # 0 = off
     allow_remote = false              # true: any host (e.g. "0.0.0.0"), logged as a warning
 
+    [watchdog]                        # systemd's WATCHDOG=1 is sent only while work progresses
+    fit_s = 60.0                      # a fit running longer than this: stuck
+    feed_s = 0.0                      # connected, no frame or event this long: stuck
+                                      # (0: twice the feed's own dead-after interval)
+
     [log]
     level = "info"                    # debug | info | warning | error
     format = "auto"                   # auto (JSON unless a TTY) | json | pretty
@@ -162,6 +167,18 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class WatchdogSettings:
+    fit_s: float = 60.0  # a fit running longer than this holds back WATCHDOG=1
+    feed_s: float = 0.0  # a connected feed silent this long does too (0: 2 x dead-after)
+
+    def __post_init__(self) -> None:
+        if not self.fit_s > 0.0:
+            raise ValueError("watchdog.fit_s must be > 0")
+        if not self.feed_s >= 0.0:
+            raise ValueError("watchdog.feed_s must be >= 0 (0: twice the feed's dead-after)")
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "pretty"] = "auto"
@@ -179,6 +196,7 @@ class Config:
     publish: PublishSettings = field(default_factory=PublishSettings)
     recorder: RecorderSettings = field(default_factory=RecorderSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 

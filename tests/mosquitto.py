@@ -23,6 +23,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -138,6 +139,16 @@ class Mosquitto:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+
+    def pause(self) -> None:
+        """Freeze the broker (SIGSTOP): sockets stay open, nothing is answered (a hung host)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused broker run again (SIGCONT)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
 
 
 @pytest.fixture

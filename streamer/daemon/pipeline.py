@@ -15,7 +15,7 @@ published, so subscribers that rebuild the surface get the same numbers.
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -47,6 +47,8 @@ from streamer.publish.payloads import (
 )
 
 log = structlog.get_logger(__name__)
+
+QUALITY_WINDOW = 10_000  # fits per model kept for summaries (a ring: memory stays bounded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +133,9 @@ class Pipeline:
         self._under: dict[tuple[str, str], _Underlying] = {}
         self.fits: Counter[str] = Counter()  # per model: fits run
         self.failed: Counter[str] = Counter()  # per model: fits not accepted
-        self.quality: dict[str, list[tuple[float, float, float, bool, bool]]] = {}
-        # per model, per fit: (in_band, rmse_iv, elapsed_ms, warm, regime_shift)
+        # per model, the last QUALITY_WINDOW accepted fits: (in_band, rmse_iv, elapsed_ms, warm,
+        # regime_shift); a ring, so a daemon that runs for months keeps a bounded window
+        self.quality: dict[str, deque[tuple[float, float, float, bool, bool]]] = {}
         self.records: list[FitRecord] = []  # every fit (kept only when keep_records)
         self.keep_records = False
         self.feed_state = "disconnected"
@@ -261,7 +264,7 @@ class Pipeline:
             else:
                 surf.last_problem = ""
             if result.success:
-                self.quality.setdefault(name, []).append(
+                self.quality.setdefault(name, deque(maxlen=QUALITY_WINDOW)).append(
                     (
                         result.in_band,
                         result.rmse_iv,

@@ -10,7 +10,7 @@
   numba kernels and numpy release the GIL for their heavy parts), latest-wins: while one runs,
   new quotes only mark the trigger, and when it ends a fresh snapshot is fitted if due;
 * a ticker that checks the trigger's max interval, flushes the recorder, pings systemd's
-  watchdog and refreshes metrics;
+  watchdog (only while work progresses: below) and refreshes metrics;
 * publishers (``mqtt``/``jsonl``/``memory``), each given every message; the MQTT one keeps the
   status topic (online, offline as last will and on shutdown) with the feed state;
 * the Prometheus endpoint on 127.0.0.1 when ``[metrics] port`` is set.
@@ -25,6 +25,24 @@ runs, and ``run`` returns ``EXIT_FAILURE`` so systemd's ``Restart=on-failure`` r
 shard. ``sd_notify``: ``READY=1`` once the publishers are up and the models' numba kernels are
 loaded (compiled on a fresh install: ``streamer.calib.warmup``), ``WATCHDOG=1`` from the
 ticker, ``STOPPING=1`` on the way out.
+
+The watchdog is a liveness check, not a heartbeat of the event loop: ``WATCHDOG=1`` is sent
+only when nothing is stuck (``stuck()``): no fit has been running for more than
+``[watchdog] fit_s`` (the fits run in worker threads, where a hung kernel would leave the loop
+happily ticking), and a feed that says it is connected has delivered a frame or an event within
+``[watchdog] feed_s`` (default twice its own dead-after interval: the adapter should have
+reconnected long before). While something is stuck the pings stop (logged once at error,
+``watchdog_withheld``, with the reasons) and systemd restarts the shard after ``WatchdogSec``.
+``STREAMER_TEST_HANG_FIT_S=N`` (a test hook, warned about at start) makes every fit block N
+seconds in its thread first.
+
+A model that is switched off leaves nothing behind: once an MQTT publisher is connected the
+service lists the retained topics of its venue and underlyings (``{prefix}/{venue}/{u}/+/#``,
+``MqttPublisher.retained_topics``: a short second connection, the end of the retained burst
+marked by a message of its own) and clears (an empty retained message) those whose model
+segment names a registered model this shard does not run. Topics of other underlyings, other
+venues, and segments that are not model names are left alone. Memory: tick-to-publish
+latencies are a ring (``LATENCY_WINDOW``); ``publish_log`` is opt-in (benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -32,9 +50,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,6 +69,7 @@ from streamer.errors import StreamerError
 from streamer.events import BookChanged, Event, FeedStatus
 from streamer.feeds.base import Feed, FrameParser
 from streamer.feeds.venues import open_feed
+from streamer.models import REGISTRY
 from streamer.publish.base import Publisher
 from streamer.publish.payloads import retopic
 from streamer.publish.urls import from_url
@@ -61,6 +82,9 @@ FIT_DRAIN_S = 1.0
 # 5 ms default would let a 2 ms fit take 15 ms of wall time behind a busy feed
 SWITCH_INTERVAL_S = 0.0005
 TICK_S = 0.1
+LATENCY_WINDOW = 10_000  # tick-to-publish samples kept (a ring)
+HANG_FIT_ENV = "STREAMER_TEST_HANG_FIT_S"  # test hook: every fit blocks this long first
+CLEAR_LIST_TIMEOUT_S = 10.0
 
 
 EXIT_OK = 0
@@ -95,8 +119,19 @@ class Service:
         self._trigger_ns: dict[tuple[str, str], int] = {}
         self.metrics_port: int | None = None
         self.ready = asyncio.Event()
-        self.latencies_ms: list[float] = []
+        self.latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._frames_seen = 0
+        self._events_seen = 0
+        # liveness (the watchdog): fits in flight since (monotonic), the feed's progress
+        self._fit_started: dict[tuple[str, str], float] = {}
+        self._feed_connected = False
+        self._progress_mark = -1
+        self._progress_at = time.monotonic()
+        self._withheld: tuple[str, ...] = ()
+        self.watchdog_pings = 0
+        self._hang_fit_s = float(os.environ.get(HANG_FIT_ENV, "") or 0.0)
+        self._aux: list[asyncio.Task[None]] = []
+        self.cleared: list[str] = []  # retained topics of switched-off models cleared at start
         self._stale_due = False
         # (surface topic, seq, receive ns of the newest frame in its snapshot) when enabled
         self.publish_log: list[tuple[str, int, int]] | None = None
@@ -123,6 +158,10 @@ class Service:
                         self._tg = tg
                         feed = tg.create_task(self._consume(stop), name="feed")
                         ticker = tg.create_task(self._ticker(stop), name="ticker")
+                        if self.pipeline.models:
+                            self._aux.append(
+                                tg.create_task(self._clear_switched_off(), name="clear")
+                            )
                         tg.create_task(self._watch_stop(stop, feed, ticker), name="stop")
                 except* Exception as group:
                     code = EXIT_FAILURE
@@ -133,6 +172,9 @@ class Service:
                             error=repr(exc),
                             exc_info=exc,
                         )
+                    for pub in self.publishers:  # the offline status says why
+                        if hasattr(pub, "offline_reason"):
+                            pub.offline_reason = f"failed: {group.exceptions[0]!r}"[:200]
                 finally:
                     self._tg = None
                 sdnotify.notify("STOPPING=1")
@@ -150,6 +192,8 @@ class Service:
         return code
 
     async def _warm_up(self) -> None:
+        if self._hang_fit_s:
+            log.warning("test_hook_hang_fit", env=HANG_FIT_ENV, seconds=self._hang_fit_s)
         warm_s = await asyncio.to_thread(self.pipeline.warm_up)
         log.info("kernels_ready", seconds=round(warm_s, 3))
         # everything alive now (~140k objects: modules, compiled kernels, config) lives for the
@@ -172,7 +216,7 @@ class Service:
         """On stop: end the feed and the ticker, let fits in flight publish, end the workers."""
         await stop.wait()
         log.info("service_stopping", reason="feed ended" if feed.done() else "stop")
-        for task in (feed, ticker):
+        for task in (feed, ticker, *self._aux):
             task.cancel()
         self._closing = True
         workers = [task for task, _ in self._workers.values()]
@@ -235,6 +279,7 @@ class Service:
 
     def _on_event(self, ev: Event) -> None:
         p = self.pipeline
+        self._events_seen += 1
         self.metrics.events.inc(type=type(ev).__name__)
         if type(ev) is FeedStatus and not ev.instrument:
             self._feed_state(ev)
@@ -249,6 +294,8 @@ class Service:
 
     def _feed_state(self, ev: FeedStatus) -> None:
         self.metrics.feed_up.set(1.0 if ev.state == "connected" else 0.0)
+        self._feed_connected = ev.state == "connected"
+        self._progress_at = time.monotonic()  # the silence clock starts now
         for pub in self.publishers:
             setter = getattr(pub, "set_feed_state", None)
             if setter is not None:
@@ -296,15 +343,28 @@ class Service:
         # the newest frame in this snapshot: tick-to-publish is measured from it
         trigger_ns = self._trigger_ns.pop(key, None)
         snap = p.take_snapshot(book, time.monotonic())
+        fit = self._hanging_fit if self._hang_fit_s else p.fit_snapshot
         t0 = time.perf_counter()
-        msgs = await asyncio.to_thread(p.fit_snapshot, snap, greeks=False)
-        elapsed = time.perf_counter() - t0
-        for name in p.models:
-            self.metrics.fit_seconds.observe(elapsed / max(len(p.models), 1), model=name)
-        await self._publish(msgs, trigger_ns=trigger_ns)  # surfaces first
-        if msgs and p.greeks:
-            greeks = await asyncio.to_thread(p.greeks_for, snap, msgs)
-            await self._publish(greeks, trigger_ns=None)
+        self._fit_started[key] = time.monotonic()  # the watchdog watches this span
+        try:
+            msgs = await asyncio.to_thread(fit, snap, greeks=False)
+            elapsed = time.perf_counter() - t0
+            for name in p.models:
+                self.metrics.fit_seconds.observe(elapsed / max(len(p.models), 1), model=name)
+            await self._publish(msgs, trigger_ns=trigger_ns)  # surfaces first
+            if msgs and p.greeks:
+                greeks = await asyncio.to_thread(p.greeks_for, snap, msgs)
+                await self._publish(greeks, trigger_ns=None)
+        finally:
+            self._fit_started.pop(key, None)
+
+    def _hanging_fit(self, snap: Any, *, greeks: bool) -> list[Message]:
+        """The test hook (``STREAMER_TEST_HANG_FIT_S``): block in the fit thread, as a stuck
+        kernel would (until the service closes, at most that long), then fit."""
+        end = time.monotonic() + self._hang_fit_s
+        while not self._closing and time.monotonic() < end:
+            time.sleep(0.01)
+        return self.pipeline.fit_snapshot(snap, greeks=greeks)
 
     async def _publish(self, msgs: list[Message], *, trigger_ns: int | None) -> None:
         for msg in msgs:
@@ -335,10 +395,108 @@ class Service:
                 await self._publish(self.pipeline.stale_messages(), trigger_ns=None)
             if self.recorder is not None:
                 self.recorder.flush()
+            stuck = self.stuck(now)  # every tick: it keeps the feed's progress clock
             if wd is not None and now - last_wd >= wd:
-                sdnotify.notify("WATCHDOG=1")
                 last_wd = now
+                self._watchdog(stuck)
             self._refresh_metrics()
+
+    # -------------------------------------------------------------- liveness
+    def stuck(self, now: float | None = None) -> list[tuple[str, str]]:
+        """What is not making progress, as ``(what, why)`` pairs (empty: all is well): a fit
+        running longer than ``[watchdog] fit_s``; a connected feed with no frame or event for
+        ``[watchdog] feed_s`` (0: twice the feed's dead-after interval)."""
+        now = time.monotonic() if now is None else now
+        wd = self.config.watchdog
+        out: list[tuple[str, str]] = []
+        for (venue, under), t0 in self._fit_started.items():
+            if now - t0 > wd.fit_s:
+                out.append(
+                    (f"fit:{venue}/{under}", f"a fit running {now - t0:.1f} s > {wd.fit_s} s")
+                )
+        mark = self._frames_seen + self._events_seen
+        if mark != self._progress_mark:
+            self._progress_mark, self._progress_at = mark, now
+        limit = wd.feed_s or 2.0 * self._feed_dead_after_s()
+        silent = now - self._progress_at
+        if self._feed_connected and silent > limit:
+            out.append(("feed", f"connected, but no frame or event for {silent:.1f} s > {limit} s"))
+        return out
+
+    def _feed_dead_after_s(self) -> float:
+        """The feed adapter's own silence limit (after it, the adapter reconnects)."""
+        if self.config.feed.venue == "ccxt":
+            from streamer.feeds.ccxt.connection import DEFAULT_STALE_AFTER_S
+
+            return DEFAULT_STALE_AFTER_S
+        return self.config.feed.dead_after_s
+
+    def _watchdog(self, stuck: list[tuple[str, str]]) -> None:
+        """``WATCHDOG=1`` unless something is stuck (then systemd restarts us)."""
+        what = tuple(w for w, _ in stuck)
+        if what != self._withheld:
+            if what:
+                log.error("watchdog_withheld", stuck=dict(stuck), instance=self.config.instance)
+            else:
+                log.info("watchdog_resumed", instance=self.config.instance)
+            self._withheld = what
+        if not what:
+            sdnotify.notify("WATCHDOG=1")
+            self.watchdog_pings += 1
+
+    # ------------------------------------------------- switched-off models
+    def _topic_filters(self, prefix: str) -> list[str]:
+        """Where this shard's retained topics live: one filter per underlying (Deribit's
+        ``USDC`` listing holds the linear ``*_USDC`` underlyings: any underlying there)."""
+        cfg = self.config.feed
+        if cfg.venue == "ccxt":
+            from streamer.feeds.ccxt.mapping import venue_of
+
+            venue = venue_of(cfg.ccxt_exchange)
+        else:
+            venue = cfg.venue
+        return [
+            f"{prefix}/{venue}/{'+' if cur.upper() == 'USDC' else cur.upper()}/+/#"
+            for cur in cfg.currencies
+        ]
+
+    def _owned(self, prefix: str, topic: str) -> str | None:
+        """The model segment of one of this shard's topics, if it names a registered model
+        this shard does not run (to be cleared), else None."""
+        parts = topic[len(prefix) + 1 :].split("/")
+        if len(parts) < 4 or not topic.startswith(prefix + "/"):
+            return None
+        under, model = parts[1], parts[2]
+        currencies = {c.upper() for c in self.config.feed.currencies}
+        if under not in currencies and not ("USDC" in currencies and under.endswith("_USDC")):
+            return None
+        if model in REGISTRY and model not in self.pipeline.models:
+            return model
+        return None
+
+    async def _clear_switched_off(self) -> None:
+        """Clear the retained topics of models this shard no longer runs, once per
+        publisher that can list them (module docstring)."""
+        for pub in self.publishers:
+            lister = getattr(pub, "retained_topics", None)
+            wait = getattr(pub, "wait_connected", None)
+            if lister is None or wait is None:
+                continue
+            await wait()  # a broker that is away: whenever it comes
+            try:
+                found: set[str] = set()
+                for flt in self._topic_filters(pub.prefix):
+                    found |= await lister(flt, timeout=CLEAR_LIST_TIMEOUT_S)
+                gone = sorted(t for t in found if self._owned(pub.prefix, t) is not None)
+                for topic in gone:
+                    await pub.clear_retained(topic)
+            except StreamerError as exc:  # not fatal: the topics stay until the next start
+                log.warning("switched_off_clear_failed", error=str(exc))
+                continue
+            self.cleared.extend(gone)
+            if gone:
+                models = sorted({self._owned(pub.prefix, t) or "" for t in gone})
+                log.info("switched_off_cleared", models=models, topics=len(gone))
 
     def _refresh_metrics(self) -> None:
         m, p = self.metrics, self.pipeline

@@ -13,6 +13,15 @@ Behaviour (DESIGN section 4):
   every topic is delivered. Surfaces and greeks are state, not events: latest wins.
 - Lost connection: reconnect with capped, jittered exponential backoff (reset after a
   successful connect), in the spirit of python-websockets' ``connect`` iterator.
+- Retained state survives a broker that lost it: the latest acknowledged (PUBACK) retained
+  payload of every topic is kept (``topic -> payload``, one per topic; a cleared topic leaves
+  it) and re-queued on every reconnect behind anything newer, so a broker restarted without
+  persistence holds every surface and greeks topic again (counted in ``restored``; a
+  subscriber may see a payload twice, with the same ``seq``). Memory: at most one pending and
+  one acknowledged payload per live topic. ``on_ack(topic, payload)``, when set, is called for
+  every PUBACK (the fault tests' record of what the broker acknowledged).
+- ``retained_topics(filter)`` lists the retained topics under a filter on a second, short
+  connection (the daemon clears the topics of models it no longer runs).
 - The publisher owns an ``asyncio.TaskGroup`` (entered by ``start``/``__aenter__``, left by
   ``aclose``) holding its single background task, like aiomqtt's client owns its tasks.
 
@@ -45,7 +54,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,6 +250,8 @@ class MqttPublisher(Publisher):
         self._batch = max(1, batch)
 
         self._pending: dict[str, tuple[bytes, bool]] = {}
+        self._acked: dict[str, bytes] = {}  # latest acknowledged retained payload per topic
+        self.on_ack: Callable[[str, bytes], None] | None = None
         self._wake = asyncio.Event()
         self._closing = asyncio.Event()
         self._connected_event = asyncio.Event()
@@ -266,6 +277,8 @@ class MqttPublisher(Publisher):
         self.failed = 0
         self.connects = 0
         self.reconnects = 0
+        self.restored = 0  # acknowledged retained payloads re-sent after a reconnect
+        self.offline_reason = "shutdown"  # the clean close's offline status says this
 
     # -- public API ----------------------------------------------------------------------
 
@@ -474,7 +487,7 @@ class MqttPublisher(Publisher):
                     # clean shutdown: say offline before DISCONNECT (which cancels the will)
                     await client.publish(
                         self.status_topic,
-                        self._status_payload("offline", "shutdown"),
+                        self._status_payload("offline", self.offline_reason),
                         qos=1,
                         retain=True,
                         timeout=self._timeout,
@@ -531,9 +544,18 @@ class MqttPublisher(Publisher):
             self.reconnects += 1
         self.connected = True
         log.info("mqtt_connected", broker=self.broker, connects=self.connects)
-        # "online" goes out first, ahead of anything that waited for the broker.
+        # "online" goes out first, ahead of anything that waited for the broker, then what
+        # waited, then the retained state the broker may have lost (a restart without
+        # persistence), for every topic with nothing newer pending
         self._pending.pop(self.status_topic, None)
-        self._pending = {self.status_topic: (self._status_payload("online"), True), **self._pending}
+        restore = {t: (d, True) for t, d in self._acked.items() if t not in self._pending}
+        restore.pop(self.status_topic, None)
+        self.restored += len(restore)
+        self._pending = {
+            self.status_topic: (self._status_payload("online"), True),
+            **self._pending,
+            **restore,
+        }
         self._idle.clear()
         self._wake.set()
 
@@ -587,6 +609,7 @@ class MqttPublisher(Publisher):
             for item, res in zip(batch, results, strict=True):
                 if res is None:
                     self.published += 1
+                    self._on_ack(*item)
                     if item[0] == self.status_topic:
                         self._connected_event.set()
                 elif isinstance(res, aiomqtt.MqttError | OSError):
@@ -598,6 +621,52 @@ class MqttPublisher(Publisher):
             if error is not None:
                 self._requeue(lost)
                 raise error
+
+    def _on_ack(self, topic: str, data: bytes, retain: bool) -> None:
+        """A PUBACK: the broker holds ``data`` for ``topic`` (retained: kept for restores;
+        an empty payload cleared the topic)."""
+        if retain and topic != self.status_topic:
+            if data:
+                self._acked[topic] = data
+            else:
+                self._acked.pop(topic, None)
+        if self.on_ack is not None:
+            self.on_ack(topic, data)
+
+    async def retained_topics(self, topic_filter: str, *, timeout: float = 5.0) -> set[str]:
+        """The topics under ``topic_filter`` that hold a retained message now, read on a
+        second short connection (same credentials and TLS, no will). The end of the retained
+        burst is found with a marker: after SUBACK we publish a non-retained message to a
+        topic of our own under the filter's subscription set, and the broker delivers it after
+        the retained messages it queued on subscribe. ``PublishError`` if that cannot be done
+        within ``timeout``."""
+        marker = f"{self.status_topic}/sync-{os.getpid()}-{time.monotonic_ns()}"
+        client = aiomqtt.Client(
+            self.host,
+            self.port,
+            username=self._username,
+            password=self._password,
+            keepalive=self._keepalive,
+            timeout=self._timeout,
+            tls_context=self._tls_context(),
+            socket_options=NODELAY,
+        )
+        found: set[str] = set()
+        try:
+            async with asyncio.timeout(timeout), client:
+                await client.subscribe([(topic_filter, 1), (marker, 1)])
+                await client.publish(marker, b"sync", qos=1, retain=False)
+                async for msg in client.messages:
+                    topic = msg.topic.value
+                    if topic == marker:
+                        break
+                    if msg.retain and msg.payload:
+                        found.add(topic)
+        except (TimeoutError, aiomqtt.MqttError, OSError) as exc:
+            raise PublishError(
+                f"{self.broker}: cannot list retained {topic_filter}: {exc}"
+            ) from exc
+        return found
 
     def _requeue(self, items: list[tuple[str, bytes, bool]]) -> None:
         """Put undelivered messages back unless a newer one for the topic is already waiting."""
