@@ -77,3 +77,85 @@ def test_argument_errors_exit_2(tmp_path: Path) -> None:
     assert speed.returncode == 2 and "--speed" in speed.stderr
     bad_url = run(str(rec), "--publish", "ftp://x")
     assert bad_url.returncode == 2 and "publish.url" in bad_url.stderr
+
+
+# -- --jobs: several files in parallel processes ----------------------------------------------
+
+
+def timed_recording(path: Path, seed: int, minutes: int = 4) -> Path:
+    """A chain re-quoted (new noise) every minute: a fit or more per minute."""
+    _, fn = svi_surface()
+    rng = np.random.default_rng(seed)
+    with path.open("w") as fh:
+        for m in range(minutes):
+            ts_ms = FUTURE_MS + m * 60_000
+            snap = make_chain(fn, noise_iv=0.002, rng=rng, ts_ms=FUTURE_MS)
+            for i, data in enumerate(deribit_chain(snap)[1]):
+                t = {**data, "timestamp": ts_ms + i}
+                line = {
+                    "ts_ns": (ts_ms + i) * 1_000_000,
+                    "venue": "deribit",
+                    "frame": ticker_frame(t),
+                }
+                fh.write(json.dumps(line) + "\n")
+    return path
+
+
+def normalised(text: str) -> list[str]:
+    """The lines with ``fit.elapsed_ms`` (wall clock) removed, as scripts/replay-digest does;
+    everything else byte for byte."""
+    out = []
+    for line in text.splitlines():
+        msg = json.loads(line)
+        fit = (msg.get("payload") or {}).get("fit")
+        if isinstance(fit, dict):
+            fit.pop("elapsed_ms", None)
+        out.append(json.dumps(msg, sort_keys=False, separators=(",", ":")))
+    return out
+
+
+def test_jobs_output_is_the_one_by_one_output(tmp_path: Path) -> None:
+    files = [timed_recording(tmp_path / f"d{i}.jsonl", seed=i) for i in range(3)]
+    alone = []
+    for f in files:
+        out = tmp_path / f"{f.stem}.out.jsonl"
+        done = run(str(f), "--model", "svi", "--out", str(out), "--quiet")
+        assert done.returncode == 0, done.stderr
+        alone.append(out.read_text())
+    assert all(len(a.splitlines()) > 10 for a in alone)  # several fits per file
+    want = normalised("".join(alone))
+    for jobs in ("2", "1"):
+        out = tmp_path / f"jobs{jobs}.jsonl"
+        args = [str(f) for f in files]
+        done = run(*args, "--model", "svi", "--jobs", jobs, "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        assert normalised(out.read_text()) == want, jobs
+        assert f"with --jobs {jobs}" in done.stderr
+        assert all(f"== {f}" in done.stderr for f in args)
+    # the files really are replayed apart: in a row, the second starts from warm fits
+    together = tmp_path / "together.jsonl"
+    done = run(*[str(f) for f in files], "--model", "svi", "--out", str(together), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert normalised(together.read_text()) != want
+
+
+def test_jobs_worker_error_exits_non_zero_with_the_message(tmp_path: Path) -> None:
+    good = timed_recording(tmp_path / "good.jsonl", seed=1, minutes=2)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")  # no timestamp column: the Tardis reader refuses it
+    out = tmp_path / "out.jsonl"
+    done = run(str(good), str(bad), "--model", "svi", "--jobs", "2", "--out", str(out))
+    assert done.returncode == 2
+    assert f"{bad}: " in done.stderr and "timestamp" in done.stderr
+    alone = tmp_path / "alone.jsonl"
+    assert run(str(good), "--model", "svi", "--out", str(alone)).returncode == 0
+    assert normalised(out.read_text()) == normalised(alone.read_text())  # files before it
+
+
+def test_jobs_argument_errors(tmp_path: Path) -> None:
+    rec = recording(tmp_path)
+    for args in (["--jobs", "0"], ["--jobs", "2", "--speed", "10"]):
+        done = run(str(rec), str(rec), *args)
+        assert done.returncode == 2 and "--jobs" in done.stderr, args
+    unknown = run(str(rec), str(rec), "--jobs", "2", "--model", "smile9000")
+    assert unknown.returncode == 2 and "unknown model" in unknown.stderr

@@ -11,6 +11,12 @@ Messages go to every ``--publish URL`` (``mqtt://``, ``mqtts://``, ``jsonl:PATH`
 config's ``publish.urls`` (the default config: stdout). A progress bar (on a terminal) and the
 summary table go to stderr.
 
+``--jobs N`` replays each FILE on its own (fresh books and fits, exactly what ``streamer
+replay FILE`` alone does), N files at a time in worker processes, and writes their messages
+file after file in the order given (``streamer.daemon.replay.replay_jobs``): the output of
+the one-by-one replays, concatenated. Without it, all FILEs are one replay in a row (a
+recorder's rotated files continue each other).
+
 Passwords never go on the command line (``ps`` shows it to every user): a ``--publish`` URL
 with one is refused. Give it as ``STREAMER_MQTT_PASSWORD``, in a file named by
 ``STREAMER_MQTT_PASSWORD_FILE``, as the systemd credential ``mqtt_password``, or in a URL in
@@ -62,6 +68,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--speed", type=float, default=None, metavar="X", help="pace at X times real time"
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="replay each FILE on its own (fresh books and fits, as if given alone), N files "
+        "at a time in worker processes; messages come out file after file in the order "
+        "given, each file's in its own order (default: one replay of all FILEs in a row)",
+    )
     p.add_argument("--config", metavar="C", help="TOML config (default: built-in defaults)")
     p.add_argument("--no-greeks", action="store_true", help="publish surfaces only")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
@@ -72,7 +87,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     """Run the command: 0 on success, 1 on a delivery failure, 2 on bad arguments or config."""
     from streamer.daemon import logs
-    from streamer.daemon.replay import replay
+    from streamer.daemon.replay import ReplayJobError, replay, replay_jobs
     from streamer.publish.urls import argv_password_error
 
     for url in args.publish:
@@ -93,6 +108,9 @@ def main(args: argparse.Namespace) -> int:
     if args.speed is not None and not args.speed > 0:
         print("streamer replay: --speed must be positive", file=sys.stderr)
         return EXIT_USAGE
+    if args.jobs is not None and (args.jobs < 1 or args.speed is not None):
+        print("streamer replay: --jobs needs N >= 1 and no --speed", file=sys.stderr)
+        return EXIT_USAGE
     models = list(config.models.names) if args.model is None else list(args.model)
     if "none" in models:
         models = []
@@ -100,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
     if not urls:
         urls = list(config.publish.urls)
     try:
-        summary = asyncio.run(
+        work = (
             replay(
                 args.files,
                 config,
@@ -110,7 +128,20 @@ def main(args: argparse.Namespace) -> int:
                 speed=args.speed,
                 progress=not args.quiet and sys.stderr.isatty(),
             )
+            if args.jobs is None
+            else replay_jobs(
+                args.files,
+                config,
+                jobs=args.jobs,
+                models=models,
+                urls=urls,
+                greeks=not args.no_greeks,
+            )
         )
+        summary = asyncio.run(work)
+    except ReplayJobError as exc:
+        print(f"streamer replay: {exc}", file=sys.stderr)
+        return exc.exit_code
     except PublishError as exc:
         print(f"streamer replay: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -12,25 +12,45 @@ Nothing is lost silently: before the first frame each MQTT publisher's first con
 attempt is awaited (``BROKER_CHECK_S``), and a broker that refuses us (credentials, ACL, TLS)
 raises ``PublishError`` naming it; after the publishers close, messages left undelivered (a
 broker that never came up) raise ``PublishError`` too.
+
+``replay_jobs`` (``streamer replay --jobs N``) replays each file on its own (fresh books,
+triggers and fits: what ``streamer replay FILE`` alone does), N files at a time in worker
+processes (``forkserver``, its server preloaded with this module, so a worker starts in
+milliseconds instead of importing numba again). Each worker writes its file's messages to a
+temporary JSON Lines file (``jsonl:``, the encoding every sink uses); the parent owns the
+real sinks and relays the files' messages in the order the files were given, each file's
+as soon as it and every file before it are done: the output is the concatenation of the
+one-by-one replays, whatever finishes first. MQTT included: one connection (the parent's),
+the same client, retained topics and order as one by one; nothing reaches the broker
+before its file is done. A failing file stops the run (the files before it are relayed,
+nothing after) with its error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import math
+import multiprocessing
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from streamer.config import Config
 from streamer.daemon.pipeline import Pipeline, run_inline
+from streamer.errors import PublishError, StreamerError
 from streamer.events import Event
 from streamer.feeds.recordings.reader import Frame
+from streamer.publish.base import Publisher
 from streamer.publish.payloads import retopic
 from streamer.publish.urls import from_url
 
@@ -79,21 +99,64 @@ async def replay(
 ) -> str:
     """Replay ``files`` through a pipeline built from ``config`` into publishers of
     ``urls``; returns the summary table. ``models`` empty: parse + book only."""
+    result = await _replay(
+        files, config, models=models, urls=urls, greeks=greeks, speed=speed, progress=progress
+    )
+    return result.summary
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one replay did: its summary table, messages published, frames and items."""
+
+    summary: str
+    published: int
+    frames: int
+    items: int
+    seconds: float
+
+
+async def _open_publishers(
+    stack: contextlib.AsyncExitStack, urls: Sequence[str], config: Config
+) -> list[Publisher]:
+    """The sinks of ``urls``, entered on ``stack``; each MQTT broker's first connection
+    attempt awaited (a refusal raises ``PublishError``)."""
+    pubs: list[Publisher] = [
+        await stack.enter_async_context(
+            from_url(u, instance=config.instance, prefix_default=config.publish.prefix)
+        )
+        for u in urls
+    ]
+    for pub in pubs:
+        check = getattr(pub, "check_broker", None)
+        if check is not None:
+            await check(BROKER_CHECK_S)
+    return pubs
+
+
+def _raise_undelivered(pubs: Sequence[Publisher]) -> None:
+    for pub in pubs:
+        undelivered = getattr(pub, "undelivered_error", None)
+        if undelivered is not None and (error := undelivered()) is not None:
+            raise error
+
+
+async def _replay(
+    files: Sequence[str],
+    config: Config,
+    *,
+    models: Sequence[str],
+    urls: Sequence[str],
+    greeks: bool = True,
+    speed: float | None = None,
+    progress: bool = False,
+) -> Result:
     pipeline = Pipeline.from_config(config, models=models, greeks=config.publish.greeks and greeks)
     t0 = time.perf_counter()
     published = 0
     bar = _Progress(enabled=progress)
     async with contextlib.AsyncExitStack() as stack:
-        pubs = [
-            await stack.enter_async_context(
-                from_url(u, instance=config.instance, prefix_default=config.publish.prefix)
-            )
-            for u in urls
-        ]
-        for pub in pubs:
-            check = getattr(pub, "check_broker", None)
-            if check is not None:
-                await check(BROKER_CHECK_S)
+        pubs = await _open_publishers(stack, urls, config)
         counter = _Counted(_paced(items_of(files), speed))
         items: Iterator[Item] = iter(counter)
         if not models and speed is None:
@@ -126,13 +189,152 @@ async def replay(
                 bar.tick(pipeline.parser.frames)
                 await asyncio.sleep(0)  # let network publishers breathe
     bar.done()
-    for pub in pubs:
-        undelivered = getattr(pub, "undelivered_error", None)
-        if undelivered is not None and (error := undelivered()) is not None:
-            raise error
+    _raise_undelivered(pubs)
     for book in pipeline.books:
         book.snapshot()  # count the final filters
-    return summary_table(pipeline, time.perf_counter() - t0, published, counter.n)
+    seconds = time.perf_counter() - t0
+    return Result(
+        summary_table(pipeline, seconds, published, counter.n),
+        published,
+        pipeline.parser.frames,
+        counter.n,
+        seconds,
+    )
+
+
+# -- several files in parallel ----------------------------------------------------------------
+
+
+class ReplayJobError(StreamerError):
+    """A file of ``replay_jobs`` failed: ``str()`` names it and says why; ``exit_code`` is
+    what ``streamer replay`` would have exited with on that file alone (1 delivery, 2 input
+    or config, 1 anything else)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class _JobResult:
+    path: str
+    result: Result | None
+    error: str = ""
+    exit_code: int = 0
+
+
+def _job(path: str, config: Config, models: Sequence[str], greeks: bool, out: str) -> _JobResult:
+    """One file's replay into ``jsonl:out`` (runs in a worker process; never raises)."""
+    from streamer.daemon import logs
+
+    logs.configure(config.log.level, config.log.format)
+    try:
+        result = asyncio.run(
+            _replay([path], config, models=models, urls=[f"jsonl:{out}"], greeks=greeks)
+        )
+    except PublishError as exc:
+        return _JobResult(path, None, str(exc), 1)
+    except StreamerError as exc:
+        return _JobResult(path, None, str(exc), 2)
+    except Exception as exc:  # a bug or the machine: still the file's error, not a hang
+        return _JobResult(path, None, f"{type(exc).__name__}: {exc}", 1)
+    return _JobResult(path, result)
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """``forkserver`` (preloaded with this module: workers start without re-importing numba
+    and the models) where there is one, else ``spawn``. Never plain ``fork``: the parent
+    runs an event loop and maybe MQTT threads."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+async def _relay(path: Path, pubs: Sequence[Publisher], prefix: str) -> int:
+    """Deliver the messages of a worker's JSON Lines file to ``pubs`` in order (what the
+    single replay's loop does with each message); returns how many."""
+    n = 0
+    with path.open("rb") as fh:
+        for line in fh:
+            msg = orjson.loads(line)
+            topic, payload = msg["topic"], msg["payload"]
+            for pub in pubs:
+                await pub.deliver(
+                    retopic(topic, prefix, pub.prefix), payload or {}, clear=payload is None
+                )
+            n += 1
+            if n % 256 == 0:
+                await asyncio.sleep(0)  # let network publishers breathe
+    return n
+
+
+async def replay_jobs(
+    files: Sequence[str],
+    config: Config,
+    *,
+    jobs: int,
+    models: Sequence[str],
+    urls: Sequence[str],
+    greeks: bool = True,
+) -> str:
+    """Replay each of ``files`` on its own, ``jobs`` at a time in worker processes (one job:
+    in this process), relaying the messages to the publishers of ``urls`` in the order of
+    ``files`` (module doc); returns the summary: one table per file and a total line.
+    Raises ``ReplayJobError`` for a failed file, ``PublishError`` for the sinks."""
+    if jobs < 1:
+        raise ReplayJobError(f"--jobs must be >= 1, got {jobs}", 2)
+    Pipeline.from_config(config, models=models)  # a bad model name fails here, not per file
+    t0 = time.perf_counter()
+    workers = min(jobs, len(files))
+    results: list[Result] = []
+    published = 0
+    async with contextlib.AsyncExitStack() as stack:
+        pubs = await _open_publishers(stack, urls, config)
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="streamer-replay-")))
+        outs = [str(tmp / f"{i}.jsonl") for i in range(len(files))]
+        pending: list[asyncio.Future[_JobResult]] = []
+        if workers > 1:
+            pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=_context())
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+            loop = asyncio.get_running_loop()
+            pending = [
+                loop.run_in_executor(pool, _job, f, config, tuple(models), greeks, out)
+                for f, out in zip(files, outs, strict=True)
+            ]
+        for i, (f, out) in enumerate(zip(files, outs, strict=True)):
+            if workers > 1:
+                try:
+                    job = await pending[i]
+                except concurrent.futures.process.BrokenProcessPool as exc:
+                    raise ReplayJobError(f"{f}: the worker process died ({exc})", 1) from None
+            else:  # one job: the same work in this process (no pickling, no start-up)
+                try:
+                    res = await _replay([f], config, models=models, urls=[f"jsonl:{out}"],
+                                        greeks=greeks)  # fmt: skip
+                except PublishError as exc:
+                    job = _JobResult(f, None, str(exc), 1)
+                except StreamerError as exc:
+                    job = _JobResult(f, None, str(exc), 2)
+                else:
+                    job = _JobResult(f, res)
+            if job.result is None:
+                raise ReplayJobError(f"{f}: {job.error}", job.exit_code)
+            published += await _relay(Path(out), pubs, config.publish.prefix)
+            Path(out).unlink()
+            results.append(job.result)
+    _raise_undelivered(pubs)
+    seconds = time.perf_counter() - t0
+    frames = sum(r.frames for r in results)
+    items = sum(r.items for r in results)
+    lines = [f"== {f}\n{r.summary}\n" for f, r in zip(files, results, strict=True)]
+    lines.append(
+        f"replayed {len(files)} files ({frames:,} frames, {items - frames:,} events) with "
+        f"--jobs {jobs} in {seconds:.2f} s ({max(items, frames) / max(seconds, 1e-9):,.0f}/s), "
+        f"published {published:,} messages"
+    )
+    return os.linesep.join(lines)
 
 
 def _paced(items: Iterator[Item], speed: float | None) -> Iterator[Item]:
