@@ -57,6 +57,7 @@ DEFAULT_BACKOFF_FACTOR = 2.0
 DEFAULT_STALE_AFTER_S = 120.0
 DEFAULT_RELOAD_MARKETS_S = 3600.0
 DEFAULT_GREEKS_INTERVAL_S = 15.0
+KEPT_DELAYS = 100  # reconnect delays kept in ``CcxtFeed.delays``
 
 # venues whose tickers carry no IVs: poll fetch_all_greeks (with these params per underlying)
 GREEKS_POLLED: dict[str, Callable[[str], dict[str, str]]] = {
@@ -207,7 +208,7 @@ class CcxtFeed(Feed):
         self._listed: set[str] = set()
         self._tickers: dict[str, Mapping[str, Any]] = {}
         self._greeks: dict[str, Mapping[str, Any]] = {}
-        self.delays: list[float] = []  # every backoff delay slept (metrics, tests)
+        self.delays: list[float] = []  # the last KEPT_DELAYS backoff delays (metrics, tests)
         self.connected = False
 
     async def events(self) -> AsyncGenerator[Event, None]:
@@ -244,6 +245,7 @@ class CcxtFeed(Feed):
                     yield FeedStatus(self.venue, "disconnected", self._clock_ns(), detail)
                 delay = self._backoff.next_delay()
                 self.delays.append(delay)
+                del self.delays[:-KEPT_DELAYS]  # bounded: an exchange down for days
                 await self._sleep(delay)
         finally:
             self.connected = False
