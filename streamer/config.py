@@ -49,6 +49,11 @@ Sections (every key optional; defaults below and in ``config/default.toml``)::
     feed_s = 0.0                      # connected, no frame or event this long: stuck
                                       # (0: twice the feed's own dead-after interval)
 
+    [web]                             # the live page, served by the daemon itself
+    listen = ""                       # "" = off; e.g. "127.0.0.1:8808" (streamer.tools.web)
+    allow_remote = false              # true: a host that is not loopback (no login!), warned
+    history = 3000                    # surfaces kept per model for the page's history charts
+
     [log]
     level = "info"                    # debug | info | warning | error
     format = "auto"                   # auto (JSON unless a TTY) | json | pretty
@@ -179,6 +184,28 @@ class WatchdogSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    listen: str = ""  # HOST:PORT of the live page (streamer.tools.web); "" = off
+    allow_remote: bool = False  # a host that is not loopback must be meant
+    history: int = 3000  # surfaces (and tenors messages) kept per model for the charts
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            return
+        host, sep, port = self.listen.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"web.listen: expected HOST:PORT, got {self.listen!r}")
+        if not self.allow_remote and not is_loopback(host):
+            raise ValueError(
+                f"web.listen {host!r} is not a loopback address: the page (no login) would be "
+                "open to the network; set [web] allow_remote = true to mean it"
+            )
+        if self.history < 1:
+            raise ValueError("web.history must be >= 1")
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "pretty"] = "auto"
@@ -196,6 +223,7 @@ class Config:
     publish: PublishSettings = field(default_factory=PublishSettings)
     recorder: RecorderSettings = field(default_factory=RecorderSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
     log: LogSettings = field(default_factory=LogSettings)
 

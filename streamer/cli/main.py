@@ -7,9 +7,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from streamer import __version__
-from streamer.cli import bench, plot, replay, report, run, simulate, subscribe
+from streamer.cli import bench, fake_deribit, plot, replay, report, run, simulate, subscribe, web
 
-COMMANDS = (bench, run, replay, subscribe, simulate, report, plot)  # run: also record
+# run: also record
+COMMANDS = (bench, run, replay, subscribe, simulate, report, plot, web, fake_deribit)
 
 
 def build_parser() -> argparse.ArgumentParser:

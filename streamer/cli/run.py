@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"streamer {command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if command == "run":
-        return serve_forever(config)
+        return serve_forever(config, extra_publishers=_web(config))
     directory = args.dir or config.recorder.dir
     if not directory:
         print("streamer record: give --dir or set [recorder] dir", file=sys.stderr)
@@ -58,3 +58,21 @@ def main(args: argparse.Namespace) -> int:
         publish=dataclasses.replace(config.publish, urls=()),
     )
     return serve_forever(config, record_only=True, command="record")
+
+
+def _web(config: Any) -> list[Any]:
+    """The live page inside the daemon when ``[web] listen`` is set (off by default)."""
+    if not config.web.listen:
+        return []
+    from streamer.tools.web.publisher import WebPublisher
+
+    web = config.web
+    return [
+        WebPublisher(
+            listen=web.listen,
+            prefix=config.publish.prefix,
+            instance=config.instance,
+            history=web.history,
+            allow_remote=web.allow_remote,
+        )
+    ]

@@ -104,8 +104,10 @@ class Service:
         feed_factory: FeedFactory = open_feed,
         publishers: Sequence[Publisher] | None = None,
         record_only: bool = False,
+        extra_publishers: Sequence[Publisher] = (),
     ) -> None:
         self.config = config
+        self._extra_publishers = list(extra_publishers)  # e.g. the live page ([web] listen)
         self.pipeline = Pipeline.from_config(config, models=[] if record_only else None)
         self.metrics = Registry()
         self._feed_factory = feed_factory
@@ -245,6 +247,8 @@ class Service:
             for url in cfg.publish.urls:
                 pub = from_url(url, instance=cfg.instance, prefix_default=cfg.publish.prefix)
                 self.publishers.append(await stack.enter_async_context(pub))
+        for pub in self._extra_publishers:
+            self.publishers.append(await stack.enter_async_context(pub))
         if cfg.metrics.port:
             server = await serve(
                 self.metrics,
@@ -528,14 +532,22 @@ class Service:
                 share(brokers)
 
 
-def serve_forever(config: Config, *, record_only: bool = False, command: str = "run") -> int:
+def serve_forever(
+    config: Config,
+    *,
+    record_only: bool = False,
+    command: str = "run",
+    extra_publishers: Sequence[Publisher] = (),
+) -> int:
     """Run a service on ``config`` in a fresh event loop: its exit code (2: a config or
-    start-up error, printed to stderr)."""
+    start-up error, printed to stderr). ``extra_publishers`` get every message too (the live
+    page of ``[web] listen``, built by ``streamer.cli.run``)."""
     from streamer.daemon import logs
 
     logs.configure(config.log.level, config.log.format)
     try:
-        return asyncio.run(Service(config, record_only=record_only).run())
+        service = Service(config, record_only=record_only, extra_publishers=extra_publishers)
+        return asyncio.run(service.run())
     except StreamerError as exc:
         print(f"streamer {command}: {exc}", file=sys.stderr)
         return EXIT_USAGE

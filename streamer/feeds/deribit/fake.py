@@ -36,21 +36,28 @@ counts, frames sent) for assertions; ``wait_until`` waits for a condition on the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import orjson
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from streamer.errors import InputError
+from streamer.events import Event, Instrument, InstrumentListed, Quote
+from streamer.feeds.recordings.reader import read_frames
+from streamer.feeds.recordings.tardis import read_tardis_options_chain, sorted_by_time
+from streamer.instruments import parse_option
 
 log = structlog.get_logger(__name__)
 
@@ -645,6 +652,476 @@ class FakeDeribitServer:
             self._changed.notify_all()
 
 
+# -- serving recordings (``streamer fake-deribit``) ----------------------------------------------
+
+LISTED_STATES = frozenset({"created", "started"})
+GONE_STATES = frozenset({"settled", "deactivated", "closed", "terminated"})
+LOOP_GAP_NS = 1_000_000_000  # between the last frame of a pass and the first of the next
+PRICE_TICK = 0.0001
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedItem:
+    """One thing a recording says, in time order: a notification (``channel``, ``data``) or,
+    for a ``get_instruments`` reply, the instruments it ``listed``."""
+
+    ts_ns: int
+    channel: str = ""
+    data: Mapping[str, Any] = field(default_factory=dict)
+    listed: tuple[Mapping[str, Any], ...] = ()
+
+
+def instrument_from_name(name: str, created_ms: int = 0) -> dict[str, Any] | None:
+    """A ``get_instruments`` entry for a Deribit option name (metadata from the name, Deribit's
+    usual tick and contract sizes); None for what is not a single option."""
+    opt = parse_option(name)
+    if opt is None:
+        return None
+    base, _, settle = opt.underlying.partition("_")
+    return {
+        "instrument_name": name,
+        "kind": "option",
+        "base_currency": base,
+        "quote_currency": settle or base,
+        "settlement_currency": settle or base,
+        "counter_currency": settle or "USD",
+        "option_type": "call" if opt.is_call else "put",
+        "strike": opt.strike,
+        "expiration_timestamp": opt.expiry_ms,
+        "creation_timestamp": created_ms,
+        "tick_size": PRICE_TICK,
+        "contract_size": 1.0,
+        "min_trade_amount": 0.1,
+        "is_active": True,
+        "settlement_period": "day",
+    }
+
+
+def _instrument_dict(inst: Instrument) -> dict[str, Any]:
+    """A ``get_instruments`` entry for a normalized ``Instrument`` (Tardis rows)."""
+    out = instrument_from_name(inst.name) or {}
+    base, _, settle = inst.underlying.partition("_")
+    out.update(
+        instrument_name=inst.name,
+        kind="option",
+        base_currency=base,
+        quote_currency=settle or base,
+        settlement_currency=settle or base,
+        option_type="call" if inst.is_call else "put",
+        strike=inst.strike,
+        expiration_timestamp=inst.expiry_ms,
+        contract_size=inst.contract_size,
+    )
+    out.setdefault("tick_size", PRICE_TICK)
+    out.setdefault("is_active", True)
+    return out
+
+
+def _black_coin(forward: float, strike: float, T: float, iv: float, is_call: bool) -> float:
+    """Black-76 premium in coin (USD / F, r = 0; DESIGN section 2): for Tardis cuts that carry
+    IVs without prices. NaN where it cannot be priced."""
+    if not (forward > 0 and strike > 0 and T > 0 and iv > 0):
+        return math.nan
+    s = iv * math.sqrt(T)
+    d1 = (math.log(forward / strike) + 0.5 * s * s) / s
+    cdf1 = 0.5 * math.erfc(-d1 / math.sqrt(2.0))
+    cdf2 = 0.5 * math.erfc(-(d1 - s) / math.sqrt(2.0))
+    call = forward * cdf1 - strike * cdf2
+    usd = call if is_call else call - (forward - strike)
+    return max(usd, 0.0) / forward
+
+
+def _percent(x: float) -> float:
+    """A fraction as Deribit's percent IV; 0 (Deribit's "none") for NaN."""
+    return round(100.0 * x, 4) if x == x else 0.0  # noqa: PLR0124 - NaN test
+
+
+def ticker_from_quote(quote: Quote, inst: Instrument) -> dict[str, Any]:
+    """A ``ticker`` notification's data for a normalized quote (Tardis rows). A side with an
+    IV but no price (the hourly cuts keep no prices) is priced from its IV (Black-76)."""
+    T = (inst.expiry_ms - quote.ts_ms) / (365 * 86_400_000)
+
+    def side(price: float, iv: float, size: float) -> tuple[float, float]:
+        if not price > 0 and iv > 0:
+            price = _black_coin(quote.forward, inst.strike, T, iv, inst.is_call)
+            price = round(price, 8) if price > 0 else math.nan
+            size = size if size > 0 else 1.0
+        if not price > 0:
+            return 0.0, 0.0
+        return price, size if size == size else 0.0  # noqa: PLR0124
+
+    bid, bid_size = side(quote.bid, quote.bid_iv, quote.bid_size)
+    ask, ask_size = side(quote.ask, quote.ask_iv, quote.ask_size)
+
+    def num(x: float) -> float | None:
+        return x if x == x else None  # noqa: PLR0124
+
+    return {
+        "timestamp": quote.ts_ms,
+        "instrument_name": quote.instrument,
+        "state": "open",
+        "best_bid_price": bid,
+        "best_bid_amount": bid_size,
+        "best_ask_price": ask,
+        "best_ask_amount": ask_size,
+        "bid_iv": _percent(quote.bid_iv) if bid else 0.0,
+        "ask_iv": _percent(quote.ask_iv) if ask else 0.0,
+        "mark_iv": _percent(quote.mark_iv),
+        "mark_price": num(quote.mark_price),
+        "underlying_price": num(quote.forward),
+        "underlying_index": quote.forward_index or f"{inst.underlying}-{inst.expiry}",
+        "index_price": num(quote.index_price),
+        "open_interest": num(quote.open_interest),
+        "interest_rate": 0.0,
+        "greeks": {
+            "delta": num(quote.delta),
+            "gamma": num(quote.gamma),
+            "vega": num(quote.vega),
+            "theta": num(quote.theta),
+            "rho": num(quote.rho),
+        },
+    }
+
+
+def _is_tardis(path: str | os.PathLike[str]) -> bool:
+    return os.fspath(path).lower().endswith((".csv", ".csv.gz"))
+
+
+def _tardis_items(path: str | os.PathLike[str], in_order: bool) -> Iterator[RecordedItem]:
+    """A Tardis ``options_chain`` CSV as ticker notifications (time order: files out of order,
+    the hourly cuts, are sorted in memory)."""
+    events: Iterable[tuple[int, Event]] = read_tardis_options_chain(path)
+    if not in_order:
+        events = sorted_by_time(events)
+    listed: dict[str, Instrument] = {}
+    for ts_ns, ev in events:
+        if isinstance(ev, InstrumentListed):
+            listed[ev.instrument.name] = ev.instrument
+        elif isinstance(ev, Quote) and ev.instrument in listed:
+            data = ticker_from_quote(ev, listed[ev.instrument])
+            yield RecordedItem(ts_ns, f"ticker.{ev.instrument}.100ms", data)
+
+
+def _recording_items(path: str | os.PathLike[str]) -> Iterator[RecordedItem]:
+    """A recording's (or cryptofeed capture's) notifications and ``get_instruments`` replies;
+    everything else (other replies, heartbeats, undecodable frames) is skipped."""
+    for ts_ns, _venue, frame in read_frames(path):
+        try:
+            msg = orjson.loads(frame)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(msg, dict):
+            continue
+        if msg.get("method") == "subscription":
+            params = msg.get("params")
+            if isinstance(params, dict) and isinstance(params.get("data"), dict):
+                yield RecordedItem(ts_ns, str(params.get("channel", "")), params["data"])
+        elif isinstance(msg.get("result"), list):
+            rows = [r for r in msg["result"] if isinstance(r, dict) and "instrument_name" in r]
+            if rows:
+                yield RecordedItem(ts_ns, listed=tuple(rows))
+
+
+@dataclass
+class RecordingIndex:
+    """What one pass over the recordings found (``RecordingIndex.scan``): the instruments live
+    at the start (``get_instruments`` replies, plus every instrument quoted but never announced
+    by ``instrument.state``), the first and last receive times, the notification count, and for
+    each Tardis file whether it is in time order."""
+
+    paths: tuple[str, ...]
+    initial: dict[str, dict[str, Any]]
+    first_ns: int
+    last_ns: int
+    notifications: int
+    in_order: dict[str, bool]
+
+    @classmethod
+    def scan(cls, paths: Sequence[str | os.PathLike[str]]) -> RecordingIndex:
+        """Read every file once. Raises ``InputError`` if a file is missing or carries no
+        notification at all."""
+        names = tuple(os.fspath(p) for p in paths)
+        for name in names:
+            if not os.path.isfile(name):
+                raise InputError("file", f"{name}: no such file")
+        in_order: dict[str, bool] = {}
+        replies: dict[str, dict[str, Any]] = {}
+        quoted: dict[str, int] = {}  # instrument -> first ts_ms seen
+        announced: set[str] = set()
+        first, last, count = -1, -1, 0
+        for name in names:
+            if _is_tardis(name):
+                prev, ordered = -1, True
+                for ts_ns, ev in read_tardis_options_chain(name):
+                    ordered = ordered and ts_ns >= prev
+                    prev = max(prev, ts_ns)
+                    if isinstance(ev, InstrumentListed):
+                        replies.setdefault(ev.instrument.name, _instrument_dict(ev.instrument))
+                    else:
+                        count += 1
+                        first = ts_ns if first < 0 else min(first, ts_ns)
+                        last = max(last, ts_ns)
+                in_order[name] = ordered
+                continue
+            for item in _recording_items(name):
+                first = item.ts_ns if first < 0 else first
+                last = max(last, item.ts_ns)
+                if item.listed:
+                    for row in item.listed:
+                        replies.setdefault(str(row["instrument_name"]), dict(row))
+                    continue
+                count += 1
+                kind = item.channel.split(".", 1)[0]
+                inst = item.data.get("instrument_name")
+                if not isinstance(inst, str):
+                    continue
+                if kind == "instrument":
+                    announced.add(inst)
+                elif kind in _INSTRUMENT_KINDS:
+                    ts = item.data.get("timestamp")
+                    quoted.setdefault(inst, int(ts) if isinstance(ts, int | float) else 0)
+        if count == 0:
+            raise InputError("file", f"no Deribit notifications in {', '.join(names)}")
+        initial = dict(replies)
+        for inst, ts_ms in quoted.items():
+            if inst not in initial and inst not in announced:
+                entry = instrument_from_name(inst, ts_ms)
+                if entry is not None:
+                    initial[inst] = entry
+        return cls(names, initial, first, last, count, in_order)
+
+    def items(self) -> Iterator[RecordedItem]:
+        """Every notification and listing of the files, in order (one more pass)."""
+        for name in self.paths:
+            if _is_tardis(name):
+                yield from _tardis_items(name, self.in_order.get(name, True))
+            else:
+                yield from _recording_items(name)
+
+
+def _shifted(data: Mapping[str, Any], shift_ms: int) -> Mapping[str, Any]:
+    """``data`` with its ``timestamp`` moved by ``shift_ms`` (a looped pass)."""
+    ts = data.get("timestamp")
+    if not shift_ms or not isinstance(ts, int | float):
+        return data
+    out = dict(data)
+    out["timestamp"] = int(ts) + shift_ms
+    return out
+
+
+@dataclass
+class _BookState:
+    """One recorded order book, kept so a client subscribing mid-stream starts from a
+    snapshot (as Deribit sends one on every book subscription)."""
+
+    bids: dict[float, float] = field(default_factory=dict)
+    asks: dict[float, float] = field(default_factory=dict)
+    last: Mapping[str, Any] = field(default_factory=dict)
+
+    def apply(self, data: Mapping[str, Any]) -> None:
+        if data.get("type") == "snapshot":
+            self.bids.clear()
+            self.asks.clear()
+        for side, levels in ((self.bids, data.get("bids")), (self.asks, data.get("asks"))):
+            for level in levels if isinstance(levels, list) else ():
+                if not isinstance(level, list) or len(level) < 2:
+                    continue
+                action, price, amount = (level if len(level) == 3 else ["new", *level])[:3]
+                if action == "delete" or not amount:
+                    side.pop(float(price), None)
+                else:
+                    side[float(price)] = float(amount)
+        self.last = data
+
+    def snapshot(self) -> dict[str, Any]:
+        snap = {k: v for k, v in self.last.items() if k not in ("prev_change_id", "bids", "asks")}
+        snap["type"] = "snapshot"
+        snap["bids"] = [["new", p, a] for p, a in sorted(self.bids.items(), reverse=True)]
+        snap["asks"] = [["new", p, a] for p, a in sorted(self.asks.items())]
+        return snap
+
+
+class RecordingServer(FakeDeribitServer):
+    """Recordings served as a live Deribit websocket on loopback (``streamer fake-deribit``).
+
+    One market for every connection, as on the real exchange: the recordings' notifications
+    (``RecordingIndex``: our recordings, cryptofeed captures, Tardis ``options_chain`` CSVs as
+    tickers) are sent at their recorded pace times ``speed``, from the first instrument
+    subscription on, each to the connections subscribed to its channel (any interval:
+    ``ticker.X.100ms`` recorded reaches ``ticker.X.raw`` too). ``public/get_instruments``
+    answers the instruments live at the market's current time: the recording's own
+    ``get_instruments`` replies (and any instrument it quotes without announcing it), plus
+    ``instrument.state`` listings replayed so far, minus settled ones and those past their
+    expiry. A new ticker subscription gets the instrument's latest ticker at once and a book
+    subscription a snapshot of the book so far, as Deribit sends them. After
+    ``public/set_heartbeat`` a heartbeat ``test_request`` goes out every interval and a
+    connection that left the previous one unanswered is closed, as Deribit does. ``loop``:
+    when the recordings end they start again with every ``timestamp`` moved on by the
+    recording's length (plus ``LOOP_GAP_NS``), so time keeps running forward; otherwise
+    ``finished`` is set and the connections are closed (the exchange went away).
+    Memory stays bounded: no per-frame logs are kept (unlike the test server's).
+    """
+
+    def __init__(
+        self,
+        index: RecordingIndex,
+        *,
+        speed: float = 1.0,
+        loop: bool = False,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        if not speed > 0:
+            raise InputError("speed", f"must be positive, got {speed}")
+        super().__init__(instruments=list(index.initial.values()), script=[], host=host, port=port)
+        self.index = index
+        self.speed = speed
+        self.loop = loop
+        self.passes = 0  # passes started
+        self.frames_sent = 0  # notifications delivered (all connections)
+        self.market_ms = 0  # the market's clock: the newest timestamp replayed (shifted)
+        self.finished = asyncio.Event()
+        self._started = asyncio.Event()  # the first instrument subscription
+        self._latest: dict[str, tuple[str, Mapping[str, Any]]] = {}  # "ticker.X" -> last
+        self._books: dict[str, _BookState] = {}
+        self._market_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        self._market_task = asyncio.create_task(self._market(), name="fake-deribit market")
+
+    async def aclose(self) -> None:
+        task, self._market_task = self._market_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await super().aclose()
+
+    # -- the market ---------------------------------------------------------------------------
+
+    async def _market(self) -> None:
+        await self._started.wait()
+        span_ns = max(self.index.last_ns - self.index.first_ns, 0) + LOOP_GAP_NS
+        start = time.monotonic_ns()
+        while True:
+            shift_ns = self.passes * span_ns
+            self.passes += 1
+            sent_since_yield = 0
+            for item in self.index.items():
+                due = start + (item.ts_ns + shift_ns - self.index.first_ns) / self.speed
+                delay = due - time.monotonic_ns()
+                if delay > 0:
+                    await asyncio.sleep(delay / 1e9)
+                    sent_since_yield = 0
+                elif sent_since_yield >= 200:  # running behind: let replies through
+                    await asyncio.sleep(0)
+                    sent_since_yield = 0
+                sent_since_yield += 1
+                await self._replay(item, shift_ns // 1_000_000)
+            if not self.loop:
+                break
+            log.info("fake_deribit_loop", passes=self.passes, frames_sent=self.frames_sent)
+        self.finished.set()
+        log.info("fake_deribit_finished", passes=self.passes, frames_sent=self.frames_sent)
+        for conn in list(self._live):
+            with contextlib.suppress(ConnectionClosed):
+                await conn.ws.close(1001, "recording finished")
+
+    async def _replay(self, item: RecordedItem, shift_ms: int) -> None:
+        if item.listed:  # a get_instruments reply in the recording: the listing as of now
+            for row in item.listed:
+                self.instruments.setdefault(str(row["instrument_name"]), dict(row))
+            return
+        data = _shifted(item.data, shift_ms)
+        ts = data.get("timestamp")
+        if isinstance(ts, int | float) and ts > self.market_ms:
+            self.market_ms = int(ts)
+            self._expire(self.market_ms)
+        parts = item.channel.split(".")
+        prefix = ".".join(parts[:2])
+        kind = parts[0]
+        name = data.get("instrument_name")
+        if kind == "instrument" and isinstance(name, str):
+            state = data.get("state")
+            if state in LISTED_STATES and name not in self.instruments:
+                entry = instrument_from_name(name, int(ts) if isinstance(ts, int | float) else 0)
+                if entry is not None:
+                    self.instruments[name] = entry
+            elif state in GONE_STATES:
+                self.instruments.pop(name, None)
+        elif kind in _INSTRUMENT_KINDS:
+            self._latest[prefix] = (item.channel, data)
+            if kind == "book":
+                self._books.setdefault(prefix, _BookState()).apply(data)
+        for conn in list(self._live):
+            target = self._match(conn, item.channel) or self._match(conn, prefix)
+            if target is not None:
+                await self._send_notification(conn, target, data)
+
+    def _expire(self, now_ms: int) -> None:
+        gone = [
+            name
+            for name, row in self.instruments.items()
+            if int(row.get("expiration_timestamp", now_ms + 1)) <= now_ms
+        ]
+        for name in gone:
+            del self.instruments[name]
+
+    # -- protocol: what the test server does, plus the exchange's own habits -------------------
+
+    async def _on_request(self, conn: _Conn, message: str | bytes) -> None:
+        before = set(conn.log.subscribed)
+        await super()._on_request(conn, message)
+        if len(conn.log.requests) > 1000:  # bounded: keep the latest requests only
+            del conn.log.requests[:-100]
+        for channel in sorted(conn.log.subscribed - before):
+            parts = channel.split(".")
+            if parts[0] not in _INSTRUMENT_KINDS:
+                continue
+            self._started.set()
+            prefix = ".".join(parts[:2])
+            if parts[0] == "book" and prefix in self._books:
+                await self._send_notification(conn, channel, self._books[prefix].snapshot())
+            elif prefix in self._latest and parts[0] != "book":
+                await self._send_notification(conn, channel, self._latest[prefix][1])
+
+    async def _beat(self, conn: _Conn) -> None:
+        """Deribit's heartbeat: a ``test_request`` every ``set_heartbeat`` interval; a
+        connection that did not answer the previous one is closed."""
+        while True:
+            interval = conn.log.heartbeat_interval
+            if not interval or interval < 10:
+                await asyncio.sleep(0.5)
+                continue
+            await asyncio.sleep(interval)
+            if conn.unanswered > 0:
+                conn.log.closed_by_server = "unanswered test_request"
+                await conn.ws.close(1000, "test_request not answered")
+                return
+            await self._send_test_request(conn)
+
+    async def _send_notification(self, conn: _Conn, channel: str, data: Mapping[str, Any]) -> None:
+        frame = orjson.dumps(
+            {
+                "jsonrpc": "2.0",
+                "method": "subscription",
+                "params": {"channel": channel, "data": data},
+            }
+        ).decode()
+        if await self._send(conn, frame):
+            self.frames_sent += 1
+
+    async def _send(self, conn: _Conn, frame: str | bytes) -> bool:
+        if not conn.log.open:
+            return False
+        try:
+            await conn.ws.send(frame)
+        except ConnectionClosed:
+            return False
+        return True
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -652,11 +1129,16 @@ def _now_ms() -> int:
 __all__ = [
     "ConnectionLog",
     "FakeDeribitServer",
+    "RecordedItem",
+    "RecordingIndex",
+    "RecordingServer",
     "ScriptFrame",
+    "instrument_from_name",
     "instruments_from_capture",
     "notification",
     "script_from_capture",
     "synthetic_instruments",
     "synthetic_script",
     "synthetic_ticker",
+    "ticker_from_quote",
 ]
