@@ -34,10 +34,9 @@ normalized event (``streamer.events``).
   (newer than its ``InstrumentExpired``) as long as its expiry is after the settlement clock
   (counted in ``book.relisted``); a settled expiry's names never come back. Removed names are
   remembered only until their expiry settles (the settlement check refuses them after that);
-* ``apply`` refuses, counted in ``book.rejected["bad_timestamp"]``, a first sight (ticker,
-  book top, mark price of an instrument not listed yet) whose time is not plausible, before it
-  can list anything. A quote of a listed instrument is written whatever its time, as the fused
-  path writes it (both paths must leave the same rows), and the snapshot leaves it out;
+* ``apply`` refuses, counted in ``book.rejected["bad_timestamp"]``, a quote (ticker, book
+  top, mark price) whose time is not plausible, before it can list an instrument or touch a
+  row (a time that is plausible but skewed is caught at the snapshot, on either path);
 * per quote, excluded and counted in ``book.drops`` under the first reason that applies:
   ``no_quote`` (listed, never quoted), ``bad_timestamp`` and ``expiring`` (above),
   ``stale`` (quote older than ``stale_after_s``),
@@ -475,15 +474,13 @@ class Book:
         )
 
     def _slot_for(self, name: str, ts_ms: int) -> int | None:
-        """The row a quote of ``name`` at ``ts_ms`` goes to, listing it on first sight unless
-        refused (counted in ``rejected``: an implausible time first)."""
+        """The row a quote of ``name`` at ``ts_ms`` goes to (listing it on first sight), or
+        None: refused (counted in ``rejected``), a timestamp check first."""
         slot = self._slot_of.get(name)
-        if slot is not None:
-            return slot
         if not MIN_TS_MS <= ts_ms <= MAX_TS_MS:
             self.rejected["bad_timestamp"] += 1
             return None
-        return self._add_name(name, ts_ms)
+        return slot if slot is not None else self._add_name(name, ts_ms)
 
     def apply(self, event: Event) -> bool:
         """Apply one event; True when a quote of this book changed (a ``Quote`` always counts:
