@@ -219,7 +219,7 @@ class NotifySocket:
 
     def drain(self) -> list[str]:
         """Datagrams received since the last drain (also kept in ``got``)."""
-        new = []
+        new: list[str] = []
         while True:
             try:
                 data = self.sock.recv(4096)
@@ -315,7 +315,7 @@ async def test_watchdog_stops_while_a_connected_feed_is_silent(
     feed = _QuietFeed()
     cfg = service_config("ws://127.0.0.1:1", "mqtt://127.0.0.1:1")
     cfg = dataclasses.replace(cfg, watchdog=dataclasses.replace(cfg.watchdog, feed_s=0.5))
-    service = Service(cfg, feed_factory=lambda *a: feed, publishers=[MemoryPublisher()])  # type: ignore[arg-type,return-value]
+    service = Service(cfg, feed_factory=lambda *a: feed, publishers=[MemoryPublisher()])  # type: ignore[arg-type]
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop, signals=False))
     try:
