@@ -636,11 +636,15 @@ def test_one_ticker_in_microseconds_does_not_empty_the_book() -> None:
     book = Book("deribit", "BTC")
     assert book.apply(_quote(a, now)) and book.apply(_quote(b, now))
     book.apply(_quote(a, now * 1000))  # microseconds where milliseconds belong
-    book.snapshot()
+    snap = book.snapshot()
+    assert snap.instrument == (b,) and snap.ts_ms == now and book.drops["bad_timestamp"] == 1
     assert book.apply(_quote(a, now + 1_000)) and book.apply(_quote(b, now + 1_000))
     snap = book.snapshot()
     assert snap.instrument == (a, b) and snap.ts_ms == now + 1_000
-    assert book.rejected["expired"] == 0 and book.rejected["bad_timestamp"] == 1
+    assert book.rejected == Counter(bad_timestamp=1) and not book.drops["bad_timestamp"]
+    # a first sight in microseconds lists nothing
+    assert not book.apply(_quote("BTC-27DEC24-104000-C", now * 1000))
+    assert book.rejected == Counter(bad_timestamp=2) and len(book) == 2
 
 
 def test_bad_timestamp_on_the_fused_path_neither_moves_the_clock_nor_expires() -> None:
@@ -659,13 +663,15 @@ def test_bad_timestamp_on_the_fused_path_neither_moves_the_clock_nor_expires() -
         assert snap.ts_ms == now + len(names) - 1, bad
         assert len(book) == len(names) and book.drops["bad_timestamp"] == 1
         assert names[3] not in snap.instrument and snap.n_quotes == len(names) - 1
+    book.snapshot()  # the same bad row again: excluded again, counted once
+    assert book.drops["bad_timestamp"] == 1 and book.rejected == Counter(bad_timestamp=3)
     book.write_ticker(slot, now + 5, 0.01, 1.0, 0.02, 1.0, 0.015, NAN, NAN, NAN, 96e3, 0.5)
     assert names[3] in book.snapshot().instrument and not book.drops["bad_timestamp"]
 
 
 def test_expiry_settles_only_when_the_quotes_say_so() -> None:
-    """A few quotes past a settlement (wrong clocks) do not settle it; once more than the
-    trim say so, the expiry goes, and for good. Until then its quotes are only dropped."""
+    """A few quotes past a settlement (wrong clocks) do not settle it; once half the book's
+    quotes say so, the expiry goes, and for good. Until then its quotes are only dropped."""
     first = expiry_ms_of("27DEC24")
     near = [f"BTC-27DEC24-{k}-C" for k in range(90_000, 110_000, 2_000)]
     far = [f"BTC-31JAN25-{k}-C" for k in range(90_000, 120_000, 2_000)]
@@ -686,7 +692,7 @@ def test_expiry_settles_only_when_the_quotes_say_so() -> None:
     for n in far[3:]:
         book.apply(_quote(n, first + 20_000))
     snap = book.snapshot()
-    assert book.settled_ms == first + 20_000 and len(book) == len(far)
+    assert book.settled_ms == first + 10_000 and len(book) == len(far)  # the median quote
     assert snap.expiries == ("31JAN25",) and book.drops["expiring"] == 0
     # settled names never come back: not by a listing, not by a (late) quote
     opt = parse_option(near[0])
@@ -719,22 +725,28 @@ def test_a_wrongly_removed_instrument_can_be_relisted() -> None:
 
 
 def test_the_clock_follows_the_whole_book_forward_after_a_gap() -> None:
-    """A feed gap: every quote jumps forward by an hour. The first few of the new ones are
-    held back (they could be wrong), then the clock follows and the old ones go stale."""
+    """A feed gap: every quote jumps forward by an hour. Without a receive clock the first of
+    the new quotes are held back (they could be wrong) until half the book has moved; with
+    one (the newest frame's receive time, what the pipeline passes), they count at once."""
     now = expiry_ms_of("27DEC24") - 86_400_000
     names = [f"BTC-27DEC24-{k}-{cp}" for k in range(80_000, 120_000, 1_000) for cp in "CP"]
-    book = Book("deribit", "BTC")
-    for n in names:
-        book.apply(_quote(n, now))
     later = now + 3_600_000
-    for n in names[:3]:
-        book.apply(_quote(n, later))
+    book, fresh = Book("deribit", "BTC"), Book("deribit", "BTC")
+    for b in (book, fresh):
+        for n in names:
+            b.apply(_quote(n, now))
+        for n in names[:3]:
+            b.apply(_quote(n, later))
     assert book.snapshot().ts_ms == now and book.drops["bad_timestamp"] == 3
-    for n in names[3:10]:
+    snap = fresh.snapshot(recv_ms=later + 20)
+    assert snap.ts_ms == later and snap.n_quotes == 3 and fresh.drops["stale"] == len(names) - 3
+    for n in names[3:39]:
         book.apply(_quote(n, later))
+    assert book.snapshot().ts_ms == now and book.drops["bad_timestamp"] == 39
+    book.apply(_quote(names[39], later))  # 40 of 80: the (upper) median moves
     snap = book.snapshot()
-    assert snap.ts_ms == later and snap.n_quotes == 10
-    assert book.drops["stale"] == len(names) - 10 and not book.drops["bad_timestamp"]
+    assert snap.ts_ms == later and snap.n_quotes == 40
+    assert book.drops["stale"] == len(names) - 40 and not book.drops["bad_timestamp"]
 
 
 @pytest.mark.skipif(not TOOL.exists(), reason=f"{TOOL} not available")
@@ -779,5 +791,6 @@ def test_three_tickers_in_microseconds_in_a_real_hourly_chain(tmp_path: Path) ->
     book, got, dropped = run(dirty)
     assert len(want.expiries) == 13 and clean_dropped == 0
     assert_same(got, want, dirty=False)
-    assert len(book) == len(clean) and not book.rejected and book.relisted == 0
-    assert dropped >= 1  # the bad rows were seen, left out, and overwritten by the next cut
+    assert len(book) == len(clean) and book.relisted == 0
+    # the bad rows were seen, left out (each counted once), and overwritten by the next cut
+    assert dropped >= 1 and book.rejected == Counter(bad_timestamp=3)

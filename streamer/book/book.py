@@ -13,20 +13,20 @@ normalized event (``streamer.events``).
 * the clock. A quote's time is the venue's, and one wrong timestamp must not move the book's
   "now" (a ticker in microseconds, a corrupt frame, a skewed venue mapping: before this, one such
   quote expired every expiry before it and emptied the book for good). Without ``now_ms`` the
-  clock is the *trimmed newest* quote time: the anchor is the ``k+1``-th newest plausible
-  timestamp (``k = min((n - 1) // 2, max(CLOCK_TRIM, n // 50))`` of the ``n`` quoted rows, so up
-  to ``k`` wrong rows at once cannot move it), and "now" is the newest quote time at most
-  ``max_skew_s`` beyond ``max(anchor, receive clock)``. Plausible: inside years 2000..2100 in
-  ms (a unit error is off by a factor of 1000 and falls outside). Quotes beyond
+  clock is anchored on the *median* plausible quote time of the live rows (the upper one), so
+  wrong rows cannot move it unless they are half the book, and "now" is the newest quote time
+  at most ``max_skew_s`` beyond ``max(anchor, receive clock)``. Plausible: inside years
+  2000..2100 in ms (a unit error is off by a factor of 1000 and falls outside). Quotes beyond
   ``now + max_skew_s``, or outside that range, leave the snapshot as ``bad_timestamp`` (the
   row stays: the next valid quote of the instrument overwrites it). The receive clock (the
   newest frame's receive time, ``recv_ms``, and the newest ``recv_ns`` of the quotes applied)
   only ever *widens* what is accepted: after a feed gap (or the next hourly cut of a
-  recording) the first fresh quotes count at once, without waiting for ``k+1`` of them; a host
-  clock that is off can then let a skewed quote through, never drop the good ones;
+  recording, or quiet instruments holding the median back) the fresh quotes count at once,
+  without waiting for half the book; a host clock that is off can then let a skewed quote
+  through, never drop the good ones;
 * expiries whose settlement time (08:00 UTC, DESIGN section 2) is <= the *settlement clock*
   leave the book, whole slices at once: the anchor above (or ``now_ms`` when given), never
-  moving backwards, so an expiry only goes when more than ``k`` quotes say its settlement
+  moving backwards, so an expiry only goes when half the book's quotes say its settlement
   passed; quotes of an expiry between the anchor and "now" (its last ``max_skew_s``) are
   dropped as ``expiring`` (T <= 0) but not removed. ``InstrumentExpired`` removes single
   instruments at any time;
@@ -34,9 +34,13 @@ normalized event (``streamer.events``).
   (newer than its ``InstrumentExpired``) as long as its expiry is after the settlement clock
   (counted in ``book.relisted``); a settled expiry's names never come back. Removed names are
   remembered only until their expiry settles (the settlement check refuses them after that);
-* ``apply`` refuses, counted in ``book.rejected["bad_timestamp"]``, a quote (ticker, book
-  top, mark price) whose time is not plausible, before it can list an instrument or touch a
-  row (a time that is plausible but skewed is caught at the snapshot, on either path);
+* ``book.rejected["bad_timestamp"]`` counts each write with a bad time once (the snapshot
+  that first refuses it; one overwritten before any snapshot never mattered and is not
+  counted), and every first sight ``apply`` refuses for its time;
+* ``apply`` refuses, counted in ``book.rejected["bad_timestamp"]``, a first sight (ticker,
+  book top, mark price of an instrument not listed yet) whose time is not plausible, before it
+  can list anything. A quote of a listed instrument is written whatever its time, as the fused
+  path writes it (both paths must leave the same rows), and the snapshot leaves it out;
 * per quote, excluded and counted in ``book.drops`` under the first reason that applies:
   ``no_quote`` (listed, never quoted), ``bad_timestamp`` and ``expiring`` (above),
   ``stale`` (quote older than ``stale_after_s``),
@@ -90,7 +94,6 @@ DEFAULT_STALE_AFTER_S = 60.0
 DEFAULT_MAX_SPREAD_IV = 0.5
 DEFAULT_CAPACITY = 64
 DEFAULT_MAX_SKEW_S = 60.0  # how far a quote may run ahead of the book's other quotes
-CLOCK_TRIM = 3  # at least this many wrong timestamps at once cannot move the clock
 MIN_TS_MS = 946_684_800_000  # 2000-01-01: a plausible venue time in ms is after this ...
 MAX_TS_MS = 4_102_444_800_000  # ... and before 2100-01-01 (s and us are off by 1000x)
 INTRINSIC_RTOL = 1e-9  # float noise allowance of the below-intrinsic test
@@ -210,7 +213,9 @@ class Book:
         self.index_price = NAN  # the venue's spot index (IndexPrice events)
         self.drops: Counter[str] = Counter()  # the latest snapshot's exclusions, by reason
         self.one_sided = 0  # one-sided quotes kept in the latest snapshot
-        self.rejected: Counter[str] = Counter()  # events refused by apply(), by reason
+        # refused input, by reason, cumulative: events apply() refused, and each write of a
+        # row with a bad timestamp that a snapshot refused ("bad_timestamp", once per write)
+        self.rejected: Counter[str] = Counter()
         self._routes: dict[str, Route] = routes if routes is not None else {}
         self._slot_of: dict[str, int] = {}
         self._free: list[int] = []
@@ -474,13 +479,15 @@ class Book:
         )
 
     def _slot_for(self, name: str, ts_ms: int) -> int | None:
-        """The row a quote of ``name`` at ``ts_ms`` goes to (listing it on first sight), or
-        None: refused (counted in ``rejected``), a timestamp check first."""
+        """The row a quote of ``name`` at ``ts_ms`` goes to, listing it on first sight unless
+        refused (counted in ``rejected``: an implausible time first)."""
         slot = self._slot_of.get(name)
+        if slot is not None:
+            return slot
         if not MIN_TS_MS <= ts_ms <= MAX_TS_MS:
             self.rejected["bad_timestamp"] += 1
             return None
-        return slot if slot is not None else self._add_name(name, ts_ms)
+        return self._add_name(name, ts_ms)
 
     def apply(self, event: Event) -> bool:
         """Apply one event; True when a quote of this book changed (a ``Quote`` always counts:
@@ -568,7 +575,7 @@ class Book:
 
     def clock(self, recv_ms: int = 0) -> tuple[int, int]:
         """``(now, anchor)`` from the live rows (module docstring, "the clock"): the anchor is
-        the trimmed newest plausible quote time, "now" the newest within ``max_skew_s`` of
+        the (upper) median plausible quote time, "now" the newest within ``max_skew_s`` of
         the anchor or of the receive clock (``recv_ms``, or the newest quote's ``recv_ns``);
         both the previous ``clock_ms`` when no row has a plausible time."""
         ts = self._q[: self._n, TS][self._exp[: self._n] >= 0]
@@ -576,8 +583,7 @@ class Book:
         n = ts.size
         if n == 0:
             return self.clock_ms, self.clock_ms
-        trim = min((n - 1) // 2, max(CLOCK_TRIM, n // 50))
-        anchor = float(ts[n - 1 - trim])
+        anchor = float(ts[n // 2])  # the upper median: half the rows at or after it
         recv = max(recv_ms, self._recv_ns // 1_000_000)
         base = max(anchor, float(recv)) if MIN_TS_MS <= recv <= MAX_TS_MS else anchor
         top = int(np.searchsorted(ts, base + self.max_skew_s * 1000.0, side="right"))
@@ -615,7 +621,12 @@ class Book:
 
         drop("no_quote", np.isnan(ts))
         skew_ms = self.max_skew_s * 1000.0
-        drop("bad_timestamp", ~((ts >= MIN_TS_MS) & (ts <= MAX_TS_MS) & (ts <= now_ms + skew_ms)))
+        bad_ts = ~((ts >= MIN_TS_MS) & (ts <= MAX_TS_MS) & (ts <= now_ms + skew_ms)) & ~out
+        drop("bad_timestamp", bad_ts)
+        # each bad write once: its time differs from what the previous snapshot saw
+        new_bad = int((bad_ts & (ts != self._prev[live, TS])).sum())
+        if new_bad:
+            self.rejected["bad_timestamp"] += new_bad
         drop("expiring", np.array(self._exp_ms, dtype=np.int64)[exp_id] <= now_ms)
         drop("stale", ts < now_ms - self.stale_after_s * 1000.0)
         fresh = ~out
