@@ -11,6 +11,7 @@ Sections (every key optional; defaults below and in ``config/default.toml``)::
     book_channels = false             # also subscribe book.{inst}.100ms
     heartbeat_s = 10.0                # public/set_heartbeat interval
     dead_after_s = 30.0               # no frame for this long: reconnect
+    max_frame_bytes = 16777216        # a longer frame is dropped and counted, never decoded
     ccxt_exchange = "okx"             # venue = "ccxt": okx | bybit | binance | deribit
 
     [book]
@@ -108,12 +109,15 @@ class FeedSettings:
     heartbeat_s: float = 10.0
     dead_after_s: float = 30.0
     ccxt_exchange: Literal["okx", "bybit", "binance", "deribit"] = "okx"
+    max_frame_bytes: int = 16 * 1024 * 1024  # streamer.feeds.deribit.parser's default
 
     def __post_init__(self) -> None:
         if self.heartbeat_s < 10.0:
             raise ValueError("feed.heartbeat_s: Deribit needs at least 10 s")
         if self.dead_after_s <= self.heartbeat_s:
             raise ValueError("feed.dead_after_s must exceed feed.heartbeat_s")
+        if not 1024 <= self.max_frame_bytes <= 2**31:
+            raise ValueError("feed.max_frame_bytes must lie in [1024, 2**31]")
 
 
 @dataclass(frozen=True)

@@ -821,3 +821,34 @@ def test_reset_forgets_book_levels() -> None:
     delete = dict(change, change_id=12, prev_change_id=10, bids=[["delete", 0.05, 0.0]], asks=[])
     (top3,) = p.parse(note(f"book.{name}.100ms", delete), 0)
     assert isinstance(top3, BookTop) and math.isnan(top3.bid) and math.isnan(top3.bid_size)
+
+
+def test_duplicated_or_late_book_changes_are_skipped_not_gaps() -> None:
+    """A change whose change_id is not above the last one applied (the same frame twice, or
+    an old one arriving after a fresh snapshot) changes nothing: skipped, no gap, no
+    resubscription; a change that really skips one is still a gap."""
+    name = "BTC-27DEC24-100000-C"
+    chan = f"book.{name}.100ms"
+    snap = {
+        "type": "snapshot",
+        "timestamp": 1,
+        "instrument_name": name,
+        "change_id": 10,
+        "bids": [["new", 0.05, 1.0]],
+        "asks": [["new", 0.06, 1.0]],
+    }
+    change = dict(snap, type="change", change_id=11, prev_change_id=10, bids=[["new", 0.051, 2.0]])
+    p = DeribitParser()
+    p.parse(note(chan, snap), 0)
+    (top,) = p.parse(note(chan, change), 0)
+    assert isinstance(top, BookTop) and top.bid == 0.051
+    assert p.parse(note(chan, change), 0) == []  # the duplicate
+    late = dict(change, change_id=9, prev_change_id=8, bids=[["new", 0.07, 1.0]])
+    assert p.parse(note(chan, late), 0) == []
+    assert p.skipped["book_old_change"] == 2 and not p.drops
+    nxt = dict(change, change_id=12, prev_change_id=11, bids=[["new", 0.052, 1.0]])
+    (top2,) = p.parse(note(chan, nxt), 0)
+    assert isinstance(top2, BookTop) and top2.bid == 0.052  # the levels were not touched
+    skip = dict(change, change_id=14, prev_change_id=13)
+    (gap,) = p.parse(note(chan, skip), 0)
+    assert isinstance(gap, FeedStatus) and gap.state == "gap"

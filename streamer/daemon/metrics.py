@@ -19,7 +19,8 @@ talk to it:
 What the daemon exports:
 
 * ``streamer_frames_total`` frames received; ``streamer_events_total{type}``;
-* ``streamer_drops_total{stage,reason}`` parser and book drops (book: latest snapshot);
+* ``streamer_drops_total{stage,reason}`` parser and book drops (``book``: the latest
+  snapshot's exclusions; ``book_in``: input the book refused, cumulative);
 * ``streamer_fits_total{model,result}`` (``ok``/``degraded``);
 * ``streamer_fit_seconds{model}`` histogram; ``streamer_tick_to_publish_seconds`` histogram
   (frame received -> its refit's messages handed to the publishers);

@@ -510,6 +510,8 @@ class Service:
         for book in p.books:
             for reason, n in book.drops.items():
                 m.drops.set(float(n), stage="book", reason=reason, underlying=book.underlying)
+            for reason, n in book.rejected.items():  # cumulative (book.py): refused input
+                m.drops.set(float(n), stage="book_in", reason=reason, underlying=book.underlying)
         for name in p.models:
             m.fits.set(float(p.fits[name] - p.failed[name]), model=name, result="ok")
             m.fits.set(float(p.failed[name]), model=name, result="degraded")

@@ -21,6 +21,7 @@ def _deribit(config: Config, parser: FrameParser, on_frame: OnFrame | None) -> F
         book_channels=f.book_channels,
         heartbeat_s=f.heartbeat_s,
         dead_after_s=f.dead_after_s,
+        max_frame_bytes=f.max_frame_bytes,
         on_frame=on_frame,
     )
 

@@ -31,7 +31,15 @@ Architecture Blog, 2015) that resets after a session in which market data flowed
 The parser (``DeribitParser``, or anything with the ``FrameParser`` shape: the daemon
 passes the book's fused path) is pure; this module only moves frames and keeps the
 subscription state. Every raw
-frame goes to ``on_frame(text, recv_ns)`` (the recorder) before it is parsed. Protocol
+frame goes to ``on_frame(text, recv_ns)`` (the recorder) before it is parsed.
+
+Frame size: a frame over ``max_frame_bytes`` is dropped before the recorder and the parser
+see it (never decoded), counted in ``drops["too_large"]`` and in the parser's own ``drops``
+(``DeribitParser.too_large``; reached through a fused path's ``parser``), so the daemon's
+metrics show it with the parser's other reasons. The websocket library's own ``max_size``
+is set to twice that: a bigger message makes ``websockets`` close the connection (1009,
+"message too big") before it is ever buffered whole, which ends the session (counted as
+``too_large`` too) and reconnects. Protocol
 decisions live in small pure helpers (request builders, ``batch_channels``, ``Backoff``,
 ``Subscriptions``) that the tests drive without sockets.
 
@@ -52,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -69,6 +78,7 @@ from streamer.backoff import (
 )
 from streamer.errors import FeedError, InputError, ParseError
 from streamer.events import (
+    BookChanged,
     BookTop,
     Event,
     FeedStatus,
@@ -82,6 +92,7 @@ from streamer.events import (
     Trade,
 )
 from streamer.feeds.base import Feed, FrameParser
+from streamer.feeds.deribit.parser import DEFAULT_MAX_FRAME_BYTES, frame_too_large
 from streamer.feeds.deribit.protocol import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_INTERVAL,
@@ -106,9 +117,12 @@ from streamer.feeds.deribit.protocol import (
 
 log = structlog.get_logger(__name__)
 
-_MARKET_DATA = (Quote, BookTop, IndexPrice, MarkPrice, Trade)
+# what makes a session count as having worked (the backoff resets after it); BookChanged is
+# what a fused parser (the daemon's) returns for a ticker it wrote straight into a book row
+_MARKET_DATA = (Quote, BookTop, IndexPrice, MarkPrice, Trade, BookChanged)
 DEFAULT_OPEN_TIMEOUT_S = 10.0
-DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024  # get_instruments replies run to megabytes
+MESSAGE_TOO_BIG = 1009  # the websocket close code for a message over max_size (RFC 6455)
+DELAYS_KEPT = 1_000  # reconnect delays remembered (a ring: memory stays bounded)
 DEFAULT_HEARTBEAT_S = 10.0
 DEFAULT_DEAD_AFTER_S = 30.0
 DEFAULT_RATE_LIMIT_BACKOFF_S = 10.0  # after 10028 wait at least this long
@@ -157,6 +171,7 @@ class DeribitStats:
     rate_limited: int
     active_channels: int
     instruments: int
+    drops: dict[str, int] = field(default_factory=dict)
 
 
 class DeribitFeed(Feed):
@@ -173,6 +188,8 @@ class DeribitFeed(Feed):
         dead_after_s: no frame for this long -> the connection is dead: close and reconnect.
         batch_size: channels per subscribe request (halved for the session on a -32600 reply).
         max_request_bytes: and at most about this many bytes of channel names per request.
+        max_frame_bytes: a longer frame is dropped and counted, never decoded (module
+            docstring); the websocket library refuses messages over twice this.
         interval: the ticker/book interval suffix (``100ms``; ``raw`` needs authentication).
         backoff_initial, backoff_max, backoff_factor, backoff_jitter: reconnect delays
             (``Backoff``); reset after a session in which market data arrived.
@@ -198,6 +215,7 @@ class DeribitFeed(Feed):
         dead_after_s: float = DEFAULT_DEAD_AFTER_S,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         interval: str = DEFAULT_INTERVAL,
         backoff_initial: float = DEFAULT_BACKOFF_INITIAL_S,
         backoff_max: float = DEFAULT_BACKOFF_MAX_S,
@@ -226,6 +244,8 @@ class DeribitFeed(Feed):
             raise InputError("batch_size", f"must be >= 1, got {batch_size}")
         if max_request_bytes < 64:
             raise InputError("max_request_bytes", f"must be >= 64, got {max_request_bytes}")
+        if max_frame_bytes < 1024:
+            raise InputError("max_frame_bytes", f"must be >= 1024, got {max_frame_bytes}")
         if not rate_limit_backoff_s >= 0:
             raise InputError("rate_limit_backoff_s", f"must be >= 0, got {rate_limit_backoff_s}")
         self.url = url
@@ -235,6 +255,7 @@ class DeribitFeed(Feed):
         self.dead_after_s = dead_after_s
         self.batch_size = batch_size
         self.max_request_bytes = max_request_bytes
+        self.max_frame_bytes = max_frame_bytes
         self.interval = interval
         self.rate_limit_backoff_s = rate_limit_backoff_s
         self.open_timeout_s = open_timeout_s
@@ -251,7 +272,9 @@ class DeribitFeed(Feed):
         self._next_id = 0
         self._instruments: dict[str, str] = {}  # option name -> listing currency
         self.connected = False
-        self.delays: list[float] = []  # every reconnect delay chosen (metrics, tests)
+        # the reconnect delays chosen, newest last (metrics, tests; the latest DELAYS_KEPT)
+        self.delays: deque[float] = deque(maxlen=DELAYS_KEPT)
+        self.drops: Counter[str] = Counter()  # frames dropped here, before parsing, by reason
         self.sessions = 0
         self.frames = 0
         self.parse_errors = 0
@@ -285,6 +308,7 @@ class DeribitFeed(Feed):
             rate_limited=self.rate_limited,
             active_channels=len(self.subscriptions.active),
             instruments=len(self._instruments),
+            drops=dict(self.drops),
         )
 
     # -- the stream -------------------------------------------------------------------------
@@ -305,7 +329,7 @@ class DeribitFeed(Feed):
                 ws = await connect(
                     self.url,
                     open_timeout=self.open_timeout_s,
-                    max_size=DEFAULT_MAX_FRAME_BYTES,
+                    max_size=2 * self.max_frame_bytes,
                     ping_interval=None,  # dead peers: dead_after_s around recv (heartbeats)
                     close_timeout=1.0,
                     proxy=self._proxy,
@@ -383,9 +407,16 @@ class DeribitFeed(Feed):
             log.warning("deribit.stale", silent_s=self.dead_after_s, session=session.number)
             raise _EndSessionError(f"no frame for {self.dead_after_s} s", stale=True) from None
         except ConnectionClosed as exc:
+            sent = exc.sent
+            if sent is not None and sent.code == MESSAGE_TOO_BIG:  # over 2 x max_frame_bytes
+                self._drop_frame(2 * self.max_frame_bytes + 1, "")
             raise _EndSessionError(f"connection closed: {exc}") from None
         recv_ns = self._clock_ns()
         self.frames += 1
+        size = frame_too_large(frame, self.max_frame_bytes)
+        if size:
+            self._drop_frame(size, frame)
+            return []
         if self._on_frame is not None:
             text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
             self._on_frame(text, recv_ns)
@@ -400,6 +431,16 @@ class DeribitFeed(Feed):
         except ConnectionClosed as exc:
             raise _EndSessionError(f"connection closed while sending: {exc}") from None
         return [*events, *extra] if extra else events
+
+    def _drop_frame(self, size: int, frame: str | bytes) -> None:
+        """A frame over ``max_frame_bytes``: counted here and in the parser's drops."""
+        self.drops["too_large"] += 1
+        parser = getattr(self._parser, "parser", self._parser)  # a fused path wraps one
+        count = getattr(parser, "too_large", None)
+        if callable(count):
+            count(size, frame[:160], self.max_frame_bytes)
+        else:
+            log.warning("deribit.frame_too_large", size=size, limit=self.max_frame_bytes)
 
     async def _react(
         self, ws: ClientConnection, session: _Session, events: Sequence[Event], recv_ns: int

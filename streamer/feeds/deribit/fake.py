@@ -31,6 +31,20 @@ script), ``rate_limit_after_requests`` (every later request gets error 10028
 ``close_unanswered`` the connection is closed when the previous one is still unanswered, like
 Deribit). Every connection's traffic is kept in ``connections`` (requests, per-channel subscribe
 counts, frames sent) for assertions; ``wait_until`` waits for a condition on them.
+
+Bad-data knobs (faulty connections only; choices drawn from ``fault_seed``, every injected
+fault counted by kind in ``ConnectionLog.faults``): ``live_timestamps`` (every script frame is
+stamped with the send time, as the exchange stamps its notifications, and book ``change_id``s
+are renumbered per connection so looping never gaps by itself), ``malformed_ratio`` (that share
+of script frames is replaced by a malformed one, one of ``MALFORMED``: the parser's drop reason
+for each is its key), ``duplicate_ratio`` (sent twice), ``timestamp_faults`` (kind -> share of
+ticker frames: ``us`` timestamp x 1000, ``s`` / 1000, ``skew`` one day ahead),
+``book_gap_ratio`` (a book change with a wrong ``prev_change_id``), ``book_reorder_ratio`` (a
+book change held back and sent after the next one of the same book: out of order),
+``subscribe_refusals`` (the first N subscribe requests get -32600 "request entity too large",
+without an id), ``test_request_storm`` (that many ``test_request`` at once when the script
+starts, and again every ``test_request_storm_every_s`` if set). ``oversized_frames`` are sent
+(as is) before the script, like ``garbage_frames``.
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -190,6 +205,61 @@ def synthetic_ticker(instrument: Mapping[str, Any], ts_ms: int, step: int = 0) -
     }
 
 
+MALFORMED = ("bad_json", "bad_type", "missing_field", "not_object", "unknown_channel")
+"""The malformed frames ``malformed_ratio`` injects, named by the parser's drop reason."""
+TIMESTAMP_FAULTS = ("us", "s", "skew")
+SKEW_MS = 86_400_000  # the "skew" timestamp fault: a day ahead
+
+
+def malformed_frame(kind: str, channel: str, data: Mapping[str, Any]) -> str:
+    """A broken version of the notification ``channel``/``data``: ``kind`` in ``MALFORMED``."""
+    if kind == "bad_json":
+        text = notification(channel, data)
+        return text[: len(text) // 2]  # cut in the middle
+    if kind == "bad_type":
+        return notification(channel, {**data, "best_bid_price": "n/a", "timestamp": "soon"})
+    if kind == "missing_field":
+        return notification(channel, {k: v for k, v in data.items() if k != "instrument_name"})
+    if kind == "not_object":
+        return json.dumps([channel, 1, 2])
+    if kind == "unknown_channel":
+        return notification("nonsense." + channel, data)
+    raise InputError("kind", f"one of {', '.join(MALFORMED)}, got {kind!r}")
+
+
+def synthetic_book_script(
+    instruments: Sequence[Mapping[str, Any]], rounds: int = 3, ts0_ms: int = 1_700_000_000_000
+) -> list[ScriptFrame]:
+    """A ``book`` snapshot per instrument, then ``rounds - 1`` changes each (change_ids 1,
+    2, ...; prices in coin around the synthetic tickers')."""
+    out: list[ScriptFrame] = []
+    for k in range(rounds):
+        for inst in instruments:
+            name = inst["instrument_name"]
+            bid = round(0.05 + 0.0005 * k, 4)
+            data: dict[str, Any] = {
+                "timestamp": ts0_ms + 100 * k,
+                "instrument_name": name,
+                "change_id": k + 1,
+            }
+            if k == 0:
+                data.update(
+                    type="snapshot",
+                    bids=[["new", bid, 10.0], ["new", bid - 0.0005, 5.0]],
+                    asks=[["new", bid + 0.001, 12.0], ["new", bid + 0.0015, 3.0]],
+                )
+            else:
+                prev = round(0.05 + 0.0005 * (k - 1), 4)
+                data.update(
+                    type="change",
+                    prev_change_id=k,
+                    bids=[["delete", prev, 0.0], ["new", bid, 10.0]],
+                    asks=[["delete", prev + 0.001, 0.0], ["new", bid + 0.001, 12.0]],
+                )
+            out.append(ScriptFrame(f"book.{name}", data))
+    return out
+
+
 def synthetic_script(
     instruments: Sequence[Mapping[str, Any]], rounds: int = 3, ts0_ms: int = 1_700_000_000_000
 ) -> list[ScriptFrame]:
@@ -223,6 +293,9 @@ class ConnectionLog:
     closed_by_server: str = ""  # "drop", "unanswered test_request"
     stalled: bool = False
     open: bool = True
+    script_done: bool = False  # the script's loops all went out
+    faults: Counter[str] = field(default_factory=Counter)  # injected bad data, by kind
+    doubled: Counter[str] = field(default_factory=Counter)  # subscribed while subscribed
 
     def methods(self) -> list[str]:
         return [str(r.get("method")) for r in self.requests]
@@ -241,6 +314,9 @@ class _Conn:
         self.snapshots: dict[str, Mapping[str, Any]] = {}  # "book.X" -> last snapshot pushed
         self.change_ids: dict[str, object] = {}  # "book.X" -> last change_id pushed
         self.ever_subscribed: set[str] = set()
+        self.next_change_id: dict[str, int] = {}  # live_timestamps: "book.X" -> last id used
+        self.held: dict[str, tuple[str, dict[str, Any]]] = {}  # book changes sent late
+        self.subscribe_requests = 0
 
 
 class FakeDeribitServer:
@@ -261,7 +337,12 @@ class FakeDeribitServer:
         refusal_with_id: put the request id in that refusal (the real server leaves it out).
         drop_after_frames, stall_after_frames, garbage_frames, rate_limit_after_requests,
         test_request_every_s, close_unanswered: fault knobs (module docstring).
-        faulty_connections: the knobs apply to this many first connections (None: all).
+        live_timestamps, malformed_ratio, duplicate_ratio, timestamp_faults, book_gap_ratio,
+        book_reorder_ratio, subscribe_refusals, test_request_storm,
+        test_request_storm_every_s, oversized_frames, fault_seed: bad-data knobs (module
+        docstring).
+        faulty_connections: the knobs apply to this many first connections (None: all);
+        ``live_timestamps`` applies to every connection.
         host, port: where to listen (loopback, port 0 = any free port).
     """
 
@@ -282,12 +363,39 @@ class FakeDeribitServer:
         rate_limit_after_requests: int | None = None,
         test_request_every_s: float | None = None,
         close_unanswered: bool = False,
+        live_timestamps: bool = False,
+        malformed_ratio: float = 0.0,
+        duplicate_ratio: float = 0.0,
+        timestamp_faults: Mapping[str, float] | None = None,
+        book_gap_ratio: float = 0.0,
+        book_reorder_ratio: float = 0.0,
+        subscribe_refusals: int = 0,
+        test_request_storm: int = 0,
+        test_request_storm_every_s: float | None = None,
+        oversized_frames: Sequence[str | bytes] = (),
+        fault_seed: int = 0,
         faulty_connections: int | None = 1,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
         if max_channels < 1:
             raise InputError("max_channels", f"must be >= 1, got {max_channels}")
+        faults = dict(timestamp_faults or {})
+        for kind in faults:
+            if kind not in TIMESTAMP_FAULTS:
+                raise InputError("timestamp_faults", f"kinds are {TIMESTAMP_FAULTS}, got {kind!r}")
+        shares = {
+            "malformed_ratio": malformed_ratio,
+            "duplicate_ratio": duplicate_ratio,
+            "book_gap_ratio": book_gap_ratio,
+            "book_reorder_ratio": book_reorder_ratio,
+            **{f"timestamp_faults.{k}": v for k, v in faults.items()},
+        }
+        for key, share in shares.items():
+            if not 0.0 <= share <= 1.0:
+                raise InputError(key, f"must lie in [0, 1], got {share}")
+        if sum(faults.values()) + malformed_ratio > 1.0:
+            raise InputError("malformed_ratio", "with the timestamp faults, at most 1 in all")
         data_dir = default_data_dir()
         if instruments is None:
             capture = data_dir / CAPTURE_INSTRUMENTS if data_dir else None
@@ -317,6 +425,17 @@ class FakeDeribitServer:
         self.rate_limit_after_requests = rate_limit_after_requests
         self.test_request_every_s = test_request_every_s
         self.close_unanswered = close_unanswered
+        self.live_timestamps = live_timestamps
+        self.malformed_ratio = malformed_ratio
+        self.duplicate_ratio = duplicate_ratio
+        self.timestamp_faults = faults
+        self.book_gap_ratio = book_gap_ratio
+        self.book_reorder_ratio = book_reorder_ratio
+        self.subscribe_refusals = subscribe_refusals
+        self.test_request_storm = test_request_storm
+        self.test_request_storm_every_s = test_request_storm_every_s
+        self.oversized_frames = list(oversized_frames)
+        self.rng = random.Random(fault_seed)
         self.faulty_connections = faulty_connections
         self.host = host
         self.port = port
@@ -365,6 +484,20 @@ class FakeDeribitServer:
         re-checked whenever a connection's state changes."""
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(predicate)
+
+    def faults(self) -> Counter[str]:
+        """Injected bad data by kind over all connections (``ConnectionLog.faults``)."""
+        total: Counter[str] = Counter()
+        for c in self.connections:
+            total.update(c.faults)
+        return total
+
+    async def send_test_requests(self, n: int) -> int:
+        """A storm: ``n`` heartbeat ``test_request`` at once to every live connection."""
+        for conn in list(self._live):
+            for _ in range(n):
+                await self._send_test_request(conn)
+        return len(self._live)
 
     def subscribe_counts(self) -> Counter[str]:
         """Subscribe requests per channel over all connections."""
@@ -428,6 +561,7 @@ class FakeDeribitServer:
             async with asyncio.TaskGroup() as tg:
                 pump = tg.create_task(self._pump(conn), name=f"fake-deribit pump {index}")
                 beat = tg.create_task(self._beat(conn), name=f"fake-deribit beat {index}")
+                storm = tg.create_task(self._storm(conn), name=f"fake-deribit storm {index}")
                 try:
                     async for message in ws:
                         await self._on_request(conn, message)
@@ -436,6 +570,7 @@ class FakeDeribitServer:
                 finally:
                     pump.cancel()
                     beat.cancel()
+                    storm.cancel()
         finally:
             conn.log.open = False
             self._live.discard(conn)
@@ -472,6 +607,16 @@ class FakeDeribitServer:
         elif method == "public/get_instruments":
             await self._reply(conn, rid, result=self._listing(params))
         elif method in ("public/subscribe", "public/unsubscribe"):
+            if method == "public/subscribe":
+                conn.subscribe_requests += 1
+                if conn.faulty and conn.subscribe_requests <= self.subscribe_refusals:
+                    conn.log.refused_requests += 1
+                    conn.log.faults["subscribe_refused"] += 1
+                    await self._reply(
+                        conn, None, error=(INVALID_REQUEST, "request entity too large")
+                    )
+                    await self._notify()
+                    return
             await self._on_subscribe(conn, rid, method, params)
         else:
             await self._reply(conn, rid, error=(METHOD_NOT_FOUND, "Method not found"))
@@ -513,6 +658,8 @@ class FakeDeribitServer:
         if method == "public/subscribe":
             conn.log.subscribe_counts.update(str(ch) for ch in channels)
             for ch in accepted:
+                if ch in conn.log.subscribed:
+                    conn.log.doubled[ch] += 1
                 conn.log.subscribed.add(ch)
                 parts = ch.split(".")
                 if parts[0] in _INSTRUMENT_KINDS:
@@ -523,7 +670,9 @@ class FakeDeribitServer:
                     if ch in conn.ever_subscribed and prefix in conn.snapshots:
                         snap = dict(conn.snapshots[prefix])
                         snap.update(type="snapshot", timestamp=_now_ms())
-                        snap["change_id"] = conn.change_ids.get(prefix, snap.get("change_id"))
+                        snap["change_id"] = conn.next_change_id.get(prefix) or conn.change_ids.get(
+                            prefix, snap.get("change_id")
+                        )  # live: the newest id handed out (a late change is older)
                         snapshots.append((ch, snap))
                 conn.ever_subscribed.add(ch)
         else:
@@ -561,6 +710,9 @@ class FakeDeribitServer:
         if conn.faulty:
             for frame in self.garbage_frames:
                 await self._send(conn, frame)
+            for frame in self.oversized_frames:
+                if await self._send(conn, frame):
+                    conn.log.faults["too_large"] += 1
         loop = 0
         while self.loops is None or loop < self.loops:
             loop += 1
@@ -572,7 +724,7 @@ class FakeDeribitServer:
                     conn.log.stalled = True
                     await self._notify()
                     return
-                await self._send_notification(conn, target, item.data)
+                await self._send_script_frame(conn, target, item)
                 conn.log.script_frames += 1
                 if self._reached(conn, self.drop_after_frames):
                     conn.log.closed_by_server = "drop"
@@ -580,7 +732,91 @@ class FakeDeribitServer:
                     return
                 await asyncio.sleep(self.interval_s)
             if not self.script:
+                break
+        conn.log.script_done = True
+        await self._notify()
+
+    async def _send_script_frame(self, conn: _Conn, channel: str, item: ScriptFrame) -> None:
+        """One script notification, live-stamped and with this connection's faults."""
+        data = dict(item.data)
+        kind = channel.split(".", 1)[0]
+        if self.live_timestamps:
+            data["timestamp"] = _now_ms()
+            if kind == "book":
+                self._renumber(conn, channel, data)
+        rng = self.rng
+        if conn.faulty and kind == "book" and data.get("type") == "change":
+            if self.book_gap_ratio and rng.random() < self.book_gap_ratio:
+                data["prev_change_id"] = int(data.get("prev_change_id", 0)) - 1
+                conn.log.faults["book_gap"] += 1
+            elif self.book_reorder_ratio and rng.random() < self.book_reorder_ratio:
+                prefix = ".".join(channel.split(".")[:2])
+                if prefix not in conn.held:
+                    conn.held[prefix] = (channel, data)  # sent after the next change
+                    conn.log.faults["book_reorder"] += 1
+                    return
+        if conn.faulty and kind == "ticker":
+            u = rng.random()
+            for fault, share in self.timestamp_faults.items():
+                if u < share:
+                    ts = int(data["timestamp"])
+                    data["timestamp"] = {
+                        "us": ts * 1000,
+                        "s": ts // 1000,
+                        "skew": ts + SKEW_MS,
+                    }[fault]
+                    conn.log.faults[f"timestamp_{fault}"] += 1
+                    break
+                u -= share
+            else:
+                if u < self.malformed_ratio:
+                    bad = MALFORMED[rng.randrange(len(MALFORMED))]
+                    if await self._send(conn, malformed_frame(bad, channel, data)):
+                        conn.log.faults[bad] += 1
+                    return
+        await self._send_notification(conn, channel, data)
+        prefix = ".".join(channel.split(".")[:2])
+        held = conn.held.pop(prefix, None) if kind == "book" else None
+        if held is not None:
+            await self._send_notification(conn, *held)
+        if conn.faulty and self.duplicate_ratio and rng.random() < self.duplicate_ratio:
+            await self._send_notification(conn, channel, data)
+            conn.log.faults["duplicate"] += 1
+
+    @staticmethod
+    def _renumber(conn: _Conn, channel: str, data: dict[str, Any]) -> None:
+        """Book change_ids continue per connection (a looped script does not gap)."""
+        prefix = ".".join(channel.split(".")[:2])
+        seen = conn.next_change_id.get(prefix)
+        last = seen or 0
+        if data.get("type") != "snapshot":
+            if seen is None:  # no snapshot sent on this connection yet: start with one
+                data["type"] = "snapshot"
+                data.pop("prev_change_id", None)
+            else:
+                data["prev_change_id"] = last
+        data["change_id"] = last + 1
+        conn.next_change_id[prefix] = last + 1
+
+    async def _storm(self, conn: _Conn) -> None:
+        """``test_request_storm`` at once when the script starts, and again every
+        ``test_request_storm_every_s`` when set (a task of the connection's handler)."""
+        if not (conn.faulty and self.test_request_storm):
+            return
+        await conn.ready.wait()
+        while conn.log.open and not conn.log.stalled:
+            for _ in range(self.test_request_storm):
+                conn.unanswered += 1  # before sending: the answer may come at once
+                conn.log.test_requests_sent += 1
+                if await self._send(conn, TEST_REQUEST):
+                    conn.log.faults["test_request"] += 1
+                else:
+                    conn.unanswered -= 1
+                    conn.log.test_requests_sent -= 1
+            await self._notify()
+            if self.test_request_storm_every_s is None:
                 return
+            await asyncio.sleep(self.test_request_storm_every_s)
 
     @staticmethod
     def _reached(conn: _Conn, limit: int | None) -> bool:

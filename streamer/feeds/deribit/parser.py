@@ -16,9 +16,12 @@ section 2):
     a zero IV is NaN; Greeks copied. ``underlying_price`` is the option's forward.
   - ``book.{inst}.{interval}`` -> ``BookTop``: a ``snapshot`` then ``change`` messages of
     ``[action, price, amount]`` levels, ``action`` in new/change/delete; each change carries
-    ``prev_change_id``, which must equal the previous message's ``change_id``. A mismatch is a
-    gap: the instrument's levels are dropped, a ``FeedStatus(state="gap", instrument=...)`` is
-    emitted (the feed resubscribes, Deribit then sends a fresh snapshot) and changes are ignored
+    ``prev_change_id``, which must equal the previous message's ``change_id``. A change whose
+    ``change_id`` is not above the last applied one (a duplicated frame, or a late one after a
+    fresh snapshot) changes nothing and is skipped (``skipped["book_old_change"]``). Another
+    mismatch is a gap: the instrument's levels are dropped, a
+    ``FeedStatus(state="gap", instrument=...)`` is emitted (the feed resubscribes, Deribit
+    then sends a fresh snapshot) and changes are ignored
     (counted in ``skipped["book_no_snapshot"]``) until that snapshot. The grouped channel
     ``book.{inst}.{group}.{depth}.{interval}`` (``[price, amount]`` levels, full each time) is
     read too.
@@ -39,6 +42,11 @@ section 2):
   name).
 
 Instrument names follow ``streamer.instruments`` (DESIGN section 2).
+
+Size limit: a frame longer than ``max_frame_bytes`` (UTF-8 bytes; default
+``DEFAULT_MAX_FRAME_BYTES``) is dropped and counted (``too_large``) before it is decoded, so a
+huge or endless frame costs a length check, not a parse. ``frame_too_large`` is the same test
+for the websocket adapter, which applies it before the recorder and the (fused) parser.
 
 Speed: the book's fused path (``streamer.book.fastpath``) decodes a frame once, writes a
 ticker of a known instrument straight into its book row, and hands everything else to
@@ -78,6 +86,7 @@ NAN = math.nan
 DEFAULT_VENUE = "deribit"
 LOG_FIRST = 5  # log the first few drops of each reason, then every power of two
 NAME_CACHE_MAX = 200_000  # instrument-name cache bound (cleared when exceeded)
+DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024  # a BTC get_instruments reply is ~0.5 MB
 LISTED_STATES = frozenset({"created", "started"})
 EXPIRED_STATES = frozenset({"settled", "deactivated", "closed", "terminated", "delivered"})
 BOOK_ACTIONS = frozenset({"new", "change", "delete"})
@@ -85,6 +94,18 @@ BOOK_ACTIONS = frozenset({"new", "change", "delete"})
 _loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
 _EMPTY: dict[str, Any] = {}
+
+
+def frame_too_large(frame: str | bytes, limit: int) -> int:
+    """The frame's size in UTF-8 bytes when it exceeds ``limit``, else 0. O(1) unless a text
+    frame is within a factor 4 of the limit (then it is encoded once to count its bytes)."""
+    n = len(frame)
+    if n > limit:
+        return n
+    if type(frame) is str and 4 * n > limit:
+        size = len(frame.encode("utf-8", "surrogatepass"))
+        return size if size > limit else 0
+    return 0
 
 
 def _num(value: object) -> float:
@@ -201,12 +222,22 @@ class DeribitParser:
         "_names",
         "drops",
         "frames",
+        "max_frame_bytes",
         "skipped",
         "venue",
     )
 
-    def __init__(self, venue: str = DEFAULT_VENUE, *, log_first: int = LOG_FIRST) -> None:
+    def __init__(
+        self,
+        venue: str = DEFAULT_VENUE,
+        *,
+        log_first: int = LOG_FIRST,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
+        if max_frame_bytes < 1:
+            raise ValueError(f"max_frame_bytes: must be >= 1, got {max_frame_bytes}")
         self.venue = venue
+        self.max_frame_bytes = max_frame_bytes
         self.frames = 0
         self.drops: Counter[str] = Counter()
         self.skipped: Counter[str] = Counter()
@@ -223,6 +254,10 @@ class DeribitParser:
     def parse(self, frame: str | bytes, recv_ns: int) -> list[Event]:
         """All events of one frame; never raises (bad frames are counted in ``drops``)."""
         self.frames += 1
+        # (anything that is no str/bytes at all is orjson's to refuse, below)
+        size = frame_too_large(frame, self.max_frame_bytes) if isinstance(frame, str | bytes) else 0
+        if size:
+            return self.too_large(size, frame)
         try:
             msg = _loads(frame)
         except Exception as exc:  # JSONDecodeError, or not str/bytes at all
@@ -234,6 +269,12 @@ class DeribitParser:
     def bad_json(self, exc: Exception, frame: str | bytes) -> list[Event]:
         """Count (and log) a frame that is not JSON at all."""
         return self._drop("bad_json", str(exc), frame)
+
+    def too_large(self, size: int, frame: str | bytes, limit: int | None = None) -> list[Event]:
+        """Count (and log) a frame over ``max_frame_bytes`` (or the adapter's ``limit``: it
+        calls this when it drops one before parsing), never decoded."""
+        limit = self.max_frame_bytes if limit is None else limit
+        return self._drop("too_large", f"{size} bytes > max_frame_bytes {limit}", frame)
 
     def parse_decoded(self, msg: Any, frame: str | bytes, recv_ns: int) -> list[Event]:
         """The events of one decoded frame (``frame`` is its raw text, for drop logs)."""
@@ -432,6 +473,9 @@ class DeribitParser:
                 self.skipped["book_no_snapshot"] += 1
                 return []
             lv = lv_or_none
+            if change_id <= lv.change_id:  # a duplicate, or one older than the levels held
+                self.skipped["book_old_change"] += 1
+                return []
             if prev != lv.change_id:
                 del self._levels[opt.name]
                 detail = f"prev_change_id {prev} != last change_id {lv.change_id}"
