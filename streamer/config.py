@@ -34,6 +34,8 @@ Sections (every key optional; defaults below and in ``config/default.toml``)::
     urls = ["jsonl:-"]                # mqtt://[user[:pass]@]host:1883/prefix, jsonl:PATH, ...
     prefix = "streamer"
     greeks = true                     # also publish the per-expiry greeks topics
+    tenors_days = [1, 7, 14, 30, 60, 90, 180, 365]  # the tenors topic's constant maturities
+                                      # (whole days, increasing; [] = no tenors topic)
 
     [recorder]
     dir = ""                          # "" = off; else raw frames go to DIR/*.jsonl.zst
@@ -71,6 +73,7 @@ line. Every config error that shows a value shows it with URL passwords redacted
 
 from __future__ import annotations
 
+import itertools
 import os
 import tomllib
 from collections.abc import Mapping
@@ -87,6 +90,8 @@ DEFAULT_FORWARD_MOVE_BP = 10.0
 DEFAULT_MAX_INTERVAL_S = 5.0
 DEFAULT_MIN_INTERVAL_S = 0.2
 DEFAULT_WARMUP_S = 1.0
+DEFAULT_TENORS_DAYS = (1, 7, 14, 30, 60, 90, 180, 365)  # the tenors topic (streamer.client.tenors)
+MAX_TENOR_DAYS = 3650
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +155,14 @@ class PublishSettings:
     urls: tuple[str, ...] = ("jsonl:-",)
     prefix: str = "streamer"
     greeks: bool = True
+    tenors_days: tuple[int, ...] = DEFAULT_TENORS_DAYS
+
+    def __post_init__(self) -> None:
+        days = self.tenors_days
+        if any(not 1 <= d <= MAX_TENOR_DAYS for d in days):
+            raise ValueError(f"publish.tenors_days must lie in [1, {MAX_TENOR_DAYS}] days")
+        if any(b <= a for a, b in itertools.pairwise(days)):
+            raise ValueError("publish.tenors_days must be increasing, without repeats")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ def replay(
     surfaces: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
     for batch in run_inline(pipe, frames):
         for msg in batch:
-            surfaces[msg.topic.split("/")[3]].append(msg.payload)
+            if msg.topic.endswith("/surface"):  # not the tenors topic that comes with it
+                surfaces[msg.topic.split("/")[3]].append(msg.payload)
     return sim.truth, surfaces
 
 

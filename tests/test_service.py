@@ -473,7 +473,10 @@ async def test_replay_to_mosquitto_matches_jsonl(mosquitto: Mosquitto, tmp_path:
     )
     for topic, payload in last.items():
         assert retained[topic] == payload, topic
-        schema = load_schema("surface" if topic.endswith("/surface") else "greeks")
+        tenors = topic.endswith("/tenors")
+        schema = load_schema(
+            "surface" if topic.endswith("/surface") else "tenors" if tenors else "greeks"
+        )
         jsonschema.validate(payload, schema)
 
 

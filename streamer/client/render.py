@@ -2,7 +2,9 @@
 
 Surface payloads (``streamer.surface/1``) render as a compact table per expiry (expiry, T,
 forward, ATM IV in %, RMSE in IV points, share of quotes in the bid-ask band, parameters);
-greeks payloads (``streamer.greeks/1``) as a short summary, status as one line; any other
+greeks payloads (``streamer.greeks/1``) as a short summary, tenors payloads
+(``streamer.tenors/1``) as a table of ATM IV, 25- and 10-delta risk reversals and
+butterflies per tenor (vol points) under the 30-day vol index, status as one line; any other
 payload as JSON. Pure functions of the payload.
 """
 
@@ -105,6 +107,34 @@ def render_greeks(topic: str, p: dict[str, Any]) -> str:
     return line
 
 
+def render_tenors(topic: str, p: dict[str, Any]) -> str:
+    lines = [
+        f"{topic}  seq {p.get('seq')}  {p.get('status')}  {_when(p.get('ts_ms'))} UTC"
+        f"  vol index 30d {_f(p.get('vol_index_30d'), '.2f', 100, '%')}"
+    ]
+    rows = [
+        [
+            f"{t.get('days', '-')}d",
+            _f(t.get("T"), ".4f"),
+            _f(t.get("forward"), ",.2f"),
+            _f(t.get("atm_iv"), ".2f", 100, "%"),
+            _f(t.get("rr25"), "+.2f", 100),
+            _f(t.get("bf25"), "+.2f", 100),
+            _f(t.get("rr10"), "+.2f", 100),
+            _f(t.get("bf10"), "+.2f", 100),
+        ]
+        for t in p.get("tenors") or []
+        if isinstance(t, dict)
+    ]
+    if rows:
+        table: list[str] = []
+        headers = ["tenor", "T", "forward", "atm_iv", "rr25", "bf25", "rr10", "bf10"]
+        # an empty last column: every number right-aligned (_table left-aligns the last)
+        _table([*headers, ""], [[*r, ""] for r in rows], table)
+        lines.extend("  " + t for t in table)
+    return "\n".join(lines)
+
+
 def render_status(topic: str, p: dict[str, Any]) -> str:
     import orjson
 
@@ -127,6 +157,8 @@ def render(topic: str, payload: dict[str, Any]) -> str:
             return render_surface(topic, payload)
         if schema == "streamer.greeks/1":
             return render_greeks(topic, payload)
+        if schema == "streamer.tenors/1":
+            return render_tenors(topic, payload)
         if schema == "streamer.status/1":
             return render_status(topic, payload)
     except (TypeError, ValueError, KeyError):  # malformed: fall back to the JSON

@@ -25,18 +25,35 @@ fitted expiry the smile is held flat in implied vol at fixed ``k`` (constant for
 "flat-forward"). Models whose parameters describe every maturity (Heston, Bates) are
 evaluated at ``T`` itself. The forward is interpolated linearly in ``ln F`` against ``T`` (a
 constant basis rate between expiries), extrapolated with the nearest segment's rate.
+``smile_at(T)`` is that maturity's smile as a function of ``k`` (the interpolation chosen
+once for ``T``).
+
+Constant maturities (``tenor``, ``tenors``, ``vol_index``): ATM IV, 25- and 10-delta risk
+reversals and butterflies at ``days / 365`` on ``smile_at``, and the 30-day variance-swap vol
+index from the fitted slices around 30 days; the maths and its references are in
+``streamer.client.tenors``. Only inside the fitted expiries (None outside: no extrapolation).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from streamer.client.tenors import (
+    DEFAULT_TENORS_DAYS,
+    VOL_INDEX_DAYS,
+    Smile,
+    Tenor,
+    empty_tenor,
+    smile_tenor,
+    tenor_years,
+    vol_index,
+)
 from streamer.errors import InputError
 from streamer.models import REGISTRY, Model, ParamView
 from streamer.pricing import black_greeks, black_price, deribit_greeks, implied_vol
@@ -44,6 +61,7 @@ from streamer.pricing import black_greeks, black_price, deribit_greeks, implied_
 FloatArray = npt.NDArray[np.float64]
 ArrayLike = npt.ArrayLike
 CHECK_POINTS = 121  # the butterfly check's grid of an interpolated slice
+Grid = tuple[FloatArray, FloatArray]  # log-moneyness and the smile's IVs there
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,19 +165,30 @@ class Surface:
         (default ``forward_at(T)``): interpolated between fitted expiries (module docstring)."""
         K = np.atleast_1d(np.asarray(strike, dtype=np.float64))
         F = self.forward_at(T) if forward is None else float(forward)
-        k = np.log(K / F)
+        return self.smile_at(T)(np.log(K / F))
+
+    def smile_at(self, T: float) -> Smile:
+        """The smile at maturity ``T`` (years): log-moneyness ``k = ln(K / F_T)`` -> model
+        implied vol, by the maths of ``iv_at`` (the interpolation between the two slices
+        around ``T`` is chosen once, here, not on every call)."""
+        return self._smile_at(float(T))[0]
+
+    def _smile_at(self, T: float) -> tuple[Smile, float | None, Grid | None]:
+        """``smile_at`` and what choosing it computed on the way, for the tenors: the ATM IV
+        and the smile on the butterfly check's grid ``(k, iv)`` (None where not computed)."""
         if not T > 0.0 or not self.expiries:
-            return np.full(K.shape, math.nan)
+            return _nan_smile, None, None
         if self.model.any_maturity:
-            return self._slice_iv(0, k, np.full(k.shape, float(T)))
+            return (lambda k: self._slice_iv(0, _k(k), np.full(np.shape(k), T))), None, None
         Ts = self.T
         hit = np.flatnonzero(np.isclose(Ts, T, rtol=0.0, atol=1e-12))
         if hit.size:
-            return self._slice_iv(int(hit[0]), k)
+            j = int(hit[0])
+            return (lambda k: self._slice_iv(j, _k(k))), None, None
         if Ts[0] > T or Ts[-1] < T:  # flat in implied vol at fixed k
-            return self._slice_iv(0 if Ts[0] > T else len(Ts) - 1, k)
-        j = int(np.searchsorted(Ts, T)) - 1
-        return self._interpolated_iv(j, k, float(T))
+            j = 0 if Ts[0] > T else len(Ts) - 1
+            return (lambda k: self._slice_iv(j, _k(k))), None, None
+        return self._interpolated_smile(int(np.searchsorted(Ts, T)) - 1, T)
 
     def greeks_at(
         self,
@@ -185,9 +214,10 @@ class Surface:
             x, idx = self.x[0], np.full(k.shape, j, dtype=np.int64)
         return np.asarray(self.model.implied_vol(x, k, TT, idx), dtype=np.float64)
 
-    def _interpolated_iv(self, j: int, k: FloatArray, T: float) -> FloatArray:
+    def _interpolated_smile(self, j: int, T: float) -> tuple[Smile, float | None, Grid | None]:
         """Between slices ``j`` and ``j + 1``: total variance linear in ``T`` where that is
-        free of butterfly arbitrage, else the Gatheral-Jacquier price mixture."""
+        free of butterfly arbitrage, else the Gatheral-Jacquier price mixture (with the ATM
+        IV and the check grid's IVs of the linear branch, ``_smile_at``)."""
         T1, T2 = float(self.T[j]), float(self.T[j + 1])
         u = (T - T1) / (T2 - T1)
 
@@ -199,9 +229,13 @@ class Surface:
         theta = float(w_lin(np.zeros(1))[0])
         half = 3.0 * math.sqrt(max(theta, 1e-8))
         grid = np.linspace(-half, half, CHECK_POINTS)
-        if _butterfly_free(grid, w_lin(grid)):
-            return np.asarray(np.sqrt(np.maximum(w_lin(k), 0.0) / T))
-        return self._mixture_iv(j, k, T)
+        w_grid = w_lin(grid)
+        if _butterfly_free(grid, w_grid):
+            atm = math.sqrt(max(theta, 0.0) / T)  # = the smile at k = 0, to the bit
+            iv_grid = np.sqrt(np.maximum(w_grid, 0.0) / T)
+            smile = lambda k: np.asarray(np.sqrt(np.maximum(w_lin(_k(k)), 0.0) / T))  # noqa: E731
+            return smile, atm, (grid, iv_grid)
+        return (lambda k: self._mixture_iv(j, _k(k), T)), None, None
 
     def _mixture_iv(self, j: int, k: FloatArray, T: float) -> FloatArray:
         """Gatheral-Jacquier price interpolation between slices ``j`` and ``j + 1``."""
@@ -215,15 +249,63 @@ class Surface:
         a = (c2 - c) / (c2 - c1) if abs(c2 - c1) > 1e-14 else 1.0 - u
         K = np.exp(k)
         calls = k >= 0.0  # the out-of-the-money side (parity is linear: the same mixture)
-        p1 = np.asarray(black_price(1.0, K, T1, self._slice_iv(j, k), calls))
-        p2 = np.asarray(black_price(1.0, K, T2, self._slice_iv(j + 1, k), calls))
+        # every argument at full shape: streamer.pricing broadcasts scalars with
+        # np.broadcast_arrays, whose views numba's typeof warns about (FutureWarning)
+        one = np.ones(k.shape)
+        p1 = np.asarray(black_price(one, K, np.full(k.shape, T1), self._slice_iv(j, k), calls))
+        p2 = np.asarray(black_price(one, K, np.full(k.shape, T2), self._slice_iv(j + 1, k), calls))
         price = a * p1 + (1.0 - a) * p2
-        return np.asarray(implied_vol(price, 1.0, K, T, calls), dtype=np.float64)
+        return np.asarray(implied_vol(price, one, K, np.full(k.shape, T), calls), dtype=np.float64)
 
     def atm_iv(self, expiry: str) -> float:
         """Model IV at the forward."""
         value = float(self.iv(self.forward[self._slice(expiry)], expiry)[0])
         return value if math.isfinite(value) else math.nan
+
+    # -- constant maturities (the maths in streamer.client.tenors) ------------------------
+
+    def fitted_range(self) -> tuple[float, float] | None:
+        """The first and last fitted ``T`` (years), None without expiries."""
+        if not self.expiries:
+            return None
+        return float(np.min(self.T)), float(np.max(self.T))
+
+    def tenor(self, days: int) -> Tenor:
+        """The constant maturity ``days / 365``: forward, ATM IV (at the forward), 25- and
+        10-delta risk reversals and butterflies (forward Black delta, smile strikes), IVs
+        as fractions; every value None outside the fitted expiries."""
+        if isinstance(days, bool) or not isinstance(days, int | np.integer) or days < 1:
+            raise InputError("days", f"must be a positive whole number of days, got {days!r}")
+        days = int(days)
+        T = tenor_years(days)
+        span = self.fitted_range()
+        if span is None or not span[0] - 1e-12 <= T <= span[1] + 1e-12:
+            return empty_tenor(days)
+        smile, atm, grid = self._smile_at(T)
+        return smile_tenor(smile, days, T, self.forward_at(T), atm_iv=atm, grid=grid)
+
+    def tenors(self, days: Iterable[int] = DEFAULT_TENORS_DAYS) -> list[Tenor]:
+        """``tenor`` of each of ``days`` (default 1, 7, 14, 30, 60, 90, 180, 365)."""
+        return [self.tenor(d) for d in days]
+
+    def vol_index(self, days: int = VOL_INDEX_DAYS) -> float | None:
+        """The variance-swap implied vol at ``days`` (the 30-day vol index, a fraction) from
+        the fitted smiles of the two expiries around it (``streamer.client.tenors``); None
+        outside the fitted expiries."""
+        order = np.argsort(self.T, kind="stable")
+        slices = [(float(self.T[j]), self._fitted_smile(int(j))) for j in order]
+        return vol_index(slices, days)
+
+    def _fitted_smile(self, j: int) -> Smile:
+        return lambda k: self._slice_iv(j, _k(k))
+
+
+def _k(k: ArrayLike) -> FloatArray:
+    return np.atleast_1d(np.asarray(k, dtype=np.float64))
+
+
+def _nan_smile(k: FloatArray) -> FloatArray:
+    return np.full(np.shape(k), math.nan)
 
 
 def _butterfly_free(k: FloatArray, w: FloatArray) -> bool:

@@ -7,7 +7,8 @@ fused ticker path, as replay does) and runs the fits (the slow part) in worker t
 
 Per (venue, underlying) book there is one ``TriggerPolicy`` and one ``Calibrator`` per
 configured model. When a refit is due, every model is fitted on the same snapshot and each
-accepted (or degraded) fit becomes a surface message plus one greeks message per expiry,
+accepted (or degraded) fit becomes a surface message, its tenors message (constant
+maturities and the 30-day vol index, ``tenors_messages``) and one greeks message per expiry,
 the greeks computed through ``streamer.surface.Surface`` from the very surface payload being
 published, so subscribers that rebuild the surface get the same numbers.
 """
@@ -31,7 +32,7 @@ from streamer.calib.calibrator import CalibConfig, Calibrator, FitResult
 from streamer.calib.trigger import TriggerPolicy
 from streamer.calib.warmup import warm_up
 from streamer.client.surface import Surface
-from streamer.config import Config, TriggerConfig
+from streamer.config import DEFAULT_TENORS_DAYS, Config, TriggerConfig
 from streamer.errors import ConfigError
 from streamer.events import BookChanged, Event, FeedStatus, Quote
 from streamer.feeds.deribit.parser import DeribitParser
@@ -42,8 +43,10 @@ from streamer.publish.payloads import (
     greeks_payload,
     greeks_rows,
     surface_payload,
+    tenors_payload,
     topic_greeks,
     topic_surface,
+    topic_tenors,
 )
 
 log = structlog.get_logger(__name__)
@@ -116,6 +119,7 @@ class Pipeline:
         stale_after_s: float = 60.0,
         max_spread_iv: float = 0.5,
         parser: DeribitParser | None = None,
+        tenors_days: Sequence[int] = DEFAULT_TENORS_DAYS,
     ) -> None:
         for name in models:
             if name not in REGISTRY:
@@ -126,6 +130,8 @@ class Pipeline:
         self.calib = dict(calib or {})
         self.model_options = {k: dict(v) for k, v in (model_options or {}).items()}
         self.greeks = greeks
+        self.tenors_days = tuple(tenors_days)  # the tenors topic's maturities (() = off)
+        self.tenors_failed: Counter[str] = Counter()  # per model: tenors not computed
         self.parser = parser or DeribitParser()
         self.books = Books(stale_after_s=stale_after_s, max_spread_iv=max_spread_iv)
         # frames -> book rows (tickers) or events; the feed adapter parses with this too
@@ -167,6 +173,7 @@ class Pipeline:
             greeks=config.publish.greeks if greeks is None else greeks,
             stale_after_s=config.book.stale_after_s,
             max_spread_iv=config.book.max_spread_iv,
+            tenors_days=config.publish.tenors_days,
         )
 
     def warm_up(self) -> float:
@@ -283,6 +290,7 @@ class Pipeline:
             out.append(
                 Message(topic_surface(self.prefix, snap.venue, snap.underlying, name), payload)
             )
+            out.extend(self.tenors_messages(payload))
             if with_greeks:
                 out.extend(self.greeks_messages(snap, name, payload))
         return out
@@ -312,6 +320,7 @@ class Pipeline:
                 payload = dict(surf.last_payload, status="stale", seq=surf.seq)
                 surf.last_payload = payload
                 out.append(Message(topic_surface(self.prefix, venue, under, name), payload))
+                out.extend(self.tenors_messages(payload))
                 for expiry, greeks in surf.greeks.items():
                     restamped = dict(greeks, status="stale", seq=surf.seq)
                     surf.greeks[expiry] = restamped
@@ -358,6 +367,31 @@ class Pipeline:
             ],
         )
         return dict(payload)
+
+    def tenors_messages(self, payload: Mapping[str, Any]) -> list[Message]:
+        """The tenors message of a surface payload (``streamer.tenors/1``: the surface's seq
+        and status; ``streamer.client.tenors``); none when ``tenors_days`` is empty. A
+        failure is logged and counted in ``tenors_failed``, never raised."""
+        if not self.tenors_days:
+            return []
+        model = str(payload["model"])
+        try:
+            surface = Surface.from_payload(payload)
+            body = tenors_payload(
+                ts_ms=int(payload["ts_ms"]),
+                seq=int(payload["seq"]),
+                status=payload["status"],
+                vol_index_30d=surface.vol_index(),
+                tenors=[t.as_dict() for t in surface.tenors(self.tenors_days)],
+            )
+        except (ValueError, ArithmeticError, KeyError, IndexError) as exc:
+            self.tenors_failed[model] += 1
+            log.warning(
+                "tenors_failed", model=model, error=repr(exc), failed=self.tenors_failed[model]
+            )
+            return []
+        topic = topic_tenors(self.prefix, payload["venue"], payload["underlying"], model)
+        return [Message(topic, dict(body))]
 
     def greeks_messages(
         self, snap: ChainSnapshot, model: str, payload: Mapping[str, Any]

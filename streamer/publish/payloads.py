@@ -4,14 +4,18 @@ Topics::
 
     {prefix}/{venue}/{underlying}/{model}/surface           topic_surface(...)
     {prefix}/{venue}/{underlying}/{model}/greeks/{expiry}   topic_greeks(...)
+    {prefix}/{venue}/{underlying}/{model}/tenors            topic_tenors(...)
     {prefix}/status/{instance}                              topic_status(...)
 
 Payloads ``streamer.surface/1`` and ``streamer.greeks/1`` are built by ``surface_payload`` and
 ``greeks_payload`` from plain values; ``fit_info``, ``expiry_entry``, ``greeks_row`` and
-``greeks_rows`` (columns as numpy arrays, the fast path) build their parts. Builders check
+``greeks_rows`` (columns as numpy arrays, the fast path) build their parts;
+``streamer.tenors/1`` (constant-maturity ATM, risk reversals, butterflies and the 30-day vol
+index) by ``tenors_payload`` and ``tenor_entry``. Builders check
 what the schema cannot express cheaply and name the bad argument (``InputError``); numbers are
 made plain ``float``/``int`` and any non-finite value becomes ``None`` (JSON ``null``).
-The JSON Schemas ship as ``streamer/schemas/{surface,greeks,status}.json`` (``load_schema``).
+The JSON Schemas ship as ``streamer/schemas/{surface,greeks,tenors,status}.json``
+(``load_schema``).
 Implied vols are fractions everywhere (0.62, not 62).
 """
 
@@ -31,6 +35,7 @@ from streamer.errors import InputError
 SURFACE_SCHEMA = "streamer.surface/1"
 GREEKS_SCHEMA = "streamer.greeks/1"
 STATUS_SCHEMA = "streamer.status/1"
+TENORS_SCHEMA = "streamer.tenors/1"
 STATUSES = ("ok", "degraded", "stale")
 
 Status = Literal["ok", "degraded", "stale"]
@@ -105,6 +110,26 @@ class GreeksPayload(TypedDict):
     instruments: list[GreeksRow]
 
 
+class TenorEntry(TypedDict):
+    days: int
+    T: float
+    forward: float | None
+    atm_iv: float | None
+    rr25: float | None
+    bf25: float | None
+    rr10: float | None
+    bf10: float | None
+
+
+class TenorsPayload(TypedDict):
+    schema: str
+    ts_ms: int
+    seq: int
+    status: Status
+    vol_index_30d: float | None
+    tenors: list[TenorEntry]
+
+
 GREEKS_COLUMNS = (
     "iv",
     "price_coin",
@@ -159,6 +184,19 @@ def topic_greeks(prefix: str, venue: str, underlying: str, model: str, expiry: s
             _segment("model", model),
             "greeks",
             _segment("expiry", expiry),
+        )
+    )
+
+
+def topic_tenors(prefix: str, venue: str, underlying: str, model: str) -> str:
+    """``{prefix}/{venue}/{underlying}/{model}/tenors``."""
+    return "/".join(
+        (
+            _prefix(prefix),
+            _segment("venue", venue),
+            _segment("underlying", underlying),
+            _segment("model", model),
+            "tenors",
         )
     )
 
@@ -430,7 +468,82 @@ def greeks_payload(
     }
 
 
-def load_schema(name: Literal["surface", "greeks", "status"]) -> dict[str, Any]:
+def _iv(name: str, value: Any) -> float | None:
+    """An implied vol (fraction), or None; negative or >= 10 (a percent mistake) is refused."""
+    v = _num(value)
+    if v is not None and not 0.0 <= v < 10.0:
+        raise InputError(name, f"must be an implied vol as a fraction in [0, 10), got {value!r}")
+    return v
+
+
+def _skew(name: str, value: Any) -> float | None:
+    """A difference of implied vols (fractions), or None; |value| >= 10 is refused."""
+    v = _num(value)
+    if v is not None and not abs(v) < 10.0:
+        raise InputError(name, f"must be a vol difference as a fraction, got {value!r}")
+    return v
+
+
+def tenor_entry(
+    *,
+    days: int,
+    T: float,
+    forward: float | None,
+    atm_iv: float | None,
+    rr25: float | None,
+    bf25: float | None,
+    rr10: float | None,
+    bf10: float | None,
+) -> TenorEntry:
+    """One constant maturity of the tenors payload: ``days`` (whole days), ``T = days/365``;
+    IVs and their differences as fractions, None outside the fitted range."""
+    if isinstance(days, bool) or not isinstance(days, int | np.integer) or days < 1:
+        raise InputError("days", f"must be a positive whole number of days, got {days!r}")
+    t = _num(T)
+    if t is None or t <= 0.0:
+        raise InputError("T", f"must be a positive number of years, got {T!r}")
+    fwd = _num(forward)
+    if fwd is not None and fwd <= 0.0:
+        raise InputError("forward", f"must be positive, got {forward!r}")
+    return {
+        "days": int(days),
+        "T": t,
+        "forward": fwd,
+        "atm_iv": _iv("atm_iv", atm_iv),
+        "rr25": _skew("rr25", rr25),
+        "bf25": _skew("bf25", bf25),
+        "rr10": _skew("rr10", rr10),
+        "bf10": _skew("bf10", bf10),
+    }
+
+
+def tenors_payload(
+    *,
+    ts_ms: int,
+    seq: int,
+    status: Status,
+    vol_index_30d: float | None,
+    tenors: Iterable[TenorEntry | Mapping[str, Any]],
+) -> TenorsPayload:
+    """A ``streamer.tenors/1`` payload (``seq`` and ``status`` are the surface's); each
+    ``tenors`` item goes through ``tenor_entry`` (``Tenor.as_dict()`` output works)."""
+    if status not in STATUSES:
+        raise InputError("status", f"must be one of {', '.join(STATUSES)}, got {status!r}")
+    try:
+        entries = [tenor_entry(**t) for t in tenors]
+    except TypeError as exc:  # a missing or unknown key
+        raise InputError("tenors", str(exc)) from exc
+    return {
+        "schema": TENORS_SCHEMA,
+        "ts_ms": _count("ts_ms", ts_ms),
+        "seq": _count("seq", seq),
+        "status": status,
+        "vol_index_30d": _iv("vol_index_30d", vol_index_30d),
+        "tenors": entries,
+    }
+
+
+def load_schema(name: Literal["surface", "greeks", "tenors", "status"]) -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) shipped for payload ``name``."""
     text = resources.files("streamer").joinpath("schemas", f"{name}.json").read_text("utf-8")
     schema: dict[str, Any] = json.loads(text)
