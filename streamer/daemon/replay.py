@@ -75,6 +75,7 @@ Batch = tuple["list[Frame] | None", "list[tuple[int, Event]]"]
 def batches_of(paths: Sequence[str]) -> Iterator[Batch]:
     """``items_of`` in blocks: ``(frames, [])`` for a block of ``(ts_ns, venue, frame)`` of a
     recording or capture, ``(None, events)`` for a Tardis CSV's ``(ts_ns, event)``."""
+    from streamer.feeds.ccxt.frames import CcxtFrames, is_ccxt_frame
     from streamer.feeds.recordings.reader import read_frame_batches
     from streamer.feeds.recordings.tardis import read_tardis_options_chain, sorted_by_time
 
@@ -83,8 +84,14 @@ def batches_of(paths: Sequence[str]) -> Iterator[Batch]:
         if name.endswith((".csv", ".csv.gz")):
             yield None, list(sorted_by_time(read_tardis_options_chain(path)))
         else:
-            for frames in read_frame_batches(path):
-                yield frames, []
+            ccxt: CcxtFrames | None = None
+            for i, frames in enumerate(read_frame_batches(path)):
+                if i == 0 and frames and is_ccxt_frame(frames[0][2]):
+                    ccxt = CcxtFrames()  # a ccxt recording: its frames through the ccxt mapping
+                if ccxt is not None:
+                    yield None, ccxt.events_of(frames)
+                else:
+                    yield frames, []
 
 
 async def replay(

@@ -29,7 +29,7 @@ def _deribit(config: Config, parser: FrameParser, on_frame: OnFrame | None) -> F
 def _ccxt(config: Config, parser: FrameParser, on_frame: OnFrame | None) -> Feed:
     from streamer.feeds.ccxt.connection import CcxtFeed
 
-    return CcxtFeed(config.feed.ccxt_exchange, config.feed.currencies)
+    return CcxtFeed(config.feed.ccxt_exchange, config.feed.currencies, on_frame=on_frame)
 
 
 VENUES: dict[str, Callable[[Config, FrameParser, OnFrame | None], Feed]] = {
@@ -40,5 +40,6 @@ VENUES: dict[str, Callable[[Config, FrameParser, OnFrame | None], Feed]] = {
 
 def open_feed(config: Config, parser: FrameParser, on_frame: OnFrame | None = None) -> Feed:
     """The adapter of ``config.feed.venue``: frames go to ``on_frame(text, recv_ns)`` (the
-    recorder) before ``parser``; the ccxt adapter delivers events, not frames."""
+    recorder) before ``parser``; the ccxt adapter's frames are its ccxt results as JSON
+    (``streamer.feeds.ccxt.frames``), recorded the same way."""
     return VENUES[config.feed.venue](config, parser, on_frame)

@@ -14,6 +14,10 @@ rate limits, a silent stream for ``stale_after_s``) close the exchange, yield
 "Exponential Backoff And Jitter", AWS Architecture Blog, 2015), reset once data flows again;
 others (authentication, unknown symbol, unsupported method) raise ``FeedError``. ``retry_on``
 replaces that decision (a failed greeks poll is logged and skipped, the stream goes on).
+Every ``load_markets``, ``watch_tickers`` and ``fetch_all_greeks`` result becomes a frame
+(``streamer.feeds.ccxt.frames``: JSON, recorded by ``on_frame`` like a websocket frame) and
+the events come from that frame through ``CcxtFrames``, the same code a replay of the
+recording runs.
 For Deribit prefer the native ``streamer.feeds.deribit`` adapter: ccxt subscribes every ticker
 channel in one request, which Deribit refuses for large chains. ``FakeCcxtExchange``
 (``streamer.feeds.ccxt.fake``) is the
@@ -36,18 +40,17 @@ from streamer.errors import FeedError, InputError
 from streamer.events import (
     Event,
     FeedStatus,
-    Instrument,
-    InstrumentExpired,
-    InstrumentListed,
     Quote,
 )
 from streamer.feeds.base import Feed
-from streamer.feeds.ccxt.mapping import (
-    TICK_SIZE,
-    quote_from_ticker,
-    select_option_markets,
-    venue_of,
+from streamer.feeds.ccxt.frames import (
+    CcxtFrames,
+    encode,
+    greeks_frame,
+    markets_frame,
+    tickers_frame,
 )
+from streamer.feeds.ccxt.mapping import TICK_SIZE, venue_of
 
 log = structlog.get_logger(__name__)
 
@@ -160,6 +163,8 @@ class CcxtFeed(Feed):
         sleep: the backoff sleep (``asyncio.sleep``; tests inject).
         clock_ns: receive-time clock (``time.time_ns``).
         rng: jitter source.
+        on_frame: called with each frame's JSON text and receive time (the recorder); the
+            events are then made from that very text (``streamer.feeds.ccxt.frames``).
     """
 
     def __init__(
@@ -179,6 +184,7 @@ class CcxtFeed(Feed):
         sleep: Callable[[float], Any] = asyncio.sleep,
         clock_ns: Callable[[], int] = time.time_ns,
         rng: random.Random | None = None,
+        on_frame: Callable[[str, int], None] | None = None,
     ) -> None:
         self.exchange_id = exchange_id
         self.venue = venue_of(exchange_id)
@@ -204,10 +210,8 @@ class CcxtFeed(Feed):
             backoff_initial, backoff_max, backoff_factor, 0.5, rng or random.Random()
         )  # "equal jitter": each delay in [d/2, d]
         self._exchange: ExchangeLike | None = None
-        self._selected: dict[str, tuple[Mapping[str, Any], Instrument]] = {}
-        self._listed: set[str] = set()
-        self._tickers: dict[str, Mapping[str, Any]] = {}
-        self._greeks: dict[str, Mapping[str, Any]] = {}
+        self._on_frame = on_frame
+        self.frames = CcxtFrames(self.venue, self.underlyings)  # markets, tickers, greeks
         self.delays: list[float] = []  # the last KEPT_DELAYS backoff delays (metrics, tests)
         self.connected = False
 
@@ -266,28 +270,19 @@ class CcxtFeed(Feed):
             except Exception as exc:
                 log.info("ccxt_feed_close_failed", venue=self.venue, error=repr(exc))
 
+    def _frame(self, frame: Mapping[str, Any], recv_ns: int) -> list[Event]:
+        """The events of one frame; while recording, of the text the recorder got."""
+        if self._on_frame is not None:
+            text = encode(frame)
+            self._on_frame(text, recv_ns)
+            return self.frames.parse(text, recv_ns)
+        return self.frames.apply(frame, recv_ns)
+
     async def _load(self, exchange: ExchangeLike, reload: bool) -> list[Event]:
         markets = await exchange.load_markets(reload)
         mode = getattr(exchange, "precisionMode", TICK_SIZE)
-        selected = select_option_markets(
-            self.venue, markets, self.underlyings, precision_mode=int(mode)
-        )
-        if not selected:
-            raise FeedError(f"{self.exchange_id}: no option markets for {list(self.underlyings)}")
-        now = self._clock_ns()
-        events: list[Event] = []
-        names = {inst.name for _, inst in selected.values()}
-        for gone in sorted(self._listed - names):
-            events.append(InstrumentExpired(self.venue, gone, now // 1_000_000, now))
-            self._listed.discard(gone)
-        for _, inst in selected.values():
-            if inst.name not in self._listed:
-                self._listed.add(inst.name)
-                events.append(InstrumentListed(inst, now))
-        for symbol in set(self._tickers) - set(selected):
-            del self._tickers[symbol]
-        self._selected = selected
-        return events
+        frame = markets_frame(self.exchange_id, self.underlyings, markets, int(mode))
+        return self._frame(frame, self._clock_ns())  # no option markets: FeedError, fatal
 
     async def _poll_greeks(self, exchange: ExchangeLike) -> list[Event]:
         fetch = getattr(exchange, "fetch_all_greeks", None)
@@ -303,14 +298,7 @@ class CcxtFeed(Feed):
                     raise
                 log.warning("ccxt_greeks_poll_failed", venue=self.venue, error=repr(exc))
                 continue
-            recv_ns = self._clock_ns()
-            for symbol, greeks in result.items():
-                if symbol not in self._selected:
-                    continue
-                self._greeks[symbol] = greeks
-                market = self._selected[symbol][0]
-                ticker = self._tickers.get(symbol, {"symbol": symbol})
-                out.append(quote_from_ticker(self.venue, ticker, market, recv_ns, greeks))
+            out.extend(self._frame(greeks_frame(result), self._clock_ns()))
         return out
 
     async def _session(self, exchange: ExchangeLike) -> AsyncIterator[Event]:
@@ -330,18 +318,11 @@ class CcxtFeed(Feed):
                 greeks_due = now + self.greeks_interval_s
                 for event in await self._poll_greeks(exchange):
                     yield event
-            symbols = sorted(self._selected)
+            symbols = sorted(self.frames.selected)
             try:
                 async with asyncio.timeout(self.stale_after_s):
                     tickers = await exchange.watch_tickers(symbols)
             except TimeoutError:
                 raise _StaleError(f"no ticker for {self.stale_after_s} s") from None
-            recv_ns = self._clock_ns()
-            for symbol, ticker in tickers.items():
-                entry = self._selected.get(symbol)
-                if entry is None:
-                    continue
-                self._tickers[symbol] = ticker
-                yield quote_from_ticker(
-                    self.venue, ticker, entry[0], recv_ns, self._greeks.get(symbol)
-                )
+            for event in self._frame(tickers_frame(tickers), self._clock_ns()):
+                yield event

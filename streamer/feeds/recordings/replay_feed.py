@@ -8,6 +8,10 @@ latencies measure this process. ``speed=None`` releases as fast as the consumer 
 (yielding to the event loop every ``batch`` frames); ``speed=X`` paces by the recorded
 receive times at X times real time; ``rate=N`` releases N frames per second whatever the
 recorded times (for recordings whose frames share one timestamp, e.g. a chain snapshot).
+
+A recording of the ccxt adapter (``streamer.feeds.ccxt.frames``: its first frame starts
+``{"ccxt":``) is read through ``CcxtFrames`` instead of ``parser``, and its events keep the
+recorded receive time as ``recv_ns`` (ccxt listings are checked against that clock).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from streamer.events import Event, FeedStatus
 from streamer.feeds.base import Feed, FrameParser
+from streamer.feeds.ccxt.frames import CcxtFrames, is_ccxt_frame
 from streamer.feeds.recordings.reader import read_frames
 
 
@@ -45,13 +50,17 @@ class ReplayFeed(Feed):
         self.venue = venue
         self.clock_ns = clock_ns
         self.frames = 0
+        self._file_start = 0  # frames released before the current file
 
     async def events(self) -> AsyncIterator[Event]:
         yield FeedStatus(self.venue, "connected", self.clock_ns(), detail="replay")
         first: int | None = None
         start = time.monotonic_ns()
         for path in self.paths:
+            ccxt: CcxtFrames | None = None
             for ts_ns, _venue, frame in read_frames(path):
+                if ccxt is None and self.frames == self._file_start and is_ccxt_frame(frame):
+                    ccxt = CcxtFrames()
                 due: float | None = None
                 if self.rate is not None:
                     due = start + self.frames / self.rate * 1e9
@@ -69,6 +78,11 @@ class ReplayFeed(Feed):
                 self.frames += 1
                 if self.on_frame is not None:
                     self.on_frame(frame, now)
+                if ccxt is not None:
+                    for _, ev in ccxt.events_of([(ts_ns, _venue, frame)]):
+                        yield ev
+                    continue
                 for ev in self.parser.parse(frame, now):
                     yield ev
+            self._file_start = self.frames
         yield FeedStatus(self.venue, "disconnected", self.clock_ns(), detail="end of replay")
