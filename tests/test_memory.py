@@ -4,12 +4,14 @@ many items a structure holds after many more events than its bound), never by ti
 RSS of a whole day is ``benchmarks/soak.py``'s business.
 
 Bounded elsewhere and tested there: the MQTT pending map (latest per topic,
-``tests/test_faults_bus.py``).
+``tests/test_faults_bus.py``); the Deribit feed's reconnect delays are a ring of its own
+(``DeribitFeed.delays``), counted here too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -21,8 +23,11 @@ from streamer.book.book import Book
 from streamer.daemon.pipeline import Pipeline
 from streamer.daemon.service import LATENCY_WINDOW, Service
 from streamer.feeds.ccxt.connection import KEPT_DELAYS, CcxtFeed
+from streamer.feeds.deribit.connection import DELAYS_KEPT, DeribitFeed
+from streamer.feeds.deribit.parser import DeribitParser
 from streamer.instruments import expiry_code_of, parse_option
 from tests.conftest import UNIT
+from tests.mosquitto import free_port
 from tests.synth import make_chain, svi_surface
 from tests.test_service import service_config
 
@@ -78,6 +83,32 @@ def test_removed_names_are_forgotten_once_their_expiry_settles() -> None:
         peak = max(peak, len(book._expired))
     assert peak <= 10  # only today's delisted names; without pruning: 3650
     assert len(book) == 20  # today's live options
+
+
+async def test_deribit_reconnect_delays_are_bounded() -> None:
+    port = free_port()  # nothing listens: every connect fails at once
+    sleeps = 0
+
+    async def sleep(_: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+
+    feed = DeribitFeed(url=f"ws://127.0.0.1:{port}/ws", parser=DeribitParser(), sleep=sleep)
+
+    async def consume() -> None:  # a feed that never connects yields nothing: just run it
+        async for _ in feed.events():
+            pass
+
+    task = asyncio.create_task(consume())
+    try:
+        async with asyncio.timeout(120 * UNIT):
+            while sleeps < DELAYS_KEPT + 200:
+                await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert len(feed.delays) == DELAYS_KEPT
 
 
 async def test_ccxt_reconnect_delays_are_bounded() -> None:
