@@ -219,17 +219,23 @@ def test_history_is_a_bounded_ring() -> None:
 
 def test_cleared_and_lagging_expiries_leave_the_view() -> None:
     state = WebState("streamer")
-    state.ingest("streamer/deribit/BTC/svi/surface", a_surface(), 1)
-    g = a_greeks([row(90e3, "C", 0.5, 0.49, 0.51)])
+    g = a_greeks([row(90e3, "C", 0.5, 0.49, 0.51)], seq=900)  # retained by an earlier run
+    state.ingest("streamer/deribit/BTC/svi/greeks/9APR26", {**g, "expiry": "9APR26"}, 0)
+    state.ingest("streamer/deribit/BTC/svi/surface", a_surface(1), 1)  # a restarted daemon
+    g = a_greeks([row(90e3, "C", 0.5, 0.49, 0.51)], seq=1)
     state.ingest("streamer/deribit/BTC/svi/greeks/1APR26", g, 1)
     state.ingest("streamer/deribit/BTC/svi/greeks/2APR26", {**g, "expiry": "2APR26"}, 1)
-    assert set(state.keys[KEY].live_greeks()) == {"1APR26", "2APR26"}
+    live = state.keys[KEY].live_greeks
+    assert set(live()) == {"1APR26", "2APR26", "9APR26"}  # its seq is no reason to drop it
     state.ingest("streamer/deribit/BTC/svi/greeks/2APR26", None, 2)  # cleared
-    assert set(state.keys[KEY].live_greeks()) == {"1APR26"}
-    state.ingest("streamer/deribit/BTC/svi/greeks/3APR26", {**g, "expiry": "3APR26", "seq": 4}, 3)
-    assert set(state.keys[KEY].live_greeks()) == {"3APR26"}  # 1APR26 missed 2 batches
-    state.ingest("streamer/deribit/BTC/svi/greeks/3APR26", {**g, "seq": 4, "T": 0.0}, 4)
-    assert state.keys[KEY].live_greeks() == {}  # at expiry
+    assert set(live()) == {"1APR26", "9APR26"}
+    state.ingest("streamer/deribit/BTC/svi/surface", a_surface(2), 2)
+    state.ingest("streamer/deribit/BTC/svi/greeks/1APR26", {**g, "seq": 2}, 2)
+    assert set(live()) == {"1APR26", "9APR26"}  # 9APR26 missed surfaces 1 and 2 only
+    state.ingest("streamer/deribit/BTC/svi/surface", a_surface(3), 3)
+    assert set(live()) == {"1APR26"}  # 9APR26 missed 1, 2 and 3; 1APR26 not yet 3
+    state.ingest("streamer/deribit/BTC/svi/greeks/1APR26", {**g, "seq": 3, "T": 0.0}, 3)
+    assert live() == {}  # at expiry
 
 
 def test_bad_payloads_are_counted_not_fatal() -> None:
@@ -557,14 +563,16 @@ async def test_live_page_in_chromium(mosquitto: Mosquitto, tmp_path: Path) -> No
             async with browser_page() as (page, errors):
                 await page.goto(url + "#key=deribit%2FBTC%2Fsvi")
                 await page.evaluate("() => { window.__sameDocument = true; }")
+                # every expiry's smile drawn: its curve, its quotes (the greeks follow each
+                # surface: wait for both), an SVG
                 await page.wait_for_function(
-                    f"() => document.querySelectorAll('#smiles .smile').length >= {len(expiries)}",
+                    f"() => ({DRAWN_SMILES})().filter("
+                    "(s) => s.fit > 100 && s.market > 0 && s.svg > 0"
+                    f").length >= {len(expiries)}",
                     timeout=90_000 * UNIT,
                 )
                 smiles = await page.evaluate(DRAWN_SMILES)
                 assert {s["expiry"] for s in smiles} == expiries
-                for s in smiles:  # every smile drawn: its curve, its quotes, an SVG
-                    assert s["fit"] > 100 and s["market"] > 0 and s["svg"] > 0, s
                 first = int(await page.get_attribute("#head", "data-seq") or 0)
                 await page.wait_for_function(
                     f"() => Number(document.getElementById('head').dataset.seq) > {first}",
@@ -603,7 +611,7 @@ async def test_file_page_in_chromium(replay_out: Path) -> None:
             )
             smiles = await page.evaluate(DRAWN_SMILES)
             assert {s["expiry"] for s in smiles} == {e["expiry"] for e in last["expiries"]}
-            assert all(s["fit"] > 100 and s["market"] > 0 for s in smiles)
+            assert all(s["fit"] > 100 and s["market"] > 0 and s["svg"] > 0 for s in smiles)
             slider = page.locator("#slider")
             assert await slider.get_attribute("max") == str(len(surfaces) - 1)
             await slider.fill("0")  # back to the first surface
@@ -614,3 +622,19 @@ async def test_file_page_in_chromium(replay_out: Path) -> None:
             n = await page.evaluate("() => document.getElementById('diag').data[0].x.length")
             assert n == 1  # the history as of the first surface
             assert errors == []
+
+
+def test_command_refuses_a_password_on_the_command_line_and_remote_listen() -> None:
+    secret = "s3cret-web"
+    for args, wanted in (
+        (["--broker", f"mqtt://bot:{secret}@127.0.0.1:1883"], "STREAMER_MQTT_PASSWORD"),
+        (["--broker", "mqtt://127.0.0.1:1883", "--listen", "0.0.0.0:8808"], "loopback"),
+        (["--file", "/nonexistent/out.jsonl"], "No such file"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "streamer", "web", *args],
+            capture_output=True, text=True, env=ENV, timeout=60 * UNIT, check=False,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert wanted in done.stderr
+        assert secret not in done.stdout + done.stderr

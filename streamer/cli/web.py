@@ -146,6 +146,7 @@ async def _file(path: str, host: str, port: int) -> int:
     from streamer.tools.web.server import WebApp, page_url, serve
     from streamer.tools.web.timeline import Timeline
 
+    print(f"streamer web: reading {path} ...", flush=True)
     timeline = await asyncio.to_thread(Timeline, path)
     try:
         if not timeline.keys:

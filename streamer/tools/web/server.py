@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import importlib.util
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ from streamer.tools.web.timeline import Timeline
 log = structlog.get_logger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:8808"
-PUSH_INTERVAL_S = 0.5
+PUSH_INTERVAL_S = 1.0
 PING_S = 15.0
 STATIC = ("index.html", "app.js", "style.css")
 _CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
@@ -149,7 +149,43 @@ class WebApp:
         app.router.add_get("/api/view", self._view)
         app.router.add_get("/api/history", self._history)
         app.router.add_get("/api/events", self._events)
+        app.cleanup_ctx.append(self._warm_views)
         return app
+
+    async def _warm_views(self, app: web.Application) -> AsyncIterator[None]:
+        """In the background, build each key's first view as soon as it has data: the first
+        build loads the model's compiled kernels (seconds on a cold machine), so that a
+        page opened later is drawn at once."""
+
+        async def warm() -> None:
+            done: set[Key] = set()
+            while True:
+                keys = list(self.state.keys) if self.state is not None else []
+                if self.timeline is not None:
+                    keys = list(self.timeline.keys)
+                for key in keys:
+                    if key in done:
+                        continue
+                    if self.state is not None and self.state.keys[key].surface is None:
+                        continue  # no model to evaluate yet
+                    done.add(key)
+                    with contextlib.suppress(Exception):  # a bad payload: the page says so
+                        if self.state is not None:
+                            await self.live_view(key)
+                        elif self.timeline is not None:
+                            last = self.timeline.steps(key) - 1
+                            inputs = self.timeline.inputs(key, last)
+                            if inputs is not None:
+                                await asyncio.to_thread(build_view, inputs)
+                await asyncio.sleep(1.0)
+
+        task = asyncio.create_task(warm(), name="web-warm-views")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     # -- static -------------------------------------------------------------------------
 

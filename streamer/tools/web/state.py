@@ -25,8 +25,9 @@ fit's in-band share and the quality measure of the project's guide (module ``qua
 the ATM term structure; the tenors. IVs stay fractions; the page shows percent.
 
 Expiries leave the view when their greeks topic is cleared (settled or delisted), when their
-greeks say ``T <= 0``, or when they were left out of the last two greeks batches of the key
-(a subscriber that missed the clearing message, e.g. one that joined after it).
+greeks say ``T <= 0``, or when their greeks were not refreshed after any of the key's last
+three surfaces (a subscriber that missed the clearing message, e.g. one that joined after it,
+or retained greeks a daemon of an earlier run left behind).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ Payload = Mapping[str, Any]
 DEFAULT_HISTORY = 3000
 CURVE_POINTS = 161
 TWO_HOURS_Y = 2.0 / (365.0 * 24.0)  # the quality measure's shortest maturity
-GREEKS_LAG = 2  # greeks batches an expiry may miss before it leaves the view
+GREEKS_LAG = 2  # surfaces an expiry's greeks may miss before it leaves the view
 FIT_FIELDS = ("rmse_iv", "in_band", "elapsed_ms", "n_quotes", "nfev", "penalty")
 TENOR_FIELDS = ("atm_iv", "rr25", "bf25", "rr10", "bf10")
 
@@ -222,18 +223,19 @@ def tenor_row(n: int, payload: Payload, interner: _Interner | None = None) -> Te
 # -- per key ------------------------------------------------------------------------------
 
 
-def live_greeks(greeks: Mapping[str, Payload], batch: int | None = None) -> dict[str, Payload]:
-    """The greeks of expiries still listed: not at or past expiry (``T <= 0``) and not left
-    out of the last ``GREEKS_LAG`` batches (``batch``: the newest greeks seq of the key,
-    default the newest in ``greeks``)."""
-    if batch is None:
-        batch = max((int(g.get("seq", 0)) for g in greeks.values()), default=0)
+def live_greeks(
+    greeks: Mapping[str, Payload], rounds: Mapping[str, int], current: int
+) -> dict[str, Payload]:
+    """The greeks of expiries still listed: not at or past expiry (``T <= 0``) and received
+    after one of the key's last ``GREEKS_LAG + 1`` surfaces (``rounds``: per expiry, how many
+    surfaces of the key had arrived when its greeks did; ``current``: how many have now).
+    Arrival order, not ``seq``: a restarted daemon counts its ``seq`` from 1 again."""
     out = {}
     for expiry, g in greeks.items():
         T = _num(g.get("T"))
         if T == T and T <= 0.0:  # noqa: PLR0124
             continue
-        if int(g.get("seq", 0)) < batch - GREEKS_LAG:
+        if rounds.get(expiry, current) < current - GREEKS_LAG:
             continue
         out[expiry] = g
     return out
@@ -252,7 +254,7 @@ class KeyState:
     fits: deque[FitRow] = field(init=False)
     tenor_rows: deque[TenorRow] = field(init=False)
     version: int = 0
-    greeks_batch: int = 0  # the newest greeks seq seen
+    greeks_round: dict[str, int] = field(default_factory=dict)  # expiry -> surfaces then
     _n_fit: int = 0
     _n_tenor: int = 0
     _interner: _Interner = field(default_factory=_Interner)
@@ -283,12 +285,12 @@ class KeyState:
             if not isinstance(payload.get("instruments"), list):
                 raise TypeError("greeks payload without an instruments list")
             self.greeks[expiry] = payload
-            self.greeks_batch = max(self.greeks_batch, int(payload.get("seq", 0)))
+            self.greeks_round[expiry] = self._n_fit
         self.version += 1
 
     def live_greeks(self) -> dict[str, Payload]:
         """Greeks of the expiries still listed (module docstring), by expiry code."""
-        return live_greeks(self.greeks, self.greeks_batch)
+        return live_greeks(self.greeks, self.greeks_round, self._n_fit)
 
     def history_json(self, since_fit: int = 0, since_tenor: int = 0) -> dict[str, Any]:
         """History rows newer than the given row numbers (0: all kept)."""

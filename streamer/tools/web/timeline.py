@@ -256,14 +256,17 @@ class Timeline:
         if t >= 0:
             tenors = self._read(kt.tenors, t)
         greeks: dict[str, Payload] = {}
+        rounds: dict[str, int] = {}
         for expiry, track in kt.greeks.items():
             g = track.before(limit)
             if g >= 0:
                 payload = self._read(track, g)
                 if payload is not None and isinstance(payload.get("instruments"), list):
                     greeks[expiry] = payload
+                    # surfaces of the key before this greeks message (as WebState counts)
+                    rounds[expiry] = bisect.bisect_left(kt.surface.lines, track.lines[g])
         ts = int(surface.get("ts_ms", 0)) if surface else 0
-        return ViewInputs(key, surface, ts, tenors, live_greeks(greeks))
+        return ViewInputs(key, surface, ts, tenors, live_greeks(greeks, rounds, step + 1))
 
     def shards(self, key: Key, step: int) -> list[dict[str, Any]]:
         """The status topics as of ``step`` of ``key``."""

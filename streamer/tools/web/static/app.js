@@ -20,6 +20,12 @@ const page = {
   step: 0,
   stepTimer: null,
   param: "",
+  pending: null,
+  shards: null,
+  renderTimer: null,
+  renderMs: 0,
+  lastRender: -1e9,
+  lastHistory: -1e9,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -94,8 +100,35 @@ function connectLive() {
     }
     if (page.fits.length > page.historyMax) page.fits = page.fits.slice(-page.historyMax);
     if (page.tenors.length > page.historyMax) page.tenors = page.tenors.slice(-page.historyMax);
-    render(msg.view, page.fits, page.tenors);
+    page.pending = msg.view;
+    scheduleRender();
   });
+}
+
+// Live updates are drawn at most every RENDER_GAP_MS (longer when drawing is slow: the
+// browser stays responsive on a busy machine); the history charts at most every
+// HISTORY_GAP_MS. Only the newest view is drawn.
+const RENDER_GAP_MS = 1000;
+const HISTORY_GAP_MS = 3000;
+
+function scheduleRender() {
+  if (page.renderTimer !== null) return;
+  const gap = Math.max(RENDER_GAP_MS, 3 * page.renderMs);
+  const wait = Math.max(0, page.lastRender + gap - performance.now());
+  page.renderTimer = setTimeout(() => {
+    page.renderTimer = null;
+    const view = page.pending;
+    page.pending = null;
+    if (!view) return;
+    const t0 = performance.now();
+    const withHistory = t0 - page.lastHistory >= HISTORY_GAP_MS || page.view === null || page.view.key !== view.key;
+    render(view, page.fits, page.tenors, withHistory);
+    const t1 = performance.now();
+    if (withHistory) page.lastHistory = t1;
+    page.renderMs = t1 - t0;
+    page.lastRender = t1;
+    if (page.pending) scheduleRender();
+  }, wait);
 }
 
 function syncClock(serverMs) {
@@ -126,6 +159,7 @@ function chooseKey(key) {
   page.fits = [];
   page.tenors = [];
   page.param = "";
+  page.pending = null;
   if (page.mode === "live") connectLive();
   else loadFileKey();
 }
@@ -178,16 +212,29 @@ function report(err) {
 
 // ---------------------------------------------------------------- rendering
 
-function render(view, fits, tenors) {
+// At most MAX_POINTS points per history series are drawn (every k-th row, the newest kept).
+const MAX_POINTS = 600;
+
+function thin(rows) {
+  if (rows.length <= MAX_POINTS) return rows;
+  const step = Math.ceil(rows.length / MAX_POINTS);
+  const out = [];
+  for (let i = (rows.length - 1) % step; i < rows.length; i += step) out.push(rows[i]);
+  return out;
+}
+
+function render(view, fits, tenors, withHistory = true) {
   page.view = view;
   renderHead(view);
   renderFit(view);
   renderSmiles(view);
   renderTerm(view, fits, tenors);
   renderTenors(view.tenors);
-  renderTenorHistory(fits, tenors);
-  renderDiagnostics(fits);
-  renderParams(fits);
+  if (withHistory) {
+    renderTenorHistory(thin(fits), thin(tenors));
+    renderDiagnostics(fits);
+    renderParams(thin(fits));
+  }
 }
 
 function renderHead(view) {
@@ -493,13 +540,14 @@ function renderTenorHistory(fits, tenors) {
   Plotly.react(el, traces, layout, PLOT_CONFIG);
 }
 
-function renderDiagnostics(fits) {
+function renderDiagnostics(all) {
+  const shifts = all.filter((r) => r.regime_shift); // every one, however long the session
+  const fits = thin(all);
   const x = fits.map((r) => r.ts_ms);
   const color = fits.map((r) => (r.warm ? "#2b6cb0" : "#dd6b20"));
   const text = fits.map(
     (r) => `seq ${r.seq} · ${r.status} · ${r.warm ? "warm" : "cold"}${r.regime_shift ? " · regime shift" : ""}<br>${r.n_quotes} quotes, ${r.nfev} evaluations`
   );
-  const shifts = fits.filter((r) => r.regime_shift);
   const traces = [
     {
       name: "rmse (vol pts)",
@@ -610,7 +658,15 @@ function renderParams(fits) {
   );
 }
 
+function uptime(s) {
+  // the status is re-sent only on changes: count from started_ms while online
+  if (s.state !== "online" || !s.started_ms) return "–";
+  const minutes = (Date.now() + page.clockOffset - s.started_ms) / 60000;
+  return minutes < 120 ? fmt(minutes, 1) + " min" : fmt(minutes / 60, 1) + " h";
+}
+
 function renderShards(shards) {
+  page.shards = shards;
   const body = $("shards");
   if (!shards || !shards.length) {
     body.innerHTML = '<tbody><tr><td class="muted">no status topics seen</td></tr></tbody>';
@@ -625,7 +681,7 @@ function renderShards(shards) {
       (s) =>
         `<tr data-instance="${esc(s.instance)}" data-health="${esc(s.health)}"><td><b>${esc(s.instance)}</b></td>` +
         `<td><span class="health ${esc(s.health)}">${esc(s.health)}</span></td><td>${feeds(s.feeds)}</td>` +
-        `<td class="num">${s.uptime_s === null || s.uptime_s === undefined ? "–" : fmt(s.uptime_s / 60, 1) + " min"}</td>` +
+        `<td class="num">${uptime(s)}</td>` +
         `<td>${esc(s.version || "–")}</td><td>${esc(s.reason || "")}</td><td>${utc(s.ts_ms)}</td></tr>`
     )
     .join("");
@@ -640,9 +696,13 @@ function init() {
   $("key").addEventListener("change", (e) => chooseKey(e.target.value));
   $("param").addEventListener("change", (e) => {
     page.param = e.target.value;
-    if (page.view) renderParams(page.mode === "live" ? page.fits : page.fits.filter((r) => r.n <= page.step + 1));
+    if (page.view) renderParams(thin(page.mode === "live" ? page.fits : page.fits.filter((r) => r.n <= page.step + 1)));
   });
-  setInterval(() => page.view && page.mode === "live" && renderHead(page.view), 1000);
+  setInterval(() => {
+    if (page.mode !== "live") return;
+    if (page.view) renderHead(page.view);
+    if (page.shards) renderShards(page.shards); // ages and uptimes move on
+  }, 5000);
   start();
 }
 
