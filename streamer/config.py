@@ -104,6 +104,16 @@ class TriggerConfig:
     min_interval_s: float = DEFAULT_MIN_INTERVAL_S
     warmup_s: float = DEFAULT_WARMUP_S
 
+    def __post_init__(self) -> None:
+        if self.min_changed_quotes < 1:
+            raise ValueError("trigger.min_changed_quotes must be >= 1")
+        if not self.forward_move_bp > 0.0:
+            raise ValueError("trigger.forward_move_bp must be > 0")
+        if not 0.0 <= self.min_interval_s <= self.max_interval_s:
+            raise ValueError("trigger: need 0 <= min_interval_s <= max_interval_s")
+        if not self.warmup_s >= 0.0:
+            raise ValueError("trigger.warmup_s must be >= 0")
+
 
 @dataclass(frozen=True)
 class FeedSettings:
@@ -129,6 +139,12 @@ class FeedSettings:
 class BookSettings:
     stale_after_s: float = 60.0
     max_spread_iv: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.stale_after_s > 0.0:
+            raise ValueError("book.stale_after_s must be > 0")
+        if not self.max_spread_iv > 0.0:
+            raise ValueError("book.max_spread_iv must be > 0 (a fraction: 0.5 = 50 vol points)")
 
 
 @dataclass(frozen=True)
@@ -170,6 +186,10 @@ class RecorderSettings:
     dir: str = ""
     rotate_mb: int = 256
     rotate_minutes: int = 60
+
+    def __post_init__(self) -> None:
+        if self.rotate_mb < 1 or self.rotate_minutes < 1:
+            raise ValueError("recorder.rotate_mb and recorder.rotate_minutes must be >= 1")
 
 
 @dataclass(frozen=True)
