@@ -11,6 +11,7 @@ BENCHES: dict[str, str] = {
     "iv": "streamer.tools.bench.iv",
     "mqtt": "streamer.tools.bench.mqtt",
     "replay": "streamer.tools.bench.replay",
+    "live": "streamer.tools.bench.live",
     "calib": "streamer.tools.bench.calib",
     "quality": "streamer.tools.bench.quality",
     "latency": "streamer.tools.bench.latency",
