@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tracemalloc
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,7 @@ def chain_book(**kw: float) -> tuple[Book, list[dict[str, str]]]:
     rows = chain_rows()
     book = Book("deribit", "BTC", **kw)  # type: ignore[arg-type]
     for r in rows:
-        assert book.apply(quote_of(r))
+        book.apply(quote_of(r))
     return book, rows
 
 
@@ -638,7 +639,8 @@ def test_one_ticker_in_microseconds_does_not_empty_the_book() -> None:
     book.apply(_quote(a, now * 1000))  # microseconds where milliseconds belong
     snap = book.snapshot()
     assert snap.instrument == (b,) and snap.ts_ms == now and book.drops["bad_timestamp"] == 1
-    assert book.apply(_quote(a, now + 1_000)) and book.apply(_quote(b, now + 1_000))
+    book.apply(_quote(a, now + 1_000))  # the same quotes, fresher: nothing to refit
+    book.apply(_quote(b, now + 1_000))
     snap = book.snapshot()
     assert snap.instrument == (a, b) and snap.ts_ms == now + 1_000
     assert book.rejected == Counter(bad_timestamp=1) and not book.drops["bad_timestamp"]
@@ -794,3 +796,24 @@ def test_three_tickers_in_microseconds_in_a_real_hourly_chain(tmp_path: Path) ->
     assert len(book) == len(clean) and book.relisted == 0
     # the bad rows were seen, left out (each counted once), and overwritten by the next cut
     assert dropped >= 1 and book.rejected == Counter(bad_timestamp=3)
+
+
+def test_a_quote_changes_the_book_only_when_its_sides_or_ivs_move() -> None:
+    """What triggers refits: a re-sent ticker with the same sides and IVs (only its time,
+    mark and forward new, as Deribit sends every 100 ms) changes nothing; a new bid, ask,
+    size or bid/ask IV does; an empty side stays empty (NaN equals NaN)."""
+    now = expiry_ms_of("27DEC24") - 10 * 86_400_000
+    book = Book("deribit", "BTC")
+    name = "BTC-27DEC24-100000-C"
+    base = Quote(
+        "deribit", name, now, 0, bid=0.01, bid_size=1.0, ask=math.nan, ask_size=math.nan,
+        mark_price=0.015, mark_iv=0.6, bid_iv=0.55, ask_iv=math.nan, forward=100_000.0,
+    )  # fmt: skip
+    assert book.apply(base)  # first sight
+    assert not book.apply(replace(base, ts_ms=now + 100, mark_price=0.016, forward=100_050.0))
+    assert book.quote_row(name)["ts_ms"] == now + 100  # type: ignore[index]  # still fresher
+    for change in ({"bid": 0.011}, {"bid_size": 2.0}, {"ask": 0.02}, {"bid_iv": 0.56}):
+        moved = replace(base, **change)
+        assert book.apply(moved), change
+        assert not book.apply(moved), change
+        assert book.apply(base)

@@ -41,7 +41,8 @@ def run(pipe: Pipeline, frames: list[str], ts_ms: int) -> list[Message]:
     out: list[Message] = []
     for f in frames:
         pipe.on_frame(f, ts_ms * 1_000_000)
-    for book in pipe.pending():
+    due = {id(b): b for b in pipe.pending() + pipe.due(ts_ms / 1000.0)}
+    for book in due.values():
         out += pipe.fit_book(book, ts_ms / 1000.0)
     return out
 

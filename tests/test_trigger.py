@@ -53,3 +53,14 @@ def test_max_interval_with_one_change() -> None:
     p.on_quote("3JAN25", 101.0)  # an expiry not in the last fit: no move reference
     assert not p.due(1.9)
     assert p.due(2.0)
+
+
+def test_a_settlement_wakes_the_trigger_without_changes() -> None:
+    """A quiet market still refits once the next expiry settles (``wake_at``)."""
+    t = TriggerPolicy(TriggerConfig(min_interval_s=0.0, warmup_s=0.0))
+    t.on_quote("A", 100.0)
+    assert t.due(0.0)
+    t.fitted(0.0, {"A": 100.0}, wake_at=3600.0)
+    assert not t.due(3599.9) and t.due(3600.0)
+    t.fitted(3600.0, {}, wake_at=float("inf"))
+    assert not t.due(1e9)

@@ -108,6 +108,8 @@ _TOP = struct.Struct("=5d")  # time + the four above (from column TS)
 _MARK = struct.Struct("=2d")  # mark price, mark IV (from column MARK_PRICE)
 _SIDES_OFF = BID * 8
 _MARK_OFF = MARK_PRICE * 8
+_IVS = struct.Struct("=2d")  # bid IV, ask IV (from column BID_IV)
+_IVS_OFF = BID_IV * 8
 write_row = _ROW.pack_into
 """``write_row(book.buffer, slot * ROW_BYTES, ts_ms, bid, ..., delta)``: ``Book.write_ticker``
 without the call (the fused path, ``streamer.book.fastpath``); the arguments must be numbers."""
@@ -478,6 +480,27 @@ class Book:
             delta,
         )
 
+    def quote_changed(
+        self,
+        slot: int,
+        bid: float,
+        bid_size: float,
+        ask: float,
+        ask_size: float,
+        bid_iv: float,
+        ask_iv: float,
+    ) -> bool:
+        """Would this quote change the row's sides (prices, sizes) or its bid/ask IVs? Bit for
+        bit, so an empty side (NaN) equals an empty side. What refits are triggered by: the
+        quote's time, mark and forward alone move every tick."""
+        off = slot * ROW_BYTES
+        buf = self.buffer
+        sides = buf[off + _SIDES_OFF : off + _SIDES_OFF + _SIDES.size]
+        ivs = buf[off + _IVS_OFF : off + _IVS_OFF + _IVS.size]
+        return sides != _SIDES.pack(bid, bid_size, ask, ask_size) or ivs != _IVS.pack(
+            bid_iv, ask_iv
+        )
+
     def _slot_for(self, name: str, ts_ms: int) -> int | None:
         """The row a quote of ``name`` at ``ts_ms`` goes to, listing it on first sight unless
         refused (counted in ``rejected``: an implausible time first)."""
@@ -490,8 +513,9 @@ class Book:
         return self._add_name(name, ts_ms)
 
     def apply(self, event: Event) -> bool:
-        """Apply one event; True when a quote of this book changed (a ``Quote`` always counts:
-        it refreshes the quote's time), False for everything else (listings, index, ...)."""
+        """Apply one event; True when a quote of this book changed (a ``Quote`` whose sides or
+        bid/ask IVs moved: ``quote_changed``; its time is refreshed either way), False for
+        everything else (listings, index, ...)."""
         t = type(event)
         if t is Quote:
             q: Quote = event  # type: ignore[assignment]
@@ -499,6 +523,9 @@ class Book:
             if slot is None:
                 return False
             self._recv_ns = max(self._recv_ns, q.recv_ns)
+            changed = self.quote_changed(
+                slot, q.bid, q.bid_size, q.ask, q.ask_size, q.bid_iv, q.ask_iv
+            )
             self.write_ticker(
                 slot,
                 q.ts_ms,
@@ -513,7 +540,7 @@ class Book:
                 q.forward,
                 q.delta,
             )
-            return True
+            return changed
         if t is BookTop:
             b: BookTop = event  # type: ignore[assignment]
             slot = self._slot_for(b.instrument, b.ts_ms)

@@ -3,9 +3,12 @@
 ``FastPath(parser, books).parse(frame, recv_ns)`` decodes a frame once. A ticker on a channel
 seen before, of an instrument the books already hold, is checked and written straight into
 that instrument's row (``write_row``: one ``struct.pack_into``, what ``Book.write_ticker``
-does) without building a ``Quote``. The book's refit trigger is told through
-``on_write(book, slot, forward)`` and the call returns that book's one-element
-``(BookChanged,)`` tuple (made once per book: nothing is allocated per frame).
+does) without building a ``Quote``. With an ``on_write`` hook (the refit trigger) the write is
+first compared with the row (``Book.quote_changed``: sides, sizes, bid/ask IVs): a ticker that
+changes none of them returns no event and costs nothing downstream; one that does calls
+``on_write(book, slot, forward)`` and returns that book's one-element ``(BookChanged,)`` tuple
+(made once per book: nothing is allocated per frame). Without the hook (``--model none``) no
+comparison is made.
 ``parse_batch(frames, on_event)`` is the same for a list of ``(ts_ns, venue, frame)`` (what
 ``streamer.feeds.recordings.reader.read_recording_batches`` yields), applying the events of
 frames that are not fused through ``on_event`` in frame order: the replay loop, with no call
@@ -236,7 +239,13 @@ class FastPath:
                     else:
                         ask = asz = NAN
                     miv, biv, aiv = d.mark_iv, d.bid_iv, d.ask_iv
+                    biv = biv / 100.0 if biv else NAN
+                    aiv = aiv / 100.0 if aiv else NAN
                     fwd = d.underlying_price
+                    on_write = self._on_write
+                    changed = on_write is None or book.quote_changed(
+                        slot, bid, bsz, ask, asz, biv, aiv
+                    )
                     write_row(
                         book.buffer,
                         slot * ROW_BYTES,
@@ -247,14 +256,16 @@ class FastPath:
                         asz,
                         d.mark_price,
                         miv / 100.0 if miv else NAN,
-                        biv / 100.0 if biv else NAN,
-                        aiv / 100.0 if aiv else NAN,
+                        biv,
+                        aiv,
                         fwd,
                         d.greeks.delta,
                     )
                     self.typed_hits += 1
-                    if self._on_write is not None:
-                        self._on_write(book, slot, fwd)
+                    if not changed:  # only its time, mark or forward moved: nothing to refit
+                        return _NO_EVENTS
+                    if on_write is not None:
+                        on_write(book, slot, fwd)
                     return self._changed.get(id(book)) or self._changed_of(book)
         return self._parse_json(frame, recv_ns, missed=False)
 
@@ -304,7 +315,12 @@ class FastPath:
                         else:
                             ask = asz = nan
                         miv, biv, aiv = d.mark_iv, d.bid_iv, d.ask_iv
+                        biv = biv / 100.0 if biv else nan
+                        aiv = aiv / 100.0 if aiv else nan
                         fwd = d.underlying_price
+                        changed = on_write is not None and book.quote_changed(
+                            slot, bid, bsz, ask, asz, biv, aiv
+                        )
                         write(
                             book.buffer,
                             slot * row_bytes,
@@ -315,14 +331,14 @@ class FastPath:
                             asz,
                             d.mark_price,
                             miv / 100.0 if miv else nan,
-                            biv / 100.0 if biv else nan,
-                            aiv / 100.0 if aiv else nan,
+                            biv,
+                            aiv,
                             fwd,
                             d.greeks.delta,
                         )
                         hits += 1
-                        if on_write is not None:
-                            on_write(book, slot, fwd)
+                        if changed:
+                            on_write(book, slot, fwd)  # type: ignore[misc]
                         continue
             self.last_recv_ns = ts_ns
             for ev in self._parse_json(frame, ts_ns, missed=False):
@@ -362,7 +378,13 @@ class FastPath:
                         bid = bsz = NAN
                     if not ask:
                         ask = asz = NAN
+                    biv = biv / 100.0 if biv else NAN
+                    aiv = aiv / 100.0 if aiv else NAN
                     book, slot = route
+                    on_write = self._on_write
+                    changed = on_write is None or book.quote_changed(
+                        slot, bid, bsz, ask, asz, biv, aiv
+                    )
                     write_row(
                         book.buffer,
                         slot * ROW_BYTES,
@@ -373,15 +395,17 @@ class FastPath:
                         asz,
                         mp,
                         miv / 100.0 if miv else NAN,
-                        biv / 100.0 if biv else NAN,
-                        aiv / 100.0 if aiv else NAN,
+                        biv,
+                        aiv,
                         fwd,
                         delta,
                     )
                     if missed:
                         self._missed()
-                    if self._on_write is not None:
-                        self._on_write(book, slot, fwd)
+                    if not changed:  # only its time, mark or forward moved: nothing to refit
+                        return _NO_EVENTS
+                    if on_write is not None:
+                        on_write(book, slot, fwd)
                     return self._changed.get(id(book)) or self._changed_of(book)
         except Exception:
             pass

@@ -7,10 +7,12 @@ A refit is due when, since the last fit,
 * ``max_interval_s`` passed with at least one changed quote (so a quiet market still gets
   fresh ``ts_ms`` and a stale surface is noticed),
 
-and never sooner than ``min_interval_s`` after the previous fit. The first fit waits
-``warmup_s`` after the first change, so a feed that is still delivering its first snapshot of
-the chain is not fitted on a handful of quotes. Times are in seconds of the caller's clock:
-venue time in replay (deterministic), monotonic time live.
+and never sooner than ``min_interval_s`` after the previous fit. A fit is also due, changed
+quotes or not, at ``wake_at`` (the pipeline sets it to just after the next expiry settles: the
+surface and the greeks topics must drop the settled expiry even in a quiet market). The first
+fit waits ``warmup_s`` after the first change, so a feed that is still delivering its first
+snapshot of the chain is not fitted on a handful of quotes. Times are in seconds of the
+caller's clock: venue time in replay (deterministic), monotonic time live.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class TriggerPolicy:
         self._fit_forwards: dict[str, float] = {}
         self._max_move_bp = 0.0
         self._first_change_t: float | None = None
+        self._wake_at = math.inf
 
     @property
     def changed(self) -> int:
@@ -46,7 +49,7 @@ class TriggerPolicy:
     def due(self, now_s: float) -> bool:
         """Is a refit due at ``now_s``?"""
         if self._changed == 0:
-            return False
+            return now_s >= self._wake_at
         c = self.config
         if self._last_fit_t == -math.inf:  # the first fit: let the chain arrive first
             if self._first_change_t is None:
@@ -61,8 +64,10 @@ class TriggerPolicy:
             or since >= c.max_interval_s
         )
 
-    def fitted(self, now_s: float, forwards: dict[str, float]) -> None:
-        """A fit was started at ``now_s`` on a snapshot with these forwards per expiry."""
+    def fitted(self, now_s: float, forwards: dict[str, float], wake_at: float = math.inf) -> None:
+        """A fit was started at ``now_s`` on a snapshot with these forwards per expiry; the
+        next one is due at ``wake_at`` at the latest."""
+        self._wake_at = wake_at
         self._changed = 0
         self._max_move_bp = 0.0
         self._last_fit_t = now_s

@@ -52,6 +52,7 @@ from streamer.publish.payloads import (
 log = structlog.get_logger(__name__)
 
 QUALITY_WINDOW = 10_000  # fits per model kept for summaries (a ring: memory stays bounded)
+SETTLE_GRACE_S = 1.0  # the refit after a settlement waits this long past 08:00 UTC
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,13 +240,27 @@ class Pipeline:
         u = self._underlying(book)
         # the receive clock lets the first fresh quotes after a gap count at once (book docs)
         snap = book.snapshot(recv_ms=self.fast.last_recv_ns // 1_000_000)
-        u.trigger.fitted(now_s, dict(zip(snap.expiries, snap.forwards.tolist(), strict=True)))
+        listed = snap.listing.expiry_ms if snap.listing is not None else snap.expiry_ms
+        # refit once the next expiry has settled (its topics go), in the trigger's clock
+        wake = (
+            (int(listed.min()) - snap.ts_ms) / 1000.0 + now_s + SETTLE_GRACE_S
+            if len(listed)
+            else math.inf
+        )
+        u.trigger.fitted(now_s, dict(zip(snap.expiries, snap.forwards.tolist(), strict=True)), wake)
         return snap
 
     # -------------------------------------------------------------------- fit
-    def fit_snapshot(self, snap: ChainSnapshot, *, greeks: bool | None = None) -> list[Message]:
-        """Fit every model on ``snap`` and build the messages (safe in a worker thread).
+    def fit_snapshot(
+        self,
+        snap: ChainSnapshot,
+        *,
+        greeks: bool | None = None,
+        models: Sequence[str] | None = None,
+    ) -> list[Message]:
+        """Fit every model (or those in ``models``) on ``snap`` and build the messages.
 
+        Safe in worker threads, one per model at a time (each model keeps its own state).
         ``greeks=False`` leaves the greeks topics out (the service publishes the surfaces
         first and builds their greeks with ``greeks_for`` right after).
         """
@@ -253,6 +268,8 @@ class Pipeline:
         u = self._under[(snap.venue, snap.underlying)]
         out: list[Message] = []
         for name, surf in u.surfaces.items():
+            if models is not None and name not in models:
+                continue
             result = surf.calibrator.fit(snap)
             self.fits[name] += 1
             if not result.success:

@@ -56,11 +56,13 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from streamer.book.book import Book
+from streamer.book.snapshot import ChainSnapshot
 from streamer.config import Config
 from streamer.daemon import sdnotify
 from streamer.daemon.metrics import Registry, serve
@@ -94,6 +96,18 @@ EXIT_USAGE = 2
 FeedFactory = Callable[[Config, FrameParser, Callable[[str, int], None] | None], Feed]
 
 
+@dataclass(eq=False)
+class _Job:
+    """One model of one underlying: its worker task and the snapshot waiting for it."""
+
+    model: str
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    snap: ChainSnapshot | None = None
+    trigger_ns: int | None = None
+    busy: bool = False
+
+
 class Service:
     """One daemon instance (one shard: a venue and its currencies)."""
 
@@ -114,8 +128,8 @@ class Service:
         self._given_publishers = list(publishers) if publishers is not None else None
         self.publishers: list[Publisher] = []
         self.recorder: Any = None
-        self._running: set[tuple[str, str]] = set()  # underlyings with a fit in flight
-        self._workers: dict[tuple[str, str], tuple[asyncio.Task[None], asyncio.Event]] = {}
+        # per underlying, one fit job per model (its own worker task, latest snapshot wins)
+        self._jobs: dict[tuple[str, str], dict[str, _Job]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._closing = False
         self._trigger_ns: dict[tuple[str, str], int] = {}
@@ -125,7 +139,7 @@ class Service:
         self._frames_seen = 0
         self._events_seen = 0
         # liveness (the watchdog): fits in flight since (monotonic), the feed's progress
-        self._fit_started: dict[tuple[str, str], float] = {}
+        self._fit_started: dict[tuple[str, str, str], float] = {}  # (venue, und, model)
         self._feed_connected = False
         self._progress_mark = -1
         self._progress_at = time.monotonic()
@@ -221,9 +235,10 @@ class Service:
         for task in (feed, ticker, *self._aux):
             task.cancel()
         self._closing = True
-        workers = [task for task, _ in self._workers.values()]
-        for _, wake in self._workers.values():
-            wake.set()
+        jobs = [job for per in self._jobs.values() for job in per.values()]
+        workers = [job.task for job in jobs if job.task is not None]
+        for job in jobs:
+            job.wake.set()
         if workers:
             _, late = await asyncio.wait(workers, timeout=FIT_DRAIN_S)
             for task in late:
@@ -293,8 +308,7 @@ class Service:
         key = (book.venue, book.underlying)
         recv_ns = p.fast.last_recv_ns if type(ev) is BookChanged else getattr(ev, "recv_ns", 0)
         self._trigger_ns[key] = recv_ns or time.time_ns()
-        if key not in self._running and p.is_due(book, time.monotonic()):
-            self._kick(book)
+        self._kick(book)
 
     def _feed_state(self, ev: FeedStatus) -> None:
         self.metrics.feed_up.set(1.0 if ev.state == "connected" else 0.0)
@@ -310,65 +324,89 @@ class Service:
 
     # ------------------------------------------------------------------ fits
     def _kick(self, book: Book) -> None:
-        """Wake the fit worker of ``book``'s underlying (started on first use)."""
-        key = (book.venue, book.underlying)
-        worker = self._workers.get(key)
-        if worker is None:
-            if self._tg is None or self._closing:
-                return
-            wake = asyncio.Event()
-            task = self._tg.create_task(self._fit_worker(book, wake), name=f"fit-{key}")
-            worker = self._workers[key] = (task, wake)
-        worker[1].set()
-
-    async def _fit_worker(self, book: Book, wake: asyncio.Event) -> None:
-        """Fit ``book`` whenever woken and due, until the service closes."""
-        key = (book.venue, book.underlying)
+        """If ``book``'s refit is due and one of its models is free, snapshot it and hand the
+        snapshot to every model's job (latest wins: a busy job fits it when done)."""
+        jobs = self._jobs_of(book)
+        if not jobs or all(job.busy for job in jobs.values()):
+            return  # changes accumulate; a job that finishes kicks again
         p = self.pipeline
+        if not p.is_due(book, time.monotonic()):
+            return
+        # the newest frame in this snapshot: tick-to-publish is measured from it
+        trigger_ns = self._trigger_ns.pop((book.venue, book.underlying), None)
+        snap = p.take_snapshot(book, time.monotonic())
+        for job in jobs.values():
+            job.snap, job.trigger_ns = snap, trigger_ns
+            job.wake.set()
+
+    def _jobs_of(self, book: Book) -> dict[str, _Job]:
+        """The fit jobs of ``book``'s underlying, one per model (started on first use)."""
+        key = (book.venue, book.underlying)
+        jobs = self._jobs.get(key)
+        if jobs is None:
+            if self._tg is None or self._closing:
+                return {}
+            jobs = self._jobs[key] = {}
+            for model in self.pipeline.models:
+                job = jobs[model] = _Job(model)
+                job.task = self._tg.create_task(
+                    self._fit_worker(book, job), name=f"fit-{key[1]}-{model}"
+                )
+        return jobs
+
+    def _busy(self) -> bool:
+        return any(job.busy for per in self._jobs.values() for job in per.values())
+
+    async def _fit_worker(self, book: Book, job: _Job) -> None:
+        """Fit one model of ``book`` on each snapshot handed to it, until the service closes."""
         while True:
-            await wake.wait()
-            wake.clear()
+            await job.wake.wait()
+            job.wake.clear()
             if self._closing:
                 return
-            self._running.add(key)
+            snap, job.snap = job.snap, None
+            if snap is None:
+                continue
+            job.busy = True
             try:
-                while p.is_due(book, time.monotonic()):
-                    await self._fit_once(book)
-                    if self._closing:
-                        return
+                await self._fit_once(snap, job)
             except Exception as exc:  # a bug in a fit must not take the feed down
-                log.exception("fit_loop_failed", venue=key[0], underlying=key[1], error=repr(exc))
+                log.exception(
+                    "fit_loop_failed", underlying=book.underlying, model=job.model, error=repr(exc)
+                )
             finally:
-                self._running.discard(key)
+                job.busy = False
+            if self._closing:
+                return
+            self._kick(book)  # quotes that changed while it fitted
 
-    async def _fit_once(self, book: Book) -> None:
-        key = (book.venue, book.underlying)
+    async def _fit_once(self, snap: ChainSnapshot, job: _Job) -> None:
         p = self.pipeline
-        # the newest frame in this snapshot: tick-to-publish is measured from it
-        trigger_ns = self._trigger_ns.pop(key, None)
-        snap = p.take_snapshot(book, time.monotonic())
+        key = (snap.venue, snap.underlying, job.model)
         fit = self._hanging_fit if self._hang_fit_s else p.fit_snapshot
-        t0 = time.perf_counter()
         self._fit_started[key] = time.monotonic()  # the watchdog watches this span
         try:
-            msgs = await asyncio.to_thread(fit, snap, greeks=False)
-            elapsed = time.perf_counter() - t0
-            for name in p.models:
-                self.metrics.fit_seconds.observe(elapsed / max(len(p.models), 1), model=name)
-            await self._publish(msgs, trigger_ns=trigger_ns)  # surfaces first
+            msgs = await asyncio.to_thread(fit, snap, greeks=False, models=(job.model,))
+            for msg in msgs:  # the model's own fit time (the calibrator's, not the thread's)
+                if msg.topic.endswith("/surface"):
+                    elapsed_ms = msg.payload["fit"]["elapsed_ms"]
+                    self.metrics.fit_seconds.observe(elapsed_ms / 1e3, model=job.model)
+            await self._publish(msgs, trigger_ns=job.trigger_ns)  # the surface first
             if msgs and p.greeks:
                 greeks = await asyncio.to_thread(p.greeks_for, snap, msgs)
                 await self._publish(greeks, trigger_ns=None)
         finally:
             self._fit_started.pop(key, None)
 
-    def _hanging_fit(self, snap: Any, *, greeks: bool) -> list[Message]:
+    def _hanging_fit(
+        self, snap: Any, *, greeks: bool, models: Sequence[str] | None = None
+    ) -> list[Message]:
         """The test hook (``STREAMER_TEST_HANG_FIT_S``): block in the fit thread, as a stuck
         kernel would (until the service closes, at most that long), then fit."""
         end = time.monotonic() + self._hang_fit_s
         while not self._closing and time.monotonic() < end:
             time.sleep(0.01)
-        return self.pipeline.fit_snapshot(snap, greeks=greeks)
+        return self.pipeline.fit_snapshot(snap, greeks=greeks, models=models)
 
     async def _publish(self, msgs: list[Message], *, trigger_ns: int | None) -> None:
         for msg in msgs:
@@ -392,9 +430,8 @@ class Service:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
             for book in self.pipeline.due(now):
-                if (book.venue, book.underlying) not in self._running:
-                    self._kick(book)
-            if self._stale_due and not self._running:
+                self._kick(book)
+            if self._stale_due and not self._busy():
                 self._stale_due = False
                 await self._publish(self.pipeline.stale_messages(), trigger_ns=None)
             if self.recorder is not None:
@@ -413,10 +450,13 @@ class Service:
         now = time.monotonic() if now is None else now
         wd = self.config.watchdog
         out: list[tuple[str, str]] = []
-        for (venue, under), t0 in self._fit_started.items():
+        for (venue, under, model), t0 in self._fit_started.items():
             if now - t0 > wd.fit_s:
                 out.append(
-                    (f"fit:{venue}/{under}", f"a fit running {now - t0:.1f} s > {wd.fit_s} s")
+                    (
+                        f"fit:{venue}/{under}/{model}",
+                        f"a fit running {now - t0:.1f} s > {wd.fit_s} s",
+                    )
                 )
         mark = self._frames_seen + self._events_seen
         if mark != self._progress_mark:

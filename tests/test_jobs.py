@@ -1,0 +1,151 @@
+"""Refits on real change only, and every model in its own job (issue: speed where users wait).
+
+* A ticker that changes no side, size or bid/ask IV (Deribit re-sends every option every
+  100 ms with a new time, mark and forward) triggers nothing: no fit, on the fused path and on
+  the event path alike, even past the trigger's max interval.
+* Each model of an underlying fits in its own job and publishes as soon as it is done: a slow
+  model never delays another's surface; ``streamer_fit_seconds{model}`` counts each model's
+  own fits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from streamer.config import TriggerConfig, load_config
+from streamer.daemon.pipeline import Pipeline, run_inline
+from streamer.daemon.service import Service
+from streamer.feeds.recordings.replay_feed import ReplayFeed
+from streamer.publish.memory import MemoryPublisher
+from tests.synth import deribit_chain, make_chain, svi_surface, ticker_frame
+
+UNIT = float(os.environ.get("STREAMER_TEST_UNIT", "1.0"))
+NOW_MS = 1_893_484_800_000 + 3_600_000  # 2030-01-01 09:00 UTC
+TRIGGER = TriggerConfig(min_changed_quotes=5, max_interval_s=1.0, min_interval_s=0.0, warmup_s=0.0)
+
+
+def tickers(ts_ms: int, seed: int = 1) -> list[dict[str, Any]]:
+    _, fn = svi_surface(days=(7, 30, 91))
+    snap = make_chain(fn, days=(7, 30, 91), ts_ms=ts_ms, rng=np.random.default_rng(seed))
+    return deribit_chain(snap)[1]
+
+
+def resent(ts: list[dict[str, Any]], dt_ms: int) -> list[dict[str, Any]]:
+    """The same quotes re-sent ``dt_ms`` later with a new mark and forward (as Deribit does)."""
+    return [
+        dict(
+            t,
+            timestamp=int(t["timestamp"]) + dt_ms,
+            mark_price=float(t["mark_price"]) * 1.001,
+            underlying_price=float(t["underlying_price"]) + 1.0,
+        )
+        for t in ts
+    ]
+
+
+@pytest.mark.parametrize("path", ["frames", "events"])
+def test_unchanged_tickers_trigger_no_fit(path: str) -> None:
+    pipe = Pipeline(models=["svi"], trigger=TRIGGER)
+    first = tickers(NOW_MS)
+
+    def items(rounds: list[list[dict[str, Any]]], t0_ms: int) -> Any:
+        for r, ts in enumerate(rounds):
+            ns = (t0_ms + 1000 * r) * 1_000_000
+            for t in ts:
+                frame = ticker_frame(t)
+                yield (ns, frame) if path == "frames" else (ns, pipe.parser.parse(frame, ns)[0])
+
+    list(run_inline(pipe, items([first], NOW_MS)))
+    fitted = pipe.fits["svi"]
+    assert fitted >= 1 and pipe.failed["svi"] < fitted  # the chain arrived and was fitted
+    # five more seconds of the same quotes re-sent (new time, mark, forward): nothing
+    again = [resent(first, 1000 * r) for r in range(1, 6)]
+    assert not [b for b in run_inline(pipe, items(again, NOW_MS + 1000)) if b]
+    assert pipe.fits["svi"] == fitted
+    # a few bids really move: refits again
+    moved = [dict(t, best_bid_price=float(t["best_bid_price"]) * 0.98) for t in first[:5]]
+    assert [b for b in run_inline(pipe, items([moved], NOW_MS + 9000)) if b]
+    assert pipe.fits["svi"] > fitted
+
+
+async def test_a_slow_model_never_delays_another(tmp_path: Path) -> None:
+    """SSVI made slow (each fit sleeps in its worker thread): SVI keeps publishing while an
+    SSVI fit is in flight, and each model's fits are counted under its own label."""
+    rec = tmp_path / "rec.jsonl"
+    with rec.open("w") as fh:
+        for r in range(8):
+            for t in tickers(NOW_MS + 500 * r, seed=r):
+                frame = ticker_frame(t)
+                fh.write(json.dumps({"ts_ns": 0, "venue": "deribit", "frame": frame}) + "\n")
+    cfg = load_config(None)
+    cfg = dataclasses.replace(
+        cfg,
+        instance="jobs",
+        models=dataclasses.replace(cfg.models, names=("svi", "ssvi")),
+        trigger=dataclasses.replace(
+            cfg.trigger, min_changed_quotes=20, min_interval_s=0.05, warmup_s=0.05
+        ),
+    )
+    mem = MemoryPublisher()
+    published: list[tuple[float, str]] = []
+    original = mem.publish
+
+    async def timed(topic: str, payload: Any, *, retain: bool = True) -> None:
+        if topic.endswith("/surface") and payload["status"] != "stale":  # fitted, not re-stamped
+            published.append((time.monotonic(), topic.split("/")[-2]))
+        await original(topic, payload, retain=retain)
+
+    mem.publish = timed  # type: ignore[method-assign]
+    service = Service(
+        cfg,
+        feed_factory=lambda c, p, f: ReplayFeed([str(rec)], parser=p, rate=600.0),
+        publishers=[mem],
+    )
+    slow_s = 1.5 * UNIT
+
+    async def run() -> int:
+        task = asyncio.create_task(service.run(signals=False))
+        await service.ready.wait()
+        return await task
+
+    # make every SSVI fit slow, once the pipeline has built its calibrators
+    real_underlying = service.pipeline._underlying
+
+    def patched(book: Any) -> Any:
+        u = real_underlying(book)
+        cal = u.surfaces["ssvi"].calibrator
+        if not getattr(cal, "_slowed", False):
+            real_fit = cal.fit
+
+            def slow_fit(snap: Any) -> Any:
+                time.sleep(slow_s)
+                return real_fit(snap)
+
+            cal.fit = slow_fit  # type: ignore[method-assign,assignment]
+            cal._slowed = True  # type: ignore[attr-defined]
+        return u
+
+    service.pipeline._underlying = patched  # type: ignore[method-assign]
+    assert await asyncio.wait_for(run(), 60 * UNIT) == 0
+    svi = [t for t, m in published if m == "svi"]
+    slow = [t for t, m in published if m == "ssvi"]
+    assert slow and svi
+    # SVI surfaces went out before the first (slow) SSVI surface and between SSVI surfaces
+    assert sum(t < slow[0] for t in svi) >= 2
+    text = service.metrics.render()
+    for model in ("svi", "ssvi"):
+        count = next(
+            line
+            for line in text.splitlines()
+            if line.startswith("streamer_fit_seconds_count") and f'model="{model}"' in line
+        )
+        assert float(count.rsplit(" ", 1)[1]) == (len(svi) if model == "svi" else len(slow))
