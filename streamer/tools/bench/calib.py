@@ -36,7 +36,7 @@ GOALS_MS = {
 
 
 def shared_data() -> Path:
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "deribit"
+    return Path(__file__).resolve().parents[4] / "shared" / "data" / "deribit"  # beside the repo
 
 
 def requote(snap: ChainSnapshot, rng: np.random.Generator, noise: float = 0.02) -> ChainSnapshot:

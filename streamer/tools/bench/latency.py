@@ -1,14 +1,16 @@
 """``streamer bench latency``: tick-to-publish latency through a real mosquitto on loopback.
 
-A full real BTC chain (``../shared/data/deribit/snapshots/...``, turned into Deribit ticker
-frames by ``../shared/tools/csv_to_replay.py``; or ``--recording``) is replayed through the
-real service (``streamer.service.Service`` with a ``ReplayFeed``: parser, book, trigger,
-fit in a worker thread, MQTT publisher) into a mosquitto started on a free loopback port,
-and an aiomqtt subscriber in its own process (as a bot would be) timestamps every surface it
-receives. Latency per surface = subscriber receive time - wall-clock time at which the
-newest frame of the fitted snapshot entered the parser. The chain is replayed ``--rounds``
-times (later rounds are warm re-quotes), paced at ``--rate`` frames per second; one model at
-a time; p50, p99 and max over the surfaces.
+The daemon as it runs by default: the default models (``svi``, ``ssvi``), BTC and ETH
+together, one service. A full real BTC + ETH chain (``../shared/data/deribit/snapshots/...``,
+turned into Deribit ticker frames by ``../shared/tools/csv_to_replay.py``) is replayed
+``--rounds`` times, each round a re-quote in which every option's bid and ask move by a tick
+(so every round is a real change: unchanged tickers trigger no refit), through the real
+service (``Service`` with a ``ReplayFeed``: fused parse, book, trigger, one fit job per
+model and underlying in worker threads, MQTT publisher) into a mosquitto started on a free
+loopback port, paced at ``--rate`` frames per second. An aiomqtt subscriber in its own
+process (as a bot would be) timestamps every surface it receives. Latency per surface =
+subscriber receive time - wall-clock time at which the newest frame of the fitted snapshot
+entered the parser. p50, p99 and max per model (all fits, and warm fits only).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 from streamer.tools.bench.calib import shared_data
 
 DEFAULT_SNAPSHOT = "snapshots/deribit_options_snapshot_20260105T041127Z.csv"
+TICK = 0.0001  # Deribit's option tick (coin) for prices below 0.005
 
 
 def _free_port() -> int:
@@ -73,35 +76,45 @@ async def main(port, topic):
         async for msg in client.messages:
             t = time.time_ns()
             body = orjson.loads(msg.payload)
-            print(body["seq"], t, int(bool(body["fit"]["warm"])), flush=True)
+            print(msg.topic.value, body["seq"], t, int(bool(body["fit"]["warm"])), flush=True)
 
 asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
 """
 
 
 def make_recording(workdir: Path, rounds: int) -> Path:
+    """A real BTC + ETH chain, then ``rounds - 1`` re-quotes of it, each moving every bid and
+    ask by one tick (alternately up and down): real changes, as a live market makes them."""
+    import orjson
+
     tool = shared_data().parent.parent / "tools" / "csv_to_replay.py"
     src = shared_data() / DEFAULT_SNAPSHOT
     if not tool.exists() or not src.exists():
         raise SystemExit(f"bench latency: needs {tool} and {src} (../shared)")
     one = workdir / "chain.jsonl"
     subprocess.run(
-        [sys.executable, str(tool), str(src), "-o", str(one), "--underlying", "BTC"],
-        check=True,
-        capture_output=True,
+        [sys.executable, str(tool), str(src), "-o", str(one)], check=True, capture_output=True
     )
-    lines = one.read_text().splitlines()
+    records = [orjson.loads(line) for line in one.read_text().splitlines()]
     out = workdir / "rounds.jsonl"
-    with out.open("w") as fh:
-        for _ in range(rounds):
-            fh.write("\n".join(lines) + "\n")
+    with out.open("wb") as fh:
+        for r in range(rounds):
+            for rec in records:
+                frame = orjson.loads(rec["frame"])
+                data = frame.get("params", {}).get("data")
+                if r and isinstance(data, dict) and "best_bid_price" in data:
+                    step = TICK * (1 if r % 2 else -1)
+                    for side in ("best_bid_price", "best_ask_price"):
+                        if data.get(side):
+                            data[side] = round(max(data[side] + step, TICK), 6)
+                fh.write(orjson.dumps(dict(rec, frame=orjson.dumps(frame).decode())) + b"\n")
     return out
 
 
-async def run_model(
-    model: str, recording: Path, port: int, rate: float, min_changed: int
-) -> list[tuple[float, bool]]:
-    """(latency ms, warm fit?) of every surface the subscriber received."""
+async def run_service(
+    models: list[str], recording: Path, port: int, rate: float, min_changed: int
+) -> dict[str, list[tuple[float, bool]]]:
+    """Per model: (latency ms, warm fit?) of every surface the subscriber received."""
     from streamer.config import load_config
     from streamer.daemon.service import Service
     from streamer.feeds.recordings.replay_feed import ReplayFeed
@@ -110,17 +123,16 @@ async def run_model(
     n_frames = sum(1 for _ in recording.open())
     cfg = dataclasses.replace(
         cfg,
-        instance=f"bench-{model}",
-        models=dataclasses.replace(cfg.models, names=(model,)),
+        instance="bench-latency",
+        models=dataclasses.replace(cfg.models, names=tuple(models or cfg.models.names)),
+        feed=dataclasses.replace(cfg.feed, currencies=("BTC", "ETH")),
         publish=dataclasses.replace(
-            cfg.publish, urls=(f"mqtt://127.0.0.1:{port}/bench{model}",), greeks=True
+            cfg.publish, urls=(f"mqtt://127.0.0.1:{port}/bench",), greeks=True
         ),
         trigger=dataclasses.replace(
             cfg.trigger, min_changed_quotes=min_changed, min_interval_s=0.0, max_interval_s=1.0
         ),
     )
-    received: dict[int, tuple[int, bool]] = {}
-    topic = f"bench{model}/deribit/BTC/{model}/surface"
 
     def factory(config, parser, on_frame):  # type: ignore[no-untyped-def]
         return ReplayFeed([str(recording)], parser=parser, rate=rate)
@@ -134,7 +146,7 @@ async def run_model(
         "-c",
         SUBSCRIBER,
         str(port),
-        topic,
+        "bench/deribit/+/+/surface",
         stdout=asyncio.subprocess.PIPE,
     )
     assert sub.stdout is not None
@@ -149,20 +161,24 @@ async def run_model(
     finally:
         sub.terminate()
         out, _ = await sub.communicate()
+    received: dict[tuple[str, int], tuple[int, bool]] = {}
     for line in out.decode().splitlines():
-        seq, t_ns, warm = line.split()
-        received[int(seq)] = (int(t_ns), warm == "1")
-    return [
-        ((received[seq][0] - trig) / 1e6, received[seq][1])
-        for t, seq, trig in service.publish_log
-        if t.endswith(f"/{model}/surface") and seq in received
-    ]
+        topic, seq_text, t_ns, warm = line.split()
+        key = "/".join(topic.split("/")[-4:])  # venue/underlying/model/surface: no prefix
+        received[(key, int(seq_text))] = (int(t_ns), warm == "1")
+    per: dict[str, list[tuple[float, bool]]] = {}
+    for topic, seq, trig in service.publish_log:
+        got = received.get(("/".join(topic.split("/")[-4:]), seq))
+        if got is not None:
+            model = topic.split("/")[-2]
+            per.setdefault(model, []).append(((got[0] - trig) / 1e6, got[1]))
+    return per
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="streamer bench latency", description=__doc__)
-    ap.add_argument("--model", action="append", help="models (default: svi and ssvi)")
-    ap.add_argument("--rounds", type=int, default=4, help="times the chain is replayed")
+    ap.add_argument("--model", action="append", help="models (default: the config's)")
+    ap.add_argument("--rounds", type=int, default=6, help="the chain and its re-quotes")
     ap.add_argument("--rate", type=float, default=2000.0, help="frames per second")
     ap.add_argument("--min-changed", type=int, default=50, help="trigger: changed quotes")
     args = ap.parse_args(argv)
@@ -172,15 +188,16 @@ def main(argv: list[str] | None = None) -> int:
         proc, port = start_mosquitto(work)
         try:
             print(
-                f"replaying {sum(1 for _ in rec.open()):,} frames (a real BTC chain x "
-                f"{args.rounds}) at {args.rate:,.0f} frames/s; refit every "
-                f"{args.min_changed} changed quotes; mosquitto on 127.0.0.1:{port}"
+                f"replaying {sum(1 for _ in rec.open()):,} frames (a real BTC + ETH chain and "
+                f"{args.rounds - 1} re-quotes) at {args.rate:,.0f} frames/s into one service; "
+                f"refit every {args.min_changed} changed quotes; mosquitto on "
+                f"127.0.0.1:{port}"
             )
             print()
             print("| model | fits | surfaces | p50 ms | p99 ms | max ms | goal p99 ms |")
             print("|---|---|---:|---:|---:|---:|---:|")
-            for m in args.model or ["svi", "ssvi"]:
-                got = asyncio.run(run_model(m, rec, port, args.rate, args.min_changed))
+            per = asyncio.run(run_service(args.model or [], rec, port, args.rate, args.min_changed))
+            for m, got in per.items():
                 for label, sel in (("all", got), ("warm", [g for g in got if g[1]])):
                     a = np.array([g[0] for g in sel])
                     if not a.size:
