@@ -812,8 +812,13 @@ def test_a_quote_changes_the_book_only_when_its_sides_or_ivs_move() -> None:
     assert book.apply(base)  # first sight
     assert not book.apply(replace(base, ts_ms=now + 100, mark_price=0.016, forward=100_050.0))
     assert book.quote_row(name)["ts_ms"] == now + 100  # type: ignore[index]  # still fresher
-    for change in ({"bid": 0.011}, {"bid_size": 2.0}, {"ask": 0.02}, {"bid_iv": 0.56}):
-        moved = replace(base, **change)
-        assert book.apply(moved), change
-        assert not book.apply(moved), change
+    moves = (
+        replace(base, bid=0.011),
+        replace(base, bid_size=2.0),
+        replace(base, ask=0.02),
+        replace(base, bid_iv=0.56),
+    )
+    for moved in moves:
+        assert book.apply(moved), moved
+        assert not book.apply(moved), moved
         assert book.apply(base)

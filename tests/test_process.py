@@ -267,7 +267,7 @@ async def test_watchdog_stops_when_a_fit_hangs(
                 if hang:
                     await until(lambda: bool(logged(logs, "watchdog_withheld")), 30 * UNIT)
                     stuck = logged(logs, "watchdog_withheld")[0]["stuck"]
-                    assert list(stuck) == ["fit:deribit/BTC"], stuck
+                    assert list(stuck) == ["fit:deribit/BTC/svi"], stuck
                 else:
                     await collect(mosquitto.url, "streamer/#", online, 60 * UNIT)
                 # a window of 10 ping intervals: none while stuck, several while healthy
