@@ -289,3 +289,15 @@ def test_rebuilds_deribit_marks_and_greeks() -> None:
     iv = np.asarray(implied_vol_coin([float(r["mark_price"]) for r in rows], F, K, T, C))
     near = np.abs(np.log(F / K)) < 0.3 * sigma * np.sqrt(T) + 0.05
     assert np.nanmedian(np.abs(iv[near] - sigma[near])) < 5e-4
+
+
+def test_one_element_arrays_beside_scalars_do_not_warn() -> None:
+    """A single strike (a 1-element array) with a scalar forward or T: numpy's broadcast views
+    of it are read-only to numba, which used to warn (an error under ``-W error``)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        price = black_price(100.0, np.array([110.0]), 0.1, np.array([0.5]), "C")
+        greeks = black_greeks(np.array([100.0]), 110.0, 0.1, 0.5, True)
+    assert price.shape == (1,) and np.isfinite(price).all() and np.isfinite(greeks.delta).all()

@@ -255,16 +255,16 @@ class Pipeline:
         self,
         snap: ChainSnapshot,
         *,
-        greeks: bool | None = None,
+        derived: bool = True,
         models: Sequence[str] | None = None,
     ) -> list[Message]:
         """Fit every model (or those in ``models``) on ``snap`` and build the messages.
 
         Safe in worker threads, one per model at a time (each model keeps its own state).
-        ``greeks=False`` leaves the greeks topics out (the service publishes the surfaces
-        first and builds their greeks with ``greeks_for`` right after).
+        ``derived=False`` leaves the derived topics out, the tenors and the greeks (the service
+        publishes the surfaces first and builds those with ``derived_for`` right after, so a
+        surface's tick-to-publish carries the fit only).
         """
-        with_greeks = self.greeks if greeks is None else greeks
         u = self._under[(snap.venue, snap.underlying)]
         out: list[Message] = []
         for name, surf in u.surfaces.items():
@@ -307,19 +307,24 @@ class Pipeline:
             out.append(
                 Message(topic_surface(self.prefix, snap.venue, snap.underlying, name), payload)
             )
-            out.extend(self.tenors_messages(payload))
-            if with_greeks:
-                out.extend(self.greeks_messages(snap, name, payload))
+            if derived:
+                out.extend(self.derived_messages(snap, payload))
         return out
 
-    def greeks_for(self, snap: ChainSnapshot, surfaces: list[Message]) -> list[Message]:
-        """The greeks messages of surface messages ``fit_snapshot`` made from ``snap``."""
-        if not self.greeks:
-            return []
+    def derived_for(self, snap: ChainSnapshot, surfaces: list[Message]) -> list[Message]:
+        """The tenors and greeks messages of surface messages ``fit_snapshot`` made from
+        ``snap`` with ``derived=False``."""
         out: list[Message] = []
         for msg in surfaces:
             if msg.topic.endswith("/surface"):
-                out.extend(self.greeks_messages(snap, str(msg.payload["model"]), msg.payload))
+                out.extend(self.derived_messages(snap, msg.payload))
+        return out
+
+    def derived_messages(self, snap: ChainSnapshot, payload: Mapping[str, Any]) -> list[Message]:
+        """What follows a surface message: its tenors message, then (``greeks``) its greeks."""
+        out = self.tenors_messages(payload)
+        if self.greeks:
+            out.extend(self.greeks_messages(snap, str(payload["model"]), payload))
         return out
 
     def fit_book(self, book: Book, now_s: float) -> list[Message]:
@@ -357,6 +362,7 @@ class Pipeline:
             ts_ms=snap.ts_ms,
             seq=seq,
             status="ok" if result.status == "ok" else "degraded",
+            reason="" if result.status == "ok" else result.message,
             fit={
                 "rmse_iv": result.rmse_iv,
                 "in_band": result.in_band,

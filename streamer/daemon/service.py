@@ -386,27 +386,27 @@ class Service:
         fit = self._hanging_fit if self._hang_fit_s else p.fit_snapshot
         self._fit_started[key] = time.monotonic()  # the watchdog watches this span
         try:
-            msgs = await asyncio.to_thread(fit, snap, greeks=False, models=(job.model,))
+            msgs = await asyncio.to_thread(fit, snap, derived=False, models=(job.model,))
             for msg in msgs:  # the model's own fit time (the calibrator's, not the thread's)
                 if msg.topic.endswith("/surface"):
                     elapsed_ms = msg.payload["fit"]["elapsed_ms"]
                     self.metrics.fit_seconds.observe(elapsed_ms / 1e3, model=job.model)
             await self._publish(msgs, trigger_ns=job.trigger_ns)  # the surface first
-            if msgs and p.greeks:
-                greeks = await asyncio.to_thread(p.greeks_for, snap, msgs)
-                await self._publish(greeks, trigger_ns=None)
+            if msgs:  # then its tenors and greeks
+                derived = await asyncio.to_thread(p.derived_for, snap, msgs)
+                await self._publish(derived, trigger_ns=None)
         finally:
             self._fit_started.pop(key, None)
 
     def _hanging_fit(
-        self, snap: Any, *, greeks: bool, models: Sequence[str] | None = None
+        self, snap: Any, *, derived: bool, models: Sequence[str] | None = None
     ) -> list[Message]:
         """The test hook (``STREAMER_TEST_HANG_FIT_S``): block in the fit thread, as a stuck
         kernel would (until the service closes, at most that long), then fit."""
         end = time.monotonic() + self._hang_fit_s
         while not self._closing and time.monotonic() < end:
             time.sleep(0.01)
-        return self.pipeline.fit_snapshot(snap, greeks=greeks, models=models)
+        return self.pipeline.fit_snapshot(snap, derived=derived, models=models)
 
     async def _publish(self, msgs: list[Message], *, trigger_ns: int | None) -> None:
         for msg in msgs:

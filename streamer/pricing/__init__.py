@@ -53,8 +53,10 @@ def _prepare(
     scalar = all(a.ndim == 0 for a in arrays) and flags.ndim == 0
     broadcast = np.broadcast_arrays(*arrays, flags)
     shape = broadcast[0].shape
-    flat = [np.ascontiguousarray(b, dtype=np.float64).ravel() for b in broadcast[:-1]]
-    return flat, np.ascontiguousarray(broadcast[-1], dtype=np.bool_).ravel(), shape, scalar
+    # own, writeable, contiguous copies: a broadcast view (even of one element) is read-only
+    # to numba's eyes (and numpy warns when asked whether it is writeable)
+    flat = [np.array(b, dtype=np.float64, order="C").ravel() for b in broadcast[:-1]]
+    return flat, np.array(broadcast[-1], dtype=np.bool_, order="C").ravel(), shape, scalar
 
 
 def _finish(values: npt.NDArray[np.float64], shape: tuple[int, ...], scalar: bool) -> FloatOrArray:
