@@ -52,7 +52,9 @@ normalized event (``streamer.events``).
   linear ones, F the quote's own forward);
 * one-sided quotes are kept, NaN on the missing side (the calibrator needs both sides and
   decides), and counted in ``book.one_sided``;
-* the forward per expiry is the median of its fresh quotes' forwards; when no quote carries one,
+* the forward per expiry is the median of its fresh quotes' forwards (those that are finite,
+  positive and within ``FORWARD_RATIO_MAX`` of their strike: 0 or 1e308 are not forwards);
+  when no quote carries one,
   put-call parity at the strike where call and put mids are closest (nearest the money):
   coin-margined ``C - P = (F - K) / F`` so ``F = K / (1 - (C - P))``; linear ``F = K + C - P``;
 * ``dirty`` per expiry: a quote of it changed (any stored field but its time), an instrument was
@@ -97,6 +99,7 @@ DEFAULT_MAX_SKEW_S = 60.0  # how far a quote may run ahead of the book's other q
 MIN_TS_MS = 946_684_800_000  # 2000-01-01: a plausible venue time in ms is after this ...
 MAX_TS_MS = 4_102_444_800_000  # ... and before 2100-01-01 (s and us are off by 1000x)
 INTRINSIC_RTOL = 1e-9  # float noise allowance of the below-intrinsic test
+FORWARD_RATIO_MAX = math.exp(10.0)  # a forward beyond 22026x its strike (either way) is broken
 
 # one row per instrument: column indexes
 TS, BID, BID_SIZE, ASK, ASK_SIZE, MARK_PRICE, MARK_IV, BID_IV, ASK_IV, FORWARD, DELTA = range(11)
@@ -667,7 +670,7 @@ class Book:
         drop("wide_spread", q[:, ASK_IV] - q[:, BID_IV] > self.max_spread_iv)
 
         # forward per expiry id: median of fresh quotes' forwards, else put-call parity
-        good_fwd = fresh & (fwd > 0.0) & np.isfinite(fwd)
+        good_fwd = fresh & _sane_forward(fwd, strike)
         fwd_by_id = _group_medians(exp_id[good_fwd], fwd[good_fwd], len(self._exp_ms))
         for e in np.unique(exp_id[~out]).tolist():
             if np.isnan(fwd_by_id[e]):
@@ -759,7 +762,7 @@ class Book:
         missing = ~np.isfinite(forwards)
         if missing.any():  # no fresh forward: the last ones seen (stale quotes' forwards)
             fwd = q[:, FORWARD]
-            seen = (fwd > 0.0) & np.isfinite(fwd)
+            seen = _sane_forward(fwd, strike)
             last = _group_medians(exp_id[seen], fwd[seen], len(self._exp_ms))[id_arr]
             forwards = np.where(missing, last, forwards)
 
@@ -819,8 +822,17 @@ def _group_medians(ids: IntArray, values: FloatArray, n_ids: int) -> FloatArray:
     uniq, first, count = np.unique(ids_s, return_index=True, return_counts=True)
     lo = first + (count - 1) // 2
     hi = first + count // 2
-    out[uniq] = 0.5 * (vals_s[lo] + vals_s[hi])
+    out[uniq] = 0.5 * vals_s[lo] + 0.5 * vals_s[hi]  # no overflow near the float maximum
     return out
+
+
+def _sane_forward(fwd: FloatArray, strike: FloatArray) -> BoolArray:
+    """A quote's forward worth using: finite, positive, within ``FORWARD_RATIO_MAX`` of its
+    strike either way (0, 1e308 or a unit slip are broken fields, not far wings)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray(
+            (fwd > strike / FORWARD_RATIO_MAX) & (fwd < strike * FORWARD_RATIO_MAX), dtype=np.bool_
+        )
 
 
 class Books:

@@ -4,7 +4,8 @@ One ``Calibrator`` per (underlying, model). ``fit(snapshot)``, like scipy's ``le
 front door:
 
 1. check: ``prepare`` filters the quotes and builds IV targets and weights
-   (``streamer.calib.data``); no usable quotes is a ``degraded`` result, not an error;
+   (``streamer.calib.data``); no usable quotes is a ``degraded`` result, not an error (its
+   message says what was dropped, by reason: ``no usable quotes (one_sided 336)``);
 2. dispatch: per-expiry models (SVI, SABR, eSSVI, ...) to ``streamer.calib.per_expiry``, surface
    models (SSVI, Heston, Bates, ...) to ``streamer.calib.surface``. Both warm-start from the
    last accepted fit with the parameter-change penalty ``sqrt(lambda) (theta - theta_prev) / s``
@@ -72,7 +73,8 @@ class Calibrator:
         n_min = len(self.model.bounds(1)[0]) + 1 if self.model.per_expiry else 3
         prep = prepare(snapshot, self.config.filters, n_min)
         if prep.data.n_slices == 0:
-            return self._degraded(ts_ms, prep, t0, Failure("no usable quotes"))
+            why = ", ".join(f"{k} {v}" for k, v in prep.drops.most_common()) or "none quoted"
+            return self._degraded(ts_ms, prep, t0, Failure(f"no usable quotes ({why})"))
         strategy = fit_slices if self.model.per_expiry else fit_surface
         try:
             outcome = strategy(self.model, self.history, ts_ms, prep)

@@ -2,6 +2,10 @@
 
 Every quote that does not reach the fit is counted under one reason:
 
+* ``bad_forward``: no usable forward (not finite, not positive, or so far from the strike that
+  ``|log(K / F)| > MAX_ABS_LOG_MONEYNESS``: a forward of 0 or 1e308 is a broken quote, not a
+  wing), checked before any arithmetic on it;
+* ``short_expiry``: T below ``min_T_days`` (or not a number);
 * ``one_sided``: a bid or an ask is missing (the fit needs both to weigh the quote);
 * ``crossed``: bid above ask;
 * ``no_iv``: no implied vol exists for a side (price at or below intrinsic, or above the
@@ -10,7 +14,6 @@ Every quote that does not reach the fit is counted under one reason:
 * ``itm``: in the money, when only out-of-the-money quotes are fitted (the default: the OTM
   side carries the information; the ITM side adds only its spread);
 * ``delta_band``: |Black delta at mid IV| outside ``[min_abs_delta, max_abs_delta]``;
-* ``short_expiry``: T below ``min_T_days``;
 * ``thin_slice``: the expiry has fewer than ``min_quotes_per_slice`` usable quotes.
 
 IVs are computed here from the bid and ask prices (coin prices times the forward for
@@ -32,6 +35,7 @@ from streamer.pricing import black_greeks, implied_vol
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+MAX_ABS_LOG_MONEYNESS = 10.0  # strikes within e**10 (22026x) of the forward either way
 
 
 @dataclass(frozen=True)
@@ -91,14 +95,19 @@ class _Quotes:
         fwd = snapshot.forward
         F = np.where(np.isfinite(fwd) & (fwd > 0), fwd, F_slice)
         unit = F if snapshot.inverse else np.ones(n)
-        return cls(snapshot, F, snapshot.bid * unit, snapshot.ask * unit)
+        with np.errstate(over="ignore", invalid="ignore"):  # broken forwards: dropped first
+            return cls(snapshot, F, snapshot.bid * unit, snapshot.ask * unit)
 
 
 def _price_filters(q: _Quotes, cfg: FilterConfig, drops: Counter[str]) -> IntArray:
     """Quotes long enough to expiry, two-sided, not crossed, out of the money (if asked)."""
     snap = q.snap
     keep = np.ones(snap.n_quotes, dtype=np.bool_)
-    _drop(keep, cfg.min_T_days > snap.T * 365.0, "short_expiry", drops)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        k_all = np.log(snap.strike / q.F)
+    sane = np.isfinite(q.F) & (q.F > 0) & (np.abs(k_all) <= MAX_ABS_LOG_MONEYNESS)
+    _drop(keep, ~sane, "bad_forward", drops)
+    _drop(keep, ~(cfg.min_T_days <= snap.T * 365.0), "short_expiry", drops)
     has_bid_px = np.isfinite(q.bid_usd) & (q.bid_usd > 0)
     has_ask_px = np.isfinite(q.ask_usd) & (q.ask_usd > 0)
     # where a venue sends IVs but no prices (Tardis cuts), its IVs stand in for the prices
@@ -107,7 +116,6 @@ def _price_filters(q: _Quotes, cfg: FilterConfig, drops: Counter[str]) -> IntArr
     _drop(keep, ~(has_bid & has_ask), "one_sided", drops)
     _drop(keep, has_bid_px & has_ask_px & (q.bid_usd > q.ask_usd), "crossed", drops)
     if cfg.otm_only:
-        k_all = np.log(snap.strike / q.F)
         _drop(keep, np.where(snap.is_call, k_all < 0.0, k_all >= 0.0), "itm", drops)
     return np.flatnonzero(keep)
 

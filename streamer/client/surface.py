@@ -179,6 +179,8 @@ class Surface:
         if not T > 0.0 or not self.expiries:
             return _nan_smile, None, None
         if self.model.any_maturity:
+            if self.T[0] > T:  # before the first fitted expiry (T -> 0 included)
+                return (lambda k: self._short_iv(_k(k), T)), None, None
             return (lambda k: self._slice_iv(0, _k(k), np.full(np.shape(k), T))), None, None
         Ts = self.T
         hit = np.flatnonzero(np.isclose(Ts, T, rtol=0.0, atol=1e-12))
@@ -189,6 +191,17 @@ class Surface:
             j = 0 if Ts[0] > T else len(Ts) - 1
             return (lambda k: self._slice_iv(j, _k(k))), None, None
         return self._interpolated_smile(int(np.searchsorted(Ts, T)) - 1, T)
+
+    def _short_iv(self, k: FloatArray, T: float) -> FloatArray:
+        """A maturity-aware model (Heston, Bates) before its first fitted expiry: its own IV
+        at ``T``, and where that is not a number (T -> 0: the smile can no longer be
+        inverted from prices), the first expiry's IV at the same log-moneyness, as the
+        other models extrapolate there."""
+        iv = np.asarray(self._slice_iv(0, k, np.full(np.shape(k), T)), dtype=np.float64)
+        bad = ~np.isfinite(iv)
+        if bad.any():
+            iv = np.where(bad, self._slice_iv(0, k), iv)
+        return iv
 
     def greeks_at(
         self,

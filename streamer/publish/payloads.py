@@ -25,7 +25,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -77,6 +77,7 @@ class SurfacePayload(TypedDict):
     fit: FitInfo
     params: dict[str, float | None]
     expiries: list[ExpiryEntry]
+    reason: NotRequired[str]  # degraded: why the latest fit was not accepted
 
 
 class GreeksRow(TypedDict):
@@ -308,9 +309,11 @@ def surface_payload(
     fit: FitInfo | Mapping[str, Any],
     params: Mapping[str, Any],
     expiries: Iterable[ExpiryEntry | Mapping[str, Any]],
+    reason: str = "",
 ) -> SurfacePayload:
     """A ``streamer.surface/1`` payload. ``fit`` and ``expiries`` items are passed through
-    ``fit_info`` / ``expiry_entry`` (so plain dicts with those keys work too)."""
+    ``fit_info`` / ``expiry_entry`` (so plain dicts with those keys work too). ``reason``
+    (degraded: why the latest fit was not accepted) is included when not empty."""
     if status not in STATUSES:
         raise InputError("status", f"must be one of {', '.join(STATUSES)}, got {status!r}")
     try:
@@ -318,7 +321,7 @@ def surface_payload(
         entries = [expiry_entry(**e) for e in expiries]
     except TypeError as exc:  # a missing or unknown key
         raise InputError("fit/expiries", str(exc)) from exc
-    return {
+    out: SurfacePayload = {
         "schema": SURFACE_SCHEMA,
         "venue": _segment("venue", venue),
         "underlying": _segment("underlying", underlying),
@@ -330,6 +333,9 @@ def surface_payload(
         "params": _params("params", params),
         "expiries": entries,
     }
+    if reason:
+        out["reason"] = reason
+    return out
 
 
 def greeks_row(

@@ -34,7 +34,8 @@ counts, frames sent) for assertions; ``wait_until`` waits for a condition on the
 
 Bad-data knobs (faulty connections only; choices drawn from ``fault_seed``, every injected
 fault counted by kind in ``ConnectionLog.faults``): ``live_timestamps`` (every script frame is
-stamped with the send time, as the exchange stamps its notifications, and book ``change_id``s
+stamped with the send time, as the exchange stamps its notifications, every other pass moves
+ticker prices by ``LIVE_WIGGLE`` so a looped market keeps changing, and book ``change_id``s
 are renumbered per connection so looping never gaps by itself), ``malformed_ratio`` (that share
 of script frames is replaced by a malformed one, one of ``MALFORMED``: the parser's drop reason
 for each is its key), ``duplicate_ratio`` (sent twice), ``timestamp_faults`` (kind -> share of
@@ -209,6 +210,7 @@ MALFORMED = ("bad_json", "bad_type", "missing_field", "not_object", "unknown_cha
 """The malformed frames ``malformed_ratio`` injects, named by the parser's drop reason."""
 TIMESTAMP_FAULTS = ("us", "s", "skew")
 SKEW_MS = 86_400_000  # the "skew" timestamp fault: a day ahead
+LIVE_WIGGLE = 1e-4  # live_timestamps: every other pass moves ticker prices by this much
 
 
 def malformed_frame(kind: str, channel: str, data: Mapping[str, Any]) -> str:
@@ -317,6 +319,7 @@ class _Conn:
         self.next_change_id: dict[str, int] = {}  # live_timestamps: "book.X" -> last id used
         self.held: dict[str, tuple[str, dict[str, Any]]] = {}  # book changes sent late
         self.subscribe_requests = 0
+        self.passes = 0  # script passes started on this connection
 
 
 class FakeDeribitServer:
@@ -716,6 +719,7 @@ class FakeDeribitServer:
         loop = 0
         while self.loops is None or loop < self.loops:
             loop += 1
+            conn.passes = loop
             for item in self.script:
                 target = self._match(conn, item.channel)
                 if target is None:
@@ -744,6 +748,11 @@ class FakeDeribitServer:
             data["timestamp"] = _now_ms()
             if kind == "book":
                 self._renumber(conn, channel, data)
+            elif kind == "ticker" and conn.passes % 2 == 0:  # the market moves a little
+                for key in ("best_bid_price", "best_ask_price", "mark_price"):
+                    px = data.get(key)
+                    if isinstance(px, float) and px > 0:
+                        data[key] = px * (1.0 + LIVE_WIGGLE)
         rng = self.rng
         if conn.faulty and kind == "book" and data.get("type") == "change":
             if self.book_gap_ratio and rng.random() < self.book_gap_ratio:
