@@ -285,6 +285,18 @@ async def test_drops_reconnect_with_backoff_and_never_a_doubled_subscription() -
         assert statuses[0] == "ok" and statuses[-1] == "ok" and "stale" in statuses
 
 
+async def test_backoff_resets_in_a_quiet_market_too() -> None:
+    """A market where nothing moves (the same tickers again and again): after the first
+    session the fused path writes them without an event (nothing changed), yet sessions that
+    kept receiving for the dead-after interval worked, so the waits do not grow."""
+    async with Rig(fake={"live_timestamps": False}, toxics=[ResetPeer(after_s=1.5 * UNIT)]) as rig:
+        await rig.wait(lambda: rig.feed.sessions >= 4 and len(rig.delays) >= 3)
+        for d in rig.delays:
+            lo, hi = delay_bounds(0)
+            assert lo <= d <= hi, rig.delays
+        rig.check_subscriptions()
+
+
 async def test_silent_stall_goes_stale_and_stale_quotes_leave_the_snapshot() -> None:
     """The link goes silent with the sockets open (toxiproxy's timeout). The feed notices
     after its dead-after interval, the surfaces go stale, it reconnects once the link heals.

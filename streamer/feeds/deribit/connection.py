@@ -27,7 +27,9 @@ a timeout around ``recv``, like python-websockets' keepalive: with a 10 s heartb
 healthy connection is never silent that long; ``_Silence``, one timer a session rather than
 one a frame), or on 10028. Reconnects wait a capped,
 jittered exponential delay (``Backoff``; Brooker, "Exponential Backoff And Jitter", AWS
-Architecture Blog, 2015) that resets after a session in which market data flowed.
+Architecture Blog, 2015) that resets after a session that worked: market data flowed, or frames
+kept coming for at least ``dead_after_s`` (a quiet market through a fused parser yields no
+events for tickers that only refresh their times).
 
 The parser (``DeribitParser``, or anything with the ``FrameParser`` shape: the daemon
 passes the book's fused path) is pure; this module only moves frames and keeps the
@@ -152,6 +154,8 @@ class _Session:
     listings: dict[int, str] = field(default_factory=dict)  # get_instruments id -> currency
     requests: dict[int, str] = field(default_factory=dict)  # other request ids -> method
     streamed: bool = False  # market data arrived: the session worked (reset the backoff)
+    started: float = 0.0  # loop time of the connect
+    frames_at_start: int = 0  # the feed's frame count then
     dirty: bool = True  # wanted channels may be missing: plan subscriptions
     end: _EndSessionError | None = None  # set: end the session after this frame's events
 
@@ -257,7 +261,7 @@ class DeribitFeed(Feed):
             docstring); the websocket library refuses messages over twice this.
         interval: the ticker/book interval suffix (``100ms``; ``raw`` needs authentication).
         backoff_initial, backoff_max, backoff_factor, backoff_jitter: reconnect delays
-            (``Backoff``); reset after a session in which market data arrived.
+            (``Backoff``); reset after a session that worked (module docstring).
         rate_limit_backoff_s: after error 10028 the next connect waits at least this long.
         open_timeout_s: websocket opening handshake timeout.
         proxy: passed to ``websockets`` (True: the environment's proxy settings; None: direct).
@@ -408,6 +412,8 @@ class DeribitFeed(Feed):
                 try:
                     self.sessions += 1
                     self.connected = True
+                    session.started = asyncio.get_running_loop().time()
+                    session.frames_at_start = self.frames
                     log.info("deribit.connected", url=self.url, session=session.number)
                     yield FeedStatus(self.venue, "connected", self._clock_ns(), self.url)
                     silence = _Silence(self.dead_after_s)
@@ -435,7 +441,16 @@ class DeribitFeed(Feed):
                     streamed=session.streamed,
                 )
                 yield FeedStatus(self.venue, "disconnected", self._clock_ns(), reason)
-            self.delays.append(self._next_delay(session.streamed, rate_limited))
+            self.delays.append(self._next_delay(self._worked(session), rate_limited))
+
+    def _worked(self, session: _Session) -> bool:
+        """Did the session work (the backoff resets)? Market data arrived, or frames kept
+        coming for at least ``dead_after_s``: in a quiet market a fused parser turns tickers
+        that only refresh their times into no events at all."""
+        if session.streamed:
+            return True
+        lived = asyncio.get_running_loop().time() - session.started
+        return self.frames > session.frames_at_start and lived >= self.dead_after_s
 
     def _next_delay(self, streamed: bool, rate_limited: bool) -> float:
         """The wait before the next connect: backoff (reset after a session that worked),
