@@ -174,7 +174,7 @@ def accounted(
     frames, drops, skipped = before
     assert parser.frames == frames + 1
     assert isinstance(events, list | tuple)
-    assert all(isinstance(e, Event.__args__) for e in events)  # type: ignore[attr-defined]
+    assert all(isinstance(e, Event.__args__) for e in events)
     moved = sum(parser.drops.values()) - drops + sum(parser.skipped.values()) - skipped
     # a get_instruments reply may drop bad items and still yield the RpcResponse
     assert events or moved >= 1 or empty_list(frame)
@@ -222,9 +222,9 @@ def test_parser_on_deribit_shaped_frames(msg: dict[str, Any], as_bytes: bool) ->
 def test_frames_over_the_limit_are_dropped_before_decoding(
     body: bytes, extra: int, as_text: bool
 ) -> None:
-    frame: str | bytes = b'{"jsonrpc":"2.0",' + body + b"x" * extra
-    if as_text:
-        frame = frame.decode("latin-1")  # some chars take 2 bytes in UTF-8: counted as bytes
+    raw = b'{"jsonrpc":"2.0",' + body + b"x" * extra
+    # as text, some chars take 2 bytes in UTF-8: the limit counts bytes
+    frame: str | bytes = raw.decode("latin-1") if as_text else raw
     size = len(frame.encode()) if isinstance(frame, str) else len(frame)
     p = DeribitParser(max_frame_bytes=LIMIT)
     events = p.parse(frame, 1)
