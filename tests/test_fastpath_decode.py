@@ -141,14 +141,15 @@ class Run:
     def __init__(self, *, typed: bool) -> None:
         self.parser = DeribitParser(log_first=0)
         self.books = Books()
-        self.writes: list[tuple[str, int, float]] = []
+        self.writes: list[tuple[str, int, float, bool]] = []
         self.fast = FastPath(self.parser, self.books, self._on_write, typed=typed)
         self.events: list[str] = []
         for i, name in enumerate((NAME, OTHER)):
             self.fast.apply(warm_frame(name), i)
 
-    def _on_write(self, book: Any, slot: int, forward: float) -> None:
-        self.writes.append((book.underlying, slot, float(forward)))
+    def _on_write(self, book: Any, slot: int, forward: float, changed: bool) -> bool:
+        self.writes.append((book.underlying, slot, float(forward), changed))
+        return changed
 
     def on_event(self, ev: Event) -> None:
         self.events.append(repr(ev))

@@ -30,7 +30,7 @@ from tests.synth import deribit_chain, make_chain, svi_surface, ticker_frame
 
 UNIT = float(os.environ.get("STREAMER_TEST_UNIT", "1.0"))
 NOW_MS = 1_893_484_800_000 + 3_600_000  # 2030-01-01 09:00 UTC
-TRIGGER = TriggerConfig(min_changed_quotes=5, max_interval_s=1.0, min_interval_s=0.0, warmup_s=0.0)
+TRIGGER = TriggerConfig(min_changed_quotes=5, max_interval_s=1.0, min_interval_s=0.5, warmup_s=0.0)
 
 
 def tickers(ts_ms: int, seed: int = 1) -> list[dict[str, Any]]:
@@ -71,6 +71,13 @@ def test_unchanged_tickers_trigger_no_fit(path: str) -> None:
     again = [resent(first, 1000 * r) for r in range(1, 6)]
     assert not [b for b in run_inline(pipe, items(again, NOW_MS + 1000)) if b]
     assert pipe.fits["svi"] == fitted
+    # the quotes stay, but the forward moves 30 bp (beyond forward_move_bp): a refit
+    shifted = [
+        dict(t, underlying_price=float(t["underlying_price"]) * 1.003) for t in resent(first, 1)
+    ]
+    assert [b for b in run_inline(pipe, items([shifted], NOW_MS + 7000)) if b]
+    assert pipe.fits["svi"] == fitted + 1
+    fitted += 1
     # a few bids really move: refits again
     moved = [dict(t, best_bid_price=float(t["best_bid_price"]) * 0.98) for t in first[:5]]
     assert [b for b in run_inline(pipe, items([moved], NOW_MS + 9000)) if b]

@@ -64,3 +64,12 @@ def test_a_settlement_wakes_the_trigger_without_changes() -> None:
     assert not t.due(3599.9) and t.due(3600.0)
     t.fitted(3600.0, {}, wake_at=float("inf"))
     assert not t.due(1e9)
+
+
+def test_a_forward_move_on_unchanged_quotes_makes_a_refit_due() -> None:
+    t = TriggerPolicy(TriggerConfig(min_interval_s=0.0, warmup_s=0.0, forward_move_bp=10.0))
+    t.on_quote("A", 100.0)
+    t.fitted(0.0, {"A": 100.0})
+    assert not t.on_forward("A", 100.05) and not t.due(1.0)  # 5 bp: not yet
+    assert not t.on_forward("B", 200.0)  # an expiry the fit did not have
+    assert t.on_forward("A", 100.2) and t.due(1.0)  # 20 bp

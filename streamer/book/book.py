@@ -882,6 +882,10 @@ class Books:
             )
         return b
 
+    def route(self, venue: str, name: str) -> Route | None:
+        """Where a listed instrument lives: ``(book, slot)``, or None."""
+        return self._routes.get(venue, {}).get(name)
+
     def routes(self, venue: str) -> dict[str, Route]:
         """The live ``name -> (book, slot)`` map of one venue (kept current by the books)."""
         r = self._routes.get(venue)

@@ -4,11 +4,12 @@
 seen before, of an instrument the books already hold, is checked and written straight into
 that instrument's row (``write_row``: one ``struct.pack_into``, what ``Book.write_ticker``
 does) without building a ``Quote``. With an ``on_write`` hook (the refit trigger) the write is
-first compared with the row (``Book.quote_changed``: sides, sizes, bid/ask IVs): a ticker that
-changes none of them returns no event and costs nothing downstream; one that does calls
-``on_write(book, slot, forward)`` and returns that book's one-element ``(BookChanged,)`` tuple
-(made once per book: nothing is allocated per frame). Without the hook (``--model none``) no
-comparison is made.
+first compared with the row (``Book.quote_changed``: sides, sizes, bid/ask IVs) and the hook
+hears ``on_write(book, slot, forward, changed)``; unless it answers True (a changed quote, or a
+forward moved beyond the trigger's threshold) the call returns no event and the ticker costs
+nothing further downstream; else that book's one-element ``(BookChanged,)`` tuple (made once
+per book: nothing is allocated per frame). Without the hook (``--model none``) no comparison
+is made. ``_fuse`` is that write; ``parse_batch`` inlines it (the replay loop's hot path).
 ``parse_batch(frames, on_event)`` is the same for a list of ``(ts_ns, venue, frame)`` (what
 ``streamer.feeds.recordings.reader.read_recording_batches`` yields), applying the events of
 frames that are not fused through ``on_event`` in frame order: the replay loop, with no call
@@ -65,8 +66,9 @@ TYPED_MISSES_MAX = 1024
 """Typed decoding switches off after this many misses (typed failed, the orjson way fused)
 outnumbering its hits."""
 
-OnWrite = Callable[[Book, int, float], None]
-"""``on_write(book, slot, forward)``: a fused write changed ``book``'s row ``slot``."""
+OnWrite = Callable[[Book, int, float, bool], bool]
+"""``on_write(book, slot, forward, changed)`` after a fused write into ``book``'s row ``slot``
+(``changed``: its sides or bid/ask IVs moved): True if the trigger wants to hear of it."""
 
 
 def _wire_keys(*names: str) -> tuple[str, ...]:
@@ -173,7 +175,7 @@ class FastPath:
     Args:
         parser: the event path (its ``frames``, ``drops`` and ``skipped`` count every frame).
         books: where fused tickers are written; their venue is ``parser.venue``.
-        on_write: called after each fused write (the refit trigger), or None.
+        on_write: called after each fused write (the refit trigger, ``OnWrite``), or None.
     """
 
     __slots__ = (
@@ -238,35 +240,11 @@ class FastPath:
                         asz = d.best_ask_amount
                     else:
                         ask = asz = NAN
-                    miv, biv, aiv = d.mark_iv, d.bid_iv, d.ask_iv
-                    biv = biv / 100.0 if biv else NAN
-                    aiv = aiv / 100.0 if aiv else NAN
-                    fwd = d.underlying_price
-                    on_write = self._on_write
-                    changed = on_write is None or book.quote_changed(
-                        slot, bid, bsz, ask, asz, biv, aiv
-                    )
-                    write_row(
-                        book.buffer,
-                        slot * ROW_BYTES,
-                        d.timestamp,
-                        bid,
-                        bsz,
-                        ask,
-                        asz,
-                        d.mark_price,
-                        miv / 100.0 if miv else NAN,
-                        biv,
-                        aiv,
-                        fwd,
-                        d.greeks.delta,
-                    )
                     self.typed_hits += 1
-                    if not changed:  # only its time, mark or forward moved: nothing to refit
-                        return _NO_EVENTS
-                    if on_write is not None:
-                        on_write(book, slot, fwd)
-                    return self._changed.get(id(book)) or self._changed_of(book)
+                    return self._fuse(
+                        book, slot, d.timestamp, bid, bsz, ask, asz, d.mark_price,
+                        d.mark_iv, d.bid_iv, d.ask_iv, d.underlying_price, d.greeks.delta,
+                    )  # fmt: skip
         return self._parse_json(frame, recv_ns, missed=False)
 
     def parse_batch(
@@ -318,7 +296,7 @@ class FastPath:
                         biv = biv / 100.0 if biv else nan
                         aiv = aiv / 100.0 if aiv else nan
                         fwd = d.underlying_price
-                        changed = on_write is not None and book.quote_changed(
+                        changed = on_write is None or book.quote_changed(
                             slot, bid, bsz, ask, asz, biv, aiv
                         )
                         write(
@@ -337,8 +315,8 @@ class FastPath:
                             d.greeks.delta,
                         )
                         hits += 1
-                        if changed:
-                            on_write(book, slot, fwd)  # type: ignore[misc]
+                        if on_write is not None:
+                            on_write(book, slot, fwd, changed)
                         continue
             self.last_recv_ns = ts_ns
             for ev in self._parse_json(frame, ts_ns, missed=False):
@@ -378,41 +356,59 @@ class FastPath:
                         bid = bsz = NAN
                     if not ask:
                         ask = asz = NAN
-                    biv = biv / 100.0 if biv else NAN
-                    aiv = aiv / 100.0 if aiv else NAN
                     book, slot = route
-                    on_write = self._on_write
-                    changed = on_write is None or book.quote_changed(
-                        slot, bid, bsz, ask, asz, biv, aiv
-                    )
-                    write_row(
-                        book.buffer,
-                        slot * ROW_BYTES,
-                        ts,
-                        bid,
-                        bsz,
-                        ask,
-                        asz,
-                        mp,
-                        miv / 100.0 if miv else NAN,
-                        biv,
-                        aiv,
-                        fwd,
-                        delta,
-                    )
                     if missed:
                         self._missed()
-                    if not changed:  # only its time, mark or forward moved: nothing to refit
-                        return _NO_EVENTS
-                    if on_write is not None:
-                        on_write(book, slot, fwd)
-                    return self._changed.get(id(book)) or self._changed_of(book)
+                    return self._fuse(
+                        book, slot, ts, bid, bsz, ask, asz, mp, miv, biv, aiv, fwd, delta
+                    )
         except Exception:
             pass
         events = parser.parse_decoded(msg, frame, recv_ns)
         if len(events) == 1 and type(events[0]) is Quote:
             self._learn(msg, events[0].instrument)
         return events
+
+    def _fuse(
+        self,
+        book: Book,
+        slot: int,
+        ts: int,
+        bid: float,
+        bsz: float,
+        ask: float,
+        asz: float,
+        mp: float,
+        miv: float,
+        biv: float,
+        aiv: float,
+        fwd: float,
+        delta: float,
+    ) -> Sequence[Event]:
+        """Write one checked ticker into its row (IVs still in percent, 0 = none); tell the
+        trigger; ``(BookChanged,)`` unless the trigger says nothing moved."""
+        biv = biv / 100.0 if biv else NAN
+        aiv = aiv / 100.0 if aiv else NAN
+        on_write = self._on_write
+        changed = on_write is None or book.quote_changed(slot, bid, bsz, ask, asz, biv, aiv)
+        write_row(
+            book.buffer,
+            slot * ROW_BYTES,
+            ts,
+            bid,
+            bsz,
+            ask,
+            asz,
+            mp,
+            miv / 100.0 if miv else NAN,
+            biv,
+            aiv,
+            fwd,
+            delta,
+        )
+        if on_write is not None and not on_write(book, slot, fwd, changed):
+            return _NO_EVENTS  # only its time or mark moved (or its forward, a little)
+        return self._changed.get(id(book)) or self._changed_of(book)
 
     def _missed(self) -> None:
         """The typed decoder failed on a ticker the orjson way fused: count it, and switch

@@ -3,7 +3,8 @@
 A refit is due when, since the last fit,
 
 * at least ``min_changed_quotes`` quotes changed, or
-* any expiry's forward moved by more than ``forward_move_bp`` basis points, or
+* any expiry's forward moved by more than ``forward_move_bp`` basis points (seen on a changed
+  quote, ``on_quote``, or on an unchanged one, ``on_forward``), or
 * ``max_interval_s`` passed with at least one changed quote (so a quiet market still gets
   fresh ``ts_ms`` and a stale surface is noticed),
 
@@ -46,11 +47,21 @@ class TriggerPolicy:
         if ref is not None and ref > 0.0 and forward > 0.0:
             self._max_move_bp = max(self._max_move_bp, abs(forward / ref - 1.0) * 1e4)
 
+    def on_forward(self, expiry: str, forward: float) -> bool:
+        """An unchanged quote's forward (its sides and IVs did not move): True when it moved
+        its expiry's forward beyond ``forward_move_bp`` since the last fit."""
+        ref = self._fit_forwards.get(expiry)
+        if ref is None or not (ref > 0.0 and forward > 0.0):
+            return False
+        move = abs(forward / ref - 1.0) * 1e4
+        self._max_move_bp = max(self._max_move_bp, move)
+        return move > self.config.forward_move_bp
+
     def due(self, now_s: float) -> bool:
         """Is a refit due at ``now_s``?"""
-        if self._changed == 0:
-            return now_s >= self._wake_at
         c = self.config
+        if self._changed == 0 and self._max_move_bp <= c.forward_move_bp:
+            return now_s >= self._wake_at
         if self._last_fit_t == -math.inf:  # the first fit: let the chain arrive first
             if self._first_change_t is None:
                 self._first_change_t = now_s

@@ -198,8 +198,16 @@ class Pipeline:
         if type(event) is FeedStatus and not event.instrument:
             self.feed_state = event.state
         book = self.books.on_event(event)
-        if book is None or self.models == ():
+        if self.models == ():
             return book
+        if book is None:  # an unchanged quote may still carry a forward that moved
+            if type(event) is Quote:
+                route = self.books.route(event.venue, event.instrument)
+                if route is not None and self._underlying(route[0]).trigger.on_forward(
+                    _expiry_of(event.instrument), event.forward
+                ):
+                    return route[0]
+            return None
         u = self._underlying(book)
         if type(event) is Quote:
             u.trigger.on_quote(_expiry_of(event.instrument), event.forward)
@@ -207,9 +215,14 @@ class Pipeline:
             u.trigger.on_quote("", math.nan)
         return book
 
-    def _on_write(self, book: Book, slot: int, forward: float) -> None:
-        """A ticker went straight into ``book`` (the fused path): tell its trigger."""
-        self._underlying(book).trigger.on_quote(book.expiry_of(slot), forward)
+    def _on_write(self, book: Book, slot: int, forward: float, changed: bool) -> bool:
+        """A ticker went straight into ``book`` (the fused path): tell its trigger; True when
+        the book changed for the trigger (a changed quote, or a forward moved far enough)."""
+        trigger = self._underlying(book).trigger
+        if changed:
+            trigger.on_quote(book.expiry_of(slot), forward)
+            return True
+        return trigger.on_forward(book.expiry_of(slot), forward)
 
     def _underlying(self, book: Book) -> _Underlying:
         key = (book.venue, book.underlying)
