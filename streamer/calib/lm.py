@@ -202,14 +202,21 @@ def _normal_equations(
     return A, g
 
 
-def _step(A: FloatArray, g: FloatArray, mu: FloatArray) -> FloatArray:
-    """Marquardt's damped step ``(A + mu diag(A)) d = -g`` per block."""
+def _step(
+    A: FloatArray, g: FloatArray, mu: FloatArray, held: npt.NDArray[np.bool_]
+) -> FloatArray:
+    """Marquardt's damped step ``(A + mu diag(A)) d = -g`` per block, solved in the free
+    subspace: ``held`` variables (on a bound, their descent direction leaving the box) do not
+    move (a projected step of the full system is distorted by the clipping and crawls along
+    the bound)."""
     eye = np.eye(A.shape[1])
     diag = np.einsum("bii->bi", A)
-    damped = (
-        A
-        + (mu[:, None] * (diag + 1e-12 * (1.0 + diag.max(axis=1, keepdims=True))))[:, :, None] * eye
-    )
+    lift = mu[:, None] * (diag + 1e-12 * (1.0 + diag.max(axis=1, keepdims=True)))
+    damped = A + lift[:, :, None] * eye
+    if held.any():
+        free = (~held).astype(np.float64)
+        damped = damped * free[:, :, None] * free[:, None, :] + held[:, :, None] * eye
+        g = g * free
     try:
         return np.asarray(-np.linalg.solve(damped, g[:, :, None])[:, :, 0])
     except np.linalg.LinAlgError:
@@ -246,10 +253,11 @@ def solve(
 ) -> LMResult:
     """Minimise every block's objective from ``x0`` (shape ``(B, p)``).
 
-    A block stops on a small cost reduction (actual or predicted by the Gauss-Newton model),
-    a small move, ``mu`` past ``MU_MAX``, or a stall: ``STALL_ITERS`` iterations that bought
-    less than ``STALL_RTOL`` of its cost (a block creeping along a flat valley, SVI's
-    a/b/sigma trade-off).
+    A block stops on a small cost reduction (actual, or predicted by the Gauss-Newton model for
+    a step the bounds did not clip), a small move, ``mu`` past ``MU_MAX``, or a stall:
+    ``STALL_ITERS`` iterations that bought less than ``STALL_RTOL`` of its cost (a block
+    creeping along a flat valley, SVI's a/b/sigma trade-off). Variables on a bound whose
+    descent direction leaves the box are held there for the step.
     """
     lower, upper = problem.lower, problem.upper
     cur = _point(problem, np.clip(np.asarray(x0, dtype=np.float64), lower, upper))
@@ -265,7 +273,9 @@ def solve(
     iterations = 0
     for iterations in range(1, max_iter + 1):
         A, g = _normal_equations(problem, cur, pw2)
-        step = _step(A, g, mu)
+        held = ((cur.x <= lower) & (g > 0.0)) | ((cur.x >= upper) & (g < 0.0))
+        g = np.where(held, 0.0, g)
+        step = _step(A, g, mu, held)
         step[converged] = 0.0
         x_new = np.clip(cur.x + step, lower, upper)
         d = x_new - cur.x
@@ -277,9 +287,13 @@ def solve(
         accept = (new_total < old_total) & ~converged
         moved = np.max(np.abs(x_new - cur.x) / (np.abs(cur.x) + 1e-8), axis=1)
         scale = np.maximum(old_total, 1e-300)
+        # a step clipped by the bounds may predict no (or a negative) reduction although the
+        # point is not stationary (a Gauss-Newton step far outside the box): not convergence;
+        # the step is judged by its actual cost, and mu grows if it fails
+        clipped = np.any(cur.x + step != x_new, axis=1)
         small = (
             (accept & ((old_total - new_total) <= ftol * scale))
-            | (predicted <= ftol * scale)
+            | ((predicted <= ftol * scale) & ~clipped)
             | (moved <= xtol)
         )
         cur = _take(cur, new, accept, block_of)
