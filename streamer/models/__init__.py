@@ -9,7 +9,16 @@ import importlib
 
 from streamer.models.base import REGISTRY, FitData, Model, ParamView, Violation, register
 
-_MODULES: tuple[str, ...] = ("svi", "ssvi", "essvi", "sabr", "heston", "bates")
+_MODULES: tuple[str, ...] = (
+    "svi",
+    "ssvi",
+    "essvi",
+    "sabr",
+    "heston",
+    "bates",
+    "heston_td",
+    "bates_td",
+)
 
 for _name in _MODULES:
     importlib.import_module(f"streamer.models.{_name}")
