@@ -460,6 +460,25 @@ def test_calendar_and_convexity_hold_by_construction() -> None:
     assert np.all(np.diff(slopes, axis=1) >= -1e-9)
 
 
+def test_far_wing_noise_has_no_vol_and_calendar_holds_where_vols_exist() -> None:
+    """Far out of the money a price is rounding noise (the parity call ``P + 1 - e^k``): its
+    vol is NaN, not the vol of the noise, so the calibrator's calendar check on the whole
+    quoted range (1-day wings at k = 1.7 beside 1-year quotes) sees no false fall."""
+    v0, kappa, pieces = PTD_SETS[1]
+    x = np.concatenate([_td_vector(v0, kappa, pieces), [1.5, -0.1, 0.2]])
+    model = BatesTD()
+    k = np.linspace(-1.6, 1.8, 69)
+    T = np.array([1.0, 2.0, 3.0, 31.0, 200.0]) / 365.0  # one maturity per piece
+    kk, TT = np.tile(k, T.shape[0]), np.repeat(T, k.shape[0])
+    iv = model.implied_vol(x, kk, TT, np.repeat(np.arange(T.shape[0]), k.shape[0]))
+    otm = model.otm_price(x, kk, TT, T)
+    assert np.all(np.isnan(iv[otm < 1e-12])) and np.all(np.isfinite(iv[otm > 1e-9]))
+    w = (iv * iv * TT).reshape(T.shape[0], k.shape[0])
+    falls = w[:-1] - w[1:]
+    assert np.all(falls[np.isfinite(falls)] <= 1e-9)
+    assert np.isnan(model.implied_vol(x, np.array([1.7]), T[:1], np.zeros(1, np.int64))[0])
+
+
 def _fit_data(model: _PiecewiseModel, x: FloatArray) -> FitData:
     k, T, idx = _grid(PIECE_T)
     iv = model.implied_vol(x, k, T, idx)

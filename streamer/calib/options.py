@@ -32,6 +32,11 @@ DEFAULT_PENALTIES = {
     "sabr": 10.0,
     "heston": 20.0,
     "bates": 5.0,
+    # piecewise models: cold fits of re-quotes jitter so much (ill-identified short pieces) that
+    # any lambda >= 2 keeps the warm jitter below 1/50 of it; 5 leaves room to follow the market
+    "heston-td": 5.0,
+    "bates-td": 5.0,
+    "bates-tdl": 5.0,
 }
 BAND_REF_DECAY = 0.01  # per fit
 

@@ -1,4 +1,4 @@
-"""Bates with piecewise-constant stochastic-volatility parameters between expiries (``bates-td``).
+"""Bates with piecewise-constant parameters between expiries (``bates-td``, ``bates-tdl``).
 
 ``heston-td`` (``streamer.models.heston_td``: dynamics, chained characteristic function,
 gradient, COS pricing, boundaries) plus lognormal price jumps as in Bates (1996),
@@ -15,10 +15,21 @@ Parameters::
     x = [v0, kappa, theta[0], xi[0], rho[0], ..., theta[S-1], xi[S-1], rho[S-1],
          lam, mu_j, sigma_j]
 
+``bates-tdl`` makes the intensity piecewise constant as well (``lam[j]`` per piece, after
+``rho[j]``; ``mu_j, sigma_j`` shared): the jumps stay independent of the diffusion, so only
+``L(T) = int_0^T lam dt = sum_i lam_i tau_i`` changes, ``lam T`` -> ``L(T)`` in the factor
+above, with ``d/d lam_i = tau_i``. Crypto's short end (a daily's steep wings against a
+quarterly's) wants more jump intensity than its long end.
+
+For short expiries the density is a narrow diffusion peak plus a small, wide jump part: the
+characteristic function is then split by the number of jumps, none (``e^{-L}`` of the mass,
+on the narrow range) or some (on the wide range, where it decays fast), so that neither
+series needs the other's resolution (``streamer.models.heston_td.td_coefficients``).
+
 Bounds: ``heston-td``'s and Bates's ``lam in [0, 5]``, ``mu_j in [-1, 1]``,
-``sigma_j in [0.01, 1.5]``; ``lam = 0`` is exactly ``heston-td``. No static arbitrage by
-construction (prices of a martingale). QuantLib's ``BatesModel`` uses the same jump
-parametrisation (``nu = mu_j``, ``delta = sigma_j``).
+``sigma_j in [0.01, 1.5]`` (``lam[j]`` likewise); ``lam = 0`` is exactly ``heston-td``. No
+static arbitrage by construction (prices of a martingale). QuantLib's ``BatesModel`` uses the
+same jump parametrisation (``nu = mu_j``, ``delta = sigma_j``).
 
 References:
     D. Bates, "Jumps and stochastic volatility: exchange rate processes implicit in Deutsche

@@ -44,22 +44,29 @@ With ``D_in = 0`` this is Heston's closed form in the bounded form of Cui et al.
 ``g~ = (b' - d)/(b' + d)`` (its ``AnalyticPTDHestonEngine``); the tests check the branch
 against a direct integration of the Riccati equations.
 
-Gradient (forward mode through the recursion): each piece maps ``(beta, s = xi^2, D_in)`` to
-``(D_out, L = (beta - d) tau/2 - ln G)``; the six complex partials follow from
-``d d/d beta = beta/d``, ``d d/d s = q/(2d)``, ``d e = -tau e d d``. Derivatives with respect to
-the parameters of later pieces (and ``kappa``) are carried as vectors ``dD, dC``:
-``dC += (2 kappa theta/xi^2) L_D dD``, ``dD *= D_D``, then the piece's own terms are added
-(``beta_kappa = 1``, ``beta_rho = -i xi u``, ``beta_xi = -i rho u``, ``s_xi = 2 xi``;
-``d/dtheta`` only through ``C``). ``d ln phi / d v0 = D``. Cost per node is
-``O(pieces^2)`` complex multiply-adds on top of one square root, exponential and logarithm per
-piece.
+Gradient (reverse mode through the recursion): each piece maps ``(beta, s = xi^2, D_in)``
+to ``(D_out, L = (beta - d) tau/2 - ln G)``; the six complex partials follow from
+``d d/d beta = beta/d``, ``d d/d s = q/(2d)``, ``d e = -tau e d d``. With
+``ln phi = C_0 + v0 D_0``, ``C_i = C_{i+1} + c_i L_i(D_{i+1})``, ``c_i = 2 kappa theta_i/xi_i^2``
+and ``D_i = D_out,i(D_{i+1})``, the adjoint of ``D_i`` runs forward in time:
+``bar_0 = v0``, ``bar_{i+1} = bar_i D_D,i + c_i L_D,i``, and piece ``i``'s parameters get
+``d/d beta_i = bar_i D_beta,i + c_i L_beta,i`` (likewise for ``s``), then
+``beta_kappa = 1``, ``beta_rho = -i xi u``, ``beta_xi = -i rho u``, ``s_xi = 2 xi`` and the
+direct terms of ``c_i`` (``theta`` enters only there); ``d ln phi / d v0 = D_0``. Cost per node:
+one square root, exponential and logarithm and a few dozen complex operations per piece, for
+the value and the whole gradient.
 
 Pricing (COS, Fang and Oosterlee 2008), implied vols and the Jacobian as in
 ``streamer.models.heston``, whose cosine sums (``_price_group``) are reused; the truncation range
 ``[a, b]`` comes from Chernoff bounds with the exact moment generating function of the chained
 model (``td_log_mgf``: the same recursion for real ``u = -i s``, explosion when ``w`` reaches 0
-on a piece, Andersen and Piterbarg 2007), so that each end moves no price by more than
-``TAIL_TOL``.
+on a piece, Andersen and Piterbarg 2007), so that each end moves no price by more than the
+tolerance ``tol``: ``FIT_TOL = 1e-12`` of the forward by default (vols to ~1e-7 even for
+options worth 1e-5), ``streamer.models.heston.TAIL_TOL = 1e-15`` for reference-grade prices
+(what the tests compare with QuantLib at 1e-8). Jumps (``bates-td``) split short expiries by
+the number of jumps (``td_coefficients``). The coefficients of the last few parameter vectors
+are kept, so the Jacobian after the vols, and the calendar, ATM and probe evaluations at a
+fitted vector, cost only the sums over strikes.
 
 Bounds: ``v0, theta[j] in [1e-4, 4]``, ``kappa in [0.05, 20]``, ``xi[j] in [0.05, 5]``,
 ``rho[j] in [-0.99, 0.99]`` (Heston's). No-arbitrage: the prices are expectations under a
@@ -808,13 +815,26 @@ def td_otm_prices(
     )
 
 
+NOISE_TOL = 10.0  # prices below this many tolerances (of the forward) ...
+NOISE_EPS = 1e3  # ... plus this many roundings of the parity 1 - e^k are noise: no vol
+
+
 @njit(cache=True, nogil=True)
 def ivs_and_jacobian_from(
-    price: np.ndarray, grad: np.ndarray, k: np.ndarray, T: np.ndarray, want_grad: bool
+    price: np.ndarray, grad: np.ndarray, k: np.ndarray, T: np.ndarray, want_grad: bool, tol: float
 ) -> np.ndarray:
     """Implied vols of out-of-the-money prices; if ``want_grad``, ``grad`` becomes
-    ``d iv / d x = (d price / d x) / vega`` in place (NaN rows where the vol is NaN)."""
+    ``d iv / d x = (d price / d x) / vega`` in place (NaN rows where the vol is NaN).
+
+    A price below ``NOISE_TOL tol + NOISE_EPS eps max(1, e^k)`` carries no digits (the series'
+    truncation, and the rounding of the parity call ``P + 1 - e^k`` far out of the money): its
+    vol is NaN, not the vol of the noise (which could, say, invert the order of two expiries'
+    far wings)."""
     iv = _ivs(price, k, T)
+    eps = 2.220446049250313e-16
+    for i in range(k.shape[0]):
+        if price[i] < NOISE_TOL * tol + NOISE_EPS * eps * max(1.0, math.exp(k[i])):
+            iv[i] = math.nan
     if want_grad:
         n_x = grad.shape[1]
         for i in range(k.shape[0]):
@@ -1065,7 +1085,7 @@ class _PiecewiseModel(Model):
             tt,
             want_grad,
         )
-        iv = ivs_and_jacobian_from(price, grad, kk, tt, want_grad)
+        iv = ivs_and_jacobian_from(price, grad, kk, tt, want_grad, self.tol)
         return iv, grad
 
     def otm_price(
@@ -1111,7 +1131,8 @@ class _PiecewiseModel(Model):
     def implied_vol(
         self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
     ) -> FloatArray:
-        """Model Black vols (NaN where the OTM price is not positive)."""
+        """Model Black vols; NaN where the OTM price is below its noise (``NOISE_TOL``):
+        strikes so far out (~8 standard deviations) that the price has no digits."""
         xx, tt = _as_f64(x), _as_f64(T)
         return self._eval(xx, k, tt, self.boundaries(xx, tt, slice_idx), False)[0]
 
