@@ -479,10 +479,12 @@ def _td_cos_coefficients(
     """Rows ``[Re(f e^{-i u a}), Re(d_p f e^{-i u a}) ...]`` (local layout: the first
     ``2 + n_piece (m + 1)`` entries of ``x``, then the surface jump parameters) until ``f``
     dies, with the stopping rule of ``streamer.models.heston`` at ``tol``; the flag says
-    whether it did within ``n_max`` terms.
+    whether it did within ``n_max`` terms. The rule looks at ``f`` alone, so vols do not
+    depend on whether gradients are asked for; the gradient columns stop with it (their
+    truncation, ~``u^2 T tol``, is orders below what a least-squares step can see).
 
     ``f`` is the characteristic function (``PART_ALL``) or one of the two parts of the split
-    of ``streamer.models.heston_td.td_otm_prices``: ``PART_NO_JUMP``
+    of ``td_coefficients``: ``PART_NO_JUMP``
     ``A = phi_sv e^{-L (1 + i u m)}`` and ``PART_JUMPS`` ``B = A (e^{L phi_J} - 1)``.
     """
     m1 = tau.shape[0]
@@ -560,8 +562,6 @@ def _td_cos_coefficients(
         n += 1
         mod = abs(val)
         size = mod * 2.0 / (width * (1.0 + u * u))
-        if want_grad:
-            size *= 1.0 + u * u * T
         ratio = mod / prev_mod if prev_mod > 0.0 else 1.0
         prev_mod = mod
         tail = size / (1.0 - ratio) if ratio < MAX_DECAY_RATIO else size / (1.0 - MAX_DECAY_RATIO)
