@@ -591,3 +591,39 @@ def test_warm_refit_with_penalty_stays_put_on_requotes() -> None:
 
     assert jitter(warm) <= jitter(cold) / 3.0
     assert np.mean([r.in_band for r in warm]) >= np.mean([r.in_band for r in cold]) - 0.02
+
+
+def test_published_surface_evaluates_every_slice_and_any_maturity() -> None:
+    """Through the pipeline: a heston-td fit's payload rebuilt as a ``Surface`` (what a bot
+    does) prices every slice alone, as the fit did (its piece ends bound from the payload's
+    maturities), and answers between and beyond the expiries; its greeks cover every one."""
+    from streamer.client.surface import Surface
+    from streamer.daemon.pipeline import Pipeline
+
+    model = HestonTD()
+    true = np.concatenate([[0.4, 3.0], SYNTH_PIECES.ravel()])
+
+    def iv_fn(k: FloatArray, T: FloatArray, j: int) -> FloatArray:
+        return model.iv_at(true, k, T, SYNTH_T)
+
+    snap = make_chain(iv_fn, noise_iv=0.002, half_spread_iv=0.008, rng=np.random.default_rng(11))
+    pipe = Pipeline(models=["heston-td"])
+    cal = Calibrator(HestonTD())
+    result = cal.fit(snap)
+    assert result.success
+    payload = pipe.surface_message(snap, "heston-td", result, 1)
+    surface = Surface.from_payload(payload)
+    for s in result.slices:
+        K = s.forward * np.exp(np.array([-0.2, 0.0, 0.15]))
+        want = model.iv_at(result.x[0], np.log(K / s.forward), np.full(3, s.T), piece_ends(result))
+        np.testing.assert_allclose(surface.iv(K, s.expiry), want, rtol=1e-9)
+    mid = 0.5 * (result.slices[2].T + result.slices[3].T)
+    F = surface.forward_at(mid)
+    got = surface.iv_at(F * np.exp(np.array([-0.1, 0.0, 0.1])), mid, F)
+    want = model.iv_at(result.x[0], np.array([-0.1, 0.0, 0.1]), np.full(3, mid), piece_ends(result))
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def piece_ends(result: object) -> FloatArray:
+    """The piece ends of a fit: its slices' maturities."""
+    return np.array([s.T for s in result.slices])  # type: ignore[attr-defined]

@@ -100,16 +100,17 @@ class Surface:
         else:
             view = ParamView(surface=surface_params, slices=[dict(r["params"]) for r in rows])
             x = (model.from_view(view, n),)
+        T = np.array([float(r["T"]) for r in rows])
         return cls(
             venue=payload["venue"],
             underlying=payload["underlying"],
-            model=model,
+            model=model.bind_slices(T) if n else model,
             ts_ms=int(payload["ts_ms"]),
             seq=int(payload.get("seq", 0)),
             status=str(payload.get("status", "ok")),
             expiries=tuple(r["expiry"] for r in rows),
             expiry_ms=np.array([int(r["expiry_ms"]) for r in rows], dtype=np.int64),
-            T=np.array([float(r["T"]) for r in rows]),
+            T=T,
             forward=np.array([float(r["forward"]) for r in rows]),
             x=x,
         )

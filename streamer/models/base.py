@@ -121,6 +121,12 @@ class Model(ABC):
         """The model instance a published payload describes (e.g. SABR's fixed ``beta``)."""
         return cls()
 
+    def bind_slices(self, slice_T: FloatArray) -> Model:
+        """The model for evaluating a published surface's slices one at a time (their
+        maturities ``slice_T``, increasing): piecewise models need their piece ends then
+        (``heston-td``). Others are their own."""
+        return self
+
     @abstractmethod
     def param_names(self, n_slices: int) -> tuple[str, ...]:
         """Names of the entries of ``x`` (slice parameters suffixed ``[j]``)."""

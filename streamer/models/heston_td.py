@@ -949,6 +949,7 @@ class _PiecewiseModel(Model):
     ``piece_names`` per slice, then ``jump_names`` (see ``td_log_cf``)."""
 
     per_expiry: ClassVar[bool] = False
+    any_maturity: ClassVar[bool] = True  # with its piece ends bound (``bind_slices``)
     piece_names: ClassVar[tuple[str, ...]] = PIECE_NAMES
     piece_lower: ClassVar[FloatArray] = PIECE_LOWER
     piece_upper: ClassVar[FloatArray] = PIECE_UPPER
@@ -984,6 +985,10 @@ class _PiecewiseModel(Model):
         self.prefetch_jacobian = prefetch_jacobian
         self.tol = float(tol)
         self._cache: list[_Coefficients] = []
+
+    def bind_slices(self, slice_T: FloatArray) -> _PiecewiseModel:
+        """This model with its piece ends at ``slice_T`` (a published surface's maturities)."""
+        return type(self)(piece_T=slice_T, prefetch_jacobian=self.prefetch_jacobian, tol=self.tol)
 
     @property
     def n_jump(self) -> int:
