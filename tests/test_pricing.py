@@ -300,4 +300,4 @@ def test_one_element_arrays_beside_scalars_do_not_warn() -> None:
         warnings.simplefilter("error")
         price = black_price(100.0, np.array([110.0]), 0.1, np.array([0.5]), "C")
         greeks = black_greeks(np.array([100.0]), 110.0, 0.1, 0.5, True)
-    assert price.shape == (1,) and np.isfinite(price).all() and np.isfinite(greeks.delta).all()
+    assert np.shape(price) == (1,) and np.isfinite(price).all() and np.isfinite(greeks.delta).all()

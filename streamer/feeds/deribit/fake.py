@@ -74,6 +74,7 @@ from streamer.events import Event, Instrument, InstrumentListed, Quote
 from streamer.feeds.recordings.reader import read_frames
 from streamer.feeds.recordings.tardis import read_tardis_options_chain, sorted_by_time
 from streamer.instruments import parse_option
+from streamer.paths import deribit_data
 
 log = structlog.get_logger(__name__)
 
@@ -108,9 +109,8 @@ def notification(channel: str, data: Mapping[str, Any]) -> str:
 
 
 def default_data_dir() -> Path | None:
-    """``$STREAMER_DERIBIT_DATA``, else ``../shared/data/deribit`` next to a source checkout."""
-    env = os.environ.get("STREAMER_DERIBIT_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[3] / "shared/data/deribit"
+    """The real Deribit data (``streamer.paths.deribit_data``), or None where it is absent."""
+    path = deribit_data()
     return path if path.is_dir() else None
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from streamer.book.snapshot import ChainSnapshot
 from streamer.calib.calibrator import Calibrator
 from streamer.models import REGISTRY
+from streamer.paths import deribit_data
 from streamer.tools.chains import load_chains
 
 DEFAULT_CHAIN = "snapshots/deribit_options_snapshot_20260105T041127Z.csv"
@@ -36,7 +37,7 @@ GOALS_MS = {
 
 
 def shared_data() -> Path:
-    return Path(__file__).resolve().parents[4] / "shared" / "data" / "deribit"  # beside the repo
+    return deribit_data()
 
 
 def requote(snap: ChainSnapshot, rng: np.random.Generator, noise: float = 0.02) -> ChainSnapshot:

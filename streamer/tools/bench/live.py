@@ -41,8 +41,9 @@ from streamer.book.fastpath import FastPath
 from streamer.events import BookChanged
 from streamer.feeds.deribit.connection import DeribitFeed
 from streamer.feeds.deribit.parser import DeribitParser
+from streamer.paths import shared_root
 
-SHARED = Path(__file__).resolve().parents[4] / "shared"  # next to the checkout
+SHARED = shared_root()
 TOOL = "tools/csv_to_replay.py"
 SNAPSHOT = "data/deribit/snapshots/deribit_options_snapshot_20260105T041127Z.csv"
 TICKER_INTERVAL_S = 0.1  # ticker.{instrument}.100ms: at most one notification per 100 ms

@@ -50,8 +50,9 @@ import zstandard
 from streamer.book.book import Books
 from streamer.book.fastpath import FastPath
 from streamer.feeds.deribit.parser import DeribitParser
+from streamer.paths import shared_root
 
-SHARED = Path(__file__).resolve().parents[4] / "shared"  # next to the checkout
+SHARED = shared_root()
 TOOL = "tools/csv_to_replay.py"
 INPUTS = ("data/deribit/smiles/tardis-hourly-*.csv", "data/deribit/snapshots/*.csv")
 GOAL_FRAMES_PER_S = 400_000
