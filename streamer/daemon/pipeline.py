@@ -534,17 +534,29 @@ def run_inline(
 
     Yields the message batch of each refit. The clock is the items' receive time, so a
     replay makes the same fits every time; at the end every book with unfitted changes gets
-    one last fit.
+    one last fit. ``step`` and ``finish`` are the two halves (a paced replay awaits between
+    steps).
     """
     now_s = 0.0
     for ts_ns, item in items:
-        if isinstance(item, str | bytes):
-            pipeline.on_frame(item, ts_ns)
-        else:
-            pipeline.on_event(item)
         now_s = ts_ns / 1e9
-        for book in pipeline.due(now_s):
-            yield pipeline.fit_book(book, now_s)
+        yield from step(pipeline, ts_ns, item)
+    yield from finish(pipeline, now_s)
+
+
+def step(pipeline: Pipeline, ts_ns: int, item: str | bytes | Event) -> Iterator[list[Message]]:
+    """Apply one recorded frame (or event) received at ``ts_ns``; the refits now due."""
+    if isinstance(item, str | bytes):
+        pipeline.on_frame(item, ts_ns)
+    else:
+        pipeline.on_event(item)
+    now_s = ts_ns / 1e9
+    for book in pipeline.due(now_s):
+        yield pipeline.fit_book(book, now_s)
+
+
+def finish(pipeline: Pipeline, now_s: float) -> Iterator[list[Message]]:
+    """The end of a replay: one last fit of every book with unfitted changes."""
     for book in pipeline.pending():
         yield pipeline.fit_book(book, now_s)
 

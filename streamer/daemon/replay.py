@@ -37,7 +37,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ import numpy as np
 import orjson
 
 from streamer.config import Config
-from streamer.daemon.pipeline import Pipeline, run_inline
+from streamer.daemon.pipeline import Message, Pipeline, finish, run_inline, step
 from streamer.errors import PublishError, StreamerError
 from streamer.events import Event
 from streamer.feeds.recordings.reader import Frame
@@ -165,7 +165,7 @@ async def _replay(
     bar = _Progress(enabled=progress)
     async with contextlib.AsyncExitStack() as stack:
         pubs = await _open_publishers(stack, urls, config)
-        counter = _Counted(_paced(items_of(files), speed))
+        counter = _Counted(items_of(files))
         items: Iterator[Item] = iter(counter)
         if not models and speed is None:
             # parse + book only, as fast as possible: blocks of frames straight into the
@@ -180,22 +180,27 @@ async def _replay(
                         on_event(ev)
                     counter.n += len(events)
                 bar.tick(pipeline.parser.frames)
-        elif not models:
-            for ts_ns, item in items:
+        elif not models:  # paced, parse + book only
+            async for ts_ns, item in _apaced(items, speed):
                 if isinstance(item, str | bytes):
                     pipeline.on_frame(item, ts_ns)
                 else:
                     pipeline.on_event(item)
                 bar.tick(pipeline.parser.frames)
-        else:
+        elif speed is None:
             for batch in run_inline(pipeline, items):
-                for msg in batch:
-                    for pub in pubs:
-                        topic = retopic(msg.topic, pipeline.prefix, pub.prefix)
-                        await pub.deliver(topic, msg.payload, clear=msg.clear)
-                    published += 1
+                published += await _deliver(batch, pubs, pipeline.prefix)
                 bar.tick(pipeline.parser.frames)
                 await asyncio.sleep(0)  # let network publishers breathe
+        else:  # paced: wait on the event loop, so the publishers send while we wait
+            now_s = 0.0
+            async for ts_ns, item in _apaced(items, speed):
+                now_s = ts_ns / 1e9
+                for batch in step(pipeline, ts_ns, item):
+                    published += await _deliver(batch, pubs, pipeline.prefix)
+                bar.tick(pipeline.parser.frames)
+            for batch in finish(pipeline, now_s):
+                published += await _deliver(batch, pubs, pipeline.prefix)
     bar.done()
     _raise_undelivered(pubs)
     for book in pipeline.books:
@@ -353,19 +358,27 @@ async def replay_jobs(
     return os.linesep.join(lines)
 
 
-def _paced(items: Iterator[Item], speed: float | None) -> Iterator[Item]:
-    if speed is None:
-        yield from items
-        return
+async def _apaced(items: Iterator[Item], speed: float | None) -> AsyncIterator[Item]:
+    """``items`` released at ``speed`` times their recorded pace; the waits are the event
+    loop's (``asyncio.sleep``), so publishers keep sending meanwhile."""
     first: int | None = None
     start = time.monotonic_ns()
     for ts_ns, item in items:
-        if first is None:
-            first = ts_ns
-        delay = start + (ts_ns - first) / speed - time.monotonic_ns()
-        if delay > 0:
-            time.sleep(delay / 1e9)
+        if speed is not None:
+            if first is None:
+                first = ts_ns
+            delay = start + (ts_ns - first) / speed - time.monotonic_ns()
+            if delay > 0:
+                await asyncio.sleep(delay / 1e9)
         yield ts_ns, item
+
+
+async def _deliver(batch: Sequence[Message], pubs: Sequence[Publisher], prefix: str) -> int:
+    """Hand one refit's messages to every publisher; how many messages."""
+    for msg in batch:
+        for pub in pubs:
+            await pub.deliver(retopic(msg.topic, prefix, pub.prefix), msg.payload, clear=msg.clear)
+    return len(batch)
 
 
 class _Progress:
