@@ -1,8 +1,9 @@
 """The live Deribit adapter: pure protocol helpers without sockets, then the whole feed against
 the fake Deribit server on 127.0.0.1 (real JSON-RPC frames, real DeribitParser).
 
-Timeouts are multiples of one unit (``UNIT``), like python-websockets' tests, so the file runs
-in a few seconds and can be slowed down on a loaded machine (``STREAMER_TEST_UNIT``).
+Timeouts are multiples of one step (``TICK``: 50 ms times the suite's ``UNIT``), like
+python-websockets' tests, so the file runs in a few seconds and slows down with
+``STREAMER_TEST_UNIT`` on a loaded machine.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import itertools
 import json
 import math
-import os
 import random
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
@@ -56,10 +56,10 @@ from streamer.feeds.deribit.protocol import (
     static_channels,
     ticker_channel,
 )
-from tests.conftest import shared_file
+from tests.conftest import UNIT, shared_file
 
-UNIT = float(os.environ.get("STREAMER_TEST_UNIT", "0.05"))  # seconds
-WAIT = 60 * UNIT  # the longest any condition may take
+TICK = 0.05 * UNIT  # seconds: this file's time step, scaled by the suite's one unit
+WAIT = 60 * TICK  # the longest any condition may take
 
 
 # -- pure helpers ------------------------------------------------------------------------------
@@ -257,9 +257,9 @@ def make_feed(server: FakeDeribitServer, **kw: Any) -> DeribitFeed:
         "url": server.url,
         "currencies": ("BTC", "ETH"),
         "parser": make_parser(),
-        "dead_after_s": 8 * UNIT,
-        "backoff_initial": UNIT / 5,
-        "backoff_max": UNIT,
+        "dead_after_s": 8 * TICK,
+        "backoff_initial": TICK / 5,
+        "backoff_max": TICK,
         "proxy": None,
     }
     args.update(kw)
@@ -382,7 +382,7 @@ async def test_happy_path_real_capture(capture_server: FakeDeribitServer) -> Non
 
 async def test_test_request_is_answered() -> None:
     async with FakeDeribitServer(
-        instruments=synthetic(), test_request_every_s=2 * UNIT, close_unanswered=True
+        instruments=synthetic(), test_request_every_s=2 * TICK, close_unanswered=True
     ) as server:
         feed = make_feed(server)
         async with Run(feed) as run:
@@ -399,7 +399,7 @@ async def test_test_request_is_answered() -> None:
 async def test_unanswered_test_request_closes_the_fake() -> None:
     """The fake's check bites: a client that never answers is closed, like on Deribit."""
     async with FakeDeribitServer(
-        instruments=synthetic(), test_request_every_s=UNIT, close_unanswered=True
+        instruments=synthetic(), test_request_every_s=TICK, close_unanswered=True
     ) as server:
         async with asyncio.timeout(WAIT):
             from websockets.asyncio.client import connect
@@ -448,7 +448,7 @@ async def test_stall_is_detected_and_the_feed_reconnects() -> None:
         script=synthetic_script(instruments, rounds=5),
         stall_after_frames=3,
     ) as server:
-        dead_after = 6 * UNIT
+        dead_after = 6 * TICK
         feed = make_feed(server, dead_after_s=dead_after)
         loop = asyncio.get_running_loop()
         async with Run(feed) as run:
@@ -462,7 +462,7 @@ async def test_stall_is_detected_and_the_feed_reconnects() -> None:
         assert run.states()[:4] == ["connected", "stale", "disconnected", "connected"]
         # the stalled socket stayed open: only the silence ended the session, after dead_after
         assert server.connections[0].closed_by_server == ""
-        assert dead_after * 0.9 <= stale_after <= dead_after + 10 * UNIT
+        assert dead_after * 0.9 <= stale_after <= dead_after + 10 * TICK
         assert feed.stale == 1
 
 
@@ -568,7 +568,7 @@ async def test_reconnect_backoff_grows_capped_and_resets() -> None:
     )
     async with Run(feed):
         while len(delays) < 7:
-            await asyncio.sleep(UNIT / 5)
+            await asyncio.sleep(TICK / 5)
     for d, base in zip(delays, [1, 2, 4, 8, 8, 8, 8], strict=False):
         assert 0.75 * base <= d <= base
     assert feed.sessions == 0
@@ -579,7 +579,7 @@ async def test_backoff_resets_after_a_session_that_streamed() -> None:
 
     async def short_sleep(d: float) -> None:
         delays.append(d)
-        await asyncio.sleep(UNIT / 10)
+        await asyncio.sleep(TICK / 10)
 
     instruments = synthetic()
     async with FakeDeribitServer(
@@ -695,7 +695,7 @@ async def test_rate_limit_ends_the_session_with_a_longer_backoff() -> None:
 
     async def short_sleep(d: float) -> None:
         delays.append(d)
-        await asyncio.sleep(UNIT / 10)
+        await asyncio.sleep(TICK / 10)
 
     instruments = synthetic()
     # set_heartbeat, subscribe, get_instruments BTC pass; get_instruments ETH gets 10028

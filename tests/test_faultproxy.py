@@ -1,15 +1,15 @@
 """The fault proxy itself, against a plain TCP upstream on loopback: every toxic does what
 toxiproxy's does (bytes through, delayed, cut, swallowed, reset), on new and live connections.
 
-Waits are multiples of ``UNIT`` (``STREAMER_TEST_UNIT``); the only time comparisons are lower
-bounds (a delay toxic must delay at least its delay), which a loaded machine cannot break.
+Waits are multiples of ``TICK`` (50 ms times the suite's ``UNIT``); the only time comparisons
+are lower bounds (a delay toxic must delay at least its delay), which a loaded machine cannot
+break.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator
 
 import pytest
@@ -24,9 +24,10 @@ from streamer.feeds.faultproxy import (
     SlowClose,
     Stall,
 )
+from tests.conftest import UNIT
 
-UNIT = float(os.environ.get("STREAMER_TEST_UNIT", "0.05"))
-WAIT = 60 * UNIT
+TICK = 0.05 * UNIT  # seconds: this file's time step, scaled by the suite's one unit
+WAIT = 60 * TICK
 PAYLOAD = bytes(range(256)) * 64  # 16 KiB
 
 
@@ -109,18 +110,18 @@ async def test_bytes_pass_both_ways(proxy: FaultProxy) -> None:
 
 
 async def test_latency_delays_every_chunk(proxy: FaultProxy) -> None:
-    proxy.add(Latency(latency_s=4 * UNIT))
+    proxy.add(Latency(latency_s=4 * TICK))
     r, w = await connect(proxy)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     w.write(b"ping")
     assert await read_exactly(r, 4) == b"ping"
-    assert loop.time() - t0 >= 4 * UNIT  # down only: the echo waited once
-    proxy.add(Latency(stream="up", latency_s=4 * UNIT))  # now both ways, live connection
+    assert loop.time() - t0 >= 4 * TICK  # down only: the echo waited once
+    proxy.add(Latency(stream="up", latency_s=4 * TICK))  # now both ways, live connection
     t0 = loop.time()
     w.write(b"pong")
     assert await read_exactly(r, 4) == b"pong"
-    assert loop.time() - t0 >= 8 * UNIT
+    assert loop.time() - t0 >= 8 * TICK
     w.close()
 
 
@@ -133,7 +134,7 @@ async def test_stall_swallows_data_and_keeps_the_socket_open(
     proxy.add(Stall())
     await upstream.send(b"lost")
     with pytest.raises(TimeoutError):  # silence, not EOF: the socket is open
-        async with asyncio.timeout(6 * UNIT):
+        async with asyncio.timeout(6 * TICK):
             await r.read(1)
     conn = proxy.connections[0]
     await proxy.wait_until(lambda: conn.stalled_bytes == 4, WAIT)
@@ -145,7 +146,7 @@ async def test_stall_swallows_data_and_keeps_the_socket_open(
 
 
 async def test_stall_with_close_after(proxy: FaultProxy) -> None:
-    proxy.add(Stall(close_after_s=3 * UNIT))
+    proxy.add(Stall(close_after_s=3 * TICK))
     r, w = await connect(proxy)
     conn = proxy.connections[0]
     async with asyncio.timeout(WAIT):
@@ -155,7 +156,7 @@ async def test_stall_with_close_after(proxy: FaultProxy) -> None:
 
 
 async def test_reset_peer_sends_rst(proxy: FaultProxy, upstream: Upstream) -> None:
-    proxy.add(ResetPeer(after_s=2 * UNIT))
+    proxy.add(ResetPeer(after_s=2 * TICK))
     r, w = await connect(proxy)
     await upstream.connected.wait()
     with pytest.raises(ConnectionResetError):
@@ -183,7 +184,7 @@ async def test_reset_all_resets_live_connections_only(proxy: FaultProxy) -> None
 
 
 async def test_slow_close_delays_the_fin(proxy: FaultProxy, upstream: Upstream) -> None:
-    proxy.add(SlowClose(delay_s=5 * UNIT))
+    proxy.add(SlowClose(delay_s=5 * TICK))
     r, w = await connect(proxy)
     await upstream.connected.wait()
     loop = asyncio.get_running_loop()
@@ -191,7 +192,7 @@ async def test_slow_close_delays_the_fin(proxy: FaultProxy, upstream: Upstream) 
     upstream.close_all()
     async with asyncio.timeout(WAIT):
         assert await r.read() == b""
-    assert loop.time() - t0 >= 5 * UNIT
+    assert loop.time() - t0 >= 5 * TICK
     w.close()
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,9 @@ from streamer.daemon.pipeline import Pipeline, run_inline
 from streamer.daemon.service import Service
 from streamer.feeds.recordings.replay_feed import ReplayFeed
 from streamer.publish.memory import MemoryPublisher
+from tests.conftest import UNIT
 from tests.synth import deribit_chain, make_chain, svi_surface, ticker_frame
 
-UNIT = float(os.environ.get("STREAMER_TEST_UNIT", "1.0"))
 NOW_MS = 1_893_484_800_000 + 3_600_000  # 2030-01-01 09:00 UTC
 TRIGGER = TriggerConfig(min_changed_quotes=5, max_interval_s=1.0, min_interval_s=0.5, warmup_s=0.0)
 

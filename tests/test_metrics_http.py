@@ -8,7 +8,6 @@ hostile client would see.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,8 +17,8 @@ import structlog
 from streamer.config import load_config
 from streamer.daemon.metrics import MAX_HEAD_BYTES, Registry, serve
 from streamer.errors import ConfigError
+from tests.conftest import UNIT
 
-UNIT = float(os.environ.get("STREAMER_TEST_UNIT", "1.0"))
 TIMEOUT = 10.0 * UNIT
 
 

@@ -50,11 +50,11 @@ from streamer.publish.mqtt import MqttPublisher, mqtt_credentials
 from streamer.publish.payloads import load_schema
 from streamer.publish.urls import argv_password_error, from_url, redact
 from streamer.settings import read_secret, redact_secrets
+from tests.conftest import UNIT
 from tests.mosquitto import BOT_USER, DAEMON_USER, Mosquitto, SecureBroker, free_port
 from tests.synth import deribit_chain, make_chain, svi_surface, ticker_frame
 
 REPO = Path(__file__).resolve().parent.parent
-UNIT = float(os.environ.get("STREAMER_TEST_UNIT", "1.0"))
 TIMEOUT = 20.0 * UNIT
 SECRET = "Kx9-canary-s3cret"  # the known secret: must never be shown anywhere
 FUTURE_MS = 1_893_484_800_000  # 2030-01-01 08:00 UTC: expiries stay live
