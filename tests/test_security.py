@@ -703,7 +703,13 @@ async def test_daemon_reports_a_refusal_in_logs_metrics_and_the_other_brokers_st
                             status = json.loads(msg.payload)
                             if sb.url in status.get("brokers", {}):
                                 break
-                    metrics = await asyncio.to_thread(_scrape, port)
+                    # the gauges are refreshed by the daemon's ticker (every 0.1 s): read them
+                    # once they have caught up with the three refusals logged
+                    while True:
+                        metrics = await asyncio.to_thread(_scrape, port)
+                        if _connect_failures(metrics) >= 3:
+                            break
+                        await asyncio.sleep(0.05)
             finally:
                 stop.set()
                 await asyncio.wait_for(task, 10 * UNIT)
@@ -727,11 +733,19 @@ async def test_daemon_reports_a_refusal_in_logs_metrics_and_the_other_brokers_st
         f'streamer_broker_error{{broker="{sb.url}",publisher="0",reason="not_authorized"}} 1'
         in metrics
     )
-    failures = next(
-        line for line in metrics.splitlines()
-        if line.startswith("streamer_broker_connect_failures_total{")
-    )  # fmt: skip
-    assert float(failures.rsplit(" ", 1)[1]) >= 3
+    assert _connect_failures(metrics) >= 3
+
+
+def _connect_failures(metrics: str) -> float:
+    line = next(
+        (
+            ln
+            for ln in metrics.splitlines()
+            if ln.startswith("streamer_broker_connect_failures_total{")
+        ),
+        None,
+    )
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
 
 
 async def test_retained_state_after_a_reconnect_over_tls(
