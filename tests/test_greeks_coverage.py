@@ -173,3 +173,20 @@ def test_book_listing_keeps_every_live_instrument() -> None:
     assert listing.bid_iv[0] == 0.59 and np.isnan(listing.bid_iv[1:]).all()
     # no fresh quote in February: its forward is the last one seen
     assert listing.forwards.tolist() == [6e4, 6.1e4]
+
+
+def test_fits_while_the_feed_is_down_are_published_stale() -> None:
+    """After the feed said ``disconnected``, a fit (of the quotes the book still holds) is
+    published ``stale``, its greeks too; once the feed is back, ``ok`` again."""
+    _, frames = chain_frames(NOW_MS)
+    pipe = Pipeline(models=["svi"], trigger=TRIGGER)
+    pipe.on_event(FeedStatus("deribit", "connected", 0))
+    first = run(pipe, frames, NOW_MS)
+    assert {m.payload["status"] for m in first if not m.clear} == {"ok"}
+    pipe.on_event(FeedStatus("deribit", "disconnected", 0))
+    moved = [f.replace('"best_bid_amount": 1.0', '"best_bid_amount": 2.0') for f in frames]
+    down = run(pipe, moved, NOW_MS + 1000)
+    assert down and {m.payload["status"] for m in down if not m.clear} == {"stale"}
+    pipe.on_event(FeedStatus("deribit", "connected", 0))
+    back = run(pipe, frames, NOW_MS + 2000)
+    assert back and {m.payload["status"] for m in back if not m.clear} == {"ok"}

@@ -146,6 +146,8 @@ class Pipeline:
         self.records: list[FitRecord] = []  # every fit (kept only when keep_records)
         self.keep_records = False
         self.feed_state = "disconnected"
+        # the feed said "disconnected" after it had been up: what is fitted now is stale
+        self.feed_lost = False
 
     @classmethod
     def from_config(
@@ -197,6 +199,10 @@ class Pipeline:
             return self.books.get(event.venue, event.underlying)
         if type(event) is FeedStatus and not event.instrument:
             self.feed_state = event.state
+            if event.state == "connected":
+                self.feed_lost = False
+            elif event.state == "disconnected":
+                self.feed_lost = True
         book = self.books.on_event(event)
         if self.models == ():
             return book
@@ -374,7 +380,7 @@ class Pipeline:
             model=model,
             ts_ms=snap.ts_ms,
             seq=seq,
-            status="ok" if result.status == "ok" else "degraded",
+            status="stale" if self.feed_lost else "ok" if result.status == "ok" else "degraded",
             reason="" if result.status == "ok" else result.message,
             fit={
                 "rmse_iv": result.rmse_iv,
