@@ -512,3 +512,48 @@ def test_render_views() -> None:
     assert render(
         "x", {"schema": "streamer.greeks/1", "instruments": [{"strike": "bad"}], "forward": 1.0}
     ).startswith("x  {")
+
+
+async def test_subscriber_reports_cleared_topics_instead_of_dropping_them(
+    mosquitto: Mosquitto,
+) -> None:
+    """A retained topic cleared with an empty message (``Publisher.clear_retained``) reaches
+    ``on_cleared``; it is neither yielded nor logged as a bad payload."""
+    import structlog
+
+    async with from_url(mosquitto.url + "/streamer") as pub:
+        await pub.publish("streamer/x/a", {"n": 1})
+        await pub.clear_retained("streamer/x/a")
+        await pub.publish("streamer/x/b", {"n": 2})
+        await pub.aclose()
+    cleared: list[str] = []
+    got: list[tuple[str, Any]] = []
+    with structlog.testing.capture_logs() as logs:
+        async with asyncio.timeout(10 * UNIT):
+            async for topic, payload in subscribe_payloads(
+                mosquitto.url, "streamer/x/#", on_cleared=cleared.append
+            ):
+                got.append((topic, payload))
+                if topic == "streamer/x/b":
+                    break
+    # retained: a is gone (nothing arrives for it), b is there
+    assert got == [("streamer/x/b", {"n": 2})]
+    assert not [e for e in logs if e["event"] == "mqtt_payload_dropped"]
+
+    # live: a clear arriving while subscribed is reported
+    async def clear_later() -> None:
+        await asyncio.sleep(0.2 * UNIT)
+        async with from_url(mosquitto.url + "/streamer") as p2:
+            await p2.publish("streamer/x/c", {"n": 3})
+            await p2.clear_retained("streamer/x/c")
+            await p2.publish("streamer/x/d", {"n": 4})
+
+    task = asyncio.create_task(clear_later())
+    async with asyncio.timeout(10 * UNIT):
+        async for topic, _ in subscribe_payloads(
+            mosquitto.url, "streamer/x/#", on_cleared=cleared.append
+        ):
+            if topic == "streamer/x/d":
+                break
+    await task
+    assert cleared == ["streamer/x/c"]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
@@ -84,8 +84,12 @@ async def subscribe_payloads(
     insecure: bool | None = None,
     backoff_max: float = DEFAULT_BACKOFF_MAX_S,
     timeout: float = 10.0,
+    on_cleared: Callable[[str], object] | None = None,
 ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
     """Yield ``(topic, payload)`` for each JSON-object message on ``topic`` (QoS 1).
+
+    An empty message is a cleared retained topic (a settled expiry's greeks, a model switched
+    off): it is not yielded, ``on_cleared(topic)`` is called when given (never logged as bad).
 
     A refusal (credentials, authorisation, TLS, a subscription the ACL denies) always raises
     ``SubscribeError`` naming the broker; with ``reconnect=False`` so does a lost or unreachable
@@ -121,6 +125,10 @@ async def subscribe_payloads(
                 log.info("mqtt_subscribed", url=redact(url), topic=topic)
                 backoff.reset()
                 async for message in client.messages:
+                    if not message.payload:  # an empty retained message: the topic cleared
+                        if on_cleared is not None:
+                            on_cleared(message.topic.value)
+                        continue
                     payload = _decode(message)
                     if payload is not None:
                         yield message.topic.value, payload

@@ -478,7 +478,11 @@ class MqttPublisher(Publisher):
     async def _run(self) -> None:
         initial, maximum, factor = self._backoff
         backoff = Backoff(initial, maximum, factor)
-        while not self._closing.is_set():
+        # one attempt at least, even when closed at once: what was published is delivered
+        # (within close_timeout), not dropped unseen
+        first = True
+        while first or not self._closing.is_set():
+            first = False
             try:
                 async with self._client() as client:
                     self._on_connect()
