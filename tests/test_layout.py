@@ -3,7 +3,7 @@
 Walks every module of ``streamer/`` with ``ast`` (imports at module level, inside functions
 and under ``TYPE_CHECKING`` alike) and checks the rules of README's architecture section:
 
-    vocabulary (errors, events, instruments, config, settings, backoff, paths)
+    vocabulary (errors, events, instruments, config, settings, backoff, paths, lifecycle)
       <- feeds <- book <- calib <- daemon <- cli           (pricing <- models <- calib)
       <- publish <- client <- daemon;  tools sit beside cli
 
@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "streamer"
 
 VOCABULARY = frozenset(
-    {"errors", "events", "instruments", "config", "settings", "backoff", "paths"}
+    {"errors", "events", "instruments", "config", "settings", "backoff", "paths", "lifecycle"}
 )
 STAGES = frozenset(
     {"pricing", "models", "feeds", "book", "calib", "publish", "client", "daemon", "tools", "cli"}

@@ -43,12 +43,12 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 import structlog
 
 from streamer.errors import InputError
+from streamer.lifecycle import AsyncResource
 
 log = structlog.get_logger(__name__)
 
@@ -260,7 +260,7 @@ class ProxyConnection:
         self._timers.clear()
 
 
-class FaultProxy:
+class FaultProxy(AsyncResource):
     """A loopback TCP proxy to ``upstream_host:upstream_port`` with toxics (module docstring).
 
     Args:
@@ -292,18 +292,6 @@ class FaultProxy:
         self._changed = asyncio.Condition()
 
     # -- lifecycle --------------------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, self.host, self.port)

@@ -20,13 +20,13 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import orjson
 
 from streamer.errors import InputError
+from streamer.lifecycle import AsyncResource
 
 DEFAULT_PREFIX = "streamer"
 DEFAULT_INSTANCE = "streamer"
@@ -103,7 +103,7 @@ def decode(data: bytes | str) -> Any:
     return orjson.loads(data)
 
 
-class Publisher(ABC):
+class Publisher(AsyncResource, ABC):
     """Delivers JSON payloads to topics. Subclasses implement ``publish`` and ``aclose``.
 
     ``prefix`` is the topic prefix this publisher was configured with (from its URL or the
@@ -112,7 +112,7 @@ class Publisher(ABC):
 
     prefix: str = DEFAULT_PREFIX
 
-    async def start(self) -> None:  # noqa: B027 - optional hook, empty by default
+    async def start(self) -> None:
         """Start background work (connections); called by ``__aenter__``."""
 
     @abstractmethod
@@ -134,15 +134,3 @@ class Publisher(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Flush what can be flushed and release resources. Idempotent."""
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

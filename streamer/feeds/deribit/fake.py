@@ -61,8 +61,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import orjson
 import structlog
@@ -74,6 +73,7 @@ from streamer.events import Event, Instrument, InstrumentListed, Quote
 from streamer.feeds.recordings.reader import read_frames
 from streamer.feeds.recordings.tardis import read_tardis_options_chain, sorted_by_time
 from streamer.instruments import parse_option
+from streamer.lifecycle import AsyncResource
 from streamer.paths import deribit_data
 
 log = structlog.get_logger(__name__)
@@ -322,7 +322,7 @@ class _Conn:
         self.passes = 0  # script passes started on this connection
 
 
-class FakeDeribitServer:
+class FakeDeribitServer(AsyncResource):
     """A Deribit websocket server on 127.0.0.1 (``async with FakeDeribitServer() as srv``).
 
     Args:
@@ -448,18 +448,6 @@ class FakeDeribitServer:
         self._changed = asyncio.Condition()
 
     # -- lifecycle ----------------------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         self._server = await serve(
