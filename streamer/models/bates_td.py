@@ -24,7 +24,7 @@ quarterly's) wants more jump intensity than its long end.
 For short expiries the density is a narrow diffusion peak plus a small, wide jump part: the
 characteristic function is then split by the number of jumps, none (``e^{-L}`` of the mass,
 on the narrow range) or some (on the wide range, where it decays fast), so that neither
-series needs the other's resolution (``streamer.models.heston_td.td_coefficients``).
+series needs the other's resolution (``streamer.models.td_kernels.td_coefficients``).
 
 Bounds: ``heston-td``'s and Bates's ``lam in [0, 5]``, ``mu_j in [-1, 1]``,
 ``sigma_j in [0.01, 1.5]`` (``lam[j]`` likewise); ``lam = 0`` is exactly ``heston-td``. No

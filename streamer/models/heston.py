@@ -605,6 +605,21 @@ def iv_and_jacobian(
     return iv, grad
 
 
+@njit(cache=True, nogil=True)
+def population_ivs(P: np.ndarray, n_params: int, k: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """Implied vols ``(n_pop, n)`` of every parameter row of ``P`` (``(n_pop, n_params)``) at
+    the points ``(k, T)``: a whole population of a global search (differential evolution,
+    CMA-ES) in one call; NaN where ``iv_and_jacobian`` gives NaN."""
+    out = np.empty((P.shape[0], k.shape[0]))
+    p = np.zeros(N_PARAMS_MAX)
+    for r in range(P.shape[0]):
+        for j in range(n_params):
+            p[j] = P[r, j]
+        price, _ = otm_prices(p, n_params, k, T, False)
+        out[r] = _ivs(price, k, T)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # the model
 
@@ -624,11 +639,14 @@ class _CharacteristicFunctionModel(Model):
     scales: ClassVar[FloatArray]
 
     def __init__(self, *, prefetch_jacobian: bool = True) -> None:
-        """``prefetch_jacobian``: ``implied_vol`` also computes the Jacobian (about 1.5x its
+        """``prefetch_jacobian``: ``implied_vol`` also computes the Jacobian (about 2x its
         own cost) so that the ``jacobian`` call a least-squares iteration makes next at the
-        same point is free; turn it off where vols are wanted without Jacobians."""
+        same point is free; only at the points of the last ``jacobian`` request (a fit's
+        quotes), so that other evaluations (a calendar grid, the ATM vols) cost the vols
+        alone. Turn it off where vols are wanted without Jacobians."""
         self.prefetch_jacobian = prefetch_jacobian
         self._prefetched: tuple[FloatArray, FloatArray, FloatArray, FloatArray] | None = None
+        self._jac_inputs: tuple[FloatArray, FloatArray] | None = None  # of the last jacobian
 
     def _params(self, x: FloatArray) -> FloatArray:
         p = np.zeros(N_PARAMS_MAX)
@@ -677,10 +695,26 @@ class _CharacteristicFunctionModel(Model):
         following ``jacobian`` call at the same inputs (what a least-squares step does).
         """
         p, kk, tt = self._params(x), _as_f64(k), _as_f64(T)
-        iv, jac = iv_and_jacobian(p, len(self.names), kk, tt, self.prefetch_jacobian)
-        if self.prefetch_jacobian:
+        last = self._jac_inputs
+        want = (
+            self.prefetch_jacobian
+            and last is not None
+            and np.array_equal(last[0], kk)
+            and np.array_equal(last[1], tt)
+        )
+        iv, jac = iv_and_jacobian(p, len(self.names), kk, tt, want)
+        if want:
             self._prefetched = (p, kk.copy(), tt.copy(), jac)
         out: FloatArray = iv
+        return out
+
+    def population_iv(
+        self, X: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
+    ) -> FloatArray:
+        """Model vols of every row of ``X`` (``(n_pop, len(names))``): ``(n_pop, n)``, one
+        compiled call (``population_ivs``)."""
+        P = np.ascontiguousarray(X, dtype=np.float64)
+        out: FloatArray = population_ivs(P, len(self.names), _as_f64(k), _as_f64(T))
         return out
 
     def jacobian(
@@ -688,6 +722,8 @@ class _CharacteristicFunctionModel(Model):
     ) -> FloatArray:
         """``d iv / d x``, shape ``(n_points, len(x))``; NaN rows where the vol is NaN."""
         p, kk, tt = self._params(x), _as_f64(k), _as_f64(T)
+        if self.prefetch_jacobian:
+            self._jac_inputs = (kk.copy(), tt.copy())
         last = self._prefetched
         if (
             last is not None
