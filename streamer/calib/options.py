@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from streamer.calib.data import FilterConfig
+from streamer.calib.global_opt import GlobalMethod, GlobalSettings
 from streamer.calib.lm import Evaluate, LMProblem, Loss
 from streamer.models.base import FitData, FloatArray, IntArray
 
@@ -39,6 +40,9 @@ DEFAULT_PENALTIES = {
     "bates-tdl": 5.0,
 }
 BAND_REF_DECAY = 0.01  # per fit
+# the cold step's starts: the models' hand-made guesses, the learned guess (a shipped network;
+# hand-made guesses for a model without one), or the global search (``streamer.calib.global_opt``)
+ColdStart = Literal["guesses", "learned", "global"]
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,32 @@ class CalibConfig:
     penalty_horizon_s: float = 60.0
     stale_gap_s: float = 600.0
     cold_margin: float = 0.9
+    # surface models: where penalty-free (cold, regime) fits start. "learned" falls back to the
+    # global search when no start reaches a finite, converged fit or the best one's weighted
+    # RMS error (in half-spreads) exceeds global_fallback_wrms. The default stays the
+    # hand-made guesses until the learned path passes the whole suite (a learned Bates regime
+    # fit of tests/test_calib's re-quotes ended on a calendar finding of the numerical gate)
+    cold_start: ColdStart = "guesses"
+    global_fallback_wrms: float = math.inf
+    global_method: GlobalMethod = "de"
+    global_popsize: int = 6  # members per search coordinate
+    global_maxiter: int = 40  # generations
+    global_tol: float = 1e-3
+    global_seed: int = 0
+    global_polish_iter: int = 200  # LM iterations from the search's best point
     calendar_tol: float = 1e-6  # total variance may fall by at most this (rounding)
     constraints_in_fit: bool = True  # no-arbitrage hinge rows inside the LM (per-expiry)
     filters: FilterConfig = field(default_factory=FilterConfig)
+
+    @property
+    def global_settings(self) -> GlobalSettings:
+        return GlobalSettings(
+            self.global_method,
+            self.global_popsize,
+            self.global_maxiter,
+            self.global_tol,
+            self.global_seed,
+        )
 
     def band(self, data: FitData) -> FloatArray | None:
         """The dead zone's half-width per quote (``objective = "band"``), else None."""

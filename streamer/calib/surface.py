@@ -7,7 +7,11 @@
    rolled in or out, a forward moved beyond ``regime_forward_move``, the error jumped, the
    in-band share slipped, or a long gap.
 2. ``cold`` (solve): on a regime shift or without a warm start, penalty-free fits from the warm
-   result and the model's cold guesses; kept if it beats the warm fit by ``cold_margin``.
+   result and, by ``cold_start``: the learned guess (``streamer.calib.learned``; the model's
+   hand-made guesses where it has no network), the hand-made guesses, or the global search
+   (``streamer.calib.global_opt``, differential evolution or CMA-ES, then LM polish). The
+   learned path falls back to the global search when no start gives a finite, converged fit
+   (or one within ``global_fallback_wrms``). Kept if it beats the warm fit by ``cold_margin``.
 3. ``gate``: the model's own conditions and the calendar check on the quoted range
    (``streamer.calib.gate``); a violation is re-fitted inside the model's ``safe_bounds``
    (a region free of arbitrage by construction) or the fit is not accepted.
@@ -26,6 +30,8 @@ import numpy.typing as npt
 from streamer.calib.data import Prepared
 from streamer.calib.evaluate import surface_evaluator
 from streamer.calib.gate import surface_calendar
+from streamer.calib.global_opt import global_search
+from streamer.calib.learned import learned_guess
 from streamer.calib.lm import LMResult, solve
 from streamer.calib.options import History
 from streamer.calib.result import Failure, FitResult, Fitted, block_band, block_wrms, slice_fits
@@ -118,21 +124,46 @@ class _SurfaceFit:
 
     # -- 2. cold starts --------------------------------------------------------------------
     def cold(self, warm: LMResult | None) -> LMResult:
-        """Penalty-free fits from the warm result and the cold guesses; the best if it beats
-        the warm fit by ``cold_margin`` (or there is no usable warm fit)."""
-        cold_best: LMResult | None = None
-        for g in ([warm.x[0]] if warm is not None else []) + list(self.guesses()):
-            r = self._solve(g, self.cfg.max_iter_cold)
-            if cold_best is None or r.data_cost[0] < cold_best.data_cost[0]:
-                cold_best = r
-        assert cold_best is not None
+        """Penalty-free fits from the warm result and the ``cold_start`` starts; the best if
+        it beats the warm fit by ``cold_margin`` (or there is no usable warm fit)."""
+        cfg = self.cfg
+        starts = [warm.x[0]] if warm is not None else []
+        learned = learned_guess(self.model, self.data) if cfg.cold_start != "guesses" else None
+        if cfg.cold_start == "guesses" or (cfg.cold_start == "learned" and learned is None):
+            starts.extend(self.guesses())
+        elif learned is not None and cfg.cold_start == "learned":
+            starts.append(learned)
+        runs = [self._solve(g, cfg.max_iter_cold) for g in starts]
+        if cfg.cold_start == "global" or (cfg.cold_start == "learned" and self._doubtful(runs)):
+            seeds = [*starts, *([] if learned is None else [learned]), *self.guesses()]
+            runs.append(self.global_fit(seeds))
+        cold_best = min(runs, key=lambda r: float(r.data_cost[0]))
         if (
             warm is None
-            or cold_best.data_cost[0] < self.cfg.cold_margin * warm.data_cost[0]
+            or cold_best.data_cost[0] < cfg.cold_margin * warm.data_cost[0]
             or (not np.isfinite(warm.data_cost[0]))
         ):
             return replace(cold_best, penalty=np.zeros(1))
         return warm
+
+    def _doubtful(self, runs: list[LMResult]) -> bool:
+        """No run ended finite and converged, or the best one's weighted RMS error exceeds
+        ``global_fallback_wrms``: the global search runs."""
+        ok = [r for r in runs if np.isfinite(r.data_cost[0]) and bool(r.converged[0])]
+        if not ok:
+            return True
+        best = min(ok, key=lambda r: float(r.data_cost[0]))
+        return float(block_wrms(best.iv, self.data, self.starts)[0]) > self.cfg.global_fallback_wrms
+
+    def global_fit(self, seeds: list[FloatArray]) -> LMResult:
+        """The global search over the box (seeded), polished by the LM."""
+        cfg = self.cfg
+        problem = cfg.problem(
+            self.evaluate, self.data, self.starts, self.lo[None, :], self.hi[None, :]
+        )
+        found = global_search(self.model, self.data, problem, cfg.global_settings, seeds)
+        self.nfev += found.nfev
+        return self._solve(found.x, cfg.global_polish_iter)
 
     # -- 3. the arbitrage gate -------------------------------------------------------------
     def gate(self, best: LMResult) -> tuple[LMResult, list[Violation]]:

@@ -7,10 +7,21 @@ import sys
 from collections.abc import Callable, Sequence
 
 from streamer import __version__
-from streamer.cli import bench, fake_deribit, plot, replay, report, run, simulate, subscribe, web
+from streamer.cli import (
+    bench,
+    fake_deribit,
+    plot,
+    replay,
+    report,
+    run,
+    simulate,
+    subscribe,
+    train,
+    web,
+)
 
 # run: also record
-COMMANDS = (bench, run, replay, subscribe, simulate, report, plot, web, fake_deribit)
+COMMANDS = (bench, run, replay, subscribe, simulate, report, plot, web, fake_deribit, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,13 @@ re-quotes of it (every bid and ask moved by up to a tick's worth of IV noise, se
 the daemon does between trigger ticks. Times are wall-clock medians over ``--repeat`` fits on
 one thread, after a warm-up fit (numba compilation excluded), and include quote filtering and
 IV computation (``prepare``), the fit, the arbitrage gate and the result's diagnostics.
+
+``--cold`` adds, for the stochastic-volatility models, each cold path (``CalibConfig.cold_start``:
+the hand-made multi-start, the learned guess + LM, the global search + LM) with its time and
+data cost, and the share of local LM runs from ``--starts`` random points of the box that reach
+the best cost found (within 0.1%), beside QuantLib's Heston calibration of the same quotes
+(``HestonModelHelper`` per quote on its mid vol, ``AnalyticHestonEngine``, its
+Levenberg-Marquardt from one default start), scored by our pricer on our cost and band.
 """
 
 from __future__ import annotations
@@ -19,8 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from streamer.book.snapshot import ChainSnapshot
-from streamer.calib.calibrator import Calibrator
+from streamer.calib.calibrator import CalibConfig, Calibrator
+from streamer.calib.data import prepare
+from streamer.calib.evaluate import surface_evaluator
+from streamer.calib.lm import solve
+from streamer.calib.options import ColdStart
+from streamer.calib.result import block_band
 from streamer.models import REGISTRY
+from streamer.models.base import FitData, FloatArray, Model
 from streamer.paths import deribit_data
 from streamer.tools.chains import load_chains
 
@@ -33,7 +46,13 @@ GOALS_MS = {
     "sabr": 1.0,
     "heston": 10.0,
     "bates": 15.0,
+    "heston-td": 15.0,
+    "bates-td": 15.0,
+    "bates-tdl": 15.0,
 }
+COLD_GOALS_MS = {"heston": 5.0, "bates": 10.0}  # the learned cold path (issue 16)
+SV_MODELS = ("heston", "bates", "heston-td", "bates-td", "bates-tdl")
+COLD_STARTS: tuple[ColdStart, ...] = ("guesses", "learned", "global")
 
 
 def shared_data() -> Path:
@@ -86,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", action="append", help="model(s) (default: all registered)")
     ap.add_argument("--repeat", type=int, default=30, help="warm fits per model")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--cold", action="store_true", help="cold paths, success rates, QuantLib")
+    ap.add_argument("--starts", type=int, default=10, help="random starts per model (--cold)")
     args = ap.parse_args(argv)
     path = Path(args.chain) if args.chain else shared_data() / DEFAULT_CHAIN
     if not path.exists():
@@ -107,4 +128,133 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['cold_nfev']:.0f} | {r['warm_ms']:.2f} | {r['warm_p95_ms']:.2f} | "
             f"{r['warm_nfev']:.0f} | {GOALS_MS.get(name, float('nan')):g} | {r['in_band']:.3f} |"
         )
+    if args.cold:
+        print()
+        cold_table(snap, [m for m in models if m in SV_MODELS], args.starts, args.seed)
     return 0
+
+
+def _cost_of(model: Model, data: FitData, x: FloatArray, cfg: CalibConfig) -> tuple[float, float]:
+    """Data cost (the LM's) and in-band share of the fitted quotes at ``x``."""
+    lo, hi = model.bounds(data.n_slices)
+    problem = cfg.problem(
+        surface_evaluator(model, data), data, np.zeros(1, dtype=np.int64), lo[None], hi[None]
+    )
+    r = solve(problem, np.clip(x, lo, hi)[None, :], max_iter=0)
+    return float(r.data_cost[0]), float(block_band(r.iv, data, np.zeros(1, dtype=np.int64))[0])
+
+
+def random_starts(
+    model: Model, n_slices: int, n: int, rng: np.random.Generator
+) -> list[FloatArray]:
+    """Points of the model's box: log-uniform where the bound is positive, else uniform."""
+    lo, hi = model.bounds(n_slices)
+    pos = lo > 0.0
+    llo = np.log(np.where(pos, lo, 1.0))
+    lhi = np.log(np.where(pos, hi, 1.0))
+    out = []
+    for _ in range(n):
+        u = rng.uniform(size=lo.shape)
+        out.append(np.where(pos, np.exp(llo + u * (lhi - llo)), lo + u * (hi - lo)))
+    return out
+
+
+def cold_table(snap: ChainSnapshot, models: list[str], starts: int, seed: int) -> None:
+    """Per model and cold path: time, nfev, cost, in-band, reached the best; local LM share."""
+    cfg = CalibConfig()
+    data = prepare(snap, cfg.filters, 3).data
+    print(
+        "| model | cold path | cold ms (best of 3) | nfev | data cost | in_band (fitted) "
+        "| reaches best (0.1%) | goal ms |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|---:|")
+    for name in models:
+        model = REGISTRY[name]()
+        Calibrator(model, CalibConfig(cold_start="learned")).fit(snap)  # compile
+        found: list[tuple[str, float, float, float, float]] = []
+        for path in COLD_STARTS:
+            times, r = [], None
+            for _ in range(1 if path == "global" else 3):
+                t0 = time.perf_counter()
+                r = Calibrator(model, CalibConfig(cold_start=path)).fit(snap)
+                times.append(time.perf_counter() - t0)
+            assert r is not None
+            cost, band = _cost_of(model, data, r.x[0], cfg)
+            found.append((path, min(times) * 1e3, float(r.nfev), cost, band))
+        rng = np.random.default_rng(seed)
+        local = []
+        lo, hi = model.bounds(data.n_slices)
+        problem = cfg.problem(
+            surface_evaluator(model, data), data, np.zeros(1, dtype=np.int64), lo[None], hi[None]
+        )
+        t0 = time.perf_counter()
+        for x0 in random_starts(model, data.n_slices, starts, rng):
+            local.append(
+                float(solve(problem, x0[None, :], max_iter=cfg.max_iter_cold).data_cost[0])
+            )
+        local_ms = (time.perf_counter() - t0) * 1e3 / max(starts, 1)
+        best = min([c for *_, c, _ in found] + [c for c in local if np.isfinite(c)])
+        for label, ms, nfev, cost, band in found:
+            goal = COLD_GOALS_MS.get(name) if label == "learned" else None
+            print(
+                f"| {name} | {label} | {ms:.1f} | {nfev:.0f} | {cost:.2f} | {band:.3f} | "
+                f"{'yes' if cost <= 1.001 * best else 'no'} | {'' if goal is None else goal} |"
+            )
+        share = float(np.mean([c <= 1.001 * best for c in local])) if local else float("nan")
+        print(
+            f"| {name} | local LM, {starts} random starts | {local_ms:.1f} (each) | | "
+            f"{min(local):.2f} | | {share:.0%} of starts | |",
+            flush=True,
+        )
+    ql = quantlib_heston(data)
+    if ql is not None:
+        cost, band = _cost_of(REGISTRY["heston"](), data, ql[0], cfg)
+        print(
+            f"| QuantLib heston | LM, one default start | {ql[1]:.1f} | | {cost:.2f} | "
+            f"{band:.3f} | | |"
+        )
+
+
+QL_START = (0.1, 1.0, 0.1, 0.5, -0.5)  # v0, kappa, theta, xi (sigma), rho: QuantLib's examples
+
+
+def quantlib_heston(data: FitData) -> tuple[FloatArray, float] | None:
+    """QuantLib's Heston calibration of the quotes of ``data`` (forward 1, zero rates, one
+    helper per quote on its mid vol, maturities rounded to whole days as its helpers take
+    them): parameters ``[v0, kappa, theta, xi, rho]`` and wall time in ms (None without
+    QuantLib)."""
+    try:
+        import QuantLib as ql
+    except ImportError:
+        return None
+    today = ql.Date(5, 1, 2026)
+    ql.Settings.instance().evaluationDate = today
+    dc = ql.Actual365Fixed()
+    curve = ql.YieldTermStructureHandle(ql.FlatForward(today, 0.0, dc))
+    spot = ql.QuoteHandle(ql.SimpleQuote(1.0))
+    v0, kappa, theta, xi, rho = QL_START
+    process = ql.HestonProcess(curve, curve, spot, v0, kappa, theta, xi, rho)
+    model = ql.HestonModel(process)
+    engine = ql.AnalyticHestonEngine(model)
+    helpers = []
+    calendar = ql.NullCalendar()
+    for k, t, iv in zip(data.k, data.T, data.iv, strict=True):
+        days = max(1, round(float(t) * 365.0))
+        h = ql.HestonModelHelper(
+            ql.Period(days, ql.Days),
+            calendar,
+            1.0,
+            float(np.exp(k)),
+            ql.QuoteHandle(ql.SimpleQuote(float(iv))),
+            curve,
+            curve,
+        )
+        h.setPricingEngine(engine)
+        helpers.append(h)
+    t0 = time.perf_counter()
+    model.calibrate(
+        helpers, ql.LevenbergMarquardt(1e-8, 1e-8, 1e-8), ql.EndCriteria(500, 300, 1e-8, 1e-8, 1e-8)
+    )
+    ms = (time.perf_counter() - t0) * 1e3
+    theta_, kappa_, xi_, rho_, v0_ = (float(v) for v in model.params())
+    return np.array([v0_, kappa_, theta_, xi_, rho_]), ms

@@ -1,0 +1,81 @@
+"""``streamer train``: the learned initial guess's networks, trained offline from a seed.
+
+``data`` draws and prices the training chains, ``mlp`` fits the network; ``run`` does both per
+model and writes ``<out>/<model>.npz`` (``streamer.calib.learned`` loads them from the
+package's ``streamer/calib/nets``). Same seed and settings: the same weights (one
+``numpy.random.Generator`` per step, no threads).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from streamer.calib.learned import NETS, Network, learned_guess_from, output_names
+from streamer.models import REGISTRY
+from streamer.tools.train.data import make_set
+from streamer.tools.train.mlp import TrainReport, TrainSettings, train
+
+MODELS = ("heston", "bates", "heston-td", "bates-td")
+DEFAULT_SAMPLES = 12_000
+DEFAULT_SEED = 16
+
+
+@dataclass(frozen=True)
+class Trained:
+    model: str
+    samples: int
+    n_weights: int
+    file_bytes: int
+    data_s: float
+    train_s: float
+    report: TrainReport
+    guess_error: dict[str, float]  # median |guess - truth| per surface parameter (held out)
+
+
+def guess_errors(model_name: str, net: Network, n: int, seed: int) -> dict[str, float]:
+    """Median absolute error of the network's guess on fresh chains (another seed)."""
+    model = REGISTRY[model_name]()
+    X, _, truth = make_set(model_name, n, seed)
+    names = model.param_names(1)
+    errs: dict[str, list[float]] = {}
+    for f, (x, slice_T) in zip(X, truth, strict=True):
+        g = learned_guess_from(model, f, slice_T, net)
+        if g is None:
+            continue
+        for name, gv, tv in zip(model.param_names(slice_T.shape[0]), g, x, strict=True):
+            base = name.split("[", 1)[0]
+            if name in names or name.endswith("]"):
+                errs.setdefault(base, []).append(abs(float(gv) - float(tv)))
+    return {k: float(np.median(v)) for k, v in errs.items()}
+
+
+def run(
+    models: tuple[str, ...] = MODELS,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = DEFAULT_SEED,
+    settings: TrainSettings | None = None,
+    out: Path = NETS,
+) -> list[Trained]:
+    """Train and save one network per model; what was done, per model."""
+    out.mkdir(parents=True, exist_ok=True)
+    done = []
+    for i, name in enumerate(models):
+        s = settings or TrainSettings(seed=seed + i)
+        t0 = time.perf_counter()
+        X, Y, _ = make_set(name, samples, seed + 100 * i)
+        t1 = time.perf_counter()
+        net, report = train(X, Y, output_names(REGISTRY[name]()), s)
+        t2 = time.perf_counter()
+        path = out / f"{name}.npz"
+        net.save(path, seed=seed, samples=samples, epochs=s.epochs, hidden=np.array(s.hidden))
+        errors = guess_errors(name, net, max(200, samples // 20), seed + 100 * i + 50)
+        done.append(
+            Trained(
+                name, samples, net.n_weights, path.stat().st_size, t1 - t0, t2 - t1, report, errors
+            )
+        )
+    return done

@@ -1,0 +1,168 @@
+"""The learned initial guess (``streamer.calib.learned``), its trainer (``streamer.tools.train``).
+
+References: smiles built as exact quadratics (the features must return their coefficients), a
+network evaluated by hand, a learnable toy problem for the trainer, and the known parameters
+of synthetic chains for the shipped networks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from streamer.calib.calibrator import Calibrator
+from streamer.calib.data import prepare
+from streamer.calib.learned import (
+    NETS,
+    TENOR_DAYS,
+    Network,
+    learned_guess,
+    n_features,
+    network,
+    output_names,
+    slice_smiles,
+    smile_features,
+    to_vector,
+)
+from streamer.calib.options import CalibConfig
+from streamer.models import REGISTRY
+from streamer.tools.train.data import make_set
+from streamer.tools.train.mlp import TrainSettings, train
+from tests.synth import make_chain
+
+FloatArray = npt.NDArray[np.float64]
+SHIPPED = ("heston", "bates", "heston-td", "bates-td")
+
+
+def test_features_recover_quadratic_smiles() -> None:
+    slice_T = np.array([3.0, 30.0, 180.0]) / 365.0
+    coef = np.array([[0.8, -0.05, 0.02], [0.6, -0.08, 0.01], [0.55, -0.04, 0.005]])
+    ks, ivs, idx, expect = [], [], [], []
+    for j, t in enumerate(slice_T):
+        a, b, c = coef[j]
+        z = np.linspace(-2.0, 2.0, 15)  # in units of a sqrt(T)
+        iv = a + b * z + c * z * z
+        ks.append(z * a * math.sqrt(t))
+        ivs.append(iv)
+        idx.append(np.full(15, j))
+        # the features standardise by a0, the median vol of the 4 quotes nearest the forward:
+        # in z' = k / (a0 sqrt T) = z a / a0 the same smile is a + b (a0/a) z' + c (a0/a)^2 z'^2
+        a0 = float(np.median(iv[np.argsort(np.abs(z))[:4]]))
+        expect.append([a, b * a0 / a, c * (a0 / a) ** 2])
+    sm = slice_smiles(np.concatenate(ks), np.concatenate(ivs), np.concatenate(idx), slice_T)
+    np.testing.assert_allclose(sm, np.array(expect), rtol=1e-9, atol=1e-12)
+    coef = np.array(expect)
+    f = smile_features(sm, slice_T)
+    assert f.shape == (n_features(),)
+    G = TENOR_DAYS.shape[0]
+    # flat beyond the quoted range; log-time interpolation inside
+    assert f[0] == pytest.approx(math.log(0.8))  # 1 day < 3 days
+    assert f[G - 1] == pytest.approx(math.log(0.55))  # 365 days > 180 days
+    w = (math.log(7.0) - math.log(3.0)) / (math.log(30.0) - math.log(3.0))
+    i7 = int(np.flatnonzero(TENOR_DAYS == 7.0)[0])
+    assert f[G + i7] == pytest.approx((1 - w) * coef[0, 1] + w * coef[1, 1])
+    assert f[-2:] == pytest.approx(np.log(slice_T[[0, -1]]))
+
+
+def test_network_forward_by_hand_and_round_trip(tmp_path: object) -> None:
+    rng = np.random.default_rng(0)
+    W = (rng.normal(size=(4, 3)), rng.normal(size=(3, 2)))
+    b = (rng.normal(size=3), rng.normal(size=2))
+    net = Network(W, b, np.ones(4), 2 * np.ones(4), np.zeros(2), 3 * np.ones(2), ("v0", "rho"))
+    x = rng.normal(size=4)
+    by_hand = (np.tanh(((x - 1.0) / 2.0) @ W[0] + b[0]) @ W[1] + b[1]) * 3.0
+    np.testing.assert_allclose(net(x)[0], by_hand, rtol=1e-12)
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "n.npz"
+    net.save(path, seed=1)
+    back = Network.load(path)
+    assert back.outputs == ("v0", "rho")
+    np.testing.assert_allclose(back(x)[0], by_hand, rtol=1e-5)  # weights stored as float32
+
+
+def test_trainer_learns_a_smooth_map_and_is_deterministic() -> None:
+    rng = np.random.default_rng(1)
+    X = rng.uniform(-1.0, 1.0, size=(3000, 3))
+    Y = np.column_stack([np.sin(2 * X[:, 0]) + X[:, 1] ** 2, X[:, 2] * X[:, 0]])
+    s = TrainSettings(hidden=(32, 32), epochs=60, seed=5)
+    net, report = train(X, Y, ("a", "b"), s)
+    assert report.valid_mse < 0.02  # of standardised targets (variance 1)
+    net2, _ = train(X, Y, ("a", "b"), s)
+    for W1, W2 in zip(net.weights, net2.weights, strict=True):
+        np.testing.assert_array_equal(W1, W2)
+
+
+def test_training_set_is_reproducible_and_consistent() -> None:
+    X1, Y1, truth = make_set("heston", 20, 7)
+    X2, Y2, _ = make_set("heston", 20, 7)
+    np.testing.assert_array_equal(X1, X2)
+    np.testing.assert_array_equal(Y1, Y2)
+    assert X1.shape == (20, n_features())
+    model = REGISTRY["heston"]()
+    lo, hi = model.bounds(1)
+    for (x, slice_T), y in zip(truth, Y1, strict=True):
+        assert np.all((x >= lo) & (x <= hi))
+        assert y[0] == pytest.approx(math.log(x[0]))  # v0 learned in log
+        assert y[4] == pytest.approx(math.atanh(x[4] / 0.99))
+        assert np.all(np.diff(slice_T) > 0.0)
+
+
+def test_piecewise_outputs_map_to_pieces() -> None:
+    model = REGISTRY["heston-td"]()
+    names = output_names(model)
+    G = TENOR_DAYS.shape[0]
+    assert len(names) == 2 + 3 * G
+    grid = np.log(TENOR_DAYS / 365.0)
+    out = {"v0": 0.3, "kappa": 2.0}
+    for g in range(G):
+        out[f"theta@{g}"] = float(np.exp(-1.0 + 0.1 * grid[g]))  # ln theta linear in ln T
+        out[f"xi@{g}"] = 1.0
+        out[f"rho@{g}"] = -0.5
+    slice_T = np.array([5.0, 40.0, 120.0]) / 365.0
+    x = to_vector(model, out, slice_T)
+    rep = np.sqrt(np.array([2.5, 5.0, 40.0]) / 365.0 * slice_T)
+    np.testing.assert_allclose(x[2::3][:3], np.exp(-1.0 + 0.1 * np.log(rep)), rtol=1e-12)
+    np.testing.assert_allclose(x[4::3][:3], -0.5, rtol=1e-12)
+
+
+def test_shipped_networks_are_small_and_load() -> None:
+    total = 0
+    for name in SHIPPED:
+        path = NETS / f"{name}.npz"
+        assert path.exists(), path
+        total += path.stat().st_size
+        net = network(name)
+        assert net is not None
+        assert net.outputs == output_names(REGISTRY[name]())
+    assert total < 300_000
+    assert network("svi") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "truth"),
+    [
+        ("heston", np.array([0.36, 3.0, 0.25, 1.2, -0.4])),
+        ("bates", np.array([0.25, 2.5, 0.3, 1.0, -0.3, 0.6, -0.25, 0.2])),
+    ],
+)
+def test_learned_guess_then_lm_reaches_known_parameters(name: str, truth: FloatArray) -> None:
+    model = REGISTRY[name]()
+    days = (1, 3, 7, 14, 30, 91, 182)
+
+    def iv_fn(k: FloatArray, T: FloatArray, j: int) -> FloatArray:
+        return np.asarray(model.implied_vol(truth, k, T, np.full(k.shape, j)))
+
+    snap = make_chain(iv_fn, days=days, n_strikes=15, half_spread_iv=0.005)
+    data = prepare(snap, CalibConfig().filters, 3).data
+    guess = learned_guess(model, data)
+    assert guess is not None
+    # the guess is near: ATM variance to 30%, the skew's sign right
+    assert guess[0] == pytest.approx(truth[0], rel=0.3)
+    assert guess[4] < 0.0
+    fit = Calibrator(model, CalibConfig(cold_start="learned")).fit(snap)
+    assert fit.success
+    np.testing.assert_allclose(fit.x[0][:5], truth[:5], rtol=0.05, atol=0.02)
