@@ -202,9 +202,7 @@ def _normal_equations(
     return A, g
 
 
-def _step(
-    A: FloatArray, g: FloatArray, mu: FloatArray, held: npt.NDArray[np.bool_]
-) -> FloatArray:
+def _step(A: FloatArray, g: FloatArray, mu: FloatArray, held: npt.NDArray[np.bool_]) -> FloatArray:
     """Marquardt's damped step ``(A + mu diag(A)) d = -g`` per block, solved in the free
     subspace: ``held`` variables (on a bound, their descent direction leaving the box) do not
     move (a projected step of the full system is distorted by the clipping and crawls along
