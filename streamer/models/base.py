@@ -110,6 +110,10 @@ class Model(ABC):
     # the parameters describe every maturity (Heston, Bates): ``implied_vol`` may be asked
     # at any T; otherwise a maturity between fitted expiries is interpolated between them
     any_maturity: ClassVar[bool] = False
+    # how this model is best fitted when the config does not say: ``CalibConfig`` field
+    # overrides (e.g. ``{"objective": "band", "penalty": 2.0}``) and, under ``"filters"``, a
+    # dict of ``FilterConfig`` field overrides (e.g. ``{"min_T_days": 0.0833}``)
+    calib_defaults: ClassVar[dict[str, object]] = {}
 
     @property
     def kernel_arg(self) -> float:
