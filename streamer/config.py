@@ -22,7 +22,15 @@ Sections (every key optional; defaults below and in ``config/default.toml``)::
     names = ["svi", "ssvi"]           # streamer.models.REGISTRY names (checked by the pipeline)
     penalty = { svi = 1.0 }           # per model: lambda of the parameter-change penalty
     sabr_beta = 1.0                   # SABR's fixed beta
-    objective = "mid"                 # mid | band (count only what lies beyond bid-ask)
+    objective = "band"                # mid | band, every model (unset: each model's default)
+
+    [models.calib.svi]                # per model: any streamer.calib.options.CalibConfig field
+    objective = "band"                # (beats the models-wide keys above) ...
+    [models.calib.svi.filters]        # ... and any streamer.calib.data.FilterConfig field
+    min_T_days = 0.0833
+
+    A field the config does not set takes the model's own default (``Model.calib_defaults``,
+    what wins on ``streamer bench quality``), else ``CalibConfig``'s.
 
     [trigger]                         # see streamer.calib.trigger (TriggerConfig here)
     min_changed_quotes = 20
@@ -152,7 +160,11 @@ class ModelSettings:
     names: tuple[str, ...] = ("svi", "ssvi")
     penalty: dict[str, float] = field(default_factory=dict)  # lambda per model (else built-in)
     sabr_beta: float = 1.0
-    objective: Literal["mid", "band"] = "mid"  # residuals to the mid, or beyond the band
+    # residuals to the mid, or beyond the band; None: each model's own default
+    objective: Literal["mid", "band"] | None = None
+    # per model: CalibConfig fields, "filters" a table of FilterConfig fields (checked when
+    # the pipeline builds the model's CalibConfig: ``CalibConfig.for_model``)
+    calib: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sabr_beta <= 1.0:
@@ -160,6 +172,24 @@ class ModelSettings:
         for name, lam in self.penalty.items():
             if not lam >= 0.0:
                 raise ValueError(f"models.penalty.{name} must be >= 0")
+        for name, table in self.calib.items():
+            if not isinstance(table, Mapping):
+                raise ValueError(f"models.calib.{name} must be a table of CalibConfig fields")
+            filters = table.get("filters", {})
+            if not isinstance(filters, Mapping):
+                raise ValueError(f"models.calib.{name}.filters must be a table")
+
+    def calib_overrides(self, name: str) -> dict[str, Any]:
+        """What the config sets for model ``name``'s ``CalibConfig``: its ``[models.calib.NAME]``
+        table, then ``penalty.NAME`` and ``objective`` where that table does not set them."""
+        out: dict[str, Any] = {k: v for k, v in self.calib.get(name, {}).items()}
+        if "filters" in out:
+            out["filters"] = dict(out["filters"])
+        if name in self.penalty and "penalty" not in out:
+            out["penalty"] = self.penalty[name]
+        if self.objective is not None and "objective" not in out:
+            out["objective"] = self.objective
+        return out
 
     def options(self) -> dict[str, dict[str, float]]:
         """Constructor options per model name."""

@@ -9,14 +9,15 @@ of ``streamer.calib.lm`` with the configured objective, loss and penalty.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from streamer.calib.data import FilterConfig
 from streamer.calib.global_opt import GlobalMethod, GlobalSettings
 from streamer.calib.lm import Evaluate, LMProblem, Loss
-from streamer.models.base import FitData, FloatArray, IntArray
+from streamer.models.base import FitData, FloatArray, IntArray, Model
+from streamer.settings import build
 
 if TYPE_CHECKING:
     from streamer.calib.result import FitResult
@@ -84,6 +85,20 @@ class CalibConfig:
     constraints_in_fit: bool = True  # no-arbitrage hinge rows inside the LM (per-expiry)
     filters: FilterConfig = field(default_factory=FilterConfig)
 
+    @classmethod
+    def for_model(
+        cls,
+        model: Model | type[Model],
+        overrides: Mapping[str, Any] | None = None,
+        where: str = "models.calib",
+    ) -> CalibConfig:
+        """The config of ``model``: the user's ``overrides`` (CalibConfig fields, and under
+        ``"filters"`` FilterConfig fields: what the config file sets for it), else the model's
+        ``calib_defaults``, else the defaults here, field by field. A bad field name or value
+        is a ``ConfigError`` under ``{where}.{model name}.{field}``."""
+        table = _merged(model.calib_defaults, overrides or {})
+        return build(cls, table, f"{where}.{model.name}")
+
     @property
     def global_settings(self) -> GlobalSettings:
         return GlobalSettings(
@@ -127,6 +142,17 @@ class CalibConfig:
             kappa=self.kappa,
             extra=extra,
         )
+
+
+def _merged(defaults: Mapping[str, Any], user: Mapping[str, Any]) -> dict[str, Any]:
+    """``user`` over ``defaults``, the ``filters`` sub-table merged field by field too."""
+    out = {**defaults, **user}
+    filters = {**dict(defaults.get("filters") or {}), **dict(user.get("filters") or {})}
+    if filters:
+        out["filters"] = filters
+    else:
+        out.pop("filters", None)
+    return out
 
 
 @dataclass

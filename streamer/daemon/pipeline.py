@@ -128,7 +128,9 @@ class Pipeline:
         self.models = tuple(models)
         self.prefix = prefix
         self.trigger_config = trigger or TriggerConfig()
-        self.calib = dict(calib or {})
+        # per model: the given config, else the model's own defaults (``Model.calib_defaults``)
+        given = dict(calib or {})
+        self.calib = {m: given.get(m) or CalibConfig.for_model(REGISTRY[m]) for m in models}
         self.model_options = {k: dict(v) for k, v in (model_options or {}).items()}
         self.greeks = greeks
         self.tenors_days = tuple(tenors_days)  # the tenors topic's maturities (() = off)
@@ -167,9 +169,7 @@ class Pipeline:
             prefix=config.publish.prefix,
             trigger=config.trigger,
             calib={
-                m: CalibConfig(
-                    penalty=config.models.penalty.get(m), objective=config.models.objective
-                )
+                m: CalibConfig.for_model(REGISTRY[m], config.models.calib_overrides(m))
                 for m in names
             },
             model_options=config.models.options(),
@@ -491,7 +491,7 @@ class Pipeline:
             g = surface.greeks_at(K, T, calls, F, inverse=snap.inverse)
         unit = F if snap.inverse else 1.0
         rows = greeks_rows(
-            instruments=[n for n, keep in zip(listing.instrument, m, strict=True) if keep],
+            instruments=[listing.instrument[i] for i in np.flatnonzero(m).tolist()],
             strikes=K,
             is_call=calls,
             bid_iv=_market_iv(listing.bid_iv[m], listing.bid[m] * unit, F, K, T, calls),

@@ -120,10 +120,10 @@ def _chain_records(
     """One fit per snapshot and model, one ``Calibrator`` per model and underlying."""
     from streamer.calib.calibrator import CalibConfig, Calibrator
     from streamer.daemon.pipeline import FitRecord, make_model
+    from streamer.models import REGISTRY
 
     calib = {
-        m: CalibConfig(penalty=config.models.penalty.get(m), objective=config.models.objective)
-        for m in models
+        m: CalibConfig.for_model(REGISTRY[m], config.models.calib_overrides(m)) for m in models
     }
     options = config.models.options()
     for _und, snaps in chains:
