@@ -131,11 +131,14 @@ def run_chains(
     *,
     ceilings: bool = True,
     ceiling_every: int = 1,
+    anchors: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Row]:
-    """Score every method on one underlying's chains, in time order."""
+    """Score every method on one underlying's chains, in time order (``anchors``: also
+    Deribit's mark and the scipy baseline)."""
     snaps = sorted(snaps, key=lambda s: s.ts_ms)
-    rows: dict[str, Row] = {MARK: Row(), BASELINE: Row(), **{m: Row() for m in models}}
+    rows: dict[str, Row] = {MARK: Row(), BASELINE: Row()} if anchors else {}
+    rows.update({m: Row() for m in models})
     if not snaps:
         return rows
     pipes = {m: _pipeline(m, snaps[0]) for m in models}
@@ -145,9 +148,10 @@ def run_chains(
         s = scored(snap)
         k_all = _log_moneyness(snap)
         views: dict[str, tuple[np.ndarray, list[arbcheck.Smile]]] = {}
-        views[MARK] = (snap.mark_iv.astype(np.float64), [])
-        fns = baseline.svi_baseline(s)
-        views[BASELINE] = (baseline.evaluate(fns, k_all, snap.expiry_idx), [])
+        if anchors:
+            views[MARK] = (snap.mark_iv.astype(np.float64), [])
+            fns = baseline.svi_baseline(s)
+            views[BASELINE] = (baseline.evaluate(fns, k_all, snap.expiry_idx), [])
         for m in models:
             pipe = pipes[m]
             msgs = pipe.fit_snapshot(snap)
