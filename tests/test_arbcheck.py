@@ -46,7 +46,7 @@ def test_call_prices_rising_in_strike_are_found() -> None:
     assert any(f.check == "monotone" and f.strike == float(K[30]) for f in found)
 
 
-def test_total_variance_falling_in_T_is_a_calendar_finding() -> None:
+def test_total_variance_falling_in_maturity_is_a_calendar_finding() -> None:
     short, long = _flat(0.1, 0.8, "A"), _flat(0.2, 0.5, "B")  # w 0.064 -> 0.05
     found = calendar(short, long)
     assert len(found) == len(K) and all(f.check == "calendar" for f in found)

@@ -91,8 +91,7 @@ def test_snapshot_without_venue_ivs_implies_them_from_prices() -> None:
     K = 120_000.0
     bid = float(black_price(F, K, T, 0.55, True)) / F
     ask = float(black_price(F, K, T, 0.57, True)) / F
-    row = _row("BTC-E1-120000-C", e1, K, True, bid=bid, ask=ask, bid_iv=math.nan,
-               ask_iv=math.nan)  # fmt: skip
+    row = _row("BTC-E1-120000-C", e1, K, True, bid=bid, ask=ask, bid_iv=math.nan, ask_iv=math.nan)
     s = scored(snapshot_from_rows([row], underlying="BTC", ts_ms=NOW))
     assert s.n == 1
     np.testing.assert_allclose([s.bid_iv[0], s.ask_iv[0]], [0.55, 0.57], atol=1e-7)
@@ -136,7 +135,7 @@ def _svi_chain(half: float = 0.004) -> Any:
                     bid_iv=iv - half,
                     ask_iv=iv + half,
                     mark_iv=iv,
-                )  # fmt: skip
+                )
             )
     return snapshot_from_rows(rows, underlying="BTC", ts_ms=NOW)
 
@@ -178,7 +177,7 @@ def test_ceiling_fits_a_model_smile_inside_its_band(name: str) -> None:
                 bid_iv=iv - 0.002,
                 ask_iv=iv + 0.002,
                 mark_iv=iv,
-            )  # fmt: skip
+            )
         )
     snap = snapshot_from_rows(rows, underlying="BTC", ts_ms=NOW)
     s = scored(snap)
@@ -203,7 +202,7 @@ def test_stability_ratio_is_model_moves_over_mid_moves() -> None:
                 bool(snap.is_call[i]),
                 bid_iv=0.52,
                 ask_iv=0.54,
-            )  # fmt: skip
+            )
             for i, n in ((i, snap.instrument[i]) for i in s.index)
         ],
         underlying="BTC",
