@@ -38,9 +38,24 @@ from streamer.calib.constraints import (
     W_SCALE,
 )
 from streamer.calib.lm import MU_INIT, MU_MAX, STALL_ITERS, STALL_RTOL, LMResult
-from streamer.models.base import KERNEL_ESSVI, KERNEL_SABR, KERNEL_SVI, FloatArray, IntArray
+from streamer.models.base import (
+    KERNEL_ESSVI,
+    KERNEL_SABR,
+    KERNEL_SPLINE,
+    KERNEL_SVI,
+    FloatArray,
+    IntArray,
+)
 from streamer.models.essvi import essvi_calendar_grid, essvi_row
 from streamer.models.sabr import sabr_row
+from streamer.models.spline import CAL_ABS as SPLINE_CAL_ABS
+from streamer.models.spline import CAL_MU as SPLINE_MU_CALENDAR
+from streamer.models.spline import CAL_REL as SPLINE_CAL_REL
+from streamer.models.spline import HINGE_MARGIN as SPLINE_MARGIN
+from streamer.models.spline import HINGE_MU as SPLINE_MU
+from streamer.models.spline import N_HINGE as SPLINE_HINGE_ROWS
+from streamer.models.spline import ROUGHNESS as SPLINE_ROUGHNESS
+from streamer.models.spline import spline_hinges, spline_row
 from streamer.models.svi import svi_row
 
 LOSS_CODES = {"linear": 0, "soft_l1": 1, "huber": 2}
@@ -68,6 +83,8 @@ def row(kind: int, arg: float, x: FloatArray, k: float, T: float, jac: FloatArra
         return sabr_row(x, k, T, arg, jac)
     if kind == KERNEL_ESSVI:
         return essvi_row(x, k, T, jac)
+    if kind == KERNEL_SPLINE:
+        return spline_row(x, k, T, jac)
     return math.nan
 
 
@@ -209,18 +226,25 @@ def _hinges(
 ) -> float:
     """All hinge rows of one slice; returns their cost ``1/2 sum rows^2``. ``w_prev``: the
     shorter neighbour's total variance on ``kcal`` (fixed while this slice is fitted)."""
-    at = _butterfly(kind, arg, x, inner, Tj, w, dw, rows, ejac, 0)
-    at = _butterfly(kind, arg, x, outer, Tj, w, dw, rows, ejac, at)
+    if kind == KERNEL_SPLINE:  # analytic g on the spline's own grid, and its roughness rows
+        at = spline_hinges(x, SPLINE_MARGIN, SPLINE_MU, SPLINE_ROUGHNESS, rows, ejac, 0)
+    else:
+        at = _butterfly(kind, arg, x, inner, Tj, w, dw, rows, ejac, 0)
+        at = _butterfly(kind, arg, x, outer, Tj, w, dw, rows, ejac, at)
     p = x.shape[0]
     if has_prev:
         tmp = np.empty(p)
+        spline = kind == KERNEL_SPLINE
+        mu_cal = SPLINE_MU_CALENDAR if spline else MU_CALENDAR
         for i in range(kcal.shape[0]):
             v = row(kind, arg, x, kcal[i], Tj, tmp)
             gap = w_prev[i] - v * v * Tj
+            if spline:  # stiff, with a margin: the gate's grid is not the hinge grid
+                gap += SPLINE_CAL_ABS + SPLINE_CAL_REL * w_prev[i]
             if gap > 0.0:
-                rows[at] = MU_CALENDAR * gap / W_SCALE
+                rows[at] = mu_cal * gap / W_SCALE
                 for q in range(p):
-                    ejac[at, q] = -MU_CALENDAR * 2.0 * v * Tj * tmp[q] / W_SCALE
+                    ejac[at, q] = -mu_cal * 2.0 * v * Tj * tmp[q] / W_SCALE
             else:
                 rows[at] = 0.0
                 for q in range(p):
@@ -548,7 +572,11 @@ def fit_slices(
     n = k.shape[0]
     X = np.empty((S, p))
     iv_out = np.empty(n)
-    bufs = _buffers(n, p, (inner.shape[1] - 2) + (outer.shape[1] - 2) + kcal.shape[1])
+    if kind == KERNEL_SPLINE:
+        m_rows = SPLINE_HINGE_ROWS + kcal.shape[1]
+    else:
+        m_rows = (inner.shape[1] - 2) + (outer.shape[1] - 2) + kcal.shape[1]
+    bufs = _buffers(n, p, m_rows)
     G = max(inner.shape[1], outer.shape[1], kcal.shape[1])
     scratch = (np.empty(G), np.empty((G, p)))
     w_prev = np.empty(kcal.shape[1])

@@ -18,6 +18,7 @@ _MODULES: tuple[str, ...] = (
     "bates",
     "heston_td",
     "bates_td",
+    "spline",
 )
 
 for _name in _MODULES:

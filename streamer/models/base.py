@@ -29,6 +29,7 @@ IntArray = npt.NDArray[np.int64]
 
 # per-expiry models with a compiled scalar kernel (``streamer.calib.kernel`` dispatches on it)
 KERNEL_NONE, KERNEL_SVI, KERNEL_SABR, KERNEL_ESSVI = -1, 0, 1, 2
+KERNEL_SPLINE = 3
 
 
 @dataclass(frozen=True)

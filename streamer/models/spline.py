@@ -1,0 +1,611 @@
+r"""An arbitrage-free cubic B-spline smile per expiry, in total implied variance.
+
+Total implied variance ``w(k)`` at log-moneyness ``k = ln(K/F)`` is a uniform cubic B-spline
+in the coordinate ``y = asinh(k / s)`` (knots evenly spaced in ``y``: dense around the money at
+the scale ``s``, about 1.5 ATM standard deviations ``sqrt(w_atm)``, and spreading out
+logarithmically in the wings) between outer knots ``k_l < 0 < k_r``, and linear in ``k``
+beyond them::
+
+    w(k) = sum_{i=-1}^{n+1} c_i B_i(y(k))                         k_l <= k <= k_r
+    w(k) = w(k_l) + b_l (k_l - k),    w(k) = w(k_r) + b_r (k - k_r)   outside,
+
+so the published IVs are ``sqrt(w / T)``. The smoothing-spline fit to the bid-ask band follows
+Fengler (2009), "Arbitrage-free smoothing of the implied volatility surface" (Quantitative
+Finance 9(4)): a cubic spline in total variance with a roughness penalty and the no-arbitrage
+conditions as constraints of the same least-squares problem; here the constraints enter as
+hinge rows of the calibrator's Levenberg-Marquardt (``streamer.calib.kernel``) and the
+spline lives in variance against log-moneyness, as in Le Floc'h & Oosterlee's (2019)
+arbitrage-free collocation, rather than in prices.
+
+Parameters (``x``, per slice, ``N_INT = 8`` knot intervals):
+
+* ``c0 .. c8``: B-spline coefficients ``c_0 .. c_n`` (total variance, about the spline's value
+  at each knot), in ``[1e-8, 4]``: positive coefficients keep ``w > 0`` (the convex-hull
+  property of B-splines); the end coefficients follow from the wing slopes,
+  ``c_{-1} = c_1 + 2 h b_l dk/dy(y_l)``, ``c_{n+1} = c_{n-1} + 2 h b_r dk/dy(y_r)``, so the
+  spline meets its linear wings with a continuous slope;
+* ``bl``, ``br``: the wing slopes ``|dw/dk|`` in ``[0, 1.98]``: within Roger Lee's (2004)
+  moment bound (slope < 2) by the box itself;
+* ``s``, ``kl``, ``kr``: the knot map (scale and outer knots), set by the cold start from the
+  slice's quotes (ATM vol, quoted range) and *frozen*: their gradient is zero, so no fit moves
+  them and the coefficients keep their meaning from fit to fit (what the warm start and the
+  change penalty need); a regime (cold) fit sets them afresh.
+
+Butterfly (Gatheral & Jacquier 2014, Lemma 2.2; Durrleman's condition): the density is
+non-negative iff ``g(k) = (1 - k w'/(2w))^2 - w'^2/4 (1/w + 1/4) + w''/2 >= 0``, with
+``w'``, ``w''`` analytic (chain rule through ``y(k)``). The fit's hinge rows sit at four points
+per knot interval and at the wings' worst points (just outside the outer knots: ``w''``
+jumps to 0 there); ``arbitrage`` checks 24 points per interval
+and the wings exactly: on a linear wing ``w = alpha + u`` (``u = b |k|``),
+``16 w^2 g = (4 - b^2) u^2 + (16 alpha - 4 b^2 - 2 alpha b^2) u + 16 alpha^2 - 4 b^2 alpha
+- b^2 alpha^2``, a convex quadratic whose minimum over the wing is explicit.
+
+The roughness rows (inside the fit, with the hinge rows) are Fengler's curvature penalty at the
+knots, ``rho_r w_kk(t_i) (h dk/dy)^2 / s^2``, which for uniform cubic B-splines is
+``rho_r (c_{i-1} - 2 c_i + c_{i+1} - h tanh(t_i) (c_{i+1} - c_{i-1}) / 2) / s^2``: it decides
+the coefficients no quote pins down and bends them towards straight lines in ``k``.
+
+Calendar: the quoted-range check between neighbouring slices (``exact_calendar`` is False).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+from numba import njit
+
+from streamer.models.base import (
+    KERNEL_SPLINE,
+    FitData,
+    FloatArray,
+    RowModel,
+    Violation,
+    register,
+)
+
+N_INT = 8  # knot intervals
+NC = N_INT + 1  # free coefficients c_0 .. c_n
+I_BL, I_BR, I_S, I_KL, I_KR = NC, NC + 1, NC + 2, NC + 3, NC + 4
+N_PARAMS = NC + 5
+NAMES = (*(f"c{i}" for i in range(NC)), "bl", "br", "s", "kl", "kr")
+MAX_SLOPE = 1.98  # Lee: |dw/dk| < 2 in the wings
+LOWER = np.array([1e-8] * NC + [0.0, 0.0, 1e-4, -10.0, 1e-4])
+UPPER = np.array([4.0] * NC + [MAX_SLOPE, MAX_SLOPE, 10.0, -1e-4, 10.0])
+VAR_FLOOR = 1e-12
+SCALE_MULT = 1.5  # s = SCALE_MULT * ATM total vol
+MIN_HALF_RANGE = 1.0  # outer knots at least this many s from the money
+# and this many s beyond the outermost quotes: room for the spline to bend into its linear wing
+KNOT_MARGIN = 0.5
+ROUGHNESS = 0.3  # rho_r
+HINGE_PER_INT = 8  # butterfly hinge points per knot interval
+N_HINGE_BF = HINGE_PER_INT * N_INT + 1 + 2  # plus each wing's worst point
+N_HINGE_ROUGH = NC
+N_HINGE = N_HINGE_BF + N_HINGE_ROUGH
+CHECK_PER_INT = 24  # ``arbitrage``: points per knot interval
+BUTTERFLY_TOL = 1e-6
+REFINE_BELOW = 0.1  # grid points with g below it are refined (``refine``)
+REFINE_SUB = 6
+# the hinge rows: mu * max(0, margin - g), stiffer than the generic ones (constraints.py): a
+# wiggly short-dated smile pulls hard, and the scipy repair is the slow path
+HINGE_MU = 3000.0
+HINGE_MARGIN = 2e-3
+# calendar rows against the shorter neighbour (kernel): mu * max(0, w_prev + margin - w) / W_SCALE,
+# margin CAL_ABS + CAL_REL * w_prev
+CAL_MU = 300.0
+CAL_ABS = 2e-6
+CAL_REL = 2e-3
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _geometry(x: FloatArray) -> tuple[float, float, float, float, float]:
+    """``(y_l, h, e_l, e_r, s)``: the knot map's left end, step, and the end-coefficient
+    factors ``2 h dk/dy`` at both ends."""
+    s = x[I_S]
+    yl = math.asinh(x[I_KL] / s)
+    yr = math.asinh(x[I_KR] / s)
+    h = (yr - yl) / N_INT
+    return yl, h, 2.0 * h * s * math.cosh(yl), 2.0 * h * s * math.cosh(yr), s
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _coef(x: FloatArray, j: int, e_l: float, e_r: float) -> float:
+    """Coefficient ``c_j`` for ``j`` in ``-1 .. n+1`` (the ends from the wing slopes)."""
+    if j == -1:
+        return float(x[1] + e_l * x[I_BL])
+    if j == N_INT + 1:
+        return float(x[N_INT - 1] + e_r * x[I_BR])
+    return float(x[j])
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _add(j: int, v: float, e_l: float, e_r: float, out: FloatArray) -> None:
+    """Add ``v`` times coefficient ``c_j`` (``j`` in ``-1 .. n+1``) to the gradient ``out``."""
+    if j == -1:
+        out[1] += v
+        out[I_BL] += v * e_l
+    elif j == N_INT + 1:
+        out[N_INT - 1] += v
+        out[I_BR] += v * e_r
+    else:
+        out[j] += v
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _locate(t: float) -> tuple[int, float]:
+    i = min(max(math.floor(t), 0), N_INT - 1)
+    return i, t - i
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _bases(u: float) -> tuple[float, float, float, float]:
+    u2 = u * u
+    om = 1.0 - u
+    return (
+        om * om * om / 6.0,
+        (3.0 * u2 * u - 6.0 * u2 + 4.0) / 6.0,
+        (-3.0 * u2 * u + 3.0 * u2 + 3.0 * u + 1.0) / 6.0,
+        u2 * u / 6.0,
+    )
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def spline_w012(x: FloatArray, k: float) -> tuple[float, float, float]:
+    """``(w, dw/dk, d2w/dk2)`` at ``k`` (values only)."""
+    yl, h, e_l, e_r, s = _geometry(x)
+    kl, kr = x[I_KL], x[I_KR]
+    if k < kl:
+        bl = x[I_BL]
+        return (4.0 * x[0] + 2.0 * x[1] + e_l * bl) / 6.0 + bl * (kl - k), -bl, 0.0
+    if k > kr:
+        br = x[I_BR]
+        return (2.0 * x[N_INT - 1] + 4.0 * x[N_INT] + e_r * br) / 6.0 + br * (k - kr), br, 0.0
+    i, u = _locate((math.asinh(k / s) - yl) / h)
+    c0 = _coef(x, i - 1, e_l, e_r)
+    c1 = _coef(x, i, e_l, e_r)
+    c2 = _coef(x, i + 1, e_l, e_r)
+    c3 = _coef(x, i + 2, e_l, e_r)
+    b0, b1, b2, b3 = _bases(u)
+    om = 1.0 - u
+    u2 = u * u
+    w = c0 * b0 + c1 * b1 + c2 * b2 + c3 * b3
+    wu = (
+        -0.5 * om * om * c0 + (1.5 * u2 - 2.0 * u) * c1 + (-1.5 * u2 + u + 0.5) * c2 + 0.5 * u2 * c3
+    )
+    wuu = om * c0 + (3.0 * u - 2.0) * c1 + (1.0 - 3.0 * u) * c2 + u * c3
+    ky = math.sqrt(k * k + s * s)  # dk/dy
+    yk = 1.0 / ky
+    a1 = yk / h
+    return w, a1 * wu, a1 * a1 * wuu - k / (ky * ky * ky) / h * wu
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def spline_wgrad(x: FloatArray, k: float, gw: FloatArray) -> float:
+    """``w(k)``, its gradient in ``x`` into ``gw`` (exact: ``w`` is linear in the
+    coefficients and slopes; zero for ``s``, ``kl``, ``kr``)."""
+    for q in range(N_PARAMS):
+        gw[q] = 0.0
+    yl, h, e_l, e_r, s = _geometry(x)
+    kl, kr = x[I_KL], x[I_KR]
+    if k < kl:  # value at knot 0: (c_-1 + 4 c_0 + c_1) / 6
+        bl = x[I_BL]
+        d = kl - k
+        gw[0] = 4.0 / 6.0
+        gw[1] = 2.0 / 6.0
+        gw[I_BL] = e_l / 6.0 + d
+        return float((4.0 * x[0] + 2.0 * x[1] + e_l * bl) / 6.0 + bl * d)
+    if k > kr:
+        br = x[I_BR]
+        d = k - kr
+        gw[N_INT - 1] = 2.0 / 6.0
+        gw[N_INT] = 4.0 / 6.0
+        gw[I_BR] = e_r / 6.0 + d
+        return float((2.0 * x[N_INT - 1] + 4.0 * x[N_INT] + e_r * br) / 6.0 + br * d)
+    i, u = _locate((math.asinh(k / s) - yl) / h)
+    b0, b1, b2, b3 = _bases(u)
+    _add(i - 1, b0, e_l, e_r, gw)
+    _add(i, b1, e_l, e_r, gw)
+    _add(i + 1, b2, e_l, e_r, gw)
+    _add(i + 2, b3, e_l, e_r, gw)
+    return (
+        _coef(x, i - 1, e_l, e_r) * b0
+        + _coef(x, i, e_l, e_r) * b1
+        + _coef(x, i + 1, e_l, e_r) * b2
+        + _coef(x, i + 2, e_l, e_r) * b3
+    )
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def spline_eval(
+    x: FloatArray, k: float, gw: FloatArray, g1: FloatArray, g2: FloatArray
+) -> tuple[float, float, float]:
+    """``(w, dw/dk, d2w/dk2)`` at ``k``; their gradients in ``x`` into ``gw``, ``g1``, ``g2``."""
+    w = spline_wgrad(x, k, gw)
+    for q in range(N_PARAMS):
+        g1[q] = 0.0
+        g2[q] = 0.0
+    yl, h, e_l, e_r, s = _geometry(x)
+    if k < x[I_KL]:
+        g1[I_BL] = -1.0
+        return w, -x[I_BL], 0.0
+    if k > x[I_KR]:
+        g1[I_BR] = 1.0
+        return w, x[I_BR], 0.0
+    i, u = _locate((math.asinh(k / s) - yl) / h)
+    om = 1.0 - u
+    u2 = u * u
+    ky = math.sqrt(k * k + s * s)
+    a1 = 1.0 / (ky * h)  # dw/dk = a1 dw/du; d2w/dk2 = a1^2 d2w/du2 + a3 dw/du
+    a2 = a1 * a1
+    a3 = -k / (ky * ky * ky) / h
+    d = (-0.5 * om * om, 1.5 * u2 - 2.0 * u, -1.5 * u2 + u + 0.5, 0.5 * u2)
+    dd = (om, 3.0 * u - 2.0, 1.0 - 3.0 * u, u)
+    w1 = 0.0
+    w2 = 0.0
+    for m in range(4):
+        c = _coef(x, i - 1 + m, e_l, e_r)
+        v1 = a1 * d[m]
+        v2 = a2 * dd[m] + a3 * d[m]
+        w1 += v1 * c
+        w2 += v2 * c
+        _add(i - 1 + m, v1, e_l, e_r, g1)
+        _add(i - 1 + m, v2, e_l, e_r, g2)
+    return w, w1, w2
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def spline_row(x: FloatArray, k: float, T: float, jac: FloatArray) -> float:
+    """One point's IV and ``d iv / d x`` (into ``jac``): the row kernel of the calibrator's
+    compiled Levenberg-Marquardt (``streamer.calib.kernel``)."""
+    w = spline_wgrad(x, k, jac)
+    v = math.sqrt(max(w, VAR_FLOOR) / T)
+    f = 0.5 / (T * v)
+    for q in range(NC + 2):
+        jac[q] *= f
+    return v
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def g_of(k: float, w: float, w1: float, w2: float) -> float:
+    """Gatheral-Jacquier's ``g`` from ``w``, ``w'``, ``w''`` at ``k``."""
+    a = 1.0 - k * w1 / (2.0 * w)
+    return a * a - 0.25 * w1 * w1 * (1.0 / w + 0.25) + 0.5 * w2
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def g_at(x: FloatArray, k: float) -> float:
+    """``g(k)`` (``-inf`` where ``w <= 0`` or not finite)."""
+    w, w1, w2 = spline_w012(x, k)
+    if not w > 0.0:
+        return -math.inf
+    g = g_of(k, w, w1, w2)
+    return g if math.isfinite(g) else -math.inf
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _wing(x: FloatArray, right: bool) -> tuple[float, float]:
+    """A linear wing's ``(k, min 16 w^2 g / w0^2)``: where the convex quadratic ``16 w^2 g``
+    in ``u = b |k|`` is smallest over the wing (just outside the outer knot, where
+    ``w''`` is 0, when the minimum is there) and its value (``w0``: the knot's ``w``)."""
+    if right:
+        k0, b = x[I_KR], x[I_BR]
+    else:
+        k0, b = x[I_KL], x[I_BL]
+    nudge = 1e-9 * x[I_S]
+    w0 = spline_w012(x, k0)[0]
+    if b <= 0.0:
+        return (k0 + nudge if right else k0 - nudge), 16.0
+    u0 = b * abs(k0)
+    alpha = w0 - u0
+    q2 = 4.0 - b * b
+    q1 = 16.0 * alpha - 4.0 * b * b - 2.0 * alpha * b * b
+    q0 = 16.0 * alpha * alpha - 4.0 * b * b * alpha - b * b * alpha * alpha
+    u = max(u0, -q1 / (2.0 * q2))
+    q = (q2 * u * u + q1 * u + q0) / (w0 * w0)
+    return (u / b + nudge if right else -u / b - nudge), q
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def refine(x: FloatArray, ks: FloatArray, gs: FloatArray, threshold: float, n_sub: int) -> None:
+    """Where ``g`` on the grid ``ks`` (values ``gs``) is below ``threshold``, move the point to
+    the smallest ``g`` of ``n_sub`` sub-points towards each neighbour (``g`` of a smile near
+    its bound swings within a fraction of a grid step: its slope carries ``w''/w``)."""
+    n = ks.shape[0]
+    prev = ks[0]
+    for i in range(n):
+        here = ks[i]
+        nxt = ks[i + 1] if i + 1 < n else here
+        if gs[i] < threshold:
+            best_k, best_g = here, gs[i]
+            for m in range(1, n_sub + 1):
+                f = m / (n_sub + 1)
+                for k in (here + (prev - here) * f, here + (nxt - here) * f):
+                    g = g_at(x, k)
+                    if g < best_g:
+                        best_k, best_g = k, g
+            ks[i] = best_k
+            gs[i] = best_g
+        prev = here
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def spline_hinges(
+    x: FloatArray,
+    margin: float,
+    mu: float,
+    roughness: float,
+    rows: FloatArray,
+    ejac: FloatArray,
+    at: int,
+) -> int:
+    """Butterfly hinge rows ``mu max(0, margin - g)`` at ``HINGE_PER_INT`` points per knot
+    interval (each near-binding point moved to its neighbourhood's worst, ``refine``) and at
+    each wing's worst point, with analytic ``g`` and gradient (at a moved point: the envelope
+    theorem), then the roughness rows; written from row ``at``, returns the next."""
+    p = N_PARAMS
+    gw = np.empty(p)
+    g1 = np.empty(p)
+    g2 = np.empty(p)
+    m = HINGE_PER_INT * N_INT + 1
+    ks = np.empty(N_HINGE_BF)
+    gs = np.empty(N_HINGE_BF)
+    yl, h, e_l, e_r, s = _geometry(x)
+    for i in range(m):
+        ks[i] = min(max(s * math.sinh(yl + h * i / HINGE_PER_INT), x[I_KL]), x[I_KR])
+        gs[i] = g_at(x, ks[i])
+    refine(x, ks[:m], gs[:m], REFINE_BELOW, REFINE_SUB)
+    ks[m] = _wing(x, False)[0]
+    ks[m + 1] = _wing(x, True)[0]
+    gs[m] = g_at(x, ks[m])
+    gs[m + 1] = g_at(x, ks[m + 1])
+    for j in range(N_HINGE_BF):
+        if gs[j] < margin:
+            k = ks[j]
+            w, w1, w2 = spline_eval(x, k, gw, g1, g2)
+            wc = max(w, 1e-12)
+            a = 1.0 - k * w1 / (2.0 * wc)
+            g = a * a - 0.25 * w1 * w1 * (1.0 / wc + 0.25) + 0.5 * w2
+            rows[at] = mu * (margin - g)
+            dg_dw = a * k * w1 / (wc * wc) + 0.25 * w1 * w1 / (wc * wc)
+            dg_dw1 = -a * k / wc - 0.5 * w1 * (1.0 / wc + 0.25)
+            for q in range(p):
+                ejac[at, q] = -mu * (dg_dw * gw[q] + dg_dw1 * g1[q] + 0.5 * g2[q])
+        else:
+            rows[at] = 0.0
+            for q in range(p):
+                ejac[at, q] = 0.0
+        at += 1
+    f = roughness / (s * s)
+    for i in range(NC):
+        for q in range(p):
+            ejac[at, q] = 0.0
+        th = 0.5 * h * math.tanh(yl + h * i)
+        _add(i - 1, f * (1.0 + th), e_l, e_r, ejac[at])
+        _add(i, -2.0 * f, e_l, e_r, ejac[at])
+        _add(i + 1, f * (1.0 - th), e_l, e_r, ejac[at])
+        r = 0.0
+        for q in range(NC + 2):
+            r += ejac[at, q] * x[q]
+        rows[at] = r
+        at += 1
+    return at
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def spline_rows_iv(X: FloatArray, k: FloatArray, T: FloatArray) -> FloatArray:
+    """IVs with parameter row ``X[i]`` at ``(k[i], T[i])``."""
+    out = np.empty(k.shape[0])
+    for i in range(k.shape[0]):
+        out[i] = math.sqrt(max(spline_w012(X[i], k[i])[0], VAR_FLOOR) / T[i])
+    return out
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def spline_rows_jac(X: FloatArray, k: FloatArray, T: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """IVs and ``d iv / d x`` with one parameter row per point."""
+    out = np.empty(k.shape[0])
+    jac = np.empty((k.shape[0], N_PARAMS))
+    tmp = np.empty(N_PARAMS)
+    for i in range(k.shape[0]):
+        out[i] = spline_row(X[i], k[i], T[i], tmp)
+        jac[i, :] = tmp
+    return out, jac
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def check_slices(X: FloatArray) -> FloatArray:
+    """The butterfly check of every slice row of ``X``: ``(S, 4)`` rows of (min ``g``, its
+    ``k``, min ``w``, min of the wings' ``16 w^2 g / w0^2``) on ``CHECK_PER_INT`` points per
+    knot interval (refined near the bound) and the wings exactly."""
+    S = X.shape[0]
+    out = np.empty((S, 4))
+    m = CHECK_PER_INT * N_INT + 1
+    ks = np.empty(m)
+    gs = np.empty(m)
+    for j in range(S):
+        x = X[j]
+        yl, h, _e_l, _e_r, s = _geometry(x)
+        wmin = math.inf
+        for i in range(m):
+            k = min(max(s * math.sinh(yl + h * i / CHECK_PER_INT), x[I_KL]), x[I_KR])
+            ks[i] = k
+            w, w1, w2 = spline_w012(x, k)
+            wmin = min(wmin, w)
+            g = g_of(k, w, w1, w2) if w > 0.0 else -math.inf
+            gs[i] = g if math.isfinite(g) else -math.inf
+        refine(x, ks, gs, REFINE_BELOW, REFINE_SUB)
+        i_min = int(np.argmin(gs))
+        out[j, 0] = gs[i_min]
+        out[j, 1] = ks[i_min]
+        out[j, 2] = wmin
+        out[j, 3] = min(_wing(x, False)[1], _wing(x, True)[1])
+    return out
+
+
+def _check(x: FloatArray, j: int, found: FloatArray | None = None) -> list[Violation]:
+    """Finite parameters, positive variance, Lee's bound, the butterfly condition
+    (``found``: the row of ``check_slices`` when already computed)."""
+    if not np.all(np.isfinite(x)):
+        return [Violation("nonfinite", j, float("inf"), "non-finite parameters")]
+    out: list[Violation] = []
+    if not (x[I_KL] < 0.0 < x[I_KR] and x[I_S] > 0.0):
+        return [Violation("knots", j, 1.0, "outer knots must straddle the money")]
+    for name, b in (("left", x[I_BL]), ("right", x[I_BR])):
+        if not 0.0 <= b < 2.0:
+            out.append(Violation("lee_wing", j, abs(float(b)), f"{name} wing slope {b:.4g}"))
+    if found is None:
+        found = check_slices(np.ascontiguousarray(x, dtype=np.float64)[None, :])[0]
+    gmin, kmin, wmin, q = (float(v) for v in found)
+    if not wmin > 0.0:
+        out.append(Violation("negative_variance", j, -wmin, f"min w = {wmin:.3g}"))
+    if not gmin >= -BUTTERFLY_TOL:
+        out.append(Violation("butterfly", j, -gmin, f"g(k) = {gmin:.3g} at k = {kmin:.3f}"))
+    if not q >= -BUTTERFLY_TOL:
+        out.append(Violation("butterfly", j, -q, f"linear wing: 16 w^2 g / w0^2 = {q:.3g}"))
+    return out
+
+
+def design(x: FloatArray, k: FloatArray) -> FloatArray:
+    """``w(k) = design @ x`` (rows: ``dw/dx`` at each ``k``; ``w`` is linear in ``x``)."""
+    out = np.zeros((len(k), N_PARAMS))
+    tmp = np.empty(N_PARAMS)
+    xc = np.ascontiguousarray(x, dtype=np.float64)
+    for i, ki in enumerate(np.asarray(k, dtype=np.float64).tolist()):
+        spline_wgrad(xc, ki, tmp)
+        out[i] = tmp
+    return out
+
+
+def roughness_matrix(x: FloatArray) -> FloatArray:
+    """The roughness rows' matrix ``(NC, N_PARAMS)`` (rows = matrix @ x)."""
+    rows = np.zeros(N_HINGE)
+    ejac = np.zeros((N_HINGE, N_PARAMS))
+    spline_hinges(np.ascontiguousarray(x, dtype=np.float64), -np.inf, 0.0, ROUGHNESS, rows, ejac, 0)
+    return ejac[N_HINGE_BF:]
+
+
+def knot_map(k: FloatArray, w: FloatArray) -> tuple[float, float, float]:
+    """``(s, kl, kr)`` from a slice's quotes: the scale from the ATM total variance, the outer
+    knots just beyond the quoted range and at least ``MIN_HALF_RANGE * s`` from the money."""
+    order = np.argsort(k)
+    ks, ws = k[order], w[order]
+    w_atm = float(np.interp(0.0, ks, ws)) if len(ks) else 0.01
+    s = SCALE_MULT * math.sqrt(max(w_atm, 1e-8))
+    kl = min(float(ks[0]) - KNOT_MARGIN * s, -MIN_HALF_RANGE * s) if len(ks) else -2.0 * s
+    kr = max(float(ks[-1]) + KNOT_MARGIN * s, MIN_HALF_RANGE * s) if len(ks) else 2.0 * s
+    return s, max(kl, -9.9), min(kr, 9.9)
+
+
+def least_squares_start(
+    k: FloatArray, w: FloatArray, wt: FloatArray, roughness: float = ROUGHNESS
+) -> FloatArray:
+    """Weighted linear least squares for the coefficients and slopes on the mids' total
+    variance (``wt``: weights of the ``w`` residuals) with the roughness rows; slopes clipped
+    to Lee's box and coefficients to their floor, then the coefficients re-solved."""
+    x = np.zeros(N_PARAMS)
+    x[I_S], x[I_KL], x[I_KR] = knot_map(k, w)
+    A = design(x, k) * wt[:, None]
+    R = roughness_matrix(x) * (roughness / ROUGHNESS)
+    free = np.arange(NC + 2)
+    M = np.vstack([A[:, free], R[:, free]])
+    rhs = np.concatenate([w * wt, np.zeros(R.shape[0])])
+    ridge = 1e-10 * max(float(np.max(np.abs(M))), 1e-300)
+    sol = np.linalg.lstsq(
+        np.vstack([M, ridge * np.eye(len(free))]),
+        np.concatenate([rhs, np.zeros(len(free))]),
+        rcond=None,
+    )[0]
+    x[free] = sol
+    x[I_BL] = min(max(x[I_BL], 0.0), MAX_SLOPE)
+    x[I_BR] = min(max(x[I_BR], 0.0), MAX_SLOPE)
+    cf = np.arange(NC)
+    M2 = M[:, cf]
+    rhs2 = rhs - M[:, [I_BL, I_BR]] @ x[[I_BL, I_BR]]
+    x[cf] = np.linalg.lstsq(M2, rhs2, rcond=None)[0]
+    return np.clip(x, LOWER, UPPER)
+
+
+@register
+class Spline(RowModel):
+    """Cubic B-spline total variance per expiry, linear wings within Lee's bound;
+    ``x = [c0 .. c8, bl, br, s, kl, kr]`` (the last three frozen by the cold start)."""
+
+    name = "spline"
+    n_params = N_PARAMS
+    kernel_kind = KERNEL_SPLINE
+    calib_defaults: ClassVar[dict[str, object]] = {
+        "objective": "band",
+        "penalty": 1.0,
+        "filters": {
+            "min_T_days": 0.0833,
+            "min_abs_delta": 0.0,
+            "max_abs_delta": 1.0,
+            "iv_floor": 0.0005,
+            "min_quotes_per_slice": 5,
+        },
+    }
+
+    def param_names(self, n_slices: int) -> tuple[str, ...]:
+        return NAMES
+
+    def bounds(self, n_slices: int) -> tuple[FloatArray, FloatArray]:
+        return LOWER.copy(), UPPER.copy()
+
+    def iv_rows(self, rows: FloatArray, k: FloatArray, T: FloatArray) -> FloatArray:
+        X = np.ascontiguousarray(rows, dtype=np.float64)
+        kk = np.ascontiguousarray(k, dtype=np.float64)
+        TT = np.ascontiguousarray(np.broadcast_to(T, kk.shape), dtype=np.float64)
+        return np.asarray(spline_rows_iv(X, kk, TT))
+
+    def block_jacobian(
+        self, rows: FloatArray, k: FloatArray, T: FloatArray
+    ) -> tuple[FloatArray, FloatArray]:
+        X = np.ascontiguousarray(rows, dtype=np.float64)
+        kk = np.ascontiguousarray(k, dtype=np.float64)
+        TT = np.ascontiguousarray(np.broadcast_to(T, kk.shape), dtype=np.float64)
+        iv, jac = spline_rows_jac(X, kk, TT)
+        return np.asarray(iv), np.asarray(jac)
+
+    def total_variance(self, x: FloatArray, k: FloatArray) -> FloatArray:
+        """``w(k)`` of one slice."""
+        xc = np.ascontiguousarray(x, dtype=np.float64)
+        return np.array([spline_w012(xc, float(v))[0] for v in np.asarray(k).tolist()])
+
+    def initial_guesses(self, data: FitData) -> list[FloatArray]:
+        """Linear least squares on the mids' total variance (vega-like weights), with the
+        roughness rows ten times stiffer (fewer wiggles to undo), then as in the fit."""
+        k, iv = data.k, data.iv
+        T = float(data.slice_T[0]) if data.n_slices else float(np.median(data.T))
+        w = iv * iv * T
+        # residual rows in half-spreads, as the fit's: d iv = d w / (2 T iv)
+        wt = data.weight / np.maximum(2.0 * T * iv, 1e-12)
+        return [least_squares_start(k, w, wt, 10.0 * ROUGHNESS), least_squares_start(k, w, wt)]
+
+    def arbitrage(self, x: FloatArray, slice_T: FloatArray) -> list[Violation]:
+        return _check(np.asarray(x, dtype=np.float64), 0)
+
+    def arbitrage_slices(self, X: FloatArray, slice_T: FloatArray) -> list[list[Violation]]:
+        """All slices' checks in one compiled pass; details only for slices with a finding."""
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        if not np.all(np.isfinite(X)):
+            return [_check(X[j], 0) for j in range(X.shape[0])]
+        found = check_slices(X)
+        ok = (
+            (found[:, 0] >= -BUTTERFLY_TOL)
+            & (found[:, 2] > 0.0)
+            & (found[:, 3] >= -BUTTERFLY_TOL)
+            & (X[:, I_KL] < 0.0)
+            & (X[:, I_KR] > 0.0)
+            & (X[:, I_BL] >= 0.0)
+            & (X[:, I_BL] < 2.0)
+            & (X[:, I_BR] >= 0.0)
+            & (X[:, I_BR] < 2.0)
+        )
+        return [[] if ok[j] else _check(X[j], 0, found[j]) for j in range(X.shape[0])]
+
+    def scale(self, n_slices: int, slice_T: FloatArray | None = None) -> FloatArray:
+        """Penalty scales: coefficients in total variance (about 0.5 vol point at 50% vol over
+        T), slopes 0.02; the frozen knot map 1 (its gradient is zero: nothing moves it)."""
+        T = float(slice_T[0]) if slice_T is not None and len(slice_T) else 0.1
+        return np.array([0.005 * T] * NC + [0.02, 0.02, 1.0, 1.0, 1.0])
