@@ -68,11 +68,10 @@ class ReplayFeed(Feed):
                     if first is None:
                         first = ts_ns
                     due = start + (ts_ns - first) / self.speed
-                if due is not None:
-                    delay = due - time.monotonic_ns()
-                    if delay > 0:
-                        await asyncio.sleep(delay / 1e9)
-                elif self.frames % self.batch == 0:
+                delay = 0.0 if due is None else due - time.monotonic_ns()
+                if delay > 0:
+                    await asyncio.sleep(delay / 1e9)
+                elif self.frames % self.batch == 0:  # behind the pace too: others get a turn
                     await asyncio.sleep(0)
                 now = self.clock_ns()
                 self.frames += 1

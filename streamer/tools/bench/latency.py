@@ -4,7 +4,10 @@ The daemon as it runs by default: the default models (``svi``, ``ssvi``), BTC an
 together, one service. A full real BTC + ETH chain (``../shared/data/deribit/snapshots/...``,
 turned into Deribit ticker frames by ``../shared/tools/csv_to_replay.py``) is replayed
 ``--rounds`` times, each round a re-quote in which every option's bid and ask move by a tick
-(so every round is a real change: unchanged tickers trigger no refit), through the real
+(so every round is a real change: unchanged tickers trigger no refit), by default at Deribit's
+peak rate for the chain (every ``ticker.{instrument}.100ms`` channel at its maximum, ten
+notifications a second) and with the config's own trigger (``min_interval_s`` 0.2: at most
+five fits a second per underlying), through the real
 service (``Service`` with a ``ReplayFeed``: fused parse, book, trigger, one fit job per
 model and underlying in worker threads, MQTT publisher) into a mosquitto started on a free
 loopback port, paced at ``--rate`` frames per second. An aiomqtt subscriber in its own
@@ -82,7 +85,7 @@ asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
 """
 
 
-def make_recording(workdir: Path, rounds: int) -> Path:
+def make_recording(workdir: Path, rounds: int) -> tuple[Path, int]:
     """A real BTC + ETH chain, then ``rounds - 1`` re-quotes of it, each moving every bid and
     ask by one tick (alternately up and down): real changes, as a live market makes them."""
     import orjson
@@ -96,6 +99,7 @@ def make_recording(workdir: Path, rounds: int) -> Path:
         [sys.executable, str(tool), str(src), "-o", str(one)], check=True, capture_output=True
     )
     records = [orjson.loads(line) for line in one.read_text().splitlines()]
+    n_options = sum(1 for rec in records if "ticker." in rec["frame"])
     out = workdir / "rounds.jsonl"
     with out.open("wb") as fh:
         for r in range(rounds):
@@ -108,11 +112,16 @@ def make_recording(workdir: Path, rounds: int) -> Path:
                         if data.get(side):
                             data[side] = round(max(data[side] + step, TICK), 6)
                 fh.write(orjson.dumps(dict(rec, frame=orjson.dumps(frame).decode())) + b"\n")
-    return out
+    return out, n_options
 
 
 async def run_service(
-    models: list[str], recording: Path, port: int, rate: float, min_changed: int
+    models: list[str],
+    recording: Path,
+    port: int,
+    rate: float,
+    min_changed: int | None,
+    min_interval: float | None,
 ) -> dict[str, list[tuple[float, bool]]]:
     """Per model: (latency ms, warm fit?) of every surface the subscriber received."""
     from streamer.config import load_config
@@ -130,7 +139,11 @@ async def run_service(
             cfg.publish, urls=(f"mqtt://127.0.0.1:{port}/bench",), greeks=True
         ),
         trigger=dataclasses.replace(
-            cfg.trigger, min_changed_quotes=min_changed, min_interval_s=0.0, max_interval_s=1.0
+            cfg.trigger,
+            min_changed_quotes=cfg.trigger.min_changed_quotes
+            if min_changed is None
+            else min_changed,
+            min_interval_s=cfg.trigger.min_interval_s if min_interval is None else min_interval,
         ),
     )
 
@@ -178,25 +191,33 @@ async def run_service(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="streamer bench latency", description=__doc__)
     ap.add_argument("--model", action="append", help="models (default: the config's)")
-    ap.add_argument("--rounds", type=int, default=6, help="the chain and its re-quotes")
-    ap.add_argument("--rate", type=float, default=2000.0, help="frames per second")
-    ap.add_argument("--min-changed", type=int, default=50, help="trigger: changed quotes")
+    ap.add_argument("--rounds", type=int, default=60, help="the chain and its re-quotes")
+    ap.add_argument(
+        "--rate", type=float, help="frames per second (default: Deribit's peak, 10 per option)"
+    )
+    ap.add_argument("--min-changed", type=int, help="trigger: changed quotes (default: config)")
+    ap.add_argument("--min-interval", type=float, help="trigger: seconds (default: config)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rec = make_recording(work, args.rounds)
+        rec, n_options = make_recording(work, args.rounds)
+        rate = args.rate or 10.0 * n_options
         proc, port = start_mosquitto(work)
         try:
             print(
                 f"replaying {sum(1 for _ in rec.open()):,} frames (a real BTC + ETH chain and "
-                f"{args.rounds - 1} re-quotes) at {args.rate:,.0f} frames/s into one service; "
-                f"refit every {args.min_changed} changed quotes; mosquitto on "
+                f"{args.rounds - 1} re-quotes of {n_options:,} options) at {rate:,.0f} frames/s "
+                f"into one service; trigger: min_changed_quotes "
+                f"{args.min_changed or 'default'}, min_interval_s "
+                f"{'default' if args.min_interval is None else args.min_interval}; mosquitto on "
                 f"127.0.0.1:{port}"
             )
             print()
             print("| model | fits | surfaces | p50 ms | p99 ms | max ms | goal p99 ms |")
             print("|---|---|---:|---:|---:|---:|---:|")
-            per = asyncio.run(run_service(args.model or [], rec, port, args.rate, args.min_changed))
+            per = asyncio.run(
+                run_service(args.model or [], rec, port, rate, args.min_changed, args.min_interval)
+            )
             for m, got in per.items():
                 for label, sel in (("all", got), ("warm", [g for g in got if g[1]])):
                     a = np.array([g[0] for g in sel])
