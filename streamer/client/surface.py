@@ -342,6 +342,23 @@ def _greeks(
     F: float, K: FloatArray, T: float, iv: FloatArray, is_call: ArrayLike, inverse: bool
 ) -> dict[str, FloatArray]:
     """IV, prices and Greeks in Deribit's units at one (F, T)."""
+    return greeks_columns(F, K, T, iv, is_call, inverse=inverse)
+
+
+def greeks_columns(
+    F: ArrayLike,
+    K: FloatArray,
+    T: ArrayLike,
+    iv: FloatArray,
+    is_call: ArrayLike,
+    *,
+    inverse: bool = True,
+) -> dict[str, FloatArray]:
+    """IV, prices and Greeks in Deribit's units (module docstring), one array each, of
+    options at strikes ``K`` with model IVs ``iv``; ``F`` and ``T`` per option or one for
+    all. ``inverse=False`` (linear, USD-settled options) leaves ``price_coin`` and
+    ``delta_premium_adj`` NaN."""
+    F = np.asarray(F, dtype=np.float64)
     d = deribit_greeks(F, K, T, iv, is_call)
     g = black_greeks(F, K, T, iv, is_call)
     coin = np.asarray(d.price_coin, dtype=np.float64)

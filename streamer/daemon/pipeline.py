@@ -31,7 +31,7 @@ from streamer.book.snapshot import ChainSnapshot, Listing
 from streamer.calib.calibrator import CalibConfig, Calibrator, FitResult
 from streamer.calib.trigger import TriggerPolicy
 from streamer.calib.warmup import warm_up
-from streamer.client.surface import Surface
+from streamer.client.surface import Surface, greeks_columns
 from streamer.config import DEFAULT_TENORS_DAYS, Config, TriggerConfig
 from streamer.errors import ConfigError
 from streamer.events import BookChanged, Event, FeedStatus, Quote
@@ -40,6 +40,7 @@ from streamer.instruments import MS_PER_YEAR, parse_option
 from streamer.models import REGISTRY, Model
 from streamer.pricing import implied_vol
 from streamer.publish.payloads import (
+    CheckedRows,
     greeks_payload,
     greeks_rows,
     surface_payload,
@@ -440,76 +441,81 @@ class Pipeline:
     ) -> list[Message]:
         """One greeks message per listed expiry: every live instrument of it, the fitted
         expiries from their slices, the others from the surface around them (``fitted``
-        false); the topics of expiries no longer listed are cleared."""
+        false); the topics of expiries no longer listed are cleared.
+
+        The model IVs are made expiry by expiry; prices, Greeks, market IVs and the rows of
+        every instrument in one pass over the whole listing (numpy columns)."""
         surface = Surface.from_payload(payload)
         listing = snap.listing or listing_of(snap)
         surf = self._under[(snap.venue, snap.underlying)].surfaces[model]
+        n = listing.n_instruments
+        F, T = np.full(n, math.nan), np.full(n, math.nan)
+        iv = np.full(n, math.nan)
+        fitted = np.zeros(len(listing.expiries), dtype=bool)
+        where: list[tuple[int, np.ndarray, float, float]] = []  # expiry, its rows, F, T
+        for e, expiry in enumerate(listing.expiries):
+            rows = np.flatnonzero(listing.expiry_idx == e)
+            if not rows.size:
+                continue
+            K, calls = listing.strike[rows], listing.is_call[rows]
+            if expiry in surface.expiries:
+                j = surface.expiries.index(expiry)
+                F_e, T_e = float(surface.forward[j]), float(surface.T[j])
+                iv[rows] = surface.iv(K, expiry)
+                fitted[e] = True
+            else:
+                T_e = (int(listing.expiry_ms[e]) - snap.ts_ms) / MS_PER_YEAR
+                if not T_e > 0.0:
+                    continue
+                F_e = float(listing.forwards[e])
+                if not (math.isfinite(F_e) and F_e > 0.0):
+                    F_e = surface.forward_at(T_e)
+                iv[rows] = surface.iv_at(K, T_e, F_e)
+            F[rows], T[rows] = F_e, T_e
+            where.append((e, rows, F_e, T_e))
         out: list[Message] = []
         listed: set[str] = set()
-        for e, expiry in enumerate(listing.expiries):
-            body = self._greeks_of(snap, listing, e, surface, payload)
-            if body is None:
-                continue
-            listed.add(expiry)
-            surf.greeks[expiry] = body
-            topic = topic_greeks(self.prefix, snap.venue, snap.underlying, model, expiry)
-            out.append(Message(topic, body))
+        if where:
+            sel = np.concatenate([rows for _, rows, _, _ in where])  # expiry by expiry
+            K, calls = listing.strike[sel], listing.is_call[sel]
+            Fs, Ts = F[sel], T[sel]
+            g = greeks_columns(Fs, K, Ts, iv[sel], calls, inverse=snap.inverse)
+            unit = Fs if snap.inverse else 1.0
+            rows_all = greeks_rows(
+                instruments=[listing.instrument[i] for i in sel.tolist()],
+                strikes=K,
+                is_call=calls,
+                bid_iv=_market_iv(listing.bid_iv[sel], listing.bid[sel] * unit, Fs, K, Ts, calls),
+                ask_iv=_market_iv(listing.ask_iv[sel], listing.ask[sel] * unit, Fs, K, Ts, calls),
+                mark_iv=listing.mark_iv[sel],
+                **g,
+            )
+            lo = 0
+            for e, rows, F_e, T_e in where:
+                expiry = listing.expiries[e]
+                hi = lo + rows.size
+                body = dict(
+                    greeks_payload(
+                        ts_ms=int(payload["ts_ms"]),
+                        seq=int(payload["seq"]),
+                        status=payload["status"],
+                        expiry=expiry,
+                        forward=F_e,
+                        T=T_e,
+                        fitted=bool(fitted[e]),
+                        instruments=CheckedRows(rows_all[lo:hi]),
+                    )
+                )
+                lo = hi
+                listed.add(expiry)
+                surf.greeks[expiry] = body
+                topic = topic_greeks(self.prefix, snap.venue, snap.underlying, model, expiry)
+                out.append(Message(topic, body))
         for expiry in [e for e in surf.greeks if e not in listed]:  # settled or delisted
             del surf.greeks[expiry]
             topic = topic_greeks(self.prefix, snap.venue, snap.underlying, model, expiry)
             out.append(Message(topic, {}, clear=True))
         return out
-
-    def _greeks_of(
-        self,
-        snap: ChainSnapshot,
-        listing: Listing,
-        e: int,
-        surface: Surface,
-        payload: Mapping[str, Any],
-    ) -> dict[str, Any] | None:
-        """The greeks payload of the listing's expiry ``e`` (None: nothing to publish)."""
-        m = listing.expiry_idx == e
-        expiry = listing.expiries[e]
-        if not m.any():
-            return None
-        K, calls = listing.strike[m], listing.is_call[m]
-        fitted = expiry in surface.expiries
-        if fitted:
-            j = surface.expiries.index(expiry)
-            F, T = float(surface.forward[j]), float(surface.T[j])
-            g = surface.greeks(K, expiry, calls)
-            if not snap.inverse:
-                g["price_coin"] = g["delta_premium_adj"] = np.full(K.shape, math.nan)
-        else:
-            T = (int(listing.expiry_ms[e]) - snap.ts_ms) / MS_PER_YEAR
-            if not T > 0.0:
-                return None
-            F = float(listing.forwards[e])
-            if not (math.isfinite(F) and F > 0.0):
-                F = surface.forward_at(T)
-            g = surface.greeks_at(K, T, calls, F, inverse=snap.inverse)
-        unit = F if snap.inverse else 1.0
-        rows = greeks_rows(
-            instruments=[listing.instrument[i] for i in np.flatnonzero(m).tolist()],
-            strikes=K,
-            is_call=calls,
-            bid_iv=_market_iv(listing.bid_iv[m], listing.bid[m] * unit, F, K, T, calls),
-            ask_iv=_market_iv(listing.ask_iv[m], listing.ask[m] * unit, F, K, T, calls),
-            mark_iv=listing.mark_iv[m],
-            **g,
-        )
-        body = greeks_payload(
-            ts_ms=int(payload["ts_ms"]),
-            seq=int(payload["seq"]),
-            status=payload["status"],
-            expiry=expiry,
-            forward=F,
-            T=T,
-            fitted=fitted,
-            instruments=rows,
-        )
-        return dict(body)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
@@ -526,7 +532,12 @@ class Pipeline:
 
 
 def _market_iv(
-    venue_iv: np.ndarray, price_usd: np.ndarray, F: float, K: np.ndarray, T: float, calls: Any
+    venue_iv: np.ndarray,
+    price_usd: np.ndarray,
+    F: np.ndarray,
+    K: np.ndarray,
+    T: np.ndarray,
+    calls: Any,
 ) -> np.ndarray:
     """The book's IV of one side: the venue's where sent, else implied from the price."""
     mine = np.asarray(implied_vol(price_usd, F, K, T, calls), dtype=np.float64)

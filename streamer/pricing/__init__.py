@@ -11,7 +11,7 @@ prices in USD per unit of underlying; Deribit quotes premiums in coin = USD / F.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -51,12 +51,18 @@ def _prepare(
         flags = (flags == "C") | (flags == "CALL")
     flags = flags.astype(np.bool_)
     scalar = all(a.ndim == 0 for a in arrays) and flags.ndim == 0
-    broadcast = np.broadcast_arrays(*arrays, flags)
-    shape = broadcast[0].shape
-    # own, writeable, contiguous copies: a broadcast view (even of one element) is read-only
-    # to numba's eyes (and numpy warns when asked whether it is writeable)
-    flat = [np.array(b, dtype=np.float64, order="C").ravel() for b in broadcast[:-1]]
-    return flat, np.array(broadcast[-1], dtype=np.bool_, order="C").ravel(), shape, scalar
+    shape = np.broadcast_shapes(*(a.shape for a in arrays), flags.shape)
+    # writeable, contiguous, one-dimensional: a broadcast view (even of one element) is
+    # read-only to numba's eyes (and numpy warns when asked whether it is writeable); arrays
+    # already of the full shape are only flattened (the common case: whole columns)
+    flat = [_flat(a, shape, np.float64) for a in arrays]
+    return flat, _flat(flags, shape, np.bool_), shape, scalar
+
+
+def _flat(a: npt.NDArray[Any], shape: tuple[int, ...], dtype: type[Any]) -> npt.NDArray[Any]:
+    if a.shape == shape and a.flags.c_contiguous and a.flags.writeable:
+        return a.reshape(-1)
+    return np.array(np.broadcast_to(a, shape), dtype=dtype, order="C").reshape(-1)
 
 
 def _finish(values: npt.NDArray[np.float64], shape: tuple[int, ...], scalar: bool) -> FloatOrArray:

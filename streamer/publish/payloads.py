@@ -399,6 +399,13 @@ def _column(name: str, values: ArrayLike, n: int) -> list[float | None]:
     return holes
 
 
+class CheckedRows(list):  # type: ignore[type-arg]
+    """Rows ``greeks_rows`` built and checked: ``greeks_payload`` takes them as they are."""
+
+
+_ROW_KEYS = ("instrument", "strike", "type", *GREEKS_COLUMNS)
+
+
 def greeks_rows(
     *,
     instruments: Sequence[str],
@@ -409,7 +416,8 @@ def greeks_rows(
     """Rows from columns (numpy arrays of equal length): the fast path for whole expiries.
 
     ``columns`` must be exactly ``GREEKS_COLUMNS`` (iv, price_coin, ..., ask_iv, mark_iv);
-    non-finite entries become None.
+    non-finite entries become None. Every check of ``greeks_row`` is made here on whole
+    columns, so the result (a ``CheckedRows``) goes into ``greeks_payload`` unchecked again.
     """
     n = len(instruments)
     missing = set(GREEKS_COLUMNS) - set(columns)
@@ -426,16 +434,16 @@ def greeks_rows(
         raise InputError("strikes/is_call", f"must have shape ({n},)")
     if not (np.isfinite(k).all() and (k > 0).all()):
         raise InputError("strikes", "must be positive and finite")
+    names = list(instruments)
+    if not all(isinstance(name, str) and name for name in names):
+        raise InputError("instrument", "must be a non-empty name")
     cols = [_column(name, columns[name], n) for name in GREEKS_COLUMNS]
-    rows: list[GreeksRow] = []
-    for i, (name, strike, call) in enumerate(
-        zip(instruments, k.tolist(), calls.tolist(), strict=True)
-    ):
-        row: dict[str, Any] = {"instrument": name, "strike": strike, "type": "C" if call else "P"}
-        for col_name, col in zip(GREEKS_COLUMNS, cols, strict=True):
-            row[col_name] = col[i]
-        rows.append(row)  # type: ignore[arg-type]
-    return rows
+    types = np.where(calls, "C", "P").tolist()
+    keys = _ROW_KEYS
+    return CheckedRows(
+        dict(zip(keys, row, strict=True))
+        for row in zip(names, k.tolist(), types, *cols, strict=True)
+    )
 
 
 def greeks_payload(
@@ -456,11 +464,14 @@ def greeks_payload(
     if status not in STATUSES:
         raise InputError("status", f"must be one of {', '.join(STATUSES)}, got {status!r}")
     rows: list[GreeksRow] = []
-    try:
-        for item in instruments:
-            rows.append(greeks_row(**item))
-    except TypeError as exc:
-        raise InputError("instruments", str(exc)) from exc
+    if type(instruments) is CheckedRows:
+        rows.extend(instruments)
+    else:
+        try:
+            for item in instruments:
+                rows.append(greeks_row(**item))
+        except TypeError as exc:
+            raise InputError("instruments", str(exc)) from exc
     return {
         "schema": GREEKS_SCHEMA,
         "ts_ms": _count("ts_ms", ts_ms),
