@@ -213,21 +213,30 @@ def main(argv: list[str] | None = None) -> int:
                 f"127.0.0.1:{port}"
             )
             print()
-            print("| model | fits | surfaces | p50 ms | p99 ms | max ms | goal p99 ms |")
-            print("|---|---|---:|---:|---:|---:|---:|")
+            print(
+                "| model | fits | surfaces | surfaces/s | p50 ms | p99 ms | max ms | goal p99 ms |"
+            )
+            print("|---|---|---:|---:|---:|---:|---:|---:|")
             per = asyncio.run(
                 run_service(args.model or [], rec, port, rate, args.min_changed, args.min_interval)
             )
+            seconds = sum(1 for _ in rec.open()) / rate  # the replay's length
             for m, got in per.items():
                 for label, sel in (("all", got), ("warm", [g for g in got if g[1]])):
                     a = np.array([g[0] for g in sel])
                     if not a.size:
-                        print(f"| {m} | {label} | 0 | - | - | - | 10 |")
+                        print(f"| {m} | {label} | 0 | - | - | - | - | 10 |")
                         continue
                     print(
-                        f"| {m} | {label} | {len(a)} | {np.percentile(a, 50):.2f} | "
-                        f"{np.percentile(a, 99):.2f} | {a.max():.2f} | 10 |"
+                        f"| {m} | {label} | {len(a)} | {len(a) / seconds:.1f} | "
+                        f"{np.percentile(a, 50):.2f} | {np.percentile(a, 99):.2f} | "
+                        f"{a.max():.2f} | 10 |"
                     )
+            print()
+            print(
+                f"cores available: {len(os.sched_getaffinity(0))}; load average "
+                f"{os.getloadavg()[0]:.1f}"
+            )
         finally:
             proc.terminate()
             proc.wait(5)
