@@ -628,6 +628,17 @@ def _as_f64(a: npt.ArrayLike) -> FloatArray:
     return np.ascontiguousarray(a, dtype=np.float64).ravel()
 
 
+def with_parity(otm: FloatArray, k: FloatArray, is_call: npt.NDArray[np.bool_]) -> FloatArray:
+    """Prices (F = 1) of the options asked for from the out-of-the-money prices ``otm`` (put
+    for ``k < 0``, call for ``k >= 0``): parity ``C - P = 1 - e^k`` adds the intrinsic value
+    of the in-the-money side."""
+    calls = np.asarray(is_call, dtype=np.bool_).ravel()
+    intrinsic = np.where(calls, np.maximum(1.0 - np.exp(k), 0.0), 0.0)
+    intrinsic = np.where(~calls & (k >= 0.0), np.exp(k) - 1.0, intrinsic)
+    out: FloatArray = np.where(calls == (k >= 0.0), otm, otm + intrinsic)
+    return out
+
+
 class _CharacteristicFunctionModel(Model):
     """Shared plumbing of Heston and Bates: COS prices, implied vols, Jacobian, checks."""
 
@@ -677,13 +688,7 @@ class _CharacteristicFunctionModel(Model):
         is_call: npt.NDArray[np.bool_],
     ) -> FloatArray:
         kk = _as_f64(k)
-        otm = self.otm_price(x, kk, T)
-        calls = np.asarray(is_call, dtype=np.bool_).ravel()
-        # parity C - P = 1 - e^k: add the intrinsic value of the in-the-money side
-        intrinsic = np.where(calls, np.maximum(1.0 - np.exp(kk), 0.0), 0.0)
-        intrinsic = np.where(~calls & (kk >= 0.0), np.exp(kk) - 1.0, intrinsic)
-        out: FloatArray = np.where(calls == (kk >= 0.0), otm, otm + intrinsic)
-        return out
+        return with_parity(self.otm_price(x, kk, T), kk, is_call)
 
     def implied_vol(
         self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray

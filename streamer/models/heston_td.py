@@ -99,7 +99,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamer.models.base import FitData, FloatArray, IntArray, Model, Violation, register
-from streamer.models.heston import PROBE_K
+from streamer.models.heston import PROBE_K, with_parity
 from streamer.models.td_kernels import (
     N_PIECE,
     N_SURFACE,
@@ -290,48 +290,38 @@ class _PiecewiseModel(Model):
     ) -> tuple[FloatArray, FloatArray]:
         """Implied vols and (if ``want_grad``) their Jacobian."""
         xx, kk, tt, ee = _as_f64(x), _as_f64(k), _as_f64(T), _as_f64(ends)
-        c = self._coefficients(xx, ee, tt, want_grad)
+        price, grad = self._prices(xx, kk, tt, ee, want_grad)
+        iv = ivs_and_jacobian_from(price, grad, kk, tt, want_grad, self.tol)
+        return iv, grad
+
+    def _prices(
+        self, x: FloatArray, k: FloatArray, T: FloatArray, ends: FloatArray, want_grad: bool
+    ) -> tuple[FloatArray, FloatArray]:
+        """Out-of-the-money prices (F = 1) and (if ``want_grad``) their Jacobian."""
+        c = self._coefficients(x, ends, T, want_grad)
         price, grad = td_prices_from(
             c.bank,
             c.meta,
             c.ranges,
             c.first,
             c.t_list,
-            xx,
-            self.n_pieces(xx),
+            x,
+            self.n_pieces(x),
             self.n_piece,
             self.n_jump,
-            ee,
-            kk,
-            tt,
+            ends,
+            k,
+            T,
             want_grad,
         )
-        iv = ivs_and_jacobian_from(price, grad, kk, tt, want_grad, self.tol)
-        return iv, grad
+        return price, grad
 
     def otm_price(
         self, x: FloatArray, k: FloatArray, T: FloatArray, piece_T: FloatArray
     ) -> FloatArray:
         """Out-of-the-money prices (F = 1) with explicit piece ends."""
         xx, kk, tt, ee = _as_f64(x), _as_f64(k), _as_f64(T), _as_f64(piece_T)
-        c = self._coefficients(xx, ee, tt, False)
-        price, _ = td_prices_from(
-            c.bank,
-            c.meta,
-            c.ranges,
-            c.first,
-            c.t_list,
-            xx,
-            self.n_pieces(xx),
-            self.n_piece,
-            self.n_jump,
-            ee,
-            kk,
-            tt,
-            False,
-        )
-        out: FloatArray = price
-        return out
+        return self._prices(xx, kk, tt, ee, False)[0]
 
     def price(
         self,
@@ -343,11 +333,7 @@ class _PiecewiseModel(Model):
     ) -> FloatArray:
         kk, tt = _as_f64(k), _as_f64(T)
         otm = self.otm_price(x, kk, tt, self.boundaries(_as_f64(x), tt, slice_idx))
-        calls = np.asarray(is_call, dtype=np.bool_).ravel()
-        intrinsic = np.where(calls, np.maximum(1.0 - np.exp(kk), 0.0), 0.0)
-        intrinsic = np.where(~calls & (kk >= 0.0), np.exp(kk) - 1.0, intrinsic)
-        out: FloatArray = np.where(calls == (kk >= 0.0), otm, otm + intrinsic)
-        return out
+        return with_parity(otm, kk, is_call)
 
     def implied_vol(
         self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
