@@ -127,11 +127,11 @@ def calendar(short: Smile, long: Smile) -> list[Finding]:
         gap = w_short - w_long
         tol = W_TOL_ABS + W_TOL_REL * np.maximum(w_short, w_long)
         for i in np.flatnonzero(gap > tol):
-            key = round(float(kk[i]), 12)
-            if key in seen:
+            strike = float(K_nodes[m][i])
+            if strike in seen:  # one finding per listed strike (it may be a node of both)
                 continue
-            seen.add(key)
-            out.append(Finding("calendar", long.expiry, float(K_nodes[m][i]), float(gap[i])))
+            seen.add(strike)
+            out.append(Finding("calendar", long.expiry, strike, float(gap[i])))
     return out
 
 
