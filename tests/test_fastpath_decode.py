@@ -16,16 +16,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from streamer.book import fastpath
 from streamer.book.book import Books
 from streamer.book.fastpath import TYPED_MISSES_MAX, FastPath
 from streamer.events import Event
 from streamer.feeds.deribit.parser import DeribitParser
+from streamer.feeds.recordings.reader import RecordingLines, ReplayStats, read_recording_batches
 from tests.conftest import shared_file
 
 NAME = "BTC-27DEC24-100000-C"
@@ -316,3 +319,87 @@ def test_timestamp_spellings_decide_the_same(text: str) -> None:
     ref.apply(f, 1)
     typed.apply(f, 1)
     assert typed.state() == ref.state()
+
+
+# -- key orders, and parse_lines ----------------------------------------------------------------
+
+_DATA_FIELDS = fastpath._TickerData.__struct_fields__
+_GREEKS_FIELDS = fastpath._Greeks.__struct_fields__
+
+
+def _decoded(loads: Any, frame: str) -> Any:
+    try:
+        return msgspec.to_builtins(loads(frame))
+    except Exception as exc:  # the kind of failure, not its message (which names a field)
+        return type(exc).__name__
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    frames=st.lists(ticker_text(), min_size=1, max_size=4),
+    data_order=st.permutations(_DATA_FIELDS),
+    greeks_order=st.permutations(_GREEKS_FIELDS),
+)
+def test_a_decoder_in_another_key_order_decodes_the_same(
+    frames: list[str], data_order: list[str], greeks_order: list[str]
+) -> None:
+    """The declared field order is only where msgspec looks first: same values, same
+    refusals, whatever the order of the keys on the wire."""
+    reordered = fastpath.ticker_decoder(data_order, greeks_order)
+    for f in frames:
+        assert _decoded(reordered, f) == _decoded(fastpath._typed_loads, f)
+
+
+def test_the_fused_path_learns_the_wire_order_of_tickers() -> None:
+    run = Run(typed=True)  # warm_frame's order: GOOD's
+    want = (tuple(orjson.loads(warm_frame(NAME))["params"]["data"]), ())
+    assert run.fast._orders[0] == want[0]
+
+
+def _recording(frames: list[str | bytes], junk: list[bytes]) -> bytes:
+    lines = []
+    for i, f in enumerate(frames):
+        text = f if isinstance(f, str) else f.decode("utf-8", "replace")
+        lines.append(orjson.dumps({"ts_ns": 10 + i, "venue": "deribit", "frame": text}))
+        if i < len(junk):
+            lines.append(junk[i])
+    return b"\n".join(lines) + b"\n"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    frames=st.lists(ticker_text() | st.text(max_size=40), min_size=1, max_size=8),
+    junk=st.lists(
+        st.sampled_from(
+            [
+                b"",
+                b"  ",
+                b"oops",
+                b"[]",
+                b'{"ts_ns":true,"venue":"d","frame":"x"}',
+                b'{"ts_ns":1,"venue":"d","frame":3}',
+                b'{"ts_ns":1,"venue":"d"}',
+            ]
+        ),
+        max_size=4,
+    ),
+    cut=st.booleans(),
+)
+def test_parse_lines_does_what_reading_frames_and_parse_batch_do(
+    tmp_path_factory: Any, frames: list[str | bytes], junk: list[bytes], cut: bool
+) -> None:
+    """Replay's loop (``RecordingLines`` into ``parse_lines``) against the reader's frames
+    into ``parse_batch``: the same rows, events, trigger calls, counts and stats."""
+    data = _recording(frames, junk)
+    if cut:
+        data = data[:-1]  # no final newline: the last line comes alone
+    path = tmp_path_factory.mktemp("lines") / "r.jsonl"
+    path.write_bytes(data)
+    ref, new = Run(typed=True), Run(typed=True)
+    ref_stats, new_stats = ReplayStats(), ReplayStats()
+    for block in read_recording_batches(path, stats=ref_stats):
+        ref.fast.parse_batch(block, ref.on_event)
+    lines = RecordingLines(path, stats=new_stats)
+    n = new.fast.parse_lines(lines, lines.careful, new.on_event)
+    assert new.state() == ref.state()
+    assert new_stats == ref_stats and n == ref_stats.frames

@@ -26,6 +26,7 @@ from structlog.testing import capture_logs
 from streamer.feeds.recordings import reader
 from streamer.feeds.recordings.reader import (
     Frame,
+    RecordingLines,
     ReplayStats,
     _bad,
     iter_lines,
@@ -162,10 +163,34 @@ def _same_as_reference(path: Path, chunk: int) -> None:
         batched = _run(
             lambda p, stats: [f for b in read_recording_batches(p, stats=stats) for f in b], path
         )
+        lined = _run(lines_as_parse_lines_reads_them, path)
     finally:
         reader.CHUNK = saved
     assert got == want
     assert batched == want
+    assert lined == want
+
+
+def lines_as_parse_lines_reads_them(
+    path: str | os.PathLike[str], *, stats: ReplayStats | None = None
+) -> Iterator[Frame]:
+    """``RecordingLines`` read the way ``FastPath.parse_lines`` reads it (the same decode
+    and checks per line, the rest to ``careful``), written out separately: what reaches the
+    frame decoder must be what ``read_recording`` yields."""
+    lines = RecordingLines(path, stats=stats)
+    for block in lines:
+        for line in block:
+            try:
+                rec = orjson.loads(line)
+                ts_ns, venue, frame = rec["ts_ns"], rec["venue"], rec["frame"]
+            except Exception:
+                ts_ns = venue = frame = None
+            if type(ts_ns) is not int or type(venue) is not str or type(frame) is not str:
+                got = lines.careful(line)
+                if got is None:
+                    continue
+                ts_ns, venue, frame = got
+            yield ts_ns, venue, frame
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -207,14 +232,15 @@ def test_line_numbers_of_bad_lines_count_blank_and_good_lines(tmp_path: Path) ->
     lines = [good, b"", b"oops", good, b"  ", b"[]", good, good + b"\r", b'{"ts_ns": 2']
     path = tmp_path / "r.jsonl"
     path.write_bytes(b"\n".join(lines))
-    frames, stats, logs = _run(read_recording, path)
-    assert len(frames) == 4
-    assert logs == [
-        ("replay_bad_line", 3, "invalid_json"),
-        ("replay_bad_line", 6, "not_an_object"),
-        ("replay_truncated_line", 9, None),
-    ]
-    assert stats.lines == 6 and stats.frames == 4 and stats.truncated
+    for fn in (read_recording, lines_as_parse_lines_reads_them):
+        frames, stats, logs = _run(fn, path)
+        assert len(frames) == 4
+        assert logs == [
+            ("replay_bad_line", 3, "invalid_json"),
+            ("replay_bad_line", 6, "not_an_object"),
+            ("replay_truncated_line", 9, None),
+        ]
+        assert stats.lines == 6 and stats.frames == 4 and stats.truncated
 
 
 def test_frame_batches_of_a_capture_come_in_lists_of_the_size(tmp_path: Path) -> None:

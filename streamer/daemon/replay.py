@@ -37,7 +37,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,16 +170,8 @@ async def _replay(
         if not models and speed is None:
             # parse + book only, as fast as possible: blocks of frames straight into the
             # fused path (no generator layer or call per frame)
-            parse_batch, on_event = pipeline.fast.parse_batch, pipeline.on_event
-            for frames, events in batches_of(files):
-                if frames is not None:
-                    parse_batch(frames, on_event)
-                    counter.n += len(frames)
-                else:
-                    for _, ev in events:
-                        on_event(ev)
-                    counter.n += len(events)
-                bar.tick(pipeline.parser.frames)
+            for path in files:
+                counter.n += _parse_only(path, pipeline, bar)
         elif not models:  # paced, parse + book only
             async for ts_ns, item in _apaced(items, speed):
                 if isinstance(item, str | bytes):
@@ -213,6 +205,57 @@ async def _replay(
         counter.n,
         seconds,
     )
+
+
+def _parse_only(path: str, pipeline: Pipeline, bar: _Progress) -> int:
+    """Parse + book only, as fast as possible, for one file; returns its items. A plain
+    recording goes line block by line block straight into the fused path
+    (``FastPath.parse_lines``: no frame tuples or generator layer in between); captures,
+    ccxt recordings and Tardis CSVs as ``batches_of`` gives them."""
+    from streamer.feeds.recordings.reader import RecordingLines, is_cryptofeed_capture
+
+    plain = not path.lower().endswith((".csv", ".csv.gz")) and not is_cryptofeed_capture(path)
+    if plain and not _is_ccxt_recording(path):
+        lines = RecordingLines(path)
+        return pipeline.fast.parse_lines(
+            _ticking(lines, bar, pipeline), lines.careful, pipeline.on_event
+        )
+    parse_batch, on_event = pipeline.fast.parse_batch, pipeline.on_event
+    n = 0
+    for frames, events in batches_of([path]):
+        if frames is not None:
+            parse_batch(frames, on_event)
+            n += len(frames)
+        else:
+            for _, ev in events:
+                on_event(ev)
+            n += len(events)
+        bar.tick(pipeline.parser.frames)
+    return n
+
+
+def _ticking(
+    blocks: Iterable[list[bytes]], bar: _Progress, pipeline: Pipeline
+) -> Iterator[list[bytes]]:
+    """``blocks`` passed on, the progress bar told after each."""
+    for block in blocks:
+        yield block
+        bar.tick(pipeline.parser.frames)
+
+
+def _is_ccxt_recording(path: str) -> bool:
+    """Is the first frame of this recording a ccxt one (``batches_of``'s test)?"""
+    from streamer.feeds.ccxt.frames import is_ccxt_frame
+    from streamer.feeds.recordings.reader import read_recording
+
+    frames = read_recording(path)
+    try:
+        first = next(frames, None)
+    finally:
+        close = getattr(frames, "close", None)
+        if close is not None:
+            close()
+    return first is not None and is_ccxt_frame(first[2])
 
 
 # -- several files in parallel ----------------------------------------------------------------

@@ -256,6 +256,83 @@ def read_recording_batches(
             yield [got]  # type: ignore[list-item]
 
 
+class RecordingLines:
+    """A recording's lines, block by block, for a caller that decodes the good ones itself
+    (``streamer.book.fastpath.FastPath.parse_lines``: one loop from line to book row).
+
+    Iterating yields lists of lines (each with its ``b"\\n"``; the final line of a file that
+    does not end with one comes alone, as the last block). The caller decodes a line the
+    way ``read_recording_batches`` does (``orjson.loads``, then ``ts_ns`` an int, ``venue``
+    and ``frame`` strings) and hands every other line, in order, to ``careful``, which applies
+    the line-by-line rules (``_slow_line``): the frame if there is one, else None (a blank
+    line, or a bad one: counted and logged with its line number). ``stats`` count lines and
+    frames as ``read_recording`` does, complete once the iteration ends."""
+
+    __slots__ = ("_block", "_final", "_line_no", "_name", "_pos", "_seen", "path", "stats")
+
+    def __init__(self, path: str | os.PathLike[str], *, stats: ReplayStats | None = None) -> None:
+        self.path = path
+        self.stats = stats if stats is not None else ReplayStats()
+        self._name = os.fspath(path)
+        self._block: list[bytes] = []
+        self._final = False  # the current block is the cut-off final line
+        self._line_no = 0  # lines before the current block
+        self._pos = 0  # where careful's search for its line goes on in the block
+        self._seen = [0, 0, 0]  # careful, this block: blank, bad, frames (for the stats)
+
+    def __iter__(self) -> Iterator[list[bytes]]:
+        st = self.stats
+        st.files += 1
+        rest = b""
+        for chunk in _chunks_of(self.path, st):
+            lines = BytesIO(rest + chunk if rest else chunk).readlines()
+            rest = lines.pop() if not lines[-1].endswith(b"\n") else b""
+            if lines:
+                self._start(lines, final=False)
+                yield lines
+                blank, bad, _ = self._seen
+                st.lines += len(lines) - blank
+                st.frames += len(lines) - blank - bad
+                self._line_no += len(lines)
+        if rest:
+            self._start([rest], final=True)
+            yield self._block
+            blank, _, frames = self._seen
+            if not any(self._seen):  # careful never heard of it: a good line
+                st.lines += 1
+                st.frames += 1
+            else:  # _slow_line counted the line itself (complete=False)
+                st.frames += frames
+
+    def _start(self, lines: list[bytes], *, final: bool) -> None:
+        self._block, self._final, self._pos, self._seen = lines, final, 0, [0, 0, 0]
+
+    def careful(self, line: bytes) -> Frame | None:
+        """The line-by-line rules for ``line`` of the current block: its frame, or None
+        (blank, bad: counted and logged, or a cut-off end: ``truncated``)."""
+        block, i = self._block, self._pos
+        while i < len(block) and block[i] is not line:  # calls come in line order
+            i += 1
+        if i == len(block):  # not a line of this block (a caller's bug): as a bad line
+            i = self._pos - 1
+        self._pos = i + 1
+        n = self._line_no + i + 1
+        if self._final:
+            got = _slow_line(self.stats, self._name, n, line, complete=False)
+        else:
+            got = _slow_line(self.stats, self._name, n, line[:-1].removesuffix(b"\r"),
+                             complete=True)  # fmt: skip
+        seen = self._seen
+        if got is None:
+            seen[0] += 1
+            return None
+        if got is _BAD or got is _END:
+            seen[1] += 1
+            return None
+        seen[2] += 1
+        return got  # type: ignore[return-value]
+
+
 _BAD = object()  # _slow_line: a counted bad line
 _END = object()  # _slow_line: a cut-off final line (the end of the recording)
 
