@@ -372,11 +372,14 @@ def _normal_equations(
     cur: int,
     A: FloatArray,
     g: FloatArray,
+    sparse: bool,
 ) -> None:
     """``A = J'J``, ``g = J'r`` at the current point: IRLS-scaled data rows (non-finite ones
-    skipped), penalty rows, hinge rows."""
+    skipped), penalty rows, hinge rows. ``sparse`` (the spline: a row touches at most six of
+    its parameters): only each row's non-zero gradient entries enter the products."""
     iv, jac, r, drho, slope, erows, ejac = bufs
     p = x.shape[0]
+    nz = np.empty(p, dtype=np.int64)
     for a_ in range(p):
         g[a_] = 0.0
         for c_ in range(p):
@@ -391,6 +394,19 @@ def _normal_equations(
         if not ok:
             continue
         ws = weight[i] * slope[cur, i] * sd
+        if sparse:
+            n_nz = 0
+            for q in range(p):
+                if jac[cur, i, q] != 0.0:
+                    nz[n_nz] = q
+                    n_nz += 1
+            for ia in range(n_nz):
+                a_ = nz[ia]
+                ja = ws * jac[cur, i, a_]
+                g[a_] += ja * rs
+                for ic in range(ia, n_nz):
+                    A[a_, nz[ic]] += ja * ws * jac[cur, i, nz[ic]]
+            continue
         for a_ in range(p):
             ja = ws * jac[cur, i, a_]
             g[a_] += ja * rs
@@ -406,6 +422,19 @@ def _normal_equations(
     if use_hinges:
         for i in range(erows.shape[1]):
             if erows[cur, i] == 0.0:
+                continue
+            if sparse:
+                n_nz = 0
+                for q in range(p):
+                    if ejac[cur, i, q] != 0.0:
+                        nz[n_nz] = q
+                        n_nz += 1
+                for ia in range(n_nz):
+                    a_ = nz[ia]
+                    ea = ejac[cur, i, a_]
+                    g[a_] += ea * erows[cur, i]
+                    for ic in range(n_nz):
+                        A[a_, nz[ic]] += ea * ejac[cur, i, nz[ic]]
                 continue
             for a_ in range(p):
                 ea = ejac[cur, i, a_]
@@ -478,6 +507,7 @@ def _iterate(
     over ``STALL_ITERS``. Returns (x, slot, dc, pc, converged, evaluations, iterations)."""
     A, g, Ad, rhs, step = work
     ftol, xtol = tols
+    sparse = model[0] == KERNEL_SPLINE
     mu = MU_INIT
     checkpoint = dc + pc
     cur = 0
@@ -485,7 +515,9 @@ def _iterate(
     done = False
     it = 0
     for it in range(1, max_iter + 1):
-        _normal_equations(x, lo, hi, quotes[3], penalty[0], penalty[1], hinge[0], bufs, cur, A, g)
+        _normal_equations(
+            x, lo, hi, quotes[3], penalty[0], penalty[1], hinge[0], bufs, cur, A, g, sparse
+        )
         moved, predicted = _step(x, A, g, mu, bounds[0], bounds[1], (Ad, rhs, step), x_new)
         dc_n, pc_n = _evaluate(model, x_new, lo, hi, quotes, penalty, hinge, scratch, bufs, 1 - cur)
         evals += 1

@@ -26,10 +26,11 @@ Parameters (``x``, per slice, ``N_INT = 8`` knot intervals):
   spline meets its linear wings with a continuous slope;
 * ``bl``, ``br``: the wing slopes ``|dw/dk|`` in ``[0, 1.98]``: within Roger Lee's (2004)
   moment bound (slope < 2) by the box itself;
-* ``s``, ``kl``, ``kr``: the knot map (scale and outer knots), set by the cold start from the
-  slice's quotes (ATM vol, quoted range) and *frozen*: their gradient is zero, so no fit moves
-  them and the coefficients keep their meaning from fit to fit (what the warm start and the
-  change penalty need); a regime (cold) fit sets them afresh.
+* ``s``, ``yl``, ``yr``: the knot map (scale, and the outer knots in ``y``:
+  ``k_l = s sinh(y_l)``, ``k_r = s sinh(y_r)``), set by the cold start from the slice's quotes
+  (ATM vol, quoted range) and *frozen*: their gradient is zero, so no fit moves them and the
+  coefficients keep their meaning from fit to fit (what the warm start and the change penalty
+  need); a regime (cold) fit sets them afresh.
 
 Butterfly (Gatheral & Jacquier 2014, Lemma 2.2; Durrleman's condition): the density is
 non-negative iff ``g(k) = (1 - k w'/(2w))^2 - w'^2/4 (1/w + 1/4) + w''/2 >= 0``, with
@@ -67,12 +68,12 @@ from streamer.models.base import (
 
 N_INT = 8  # knot intervals
 NC = N_INT + 1  # free coefficients c_0 .. c_n
-I_BL, I_BR, I_S, I_KL, I_KR = NC, NC + 1, NC + 2, NC + 3, NC + 4
+I_BL, I_BR, I_S, I_YL, I_YR = NC, NC + 1, NC + 2, NC + 3, NC + 4
 N_PARAMS = NC + 5
-NAMES = (*(f"c{i}" for i in range(NC)), "bl", "br", "s", "kl", "kr")
+NAMES = (*(f"c{i}" for i in range(NC)), "bl", "br", "s", "yl", "yr")
 MAX_SLOPE = 1.98  # Lee: |dw/dk| < 2 in the wings
-LOWER = np.array([1e-8] * NC + [0.0, 0.0, 1e-4, -10.0, 1e-4])
-UPPER = np.array([4.0] * NC + [MAX_SLOPE, MAX_SLOPE, 10.0, -1e-4, 10.0])
+LOWER = np.array([1e-8] * NC + [0.0, 0.0, 1e-4, -20.0, 1e-6])
+UPPER = np.array([4.0] * NC + [MAX_SLOPE, MAX_SLOPE, 10.0, -1e-6, 20.0])
 VAR_FLOOR = 1e-12
 SCALE_MULT = 1.5  # s = SCALE_MULT * ATM total vol
 MIN_HALF_RANGE = 1.0  # outer knots at least this many s from the money
@@ -99,14 +100,29 @@ CAL_REL = 2e-3
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _geometry(x: FloatArray) -> tuple[float, float, float, float, float]:
-    """``(y_l, h, e_l, e_r, s)``: the knot map's left end, step, and the end-coefficient
-    factors ``2 h dk/dy`` at both ends."""
+def _geometry(x: FloatArray) -> tuple[float, float, float]:
+    """``(y_l, h, s)``: the knot map's left end (in ``y``), step and scale."""
     s = x[I_S]
-    yl = math.asinh(x[I_KL] / s)
-    yr = math.asinh(x[I_KR] / s)
-    h = (yr - yl) / N_INT
-    return yl, h, 2.0 * h * s * math.cosh(yl), 2.0 * h * s * math.cosh(yr), s
+    yl = x[I_YL]
+    return yl, (x[I_YR] - yl) / N_INT, s
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _end(x: FloatArray, right: bool) -> tuple[float, float]:
+    """``(k, e)`` of an outer knot: its log-moneyness and the end-coefficient factor
+    ``2 h dk/dy`` there."""
+    yl, h, s = _geometry(x)
+    y = x[I_YR] if right else yl
+    return s * math.sinh(y), 2.0 * h * s * math.cosh(y)
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _factors(x: FloatArray, i: int) -> tuple[float, float]:
+    """The end factors an interval ``i`` needs (its coefficients reach ``c_-1`` or
+    ``c_n+1`` only in the first and last interval)."""
+    e_l = _end(x, False)[1] if i == 0 else 0.0
+    e_r = _end(x, True)[1] if i == N_INT - 1 else 0.0
+    return e_l, e_r
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
@@ -153,15 +169,18 @@ def _bases(u: float) -> tuple[float, float, float, float]:
 @njit(cache=True, nogil=True, error_model="numpy")
 def spline_w012(x: FloatArray, k: float) -> tuple[float, float, float]:
     """``(w, dw/dk, d2w/dk2)`` at ``k`` (values only)."""
-    yl, h, e_l, e_r, s = _geometry(x)
-    kl, kr = x[I_KL], x[I_KR]
-    if k < kl:
+    yl, h, s = _geometry(x)
+    y = math.asinh(k / s)
+    if y < yl:
+        kl, e_l = _end(x, False)
         bl = x[I_BL]
         return (4.0 * x[0] + 2.0 * x[1] + e_l * bl) / 6.0 + bl * (kl - k), -bl, 0.0
-    if k > kr:
+    if y > x[I_YR]:
+        kr, e_r = _end(x, True)
         br = x[I_BR]
         return (2.0 * x[N_INT - 1] + 4.0 * x[N_INT] + e_r * br) / 6.0 + br * (k - kr), br, 0.0
-    i, u = _locate((math.asinh(k / s) - yl) / h)
+    i, u = _locate((y - yl) / h)
+    e_l, e_r = _factors(x, i)
     c0 = _coef(x, i - 1, e_l, e_r)
     c1 = _coef(x, i, e_l, e_r)
     c2 = _coef(x, i + 1, e_l, e_r)
@@ -175,34 +194,36 @@ def spline_w012(x: FloatArray, k: float) -> tuple[float, float, float]:
     )
     wuu = om * c0 + (3.0 * u - 2.0) * c1 + (1.0 - 3.0 * u) * c2 + u * c3
     ky = math.sqrt(k * k + s * s)  # dk/dy
-    yk = 1.0 / ky
-    a1 = yk / h
+    a1 = 1.0 / (ky * h)
     return w, a1 * wu, a1 * a1 * wuu - k / (ky * ky * ky) / h * wu
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def spline_wgrad(x: FloatArray, k: float, gw: FloatArray) -> float:
     """``w(k)``, its gradient in ``x`` into ``gw`` (exact: ``w`` is linear in the
-    coefficients and slopes; zero for ``s``, ``kl``, ``kr``)."""
+    coefficients and slopes; zero for ``s``, ``yl``, ``yr``)."""
     for q in range(N_PARAMS):
         gw[q] = 0.0
-    yl, h, e_l, e_r, s = _geometry(x)
-    kl, kr = x[I_KL], x[I_KR]
-    if k < kl:  # value at knot 0: (c_-1 + 4 c_0 + c_1) / 6
+    yl, h, s = _geometry(x)
+    y = math.asinh(k / s)
+    if y < yl:  # value at knot 0: (c_-1 + 4 c_0 + c_1) / 6
+        kl, e_l = _end(x, False)
         bl = x[I_BL]
         d = kl - k
         gw[0] = 4.0 / 6.0
         gw[1] = 2.0 / 6.0
         gw[I_BL] = e_l / 6.0 + d
         return float((4.0 * x[0] + 2.0 * x[1] + e_l * bl) / 6.0 + bl * d)
-    if k > kr:
+    if y > x[I_YR]:
+        kr, e_r = _end(x, True)
         br = x[I_BR]
         d = k - kr
         gw[N_INT - 1] = 2.0 / 6.0
         gw[N_INT] = 4.0 / 6.0
         gw[I_BR] = e_r / 6.0 + d
         return float((2.0 * x[N_INT - 1] + 4.0 * x[N_INT] + e_r * br) / 6.0 + br * d)
-    i, u = _locate((math.asinh(k / s) - yl) / h)
+    i, u = _locate((y - yl) / h)
+    e_l, e_r = _factors(x, i)
     b0, b1, b2, b3 = _bases(u)
     _add(i - 1, b0, e_l, e_r, gw)
     _add(i, b1, e_l, e_r, gw)
@@ -225,14 +246,16 @@ def spline_eval(
     for q in range(N_PARAMS):
         g1[q] = 0.0
         g2[q] = 0.0
-    yl, h, e_l, e_r, s = _geometry(x)
-    if k < x[I_KL]:
+    yl, h, s = _geometry(x)
+    y = math.asinh(k / s)
+    if y < yl:
         g1[I_BL] = -1.0
         return w, -x[I_BL], 0.0
-    if k > x[I_KR]:
+    if y > x[I_YR]:
         g1[I_BR] = 1.0
         return w, x[I_BR], 0.0
-    i, u = _locate((math.asinh(k / s) - yl) / h)
+    i, u = _locate((y - yl) / h)
+    e_l, e_r = _factors(x, i)
     om = 1.0 - u
     u2 = u * u
     ky = math.sqrt(k * k + s * s)
@@ -288,10 +311,8 @@ def _wing(x: FloatArray, right: bool) -> tuple[float, float]:
     """A linear wing's ``(k, min 16 w^2 g / w0^2)``: where the convex quadratic ``16 w^2 g``
     in ``u = b |k|`` is smallest over the wing (just outside the outer knot, where
     ``w''`` is 0, when the minimum is there) and its value (``w0``: the knot's ``w``)."""
-    if right:
-        k0, b = x[I_KR], x[I_BR]
-    else:
-        k0, b = x[I_KL], x[I_BL]
+    k0 = _end(x, right)[0]
+    b = x[I_BR] if right else x[I_BL]
     nudge = 1e-9 * x[I_S]
     w0 = spline_w012(x, k0)[0]
     if b <= 0.0:
@@ -350,9 +371,9 @@ def spline_hinges(
     m = HINGE_PER_INT * N_INT + 1
     ks = np.empty(N_HINGE_BF)
     gs = np.empty(N_HINGE_BF)
-    yl, h, e_l, e_r, s = _geometry(x)
+    yl, h, s = _geometry(x)
     for i in range(m):
-        ks[i] = min(max(s * math.sinh(yl + h * i / HINGE_PER_INT), x[I_KL]), x[I_KR])
+        ks[i] = s * math.sinh(yl + h * i / HINGE_PER_INT)
         gs[i] = g_at(x, ks[i])
     refine(x, ks[:m], gs[:m], REFINE_BELOW, REFINE_SUB)
     ks[m] = _wing(x, False)[0]
@@ -376,6 +397,8 @@ def spline_hinges(
             for q in range(p):
                 ejac[at, q] = 0.0
         at += 1
+    e_l = _end(x, False)[1]
+    e_r = _end(x, True)[1]
     f = roughness / (s * s)
     for i in range(NC):
         for q in range(p):
@@ -425,10 +448,10 @@ def check_slices(X: FloatArray) -> FloatArray:
     gs = np.empty(m)
     for j in range(S):
         x = X[j]
-        yl, h, _e_l, _e_r, s = _geometry(x)
+        yl, h, s = _geometry(x)
         wmin = math.inf
         for i in range(m):
-            k = min(max(s * math.sinh(yl + h * i / CHECK_PER_INT), x[I_KL]), x[I_KR])
+            k = s * math.sinh(yl + h * i / CHECK_PER_INT)
             ks[i] = k
             w, w1, w2 = spline_w012(x, k)
             wmin = min(wmin, w)
@@ -449,7 +472,7 @@ def _check(x: FloatArray, j: int, found: FloatArray | None = None) -> list[Viola
     if not np.all(np.isfinite(x)):
         return [Violation("nonfinite", j, float("inf"), "non-finite parameters")]
     out: list[Violation] = []
-    if not (x[I_KL] < 0.0 < x[I_KR] and x[I_S] > 0.0):
+    if not (x[I_YL] < 0.0 < x[I_YR] and x[I_S] > 0.0):
         return [Violation("knots", j, 1.0, "outer knots must straddle the money")]
     for name, b in (("left", x[I_BL]), ("right", x[I_BR])):
         if not 0.0 <= b < 2.0:
@@ -486,7 +509,7 @@ def roughness_matrix(x: FloatArray) -> FloatArray:
 
 
 def knot_map(k: FloatArray, w: FloatArray) -> tuple[float, float, float]:
-    """``(s, kl, kr)`` from a slice's quotes: the scale from the ATM total variance, the outer
+    """``(s, yl, yr)`` from a slice's quotes: the scale from the ATM total variance, the outer
     knots just beyond the quoted range and at least ``MIN_HALF_RANGE * s`` from the money."""
     order = np.argsort(k)
     ks, ws = k[order], w[order]
@@ -494,7 +517,7 @@ def knot_map(k: FloatArray, w: FloatArray) -> tuple[float, float, float]:
     s = SCALE_MULT * math.sqrt(max(w_atm, 1e-8))
     kl = min(float(ks[0]) - KNOT_MARGIN * s, -MIN_HALF_RANGE * s) if len(ks) else -2.0 * s
     kr = max(float(ks[-1]) + KNOT_MARGIN * s, MIN_HALF_RANGE * s) if len(ks) else 2.0 * s
-    return s, max(kl, -9.9), min(kr, 9.9)
+    return s, math.asinh(max(kl, -9.9) / s), math.asinh(min(kr, 9.9) / s)
 
 
 def least_squares_start(
@@ -504,7 +527,7 @@ def least_squares_start(
     variance (``wt``: weights of the ``w`` residuals) with the roughness rows; slopes clipped
     to Lee's box and coefficients to their floor, then the coefficients re-solved."""
     x = np.zeros(N_PARAMS)
-    x[I_S], x[I_KL], x[I_KR] = knot_map(k, w)
+    x[I_S], x[I_YL], x[I_YR] = knot_map(k, w)
     A = design(x, k) * wt[:, None]
     R = roughness_matrix(x) * (roughness / ROUGHNESS)
     free = np.arange(NC + 2)
@@ -529,7 +552,7 @@ def least_squares_start(
 @register
 class Spline(RowModel):
     """Cubic B-spline total variance per expiry, linear wings within Lee's bound;
-    ``x = [c0 .. c8, bl, br, s, kl, kr]`` (the last three frozen by the cold start)."""
+    ``x = [c0 .. c8, bl, br, s, yl, yr]`` (the last three frozen by the cold start)."""
 
     name = "spline"
     n_params = N_PARAMS
@@ -595,8 +618,8 @@ class Spline(RowModel):
             (found[:, 0] >= -BUTTERFLY_TOL)
             & (found[:, 2] > 0.0)
             & (found[:, 3] >= -BUTTERFLY_TOL)
-            & (X[:, I_KL] < 0.0)
-            & (X[:, I_KR] > 0.0)
+            & (X[:, I_YL] < 0.0)
+            & (X[:, I_YR] > 0.0)
             & (X[:, I_BL] >= 0.0)
             & (X[:, I_BL] < 2.0)
             & (X[:, I_BR] >= 0.0)
