@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 from streamer.config import TriggerConfig, load_config
+from streamer.daemon import service as service_module
 from streamer.daemon.pipeline import Pipeline, run_inline
 from streamer.daemon.service import Service
 from streamer.feeds.recordings.replay_feed import ReplayFeed
@@ -155,3 +157,72 @@ async def test_a_slow_model_never_delays_another(tmp_path: Path) -> None:
             if line.startswith("streamer_fit_seconds_count") and f'model="{model}"' in line
         )
         assert float(count.rsplit(" ", 1)[1]) == (len(svi) if model == "svi" else len(slow))
+
+
+async def test_tenors_and_greeks_wait_for_the_surfaces_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A surface's tenors and greeks (milliseconds of Python holding the GIL) are built once
+    the other jobs' fits in flight have published their surfaces: with an SSVI fit held in
+    its thread, SVI's surface goes out at once, but its tenors and greeks only after the
+    SSVI surface (they used to take the GIL from the fit right away)."""
+    monkeypatch.setattr(service_module, "DERIVED_YIELD_S", 60 * UNIT)
+    rec = tmp_path / "rec.jsonl"
+    with rec.open("w") as fh:
+        for r in range(4):
+            for t in tickers(NOW_MS + 500 * r, seed=r):
+                fh.write(json.dumps({"ts_ns": 0, "venue": "deribit", "frame": ticker_frame(t)}))
+                fh.write("\n")
+    cfg = load_config(None)
+    cfg = dataclasses.replace(
+        cfg,
+        instance="jobs",
+        models=dataclasses.replace(cfg.models, names=("svi", "ssvi")),
+        trigger=dataclasses.replace(
+            cfg.trigger, min_changed_quotes=20, min_interval_s=0.05, warmup_s=0.05
+        ),
+    )
+    mem = MemoryPublisher()
+    order: list[tuple[str, str]] = []  # (model, kind) of every fitted message, in order
+    original = mem.publish
+    held = threading.Event()
+    loop = asyncio.get_running_loop()
+
+    async def logged(topic: str, payload: Any, *, retain: bool = True) -> None:
+        parts = topic.split("/")
+        fitted = bool(payload) and payload.get("status") != "stale"
+        if fitted and ("greeks" in parts or parts[-1] in ("surface", "tenors")):
+            kind = "greeks" if "greeks" in parts else parts[-1]
+            model = parts[-3] if kind == "greeks" else parts[-2]
+            if (model, kind) == ("svi", "surface") and not held.is_set():
+                loop.call_later(0.5 * UNIT, held.set)  # long after SVI's fit is done
+            order.append((model, kind))
+        await original(topic, payload, retain=retain)
+
+    mem.publish = logged  # type: ignore[method-assign]
+    service = Service(
+        cfg,
+        feed_factory=lambda c, p, f: ReplayFeed([str(rec)], parser=p, rate=600.0),
+        publishers=[mem],
+    )
+    real_underlying = service.pipeline._underlying
+
+    def patched(book: Any) -> Any:
+        u = real_underlying(book)
+        cal = u.surfaces["ssvi"].calibrator
+        if not getattr(cal, "_held", False):
+            real_fit = cal.fit
+
+            def held_fit(snap: Any) -> Any:
+                assert held.wait(30 * UNIT)
+                return real_fit(snap)
+
+            cal.fit = held_fit  # type: ignore[method-assign,assignment]
+            cal._held = True  # type: ignore[attr-defined]
+        return u
+
+    service.pipeline._underlying = patched  # type: ignore[method-assign]
+    assert await asyncio.wait_for(service.run(signals=False), 60 * UNIT) == 0
+    first = {item: order.index(item) for item in set(order)}
+    assert first[("svi", "surface")] < first[("ssvi", "surface")]
+    assert first[("ssvi", "surface")] < first[("svi", "tenors")] < first[("svi", "greeks")]

@@ -83,6 +83,10 @@ FIT_DRAIN_S = 1.0
 # the GIL hand-off interval while a fit thread and the event loop both want the CPU: Python's
 # 5 ms default would let a 2 ms fit take 15 ms of wall time behind a busy feed
 SWITCH_INTERVAL_S = 0.0005
+# a surface's tenors and greeks (~5-10 ms of Python and numpy holding the GIL) wait up to this
+# long for the fits in flight (other models', other underlyings') to publish their surfaces
+# first, and are built one job at a time: the surfaces are what tick-to-publish is about
+DERIVED_YIELD_S = 0.05
 TICK_S = 0.1
 LATENCY_WINDOW = 10_000  # tick-to-publish samples kept (a ring)
 HANG_FIT_ENV = "STREAMER_TEST_HANG_FIT_S"  # test hook: every fit blocks this long first
@@ -140,6 +144,10 @@ class Service:
         self._events_seen = 0
         # liveness (the watchdog): fits in flight since (monotonic), the feed's progress
         self._fit_started: dict[tuple[str, str, str], float] = {}  # (venue, und, model)
+        self._fitting: set[tuple[str, str, str]] = set()  # surface fits in flight
+        self._no_fits = asyncio.Event()  # set while there are none
+        self._no_fits.set()
+        self._derived_lock = asyncio.Lock()
         self._feed_connected = False
         self._progress_mark = -1
         self._progress_at = time.monotonic()
@@ -386,14 +394,25 @@ class Service:
         fit = self._hanging_fit if self._hang_fit_s else p.fit_snapshot
         self._fit_started[key] = time.monotonic()  # the watchdog watches this span
         try:
-            msgs = await asyncio.to_thread(fit, snap, derived=False, models=(job.model,))
+            self._fitting.add(key)
+            self._no_fits.clear()
+            try:
+                msgs = await asyncio.to_thread(fit, snap, derived=False, models=(job.model,))
+            finally:
+                self._fitting.discard(key)
+                if not self._fitting:
+                    self._no_fits.set()
             for msg in msgs:  # the model's own fit time (the calibrator's, not the thread's)
                 if msg.topic.endswith("/surface"):
                     elapsed_ms = msg.payload["fit"]["elapsed_ms"]
                     self.metrics.fit_seconds.observe(elapsed_ms / 1e3, model=job.model)
             await self._publish(msgs, trigger_ns=job.trigger_ns)  # the surface first
-            if msgs:  # then its tenors and greeks
-                derived = await asyncio.to_thread(p.derived_for, snap, msgs)
+            if msgs:  # then its tenors and greeks, once the surfaces in flight are out
+                async with self._derived_lock:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(DERIVED_YIELD_S):
+                            await self._no_fits.wait()
+                    derived = await asyncio.to_thread(p.derived_for, snap, msgs)
                 await self._publish(derived, trigger_ns=None)
         finally:
             self._fit_started.pop(key, None)
