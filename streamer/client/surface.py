@@ -62,6 +62,7 @@ FloatArray = npt.NDArray[np.float64]
 ArrayLike = npt.ArrayLike
 CHECK_POINTS = 121  # the butterfly check's grid of an interpolated slice
 Grid = tuple[FloatArray, FloatArray]  # log-moneyness and the smile's IVs there
+SHORT_IV_MAX = 5.0  # 500 %: above it a model's vol before its first fitted expiry is noise
 
 
 @dataclass(frozen=True, eq=False)
@@ -197,9 +198,11 @@ class Surface:
         """A maturity-aware model (Heston, Bates) before its first fitted expiry: its own IV
         at ``T``, and where that is not a number (T -> 0: the smile can no longer be
         inverted from prices), the first expiry's IV at the same log-moneyness, as the
-        other models extrapolate there."""
+        other models extrapolate there; so too where it is no tradeable vol (at or above
+        ``SHORT_IV_MAX``: Bates' jumps one millisecond before a settlement price far
+        out-of-the-money options at vols of hundreds)."""
         iv = np.asarray(self._slice_iv(0, k, np.full(np.shape(k), T)), dtype=np.float64)
-        bad = ~np.isfinite(iv)
+        bad = ~(np.isfinite(iv) & (iv < SHORT_IV_MAX))
         if bad.any():
             iv = np.where(bad, self._slice_iv(0, k), iv)
         return iv
