@@ -23,15 +23,16 @@ def _recording(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("pace", [{}, {"rate": 1e12}, {"speed": 1e12}])
+@pytest.mark.parametrize(("rate", "speed"), [(None, None), (1e12, None), (None, 1e12)])
 async def test_other_tasks_run_while_a_replay_streams(
-    tmp_path: Path, pace: dict[str, float]
+    tmp_path: Path, rate: float | None, speed: float | None
 ) -> None:
     """A replay far behind its pace (``rate``/``speed`` beyond what the loop can do) still
     hands the loop over every ``batch`` frames: the daemon's fit workers and publishers run
     between its frames, as they do between a websocket's. (It used to yield only while
     ahead of its pace, so a bench at Deribit's peak rate starved every fit.)"""
-    feed = ReplayFeed([str(_recording(tmp_path / "r.jsonl"))], parser=DeribitParser(), **pace)
+    path = str(_recording(tmp_path / "r.jsonl"))
+    feed = ReplayFeed([path], parser=DeribitParser(), rate=rate, speed=speed)
     turns = 0
     done = asyncio.Event()
 
