@@ -13,7 +13,7 @@ from typing import Any
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``train`` on an argparse subparsers object."""
-    from streamer.tools.train import DEFAULT_SAMPLES, DEFAULT_SEED, MODELS
+    from streamer.tools.train_defaults import DEFAULT_SAMPLES, DEFAULT_SEED, MODELS
 
     p: argparse.ArgumentParser = sub.add_parser(
         "train",
@@ -35,8 +35,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from streamer.calib.learned import NETS
-    from streamer.tools.train import MODELS, run
+    from streamer.tools.train import run
     from streamer.tools.train.mlp import TrainSettings
+    from streamer.tools.train_defaults import MODELS
 
     models = tuple(args.model or MODELS)
     out = Path(args.out) if args.out else NETS

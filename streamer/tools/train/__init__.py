@@ -18,10 +18,7 @@ from streamer.calib.learned import NETS, Network, learned_guess_from, output_nam
 from streamer.models import REGISTRY
 from streamer.tools.train.data import make_set
 from streamer.tools.train.mlp import TrainReport, TrainSettings, train
-
-MODELS = ("heston", "bates", "heston-td", "bates-td")
-DEFAULT_SAMPLES = 12_000
-DEFAULT_SEED = 16
+from streamer.tools.train_defaults import DEFAULT_SAMPLES, DEFAULT_SEED, MODELS
 
 
 @dataclass(frozen=True)

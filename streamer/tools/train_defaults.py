@@ -1,0 +1,8 @@
+"""What ``streamer train`` trains by default (no imports: the CLI builds its parser from
+these without loading the pricer)."""
+
+from __future__ import annotations
+
+MODELS = ("heston", "bates", "heston-td", "bates-td")
+DEFAULT_SAMPLES = 12_000
+DEFAULT_SEED = 16  # the seed of the networks shipped in streamer/calib/nets
