@@ -19,7 +19,7 @@ Sections (every key optional; defaults below and in ``config/default.toml``)::
     max_spread_iv = 0.5               # wider bid-ask (in vol, 0.5 = 50 points) is dropped
 
     [models]
-    names = ["svi", "ssvi"]           # streamer.models.REGISTRY names (checked by the pipeline)
+    names = ["spline", "svi"]         # streamer.models.REGISTRY names (checked by the pipeline)
     penalty = { svi = 1.0 }           # per model: lambda of the parameter-change penalty
     sabr_beta = 1.0                   # SABR's fixed beta
     objective = "band"                # mid | band, every model (unset: each model's default)
@@ -157,7 +157,7 @@ class BookSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    names: tuple[str, ...] = ("svi", "ssvi")
+    names: tuple[str, ...] = ("spline", "svi")  # the surface of record (issue 13) + SVI
     penalty: dict[str, float] = field(default_factory=dict)  # lambda per model (else built-in)
     sabr_beta: float = 1.0
     # residuals to the mid, or beyond the band; None: each model's own default

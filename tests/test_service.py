@@ -75,6 +75,8 @@ def service_config(fake_url: str, broker_url: str, **feed: Any) -> Any:
     return dataclasses.replace(
         cfg,
         instance="test-shard",
+        # two models with closed forms written out below (the defaults are spline and SVI)
+        models=dataclasses.replace(cfg.models, names=("svi", "ssvi")),
         feed=dataclasses.replace(cfg.feed, url=fake_url, currencies=("BTC",), **feed),
         publish=dataclasses.replace(cfg.publish, urls=(broker_url + "/streamer",)),
         trigger=dataclasses.replace(
