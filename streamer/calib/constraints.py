@@ -9,8 +9,9 @@ log-moneyness points scaled to the slice (``+-6`` ATM standard deviations, withi
 
   with ``w = iv^2 T`` and ``w'``, ``w''`` central differences on the grid; row
   ``mu_bf * max(0, margin - g)``, its Jacobian by the chain rule through ``dw/dx``;
-* calendar: ``w_j(k) >= w_{j-1}(k)`` where both slices quote (``pair_ranges``; on the
-  neighbour's whole-line grid for ``exact_calendar`` models such as eSSVI), with
+* calendar: ``w_j(k) >= w_{j-1}(k)`` where both slices publish IVs (``pair_ranges``: the
+  common range of their listed strikes, each widened to its quotes; on the neighbour's
+  whole-line grid for ``exact_calendar`` models such as eSSVI), with
   the shorter slice taken at its current parameters; row
   ``mu_cal * max(0, w_{j-1} - w_j) / W_SCALE``.
 
@@ -46,45 +47,76 @@ def slice_grids(data: FitData, n: int = G_POINTS) -> FloatArray:
     return np.asarray(np.linspace(-1.0, 1.0, n)[None, :] * half[:, None])
 
 
-def pair_ranges(data: FitData, margin: float = 0.02) -> tuple[FloatArray, FloatArray]:
-    """Per slice ``j >= 1``: the log-moneyness range quoted in both slices ``j-1`` and ``j``
-    (the calendar check's); entry 0 is a placeholder.
+def slice_ranges(data: FitData, listed: FloatArray | None = None) -> FloatArray:
+    """``(S, 2)``: per slice the log-moneyness range the calendar checks must cover: the
+    quoted range, widened to the expiry's listed strikes (``Prepared.listed_k``) where
+    given and finite (the greeks publish an IV at every listed strike)."""
+    S = data.n_slices
+    out = np.zeros((S, 2))
+    if S == 0:
+        return out
+    # quotes are sorted by slice (prepare); empty slices would break reduceat
+    starts = np.searchsorted(data.slice_idx, np.arange(S))
+    out[:, 0] = np.minimum.reduceat(data.k, starts)
+    out[:, 1] = np.maximum.reduceat(data.k, starts)
+    if listed is not None and listed.shape == (S, 2):
+        ok = np.all(np.isfinite(listed), axis=1)
+        out[ok, 0] = np.minimum(out[ok, 0], listed[ok, 0])
+        out[ok, 1] = np.maximum(out[ok, 1], listed[ok, 1])
+    return out
 
-    The intersection: outside it one of the two smiles is extrapolated (a short expiry's
-    linear SVI wings far beyond its last strike), and a "crossing" there says nothing the
-    market quotes. Where the ranges do not overlap, the check runs at the money.
+
+def common_range(ranges: FloatArray, a: int, b: int, margin: float = 0.02) -> tuple[float, float]:
+    """The range shared by slices ``a`` and ``b`` (``slice_ranges``) plus ``margin``; at
+    the money when they do not overlap."""
+    lo = max(float(ranges[a, 0]), float(ranges[b, 0])) - margin
+    hi = min(float(ranges[a, 1]), float(ranges[b, 1])) + margin
+    return (lo, hi) if lo <= hi else (-margin, margin)
+
+
+def pair_ranges(
+    data: FitData, margin: float = 0.02, listed: FloatArray | None = None
+) -> tuple[FloatArray, FloatArray]:
+    """Per slice ``j >= 1``: the log-moneyness range shared by slices ``j-1`` and ``j`` (the
+    calendar check's); entry 0 is a placeholder.
+
+    Without ``listed``: the intersection of the two quoted ranges (outside it one of the
+    two smiles is extrapolated). With ``listed`` (per slice the listed strikes' range,
+    ``Prepared.listed_k``): the intersection of the two slices' listed ranges (each widened
+    to its quotes), where both expiries publish IVs and a bot may hold either, extrapolated
+    smiles included: the independent check of the published IVs
+    (``streamer.tools.bench.arbcheck``) compares them there. Where the ranges do not
+    overlap, the check runs at the money.
     """
     S = data.n_slices
     if S == 0:
         return np.zeros(0), np.zeros(0)
-    # quotes are sorted by slice (prepare); empty slices would break reduceat
-    starts = np.searchsorted(data.slice_idx, np.arange(S))
-    kmin = np.minimum.reduceat(data.k, starts)
-    kmax = np.maximum.reduceat(data.k, starts)
+    ranges = slice_ranges(data, listed)
     lo = np.full(S, -margin)
     hi = np.full(S, margin)
-    lo[1:] = np.maximum(kmin[:-1], kmin[1:]) - margin
-    hi[1:] = np.minimum(kmax[:-1], kmax[1:]) + margin
-    apart = lo > hi
-    lo[apart], hi[apart] = -margin, margin
+    for j in range(1, S):
+        lo[j], hi[j] = common_range(ranges, j - 1, j, margin)
     return lo, hi
 
 
-def pair_grids(data: FitData, n: int) -> FloatArray:
+def pair_grids(data: FitData, n: int, listed: FloatArray | None = None) -> FloatArray:
     """``(S, n)``: row ``j`` spans ``pair_ranges``' range of slices ``j-1`` and ``j``."""
-    lo, hi = pair_ranges(data)
+    lo, hi = pair_ranges(data, listed=listed)
     u = np.linspace(0.0, 1.0, n)
     return np.asarray(lo[:, None] + (hi - lo)[:, None] * u[None, :])
 
 
-def hinge_grids(data: FitData) -> tuple[FloatArray, FloatArray, FloatArray]:
+def hinge_grids(
+    data: FitData, listed: FloatArray | None = None
+) -> tuple[FloatArray, FloatArray, FloatArray]:
     """The hinge rows' grids per slice: butterfly inner (``slice_grids``), butterfly outer
-    (+-3 and every quote, ``OUTER_POINTS``), calendar (``pair_grids``, ``G_POINTS``)."""
+    (+-3 and every quote, ``OUTER_POINTS``), calendar (``pair_grids`` with the listed
+    ranges ``listed``, ``G_POINTS``)."""
     S = data.n_slices
     lo = min(-3.0, float(data.k.min()) - 0.1)
     hi = max(3.0, float(data.k.max()) + 0.1)
     outer = np.tile(np.linspace(lo, hi, OUTER_POINTS), (S, 1))
-    return slice_grids(data), outer, pair_grids(data, G_POINTS)
+    return slice_grids(data), outer, pair_grids(data, G_POINTS, listed)
 
 
 def _butterfly(
@@ -118,21 +150,21 @@ def _butterfly(
 
 
 def hinge_rows(
-    model: Model, data: FitData
+    model: Model, data: FitData, listed: FloatArray | None = None
 ) -> Callable[[FloatArray], tuple[FloatArray, FloatArray]] | None:
     """``X (S, p) -> (rows (S, m), jacobian (S, m, p))`` for a model with ``block_jacobian``.
 
     Butterfly rows on two grids per slice: a fine one around the money (``slice_grids``) and
     a wide one over +-3 (and every quote), where short-dated wings bend; calendar rows on
-    ``pair_ranges``. (Models with a compiled kernel get the same rows in
-    ``streamer.calib.kernel``.)
+    ``pair_ranges`` (with ``listed``: the listed strikes' common range). (Models with a
+    compiled kernel get the same rows in ``streamer.calib.kernel``.)
     """
     block = getattr(model, "block_jacobian", None)
     if block is None or not model.per_expiry:
         return None
     iv_only = getattr(model, "iv_rows", None)  # values without derivatives, when offered
     S = data.n_slices
-    inner, outer, kcal = hinge_grids(data)
+    inner, outer, kcal = hinge_grids(data, listed)
     G = kcal.shape[1]
     T = data.slice_T
     kcal_flat = kcal[1:].ravel()

@@ -59,6 +59,11 @@ class Prepared:
     quote_index: IntArray  # position of each fitted quote in the snapshot
     expiry_ms: npt.NDArray[np.int64]  # per slice
     drops: Counter[str] = field(default_factory=Counter)
+    # per slice: the log-moneyness range (lowest, highest) of its expiry's listed strikes
+    # against the slice forward (the snapshot's ``listing`` where it has one, else its
+    # quotes): what the greeks publish, so what the calendar checks must cover; (0, 2):
+    # unknown (the quoted range stands in)
+    listed_k: FloatArray = field(default_factory=lambda: np.zeros((0, 2)))
 
     @property
     def expiries(self) -> tuple[str, ...]:
@@ -188,7 +193,29 @@ def _slices(
         quote_index=idx.astype(np.int64),
         expiry_ms=snap.expiry_ms[slices].astype(np.int64),
         drops=drops,
+        listed_k=_listed_k(snap, slices),
     )
+
+
+def _listed_k(snapshot: ChainSnapshot, slices: IntArray) -> FloatArray:
+    """``(S, 2)``: per slice (snapshot expiries ``slices``), the lowest and highest
+    ``ln(K / F)`` of its listed strikes (``Prepared.listed_k``)."""
+    out = np.zeros((len(slices), 2))
+    listing = snapshot.listing
+    codes = listing.expiries if listing is not None else snapshot.expiries
+    strike = listing.strike if listing is not None else snapshot.strike
+    exp_idx = listing.expiry_idx if listing is not None else snapshot.expiry_idx
+    for j, s in enumerate(slices.tolist()):
+        F = float(snapshot.forwards[s])
+        code = snapshot.expiries[s]
+        K = strike[exp_idx == codes.index(code)] if code in codes else np.zeros(0)
+        K = K[np.isfinite(K) & (K > 0)]
+        if not (K.size and np.isfinite(F) and F > 0):
+            out[j] = np.nan
+            continue
+        k = np.log(K / F)
+        out[j] = float(k.min()), float(k.max())
+    return out
 
 
 def _expiry_years(snapshot: ChainSnapshot) -> FloatArray:

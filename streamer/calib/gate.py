@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamer.calib import kernel
+from streamer.calib.constraints import common_range
 from streamer.calib.options import EXACT_CALENDAR_TOL, CalibConfig
 from streamer.calib.repair import calendar_grid, check_grid, repair_slice, total_variance
 from streamer.models.base import KERNEL_NONE, FitData, FloatArray, Model, Violation
@@ -101,6 +102,10 @@ class SliceGate:
     pen_w: FloatArray  # (S, p): the change penalty's weights
     has_prior: BoolArray
     prev: Prior
+    # per slice the range its calendar checks cover (``constraints.slice_ranges``): for a
+    # slice whose neighbour below was left out, the grid against the next one down spans
+    # the two's common range; None: ``k_cal``'s row as given
+    ranges: FloatArray | None = None
 
     def run(
         self,
@@ -145,6 +150,9 @@ class SliceGate:
         k_grid = k_cal[j] if j else np.zeros(1)
         if below is None:
             return found, None, k_grid
+        if below != j - 1 and self.ranges is not None:  # the slice(s) between were left out
+            lo, hi = common_range(self.ranges, below, j)
+            k_grid = np.linspace(lo, hi, k_cal.shape[1])
         if model.exact_calendar:  # the repair's grid reaches every k
             k_grid = np.sort(np.concatenate([k_grid, model.calendar_grid(x[below], 61)]))
         w_below = total_variance(model, x[below], k_grid, float(data.slice_T[below]))

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamer.calib import kernel
-from streamer.calib.constraints import hinge_grids, hinge_rows, pair_grids
+from streamer.calib.constraints import hinge_grids, hinge_rows, pair_grids, slice_ranges
 from streamer.calib.data import Prepared, in_band
 from streamer.calib.evaluate import fitted_iv, slice_evaluator
 from streamer.calib.gate import Prior, SliceGate, all_clean
@@ -183,10 +183,13 @@ class _SliceFit:
         model, data, x = self.model, self.data, self.x
         keep = self.keep = np.isfinite(self.data_cost) & np.all(np.isfinite(x), axis=1)
         own = model.arbitrage_slices(np.where(keep[:, None], x, self.lo), data.slice_T)
-        k_cal = pair_grids(data, 61)
+        k_cal = pair_grids(data, 61, self.prep.listed_k)
         if all_clean(model, self.cfg, x, keep, own, data.slice_T, k_cal):
             return True
-        gate = SliceGate(model, self.cfg, data, self.prior, self.pen_w, self.has_prior, self.prev)
+        gate = SliceGate(
+            model, self.cfg, data, self.prior, self.pen_w, self.has_prior, self.prev,
+            slice_ranges(data, self.prep.listed_k),
+        )  # fmt: skip
         gate.run(x, keep, own, k_cal, self.violations)
         if not keep.any():
             return False
@@ -229,7 +232,7 @@ def _runner(fit: _SliceFit) -> Runner:
     if model.kernel_kind == KERNEL_NONE:
         return _numpy_runner(fit)
     S, p = lower.shape
-    grids = hinge_grids(data)
+    grids = hinge_grids(data, fit.prep.listed_k)
     band = cfg.band(data)
     zeros = np.zeros((S, p))
     compiled = kernel.SliceProblem(
@@ -277,7 +280,7 @@ def _numpy_runner(fit: _SliceFit) -> Runner:
         fit.model, fit.cfg, fit.data, fit.starts, fit.lower, fit.upper
     )  # fmt: skip
     evaluate = slice_evaluator(model, data)
-    hinges = hinge_rows(model, data) if cfg.constraints_in_fit else None
+    hinges = hinge_rows(model, data, fit.prep.listed_k) if cfg.constraints_in_fit else None
 
     def run_numpy(
         x0: FloatArray,

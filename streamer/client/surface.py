@@ -22,9 +22,17 @@ the at-the-money total variance is linear in ``T`` (``C_atm(theta) = 2 N(sqrt(th
 solved exactly), a mixture that is free of static arbitrage by construction (it turns a flat
 smile into a mild smile, hence not the first choice). Before the first and after the last
 fitted expiry the smile is held flat in implied vol at fixed ``k`` (constant forward variance:
-"flat-forward"). Models whose parameters describe every maturity (Heston, Bates) are
-evaluated at ``T`` itself. The forward is interpolated linearly in ``ln F`` against ``T`` (a
-constant basis rate between expiries), extrapolated with the nearest segment's rate.
+"flat-forward"). Before the first that is free of static arbitrage: the total variance
+``l w1(k)`` (``l = T / T1 < 1``) lies below the first slice, and Durrleman's ``g`` of it,
+``(1 - k w1'/(2 w1))^2 + l (w1''/2 - w1'^2/(4 w1)) - l^2 w1'^2/16``, is concave in ``l``
+and non-negative at ``l = 0`` and ``l = 1``, so at every ``l`` between. After the last
+(``l > 1``) it can turn negative: the scaled slice is checked (the interpolation's grid,
+widened to +-2), and where it fails the price mixture between the last slice and the
+infinite-variance limit ``C = 1`` (per unit forward) is used instead, ``a`` so the ATM total
+variance scales like the flat rule's. Models whose parameters describe every maturity
+(Heston, Bates) are evaluated at ``T`` itself. The forward is interpolated linearly in
+``ln F`` against ``T`` (a constant basis rate between expiries), extrapolated with the
+nearest segment's rate.
 ``smile_at(T)`` is that maturity's smile as a function of ``k`` (the interpolation chosen
 once for ``T``).
 
@@ -189,9 +197,10 @@ class Surface:
         if hit.size:
             j = int(hit[0])
             return (lambda k: self._slice_iv(j, _k(k))), None, None
-        if Ts[0] > T or Ts[-1] < T:  # flat in implied vol at fixed k
-            j = 0 if Ts[0] > T else len(Ts) - 1
-            return (lambda k: self._slice_iv(j, _k(k))), None, None
+        if Ts[0] > T:  # before the first fitted expiry: flat in vol at fixed k
+            return (lambda k: self._slice_iv(0, _k(k))), None, None
+        if Ts[-1] < T:  # after the last
+            return self._long_smile(T)
         return self._interpolated_smile(int(np.searchsorted(Ts, T)) - 1, T)
 
     def _short_iv(self, k: FloatArray, T: float) -> FloatArray:
@@ -254,7 +263,47 @@ class Surface:
             return smile, atm, (grid, iv_grid)
         return (lambda k: self._mixture_iv(j, _k(k), T)), None, None
 
-    def _mixture_iv(self, j: int, k: FloatArray, T: float) -> FloatArray:
+    def _long_smile(self, T: float) -> tuple[Smile, float | None, Grid | None]:
+        """After the last fitted expiry: flat in implied vol at fixed ``k`` (total variance
+        scaled up: calendar-free) where that slice passes the butterfly check, else the
+        Gatheral-Jacquier price mixture between the last slice and the infinite-variance
+        limit ``C = 1`` (per unit forward), ATM total variance scaled like the flat rule."""
+        j = len(self.T) - 1
+        theta_j = float(self._slice_iv(j, np.zeros(1))[0] ** 2 * float(self.T[j]))
+        grid = _check_grid(theta_j * T / float(self.T[j]))
+        if _butterfly_free(grid, self._slice_iv(j, grid) ** 2 * T):
+            return (lambda k: self._slice_iv(j, _k(k))), None, None
+        return (lambda k: self._mixture_iv(j, _k(k), T, limit=1.0)), None, None
+
+    def _mixture_iv(
+        self, j: int, k: FloatArray, T: float, limit: float | None = None
+    ) -> FloatArray:
+        """Gatheral-Jacquier price mixture at ``T``: between slices ``j`` and ``j + 1``, or
+        (``limit``) between slice ``j`` and a bound of call prices per unit forward (``1.0``:
+        the infinite-variance limit ``C = 1``; ``0.0``: the intrinsic value, ``T = 0``)."""
+        if limit is not None:
+            return self._limit_mixture_iv(j, k, T, limit)
+        return self._pair_mixture_iv(j, k, T)
+
+    def _limit_mixture_iv(self, j: int, k: FloatArray, T: float, limit: float) -> FloatArray:
+        """``C(k, T) = a C_j(k) + (1 - a) C_lim(k)``, ``a`` so the ATM IV is slice ``j``'s."""
+        Tj = float(self.T[j])
+        thj = float(self._slice_iv(j, np.zeros(1))[0] ** 2 * Tj)
+        theta = thj * T / Tj
+        cj, c = _atm_call(thj), _atm_call(theta)
+        # the limit's ATM call: 0 (intrinsic) or 1
+        a = (c - limit) / (cj - limit) if abs(cj - limit) > 1e-14 else 1.0
+        a = min(max(a, 0.0), 1.0)
+        K = np.exp(k)
+        calls = k >= 0.0
+        one = np.ones(k.shape)
+        pj = np.asarray(black_price(one, K, np.full(k.shape, Tj), self._slice_iv(j, k), calls))
+        # the limit's out-of-the-money price: 0 (intrinsic) or, from C = 1, C = 1 and P = K
+        p_lim = np.where(calls, 1.0, K) if limit > 0.0 else np.zeros(k.shape)
+        price = a * pj + (1.0 - a) * p_lim
+        return np.asarray(implied_vol(price, one, K, np.full(k.shape, T), calls), dtype=np.float64)
+
+    def _pair_mixture_iv(self, j: int, k: FloatArray, T: float) -> FloatArray:
         """Gatheral-Jacquier price interpolation between slices ``j`` and ``j + 1``."""
         T1, T2 = float(self.T[j]), float(self.T[j + 1])
         zero = np.zeros(1)
@@ -334,6 +383,14 @@ def _butterfly_free(k: FloatArray, w: FloatArray) -> bool:
     C = np.asarray(black_price(1.0, K, 1.0, np.sqrt(w), True))
     slope = np.diff(C) / np.diff(K)
     return bool(np.all(slope <= 1e-12) and np.all(np.diff(slope) >= -1e-10))
+
+
+def _check_grid(theta: float) -> FloatArray:
+    """The butterfly check's grid of a slice of ATM total variance ``theta``: +-3 standard
+    deviations (``CHECK_POINTS``) and +-2 in log-moneyness (where the listed strikes reach)."""
+    half = 3.0 * math.sqrt(max(theta, 1e-8))
+    k = np.sort(np.concatenate([np.linspace(-half, half, CHECK_POINTS), np.linspace(-2, 2, 81)]))
+    return np.asarray(k[np.concatenate([[True], np.diff(k) > 1e-6])])  # no near-repeats
 
 
 def _atm_call(theta: float) -> float:
