@@ -17,6 +17,7 @@ import numpy as np
 
 from streamer.book.book import Book
 from streamer.calib.calibrator import Calibrator
+from streamer.calib.options import CalibConfig
 from streamer.config import TriggerConfig
 from streamer.daemon.pipeline import Message, Pipeline
 from streamer.events import FeedStatus, InstrumentListed, Quote
@@ -52,11 +53,13 @@ def greeks_of(msgs: list[Message]) -> dict[str, dict[str, Any]]:
 
 
 def test_every_listed_instrument_gets_greeks_fitted_or_not() -> None:
-    """A 1-day expiry (below the calibrator's min_T_days: not fitted), an expiry with one
-    quoted option only (too thin to fit), an option listed but never quoted, and one whose
-    quote went stale: every one of them is in the greeks, with a model IV."""
+    """A 1-day expiry (below the calibrator's min_T_days, set to half a day here: not
+    fitted), an expiry with one quoted option only (too thin to fit), an option listed but
+    never quoted, and one whose quote went stale: every one of them is in the greeks, with a
+    model IV."""
     instruments, frames = chain_frames(NOW_MS)
-    pipe = Pipeline(models=["svi"], trigger=TRIGGER, stale_after_s=60.0)
+    calib = {"svi": CalibConfig.for_model(SVI, {"filters": {"min_T_days": 0.5}})}
+    pipe = Pipeline(models=["svi"], trigger=TRIGGER, stale_after_s=60.0, calib=calib)
     # a listed expiry with a single quote, and an extra strike that is never quoted
     lonely = "BTC-14JAN30-60000-C"
     never = "BTC-31JAN30-123456-C"
