@@ -184,3 +184,4 @@ async def test_two_shards_through_a_bridge_survive_a_shard_restart(
                     p.wait(15)
                 if p.poll() is None:
                     p.kill()
+                    p.wait(10)  # reaped: no "still running" warning in a later test
