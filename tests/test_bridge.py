@@ -28,6 +28,7 @@ import aiomqtt
 import numpy as np
 import pytest
 
+from streamer.daemon.pipeline import Pipeline
 from streamer.feeds.deribit.fake import FakeDeribitServer, ScriptFrame
 from tests.conftest import UNIT
 from tests.mosquitto import Mosquitto, find_mosquitto
@@ -50,6 +51,14 @@ def chain(underlying: str, rounds: int = 4) -> tuple[list[dict[str, Any]], list[
         instruments, tickers = deribit_chain(snap)
         script += [ScriptFrame(f"ticker.{t['instrument_name']}", t) for t in tickers]
     return instruments, script
+
+
+@pytest.fixture(scope="module")
+def compiled() -> None:
+    """SVI's kernels compiled into the numba cache the daemons load from: on a fresh clone
+    (an empty cache) two shards starting together would otherwise both compile them, slowly
+    enough on a loaded machine to run past the test's wait for their first surfaces."""
+    Pipeline(models=["svi"]).warm_up()
 
 
 @pytest.fixture
@@ -126,7 +135,7 @@ ETH = "streamer/deribit/ETH/svi/surface"
 
 
 async def test_two_shards_through_a_bridge_survive_a_shard_restart(
-    brokers: tuple[Mosquitto, Mosquitto], tmp_path: Path
+    compiled: None, brokers: tuple[Mosquitto, Mosquitto], tmp_path: Path
 ) -> None:
     a, b = brokers
     btc_inst, btc_script = chain("BTC")
