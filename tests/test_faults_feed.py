@@ -326,7 +326,9 @@ async def test_silent_stall_goes_stale_and_stale_quotes_leave_the_snapshot() -> 
         book = rig.book()
         # as their quotes age past stale_after_s, snapshots leave them out, all of them
         await rig.wait(lambda: without_first() and book.drops["stale"] == len(gone))
-        assert set(book.drops) == {"stale"}
+        # nothing else left them (a slow machine may also snapshot a listing whose first
+        # ticker after the reconnect has not arrived yet: counted no_quote, not a loss)
+        assert set(book.drops) - {"no_quote"} == {"stale"}
         assert len(book) == len(rig.instruments)  # still listed, only not quoted
         assert surf["status"] == "ok" and rig.feed.sessions >= 2
         statuses = rig.statuses()
