@@ -76,3 +76,39 @@ def test_missing_ivs_are_skipped_and_greeks_payloads_read() -> None:
     strikes, iv = smiles[0].clean()
     assert strikes.tolist() == [90_000.0, 110_000.0] and iv.tolist() == [0.6, 0.6]
     assert check(smiles) == []
+
+
+def _parabola(T: float, strikes: np.ndarray, shift: float, expiry: str) -> Smile:
+    """Total variance ``0.05 + 0.1 k^2 + shift`` (convex in k, butterfly-free on -1 <= k <= 0.5)."""
+    k = np.log(strikes / F)
+    return Smile(expiry, T, F, strikes.copy(), np.sqrt((0.05 + 0.1 * k * k + shift) / T))
+
+
+def test_a_convex_wing_between_sparse_strikes_is_not_a_calendar_finding() -> None:
+    """The longer expiry lies above the shorter one everywhere (by 0.0005 in total variance),
+    but below the chord of the shorter one's total variance between its sparse wing strikes
+    (0.006 above its curve halfway): the listed prices admit an arbitrage-free reading, so no
+    finding (a linear interpolation of w in k would flag every dense strike in between)."""
+    sparse = F * np.exp(np.array([-1.0, -0.5, 0.0, 0.5]))
+    dense = F * np.exp(np.linspace(-1.0, 0.5, 31))
+    short = _parabola(0.1, sparse, 0.0, "A")
+    long = _parabola(0.2, dense, 0.0005, "B")
+    k = np.log(dense / F)
+    w_chord = np.interp(k, np.log(sparse / F), 0.05 + 0.1 * np.log(sparse / F) ** 2)
+    assert np.any(w_chord > 0.05 + 0.1 * k * k + 0.0005 + 1e-3)  # the old reading's finding
+    assert calendar(short, long) == []
+
+
+def test_a_calendar_between_strikes_that_no_interpolation_avoids_is_found() -> None:
+    """The longer expiry below the shorter one in total variance: long strikes strictly
+    between the shorter one's strikes are found too, not only shared ones. With a chain's
+    strike spacing (0.1 in k) a deficit of 0.01 is certain at every strike; with strikes 0.5
+    apart, one of 0.05 is."""
+    dense = F * np.exp(np.linspace(-0.95, 0.45, 29))
+    for step, deficit in ((0.1, -0.01), (0.5, -0.05)):
+        short_k = np.arange(-1.0, 0.5 + 1e-9, step)
+        found = calendar(
+            _parabola(0.1, F * np.exp(short_k), 0.0, "A"), _parabola(0.2, dense, deficit, "B")
+        )
+        assert {f.strike for f in found} >= set(dense.tolist())
+        assert all(f.check == "calendar" and f.expiry == "B" for f in found)

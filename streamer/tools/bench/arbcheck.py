@@ -13,8 +13,17 @@ strikes when (Carr & Madan 2005, "A note on sufficient conditions for no arbitra
 
 Between neighbouring expiries ``T_a < T_b``, ``calendar``: total variance ``w = iv^2 T`` must
 not fall at fixed log-moneyness ``k = ln(K/F)`` (Gatheral 2004; exact for the undiscounted,
-proportional-dividend case), checked on the two expiries' common ``k`` range at each one's
-strikes, the other's ``w`` linearly interpolated in ``k``.
+proportional-dividend case), i.e. ``c_b(x) >= c_a(x)`` at every ``x = K/F``, checked on the two
+expiries' common range at each one's listed strikes. The other expiry is known only at its own
+strikes, so a finding is a *certain* arbitrage of the listed prices: the long expiry's call at
+one of its strikes lies below the lowest call price any convex, monotone interpolation of the
+short expiry's listed calls allows there (the tangent extensions of its neighbouring chords,
+``c(x_{i+1})``, ``c(x_i) - (x - x_i)`` and the intrinsic value), or the short expiry's call at
+one of its strikes lies above the highest the long expiry's allows (its chord). Interpolating
+the other expiry's ``w`` linearly in ``k`` instead (this module's first version) flags convex
+wings between sparse strikes that no arbitrage-free reading of the quotes carries: the chord
+of a convex ``w`` lies above it. The tolerance is the one in total variance, ``W_TOL_ABS +
+W_TOL_REL * w``, turned into price by the call's sensitivity ``dc/dw = x phi(d2) / (2 sqrt(w))``.
 
 Each violation beyond the tolerances is one ``Finding``. Strikes with no finite IV are
 skipped (a missing IV is the quality measure's business); calls and puts of one strike share
@@ -67,7 +76,7 @@ class Finding:
     check: str  # "monotone" | "convexity" | "calendar"
     expiry: str  # the (longer) expiry it concerns
     strike: float
-    amount: float  # price per unit of forward (butterfly checks), total variance (calendar)
+    amount: float  # price per unit of forward
 
 
 def black_call(x: FloatArray, T: float, iv: FloatArray) -> FloatArray:
@@ -102,36 +111,67 @@ def butterfly(smile: Smile) -> list[Finding]:
     return out
 
 
+def _lowest(x: FloatArray, c: FloatArray, at: FloatArray) -> FloatArray:
+    """The lowest call price at ``at`` (inside ``[x[0], x[-1]]``) of any convex call curve
+    with slope in ``[-1, 0]`` through the points ``(x, c)``."""
+    n = len(x)
+    i = np.clip(np.searchsorted(x, at, side="right") - 1, 0, n - 2)
+    lo = np.maximum(np.maximum(1.0 - at, 0.0), c[i + 1])  # intrinsic; decreasing in x
+    lo = np.maximum(lo, c[i] - (at - x[i]))  # slope >= -1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = np.diff(c) / np.diff(x)
+    left = i >= 1  # tangent extension of the chord to the left of the bracket
+    ext = c[i] + slope[np.maximum(i - 1, 0)] * (at - x[i])
+    lo = np.where(left, np.maximum(lo, ext), lo)
+    right = i + 2 <= n - 1  # ... and of the one to its right
+    ext = c[i + 1] + slope[np.minimum(i + 1, n - 2)] * (at - x[i + 1])
+    lo = np.where(right, np.maximum(lo, ext), lo)
+    exact = np.isclose(at, x[i], rtol=0.0, atol=1e-15)
+    return np.asarray(np.where(exact, c[i], lo), dtype=np.float64)
+
+
+def _dc_dw(x: FloatArray, w: FloatArray) -> FloatArray:
+    """Sensitivity of the undiscounted Black call per unit of forward to total variance."""
+    sd = np.sqrt(w)
+    d2 = -np.log(x) / sd - 0.5 * sd
+    return np.asarray(x * np.exp(-0.5 * d2 * d2) / (2.0 * math.sqrt(2.0 * math.pi) * sd))
+
+
 def calendar(short: Smile, long: Smile) -> list[Finding]:
-    """Total variance of ``long`` below that of ``short`` at fixed ``k`` (common range)."""
+    """Listed calls of ``long`` below what ``short``'s listed calls force, or the reverse
+    (module docstring), on the two expiries' common range of ``x = K/F``."""
     out: list[Finding] = []
     Ka, iva = short.clean()
     Kb, ivb = long.clean()
-    if len(Ka) < 1 or len(Kb) < 2 or not (short.forward > 0 and long.forward > 0):
+    if len(Ka) < 2 or len(Kb) < 2 or not (short.forward > 0 and long.forward > 0):
         return out
-    ka, wa = np.log(Ka / short.forward), iva * iva * short.T
-    kb, wb = np.log(Kb / long.forward), ivb * ivb * long.T
-    lo, hi = max(ka[0], kb[0]), min(ka[-1], kb[-1])
+    xa, xb = Ka / short.forward, Kb / long.forward
+    ca, cb = black_call(xa, short.T, iva), black_call(xb, long.T, ivb)
+    wa, wb = iva * iva * short.T, ivb * ivb * long.T
+    lo, hi = max(xa[0], xb[0]), min(xa[-1], xb[-1])
     if not lo < hi:
         return out
     seen: set[float] = set()
-    for k_nodes, K_nodes, own_is_short in ((ka, Ka, True), (kb, Kb, False)):
-        m = (k_nodes >= lo) & (k_nodes <= hi)
-        kk = k_nodes[m]
-        if own_is_short:
-            w_short, w_long = wa[m], np.interp(kk, kb, wb)
-        else:
-            if len(ka) < 2:
-                continue
-            w_short, w_long = np.interp(kk, ka, wa), wb[m]
-        gap = w_short - w_long
-        tol = W_TOL_ABS + W_TOL_REL * np.maximum(w_short, w_long)
-        for i in np.flatnonzero(gap > tol):
-            strike = float(K_nodes[m][i])
-            if strike in seen:  # one finding per listed strike (it may be a node of both)
-                continue
-            seen.add(strike)
-            out.append(Finding("calendar", long.expiry, strike, float(gap[i])))
+
+    def tol(x: FloatArray, w: FloatArray) -> FloatArray:
+        return np.asarray(PRICE_TOL + _dc_dw(x, w) * (W_TOL_ABS + W_TOL_REL * w))
+
+    # the long expiry's strikes: its call against the lowest the short's quotes allow
+    m = (xb >= lo) & (xb <= hi)
+    gap = _lowest(xa, ca, xb[m]) - cb[m]
+    for i in np.flatnonzero(gap > tol(xb[m], wb[m])):
+        strike = float(Kb[m][i])
+        seen.add(strike)
+        out.append(Finding("calendar", long.expiry, strike, float(gap[i])))
+    # the short expiry's strikes: its call against the highest the long's quotes allow (chord)
+    m = (xa >= lo) & (xa <= hi)
+    gap = ca[m] - np.interp(xa[m], xb, cb)
+    for i in np.flatnonzero(gap > tol(xa[m], wa[m])):
+        strike = float(Ka[m][i])
+        if strike in seen:  # one finding per listed strike (it may be a node of both)
+            continue
+        seen.add(strike)
+        out.append(Finding("calendar", long.expiry, strike, float(gap[i])))
     return out
 
 
