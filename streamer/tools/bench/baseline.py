@@ -171,19 +171,18 @@ def ceiling(model: Model, s: Scored, seed: int = 0) -> dict[int, SliceFn]:
         # fits are candidates too
         n_guess = min(len(starts), 3)
         pre: list[tuple[float, FloatArray]] = []
-        for i in range(n_guess):
-            x0 = np.clip(starts[i], lo + 1e-9 * (hi_f - lo_f), hi - 1e-9 * (hi_f - lo_f))
-            r = _solve(res_mid, x0, lo, hi)
+        inner = (lo + 1e-9 * (hi_f - lo_f), hi - 1e-9 * (hi_f - lo_f))
+        for i, start in enumerate(starts):
+            x0 = np.clip(start, *inner)
+            if i < n_guess:
+                r = _solve(res_mid, x0, lo, hi)
+                if r is not None:
+                    pre.append(r)
+                    x0 = np.clip(r[1], *inner)
+            r = _solve(res, x0, lo, hi, jac if has_jac else None)
             if r is not None:
-                starts[i] = r[1]
                 pre.append(r)
         best: tuple[float, float, FloatArray] | None = None
-        for start in starts:
-            x0 = np.clip(start, lo + 1e-9 * (hi_f - lo_f), hi - 1e-9 * (hi_f - lo_f))
-            r = _solve(res, x0, lo, hi, jac if has_jac else None)
-            if r is None:
-                continue
-            pre.append(r)
         for r in pre:
             # the start whose fit puts most quotes in the band wins (then the lower cost)
             iv = _model_fn(model, r[1], T)(k)
