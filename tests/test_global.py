@@ -1,8 +1,8 @@
 """The global search (``streamer.calib.global_opt``) and its place in the cold step.
 
 References: the LM's own cost at the same point (``solve`` with no iteration) and the soft-L1
-formula written out here, each model's ``implied_vol`` row by row for the compiled population
-pricers, and the known parameters of synthetic chains for the searches.
+formula written out here, each model's LM evaluation (``surface_evaluator``) row by row for the
+compiled population pricers, and the known parameters of synthetic chains for the searches.
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ def test_population_cost_is_the_lm_cost() -> None:
     cost = population_cost(problem, iv)
     for i, x in enumerate(X):
         lm = solve(problem, x[None, :], max_iter=0)
-        assert cost[i] == pytest.approx(float(lm.data_cost[0]), rel=1e-12)
+        # the same prices to the fit's tolerance (1e-10 of the forward: the LM's series also
+        # waits for the gradient's terms to die, the population's only for the prices')
+        assert cost[i] == pytest.approx(float(lm.data_cost[0]), rel=1e-8)
         r = data.weight * (iv[i] - data.iv)  # soft_l1 with f = 1, written out
         assert cost[i] == pytest.approx(0.5 * np.sum(2.0 * (np.sqrt(1.0 + r * r) - 1.0)))
     nan_iv = iv.copy()
@@ -85,9 +87,10 @@ def test_population_iv_matches_implied_vol(name: str) -> None:
     guess = model.initial_guesses(data)[0]
     X = np.array([np.clip(guess * rng.uniform(0.8, 1.2, guess.shape), lo, hi) for _ in range(3)])
     pop = population_evaluator(model, data)(X)
+    evaluate = surface_evaluator(model, data)  # what the LM prices (at the fit's tolerance)
     for i, x in enumerate(X):
-        ref = model.implied_vol(x, data.k, data.T, data.slice_idx)
-        np.testing.assert_allclose(pop[i], ref, rtol=1e-12, atol=0.0, equal_nan=True)
+        ref = evaluate(x[None, :])[0]
+        np.testing.assert_allclose(pop[i], ref, rtol=1e-8, atol=0.0, equal_nan=True)
 
 
 def test_search_space_ties_pieces_and_maps_the_box() -> None:

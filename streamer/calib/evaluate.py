@@ -36,11 +36,17 @@ def slice_evaluator(model: Model, data: FitData) -> Evaluate:
 
 
 def surface_evaluator(model: Model, data: FitData) -> Evaluate:
-    """``X (1, P) -> (iv, jacobian)`` for a surface model (one block)."""
+    """``X (1, P) -> (iv, jacobian)`` for a surface model (one block): the model's
+    ``fit_iv_and_jacobian`` where it has one (one pass, at its fit tolerance), else
+    ``implied_vol`` and ``jacobian`` (forward differences without one)."""
     k, T, idx = data.k, data.T, data.slice_idx
+    one_pass = getattr(model, "fit_iv_and_jacobian", None)
 
     def evaluate(X: FloatArray) -> tuple[FloatArray, FloatArray]:
         x = X[0]
+        if one_pass is not None:  # vols and Jacobian in one sweep, at the fit's tolerance
+            iv, jac = one_pass(x, k, T)
+            return np.asarray(iv, dtype=np.float64), np.asarray(jac, dtype=np.float64)
         iv = np.asarray(model.implied_vol(x, k, T, idx), dtype=np.float64)
         jac = model.jacobian(x, k, T, idx)
         if jac is None:

@@ -60,7 +60,64 @@ def slice_smiles(
     k: FloatArray, iv: FloatArray, slice_idx: IntArray, slice_T: FloatArray
 ) -> FloatArray:
     """Per slice ``(a, b, c)`` of the quadratic ``a + b z + c z^2`` (rows of NaN for a slice
-    without a finite vol)."""
+    without a finite vol): every slice in a few array operations (``slice_smiles_loop``
+    slice by slice, the reference, where a slice's normal equations are singular)."""
+    S = slice_T.shape[0]
+    ok = np.isfinite(iv)
+    if S == 0 or not np.any(ok):
+        return np.full((S, 3), np.nan)
+    kk, vv, jj = k[ok], iv[ok], slice_idx[ok]
+    n = np.bincount(jj, minlength=S)
+    # a0: the median vol of the (up to) 4 quotes nearest the forward
+    order = np.lexsort((np.abs(kk), jj))
+    first = np.concatenate([[0], np.cumsum(n)[:-1]])
+    take = first[:, None] + np.arange(4)[None, :]
+    near = np.where(
+        np.arange(4)[None, :] < n[:, None], vv[order][np.minimum(take, kk.size - 1)], np.nan
+    )
+    has = n > 0
+    srt = np.sort(near, axis=1)  # NaN padding sorts last
+    c = np.minimum(n, 4)
+    rows = np.arange(S)
+    lo_i, hi_i = np.maximum(c - 1, 0) // 2, c // 2
+    a0 = np.where(has, 0.5 * (srt[rows, lo_i] + srt[rows, np.minimum(hi_i, 3)]), np.nan)
+    sd = np.maximum(a0 * np.sqrt(slice_T), 1e-6)
+    z = kk / sd[jj]
+    use = np.abs(z) <= Z_FIT
+    few = np.bincount(jj, weights=use.astype(np.float64), minlength=S) < 3
+    use |= few[jj]
+    zu, vu, ju = z[use], vv[use], jj[use]
+    cnt = np.bincount(ju, minlength=S)
+    hi_z = np.full(S, -np.inf)
+    lo_z = np.full(S, np.inf)
+    np.maximum.at(hi_z, ju, zu)
+    np.minimum.at(lo_z, ju, zu)
+    ptp = np.where(cnt > 0, hi_z - lo_z, 0.0)
+    deg = np.where((cnt >= 3) & (ptp > 0.5), 2, np.where(ptp > 0.0, 1, 0))
+    mom = np.stack([np.bincount(ju, weights=zu**p, minlength=S) for p in range(5)], axis=1)
+    rhs = np.stack([np.bincount(ju, weights=vu * zu**p, minlength=S) for p in range(3)], axis=1)
+    M = np.stack([mom[:, i : i + 3] for i in range(3)], axis=1)  # (S, 3, 3): sum z^(i+j)
+    live = np.arange(3)[None, :] <= deg[:, None]
+    both = live[:, :, None] & live[:, None, :]
+    M = np.where(both, M, np.eye(3)[None, :, :])
+    rhs = np.where(live, rhs, 0.0)
+    try:
+        coef = np.linalg.solve(M[has], rhs[has][:, :, None])[:, :, 0]
+    except np.linalg.LinAlgError:
+        return slice_smiles_loop(k, iv, slice_idx, slice_T)
+    out = np.full((S, 3), np.nan)
+    out[has] = coef
+    bad = has & ~(out[:, 0] > 0.0)
+    out[bad] = np.stack([a0[bad], np.zeros(int(bad.sum())), np.zeros(int(bad.sum()))], axis=1)
+    if not np.all(np.isfinite(out[has])):
+        return slice_smiles_loop(k, iv, slice_idx, slice_T)
+    return out
+
+
+def slice_smiles_loop(
+    k: FloatArray, iv: FloatArray, slice_idx: IntArray, slice_T: FloatArray
+) -> FloatArray:
+    """``slice_smiles`` slice by slice (least squares, any rank)."""
     S = slice_T.shape[0]
     out = np.full((S, 3), np.nan)
     for j in range(S):

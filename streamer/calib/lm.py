@@ -42,6 +42,7 @@ MU_INIT = 1e-3
 MU_MAX = 1e12
 STALL_ITERS = 10
 STALL_RTOL = 1e-4
+CREEP = 0.02  # secant steps once an accepted step buys less than this share of the cost
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,12 @@ def _normal_equations(
     rs = pt.r * np.sqrt(pt.drho)
     rs = np.where(np.isfinite(rs), rs, 0.0)
     if starts.shape[0] == 1:
-        A = (wj.T @ wj)[None, :, :]
-        g = (wj.T @ rs)[None, :]
+        # a contiguous transpose: OpenBLAS runs this product on one thread (the transposed
+        # view takes its threaded path, whose spinning workers cost more CPU than the product
+        # on a shared machine)
+        wt = np.ascontiguousarray(wj.T)
+        A = np.dot(wt, wj)[None, :, :]
+        g = np.dot(wt, rs)[None, :]
     else:
         A = _block_sum(wj[:, :, None] * wj[:, None, :], starts)
         g = _block_sum(wj * rs[:, None], starts)
@@ -241,6 +246,47 @@ def _take(old: _Point, new: _Point, accept: npt.NDArray[np.bool_], block_of: Int
     )
 
 
+def _secant_update(S: FloatArray, s: FloatArray, y: FloatArray, A_new: FloatArray) -> FloatArray:
+    """The structured secant update of the second-order term ``S`` (per block, in place of
+    ``sum_i rho_i r_i nabla^2 r_i``, which Gauss-Newton leaves out): Dennis, Gay and Welsch's
+    symmetric rank-two update (NL2SOL, 1981) with their sizing, such that
+    ``(A_new + S_new) s = y`` for the step ``s`` and gradient change ``y``; ``A_new`` the
+    Gauss-Newton matrix at the new point. Blocks with ``y's`` not positive keep ``S``."""
+    ys = np.einsum("bi,bi->b", y, s)
+    y_sharp = y - np.einsum("bij,bj->bi", A_new, s)
+    Ss = np.einsum("bij,bj->bi", S, s)
+    sSs = np.einsum("bi,bi->b", s, Ss)
+    # sizing (Dennis, Gay and Welsch 1981, eq. 3.4): shrink S where it overstates curvature
+    tau = np.where(
+        np.abs(sSs) > 0.0,
+        np.minimum(
+            1.0, np.abs(np.einsum("bi,bi->b", s, y_sharp)) / np.maximum(np.abs(sSs), 1e-300)
+        ),
+        1.0,
+    )
+    S = tau[:, None, None] * S
+    v = y_sharp - tau[:, None] * Ss
+    ok = ys > 1e-300
+    inv = np.where(ok, 1.0 / np.where(ok, ys, 1.0), 0.0)
+    vs = np.einsum("bi,bi->b", v, s)
+    upd = (v[:, :, None] * y[:, None, :] + y[:, :, None] * v[:, None, :]) * inv[:, None, None] - (
+        vs * inv * inv
+    )[:, None, None] * y[:, :, None] * y[:, None, :]
+    out: FloatArray = np.where(ok[:, None, None], S + upd, S)
+    return out
+
+
+def _positive_definite(M: FloatArray) -> npt.NDArray[np.bool_]:
+    """Per block: is the symmetric matrix positive definite (a Cholesky factor exists)?"""
+    out = np.ones(M.shape[0], dtype=np.bool_)
+    for b in range(M.shape[0]):
+        try:
+            np.linalg.cholesky(M[b])
+        except np.linalg.LinAlgError:
+            out[b] = False
+    return out
+
+
 def solve(
     problem: LMProblem,
     x0: FloatArray,
@@ -248,6 +294,7 @@ def solve(
     max_iter: int = 50,
     ftol: float = 1e-5,
     xtol: float = 1e-9,
+    secant: bool = False,
 ) -> LMResult:
     """Minimise every block's objective from ``x0`` (shape ``(B, p)``).
 
@@ -256,6 +303,12 @@ def solve(
     ``STALL_ITERS`` iterations that bought less than ``STALL_RTOL`` of its cost (a block
     creeping along a flat valley, SVI's a/b/sigma trade-off). Variables on a bound whose
     descent direction leaves the box are held there for the step.
+
+    ``secant``: augment the Gauss-Newton matrix with a secant estimate of the second-order
+    term (``_secant_update``; NL2SOL, Dennis, Gay and Welsch 1981), for large-residual
+    problems where Gauss-Newton converges only linearly (a misspecified surface model
+    creeping along a flat valley); a block whose augmented matrix is not positive definite,
+    or whose last augmented step failed, takes the plain Gauss-Newton step.
     """
     lower, upper = problem.lower, problem.upper
     cur = _point(problem, np.clip(np.asarray(x0, dtype=np.float64), lower, upper))
@@ -269,9 +322,28 @@ def solve(
     checkpoint = cur.total
     converged = np.zeros(n_blocks, dtype=np.bool_)
     iterations = 0
+    p = cur.x.shape[1]
+    S = np.zeros((n_blocks, p, p))
+    use_s = np.zeros(n_blocks, dtype=np.bool_)  # the last step was augmented
+    last: tuple[FloatArray, FloatArray] | None = None  # (x, gradient) before the last accept
+    creeping = np.zeros(n_blocks, dtype=np.bool_)  # the last accepted step bought < CREEP
     for iterations in range(1, max_iter + 1):
         A, g = _normal_equations(problem, cur, pw2)
+        if secant:
+            if last is not None:
+                moved_x = cur.x - last[0]
+                fresh = np.any(moved_x != 0.0, axis=1)
+                if fresh.any():
+                    S = np.where(
+                        fresh[:, None, None], _secant_update(S, moved_x, g - last[1], A), S
+                    )
+            aug = A + S
+            # only in the creeping phase: far from the optimum the estimate misleads
+            good = creeping & _positive_definite(aug + 1e-12 * np.eye(p))
+            A = np.where(good[:, None, None], aug, A)
+            use_s = good
         held = ((cur.x <= lower) & (g > 0.0)) | ((cur.x >= upper) & (g < 0.0))
+        g_full = g
         g = np.where(held, 0.0, g)
         step = _step(A, g, mu, held)
         step[converged] = 0.0
@@ -294,6 +366,12 @@ def solve(
             | ((predicted <= ftol * scale) & ~clipped)
             | (moved <= xtol)
         )
+        if secant:
+            last = (cur.x.copy(), g_full)
+            gain = (old_total - new_total) / scale
+            creeping = np.where(accept, gain < CREEP, creeping)
+            # a failed augmented step: forget the second-order estimate
+            S = np.where((use_s & ~accept & ~converged)[:, None, None], 0.0, S)
         cur = _take(cur, new, accept, block_of)
         mu = np.where(accept, np.maximum(mu / 3.0, 1e-12), mu * 4.0)
         converged |= small | (mu > MU_MAX)

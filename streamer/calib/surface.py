@@ -89,9 +89,20 @@ class _SurfaceFit:
         problem = self.cfg.problem(
             self.evaluate, self.data, self.starts, lo[None, :], hi[None, :], prior, pen_w
         )
-        res = solve(problem, np.asarray(x0, dtype=np.float64)[None, :], max_iter=max_iter)
+        # penalty-free (cold) fits of a model that asks for it take the secant-augmented LM
+        secant = prior is None and bool(getattr(self.model, "secant_lm", False))
+        res = solve(
+            problem, np.asarray(x0, dtype=np.float64)[None, :], max_iter=max_iter, secant=secant
+        )
         self.nfev += res.nfev
         return res
+
+    def race(self, starts: list[FloatArray]) -> list[LMResult]:
+        """Penalty-free LM runs from every one of ``starts`` to convergence. (Successive
+        halving - a few iterations from each start, then only the best carried on - picked
+        the wrong basin of Bates on a third of the shared chains: its early costs do not
+        rank the basins, so each start runs in full.)"""
+        return [self._solve(g, self.cfg.max_iter_cold) for g in starts]
 
     # -- 1. warm start ---------------------------------------------------------------------
     def warm(self) -> LMResult | None:
@@ -131,9 +142,13 @@ class _SurfaceFit:
         learned = learned_guess(self.model, self.data) if cfg.cold_start != "guesses" else None
         if cfg.cold_start == "guesses" or (cfg.cold_start == "learned" and learned is None):
             starts.extend(self.guesses())
-        elif learned is not None and cfg.cold_start == "learned":
-            starts.append(learned)
         runs = [self._solve(g, cfg.max_iter_cold) for g in starts]
+        if learned is not None and cfg.cold_start == "learned":
+            # the network's guess, and the model's other basins near it (``learned_rivals``)
+            rivals = getattr(self.model, "learned_rivals", None)
+            runs.extend(self.race([learned, *([] if rivals is None else rivals(learned))]))
+        if cfg.cold_start == "learned" and learned is not None and self._doubtful(runs):
+            runs.extend(self.race(self.guesses()))  # the hand-made starts before the search
         if cfg.cold_start == "global" or (cfg.cold_start == "learned" and self._doubtful(runs)):
             seeds = [*starts, *([] if learned is None else [learned]), *self.guesses()]
             runs.append(self.global_fit(seeds))
