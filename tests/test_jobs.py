@@ -226,3 +226,132 @@ async def test_tenors_and_greeks_wait_for_the_surfaces_in_flight(
     first = {item: order.index(item) for item in set(order)}
     assert first[("svi", "surface")] < first[("ssvi", "surface")]
     assert first[("ssvi", "surface")] < first[("svi", "tenors")] < first[("svi", "greeks")]
+
+
+def _bids(snap: Any) -> dict[str, float]:
+    return dict(zip(snap.instrument, snap.bid.tolist(), strict=True))
+
+
+def test_a_job_that_picks_up_stale_work_fits_the_book_as_it_is_now() -> None:
+    """A snapshot handed to a busy job (latest wins) is as old as the job's queue: when the job
+    picks it up after the book changed, it fits a fresh snapshot (the newest quotes, measured
+    from the newest frame); a snapshot it picks up at once, or of a book that did not change,
+    is fitted as it is."""
+    cfg = load_config(None)
+    cfg = dataclasses.replace(
+        cfg,
+        models=dataclasses.replace(cfg.models, names=("svi",)),
+        trigger=dataclasses.replace(
+            cfg.trigger, min_changed_quotes=1, min_interval_s=0.0, warmup_s=0.0
+        ),
+    )
+    service = Service(cfg, publishers=[MemoryPublisher()])
+    p = service.pipeline
+    job = service_module._Job("svi")
+    service._jobs[("deribit", "BTC")] = {"svi": job}  # the job, without its worker task
+    first = tickers(NOW_MS)
+    moved = [dict(t, best_bid_price=round(float(t["best_bid_price"]) * 0.9, 8)) for t in first]
+    ns = time.time_ns()
+
+    def feed(ts: list[dict[str, Any]], t0_ns: int) -> int:
+        for i, t in enumerate(ts):
+            for ev in p.fast.parse(ticker_frame(t), t0_ns + i):
+                service._on_event(ev)
+        return t0_ns + len(ts) - 1  # the receive time of the last frame
+
+    last0 = feed(first, ns)
+    book = p.books.get("deribit", "BTC")
+    assert book is not None and job.snap is not None  # the trigger handed the job a snapshot
+    handed = job.snap
+    want0 = {str(t["instrument_name"]): float(t["best_bid_price"]) for t in first}
+    assert _bids(handed) == {k: want0[k] for k in handed.instrument}
+    # picked up at once: that very snapshot, measured from the last frame
+    work = service._take(book, job)
+    assert work is not None and work[0] is handed and work[1] == last0 and not work[3]
+    # the job is busy while the whole chain is re-quoted: the trigger hands it nothing
+    job.busy = True
+    last1 = feed(moved, ns + 10_000)
+    assert job.snap is None
+    job.busy = False
+    # its next trigger's snapshot waits while the job is (again) busy; the book moves on
+    job.busy = True
+    service._jobs[("deribit", "BTC")]["other"] = service_module._Job("other")  # one is free
+    for ev in p.fast.parse(ticker_frame(dict(moved[0], best_ask_price=1.0)), ns + 30_000):
+        service._on_event(ev)
+    del service._jobs[("deribit", "BTC")]["other"]
+    job.busy = False
+    assert job.snap is not None
+    stale = job.snap
+    job.snap_ns -= 1_000_000_000  # it waited a second for the job
+    back = [dict(t, best_bid_price=round(float(t["best_bid_price"]) * 0.8, 8)) for t in first]
+    job.busy = True
+    last2 = feed(back, ns + 40_000)
+    job.busy = False
+    work = service._take(book, job)
+    assert work is not None
+    snap, newest, _, fresh = work
+    assert fresh and snap is not stale and service.resnapshots == 1
+    want2 = {str(t["instrument_name"]): float(t["best_bid_price"]) for t in back}
+    assert _bids(snap) == {k: want2[k] for k in snap.instrument}  # the newest quotes
+    assert newest == last2 and last2 > last1 > last0
+    # the next trigger (the changes stay counted for it) snapshots the same quotes: an old
+    # snapshot of a book that did not change since is fitted as it is, and with nothing new
+    # since the job's last fit there is no tick to measure from
+    service._kick(book)
+    again = job.snap
+    assert again is not None and again is not snap and _bids(again) == _bids(snap)
+    job.snap_ns -= 1_000_000_000
+    work = service._take(book, job)
+    assert work is not None and work[0] is again and work[1] is None and not work[3]
+    assert service.resnapshots == 1
+
+
+async def test_derived_topics_rate_limited_and_the_last_always_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tenors and greeks are built at most every DERIVED_INTERVAL_S per model (latest wins),
+    off the surfaces' path; the last surface's tenors and greeks always go out (here, with
+    an interval longer than the run, on the way out)."""
+    monkeypatch.setattr(service_module, "DERIVED_INTERVAL_S", 600.0 * UNIT)
+    rec = tmp_path / "rec.jsonl"
+    with rec.open("w") as fh:
+        for r in range(8):
+            for t in tickers(NOW_MS + 500 * r, seed=r):
+                fh.write(json.dumps({"ts_ns": 0, "venue": "deribit", "frame": ticker_frame(t)}))
+                fh.write("\n")
+    cfg = load_config(None)
+    cfg = dataclasses.replace(
+        cfg,
+        instance="jobs",
+        models=dataclasses.replace(cfg.models, names=("svi",)),
+        trigger=dataclasses.replace(
+            cfg.trigger, min_changed_quotes=20, min_interval_s=0.05, warmup_s=0.05
+        ),
+    )
+    mem = MemoryPublisher()
+    fitted: dict[str, list[int]] = {"surface": [], "tenors": [], "greeks": []}
+    greeks_of: dict[int, set[str]] = {}
+    original = mem.publish
+
+    async def logged(topic: str, payload: Any, *, retain: bool = True) -> None:
+        parts = topic.split("/")
+        if payload and payload.get("status") != "stale":  # fitted, not re-stamped at the end
+            kind = "greeks" if "greeks" in parts else parts[-1]
+            fitted[kind].append(int(payload["seq"]))
+            if kind == "greeks":
+                greeks_of.setdefault(int(payload["seq"]), set()).add(parts[-1])
+        await original(topic, payload, retain=retain)
+
+    mem.publish = logged  # type: ignore[method-assign]
+    service = Service(
+        cfg,
+        feed_factory=lambda c, p, f: ReplayFeed([str(rec)], parser=p, rate=400.0 / UNIT),
+        publishers=[mem],
+    )
+    assert await asyncio.wait_for(service.run(signals=False), 120 * UNIT) == 0
+    surfaces, tenors = fitted["surface"], fitted["tenors"]
+    assert len(surfaces) >= 3  # enough surfaces to see the limit
+    assert 1 <= len(tenors) <= 2 < len(surfaces)  # one on the interval, one on the way out
+    assert set(tenors) <= set(surfaces) and set(greeks_of) == set(tenors)
+    assert tenors == sorted(tenors) and tenors[-1] == surfaces[-1] == max(surfaces)
+    assert len(greeks_of[surfaces[-1]]) == 3  # the last surface's greeks: the three expiries

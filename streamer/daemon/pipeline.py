@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import structlog
@@ -52,6 +52,9 @@ from streamer.publish.payloads import (
 
 log = structlog.get_logger(__name__)
 
+Pause = Callable[[], None] | None  # called between steps of the derived topics
+_T = TypeVar("_T")
+GREEKS_BLOCK = 256  # greeks rows made per step (pause between blocks)
 QUALITY_WINDOW = 10_000  # fits per model kept for summaries (a ring: memory stays bounded)
 SETTLE_GRACE_S = 1.0  # the refit after a settlement waits this long past 08:00 UTC
 
@@ -270,6 +273,12 @@ class Pipeline:
         u.trigger.fitted(now_s, dict(zip(snap.expiries, snap.forwards.tolist(), strict=True)), wake)
         return snap
 
+    def resnapshot(self, book: Book) -> ChainSnapshot:
+        """Snapshot ``book`` as it is now, the trigger untouched (a fit job that starts after
+        the book changed since the snapshot of its trigger fits the newest quotes instead;
+        the changes stay counted towards the next trigger)."""
+        return book.snapshot(recv_ms=self.fast.last_recv_ns // 1_000_000)
+
     # -------------------------------------------------------------------- fit
     def fit_snapshot(
         self,
@@ -331,20 +340,26 @@ class Pipeline:
                 out.extend(self.derived_messages(snap, payload))
         return out
 
-    def derived_for(self, snap: ChainSnapshot, surfaces: list[Message]) -> list[Message]:
+    def derived_for(
+        self, snap: ChainSnapshot, surfaces: list[Message], pause: Pause = None
+    ) -> list[Message]:
         """The tenors and greeks messages of surface messages ``fit_snapshot`` made from
-        ``snap`` with ``derived=False``."""
+        ``snap`` with ``derived=False``. ``pause``, when given, is called between steps of a
+        millisecond or so (each tenor, the greeks' passes): the service's derived thread
+        waits there while surface fits are in flight (the same messages either way)."""
         out: list[Message] = []
         for msg in surfaces:
             if msg.topic.endswith("/surface"):
-                out.extend(self.derived_messages(snap, msg.payload))
+                out.extend(self.derived_messages(snap, msg.payload, pause))
         return out
 
-    def derived_messages(self, snap: ChainSnapshot, payload: Mapping[str, Any]) -> list[Message]:
+    def derived_messages(
+        self, snap: ChainSnapshot, payload: Mapping[str, Any], pause: Pause = None
+    ) -> list[Message]:
         """What follows a surface message: its tenors message, then (``greeks``) its greeks."""
-        out = self.tenors_messages(payload)
+        out = self.tenors_messages(payload, pause)
         if self.greeks:
-            out.extend(self.greeks_messages(snap, str(payload["model"]), payload))
+            out.extend(self.greeks_messages(snap, str(payload["model"]), payload, pause))
         return out
 
     def fit_book(self, book: Book, now_s: float) -> list[Message]:
@@ -411,7 +426,7 @@ class Pipeline:
         )
         return dict(payload)
 
-    def tenors_messages(self, payload: Mapping[str, Any]) -> list[Message]:
+    def tenors_messages(self, payload: Mapping[str, Any], pause: Pause = None) -> list[Message]:
         """The tenors message of a surface payload (``streamer.tenors/1``: the surface's seq
         and status; ``streamer.client.tenors``); none when ``tenors_days`` is empty. A
         failure is logged and counted in ``tenors_failed``, never raised."""
@@ -425,7 +440,7 @@ class Pipeline:
                 seq=int(payload["seq"]),
                 status=payload["status"],
                 vol_index_30d=surface.vol_index(),
-                tenors=[t.as_dict() for t in surface.tenors(self.tenors_days)],
+                tenors=[_paused(pause, surface.tenor, d).as_dict() for d in self.tenors_days],
             )
         except (ValueError, ArithmeticError, KeyError, IndexError) as exc:
             self.tenors_failed[model] += 1
@@ -437,14 +452,15 @@ class Pipeline:
         return [Message(topic, dict(body))]
 
     def greeks_messages(
-        self, snap: ChainSnapshot, model: str, payload: Mapping[str, Any]
+        self, snap: ChainSnapshot, model: str, payload: Mapping[str, Any], pause: Pause = None
     ) -> list[Message]:
         """One greeks message per listed expiry: every live instrument of it, the fitted
         expiries from their slices, the others from the surface around them (``fitted``
         false); the topics of expiries no longer listed are cleared.
 
         The model IVs are made expiry by expiry; prices, Greeks, market IVs and the rows of
-        every instrument in one pass over the whole listing (numpy columns)."""
+        every instrument in one pass over the whole listing (numpy columns), the rows in
+        blocks of ``GREEKS_BLOCK`` (``pause`` between steps: ``derived_for``)."""
         surface = Surface.from_payload(payload)
         listing = snap.listing or listing_of(snap)
         surf = self._under[(snap.venue, snap.underlying)].surfaces[model]
@@ -457,6 +473,8 @@ class Pipeline:
             rows = np.flatnonzero(listing.expiry_idx == e)
             if not rows.size:
                 continue
+            if pause is not None and e % 4 == 3:
+                pause()
             K, calls = listing.strike[rows], listing.is_call[rows]
             if expiry in surface.expiries:
                 j = surface.expiries.index(expiry)
@@ -479,17 +497,26 @@ class Pipeline:
             sel = np.concatenate([rows for _, rows, _, _ in where])  # expiry by expiry
             K, calls = listing.strike[sel], listing.is_call[sel]
             Fs, Ts = F[sel], T[sel]
+            _paused(pause)
             g = greeks_columns(Fs, K, Ts, iv[sel], calls, inverse=snap.inverse)
             unit = Fs if snap.inverse else 1.0
-            rows_all = greeks_rows(
-                instruments=[listing.instrument[i] for i in sel.tolist()],
-                strikes=K,
-                is_call=calls,
-                bid_iv=_market_iv(listing.bid_iv[sel], listing.bid[sel] * unit, Fs, K, Ts, calls),
-                ask_iv=_market_iv(listing.ask_iv[sel], listing.ask[sel] * unit, Fs, K, Ts, calls),
-                mark_iv=listing.mark_iv[sel],
-                **g,
-            )
+            g["bid_iv"] = _market_iv(listing.bid_iv[sel], listing.bid[sel] * unit, Fs, K, Ts, calls)
+            g["ask_iv"] = _market_iv(listing.ask_iv[sel], listing.ask[sel] * unit, Fs, K, Ts, calls)
+            g["mark_iv"] = listing.mark_iv[sel]
+            names = [listing.instrument[i] for i in sel.tolist()]
+            rows_all: list[Any] = []
+            for lo in range(0, len(names), GREEKS_BLOCK):  # rows are row by row: same rows
+                _paused(pause)
+                hi = lo + GREEKS_BLOCK
+                rows_all.extend(
+                    greeks_rows(
+                        instruments=names[lo:hi],
+                        strikes=K[lo:hi],
+                        is_call=calls[lo:hi],
+                        **{name: col[lo:hi] for name, col in g.items()},
+                    )
+                )
+            _paused(pause)
             lo = 0
             for e, rows, F_e, T_e in where:
                 expiry = listing.expiries[e]
@@ -529,6 +556,13 @@ class Pipeline:
             "fits": dict(self.fits),
             "failed": dict(self.failed),
         }
+
+
+def _paused(pause: Pause, fn: Callable[..., _T] | None = None, *args: Any) -> Any:
+    """Call ``pause`` (if any), then ``fn(*args)`` (if any)."""
+    if pause is not None:
+        pause()
+    return fn(*args) if fn is not None else None
 
 
 def _market_iv(

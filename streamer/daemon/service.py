@@ -6,9 +6,17 @@
   with ``pipeline.fast`` (the book's fused ticker path, what replay measures); raw frames also
   go to the recorder when ``[recorder] dir`` is set;
 * the pure ``Pipeline`` (parser, books, trigger policy, calibrators) on the event loop;
-* one fit worker task per underlying: fits run off the event loop (``asyncio.to_thread``:
-  numba kernels and numpy release the GIL for their heavy parts), latest-wins: while one runs,
-  new quotes only mark the trigger, and when it ends a fresh snapshot is fitted if due;
+* one fit job per model and underlying (its own worker task; fits run off the event loop,
+  ``asyncio.to_thread``: the numba kernels are ``nogil``), latest wins: a due trigger
+  snapshots the book and hands the snapshot to every model's job; a job that was busy, or
+  that wakes after more frames came in, fits a fresh snapshot of the book as it is when the
+  fit starts (``_take``: the surface's newest frame is never as old as the job's queue), and
+  publishes its surface as soon as it is fitted;
+* the derived topics (tenors, greeks: milliseconds of Python and numpy holding the GIL) off
+  the surfaces' path: one task builds them for the latest surface of each job, at most every
+  ``DERIVED_INTERVAL_S`` per job, once the fits in flight are done, and pausing between its
+  steps (a tenor, a block of greeks rows) while a fit is in flight (``DERIVED_YIELD_S``
+  each); each job's last surface always gets them, on the way out too;
 * a ticker that checks the trigger's max interval, flushes the recorder, pings systemd's
   watchdog (only while work progresses: below) and refreshes metrics;
 * publishers (``mqtt``/``jsonl``/``memory``), each given every message; the MQTT one keeps the
@@ -17,7 +25,8 @@
 
 Feed, ticker, fit workers and the stop watcher are tasks of one ``asyncio.TaskGroup``. Stop
 (SIGTERM/SIGINT, ``stop`` set, or the feed ending): the watcher cancels the feed and the
-ticker, lets fits in flight finish and publish (``FIT_DRAIN_S``), and the group ends; the
+ticker, lets fits in flight finish and publish, then the derived topics still waiting
+(``FIT_DRAIN_S`` in all), and the group ends; the
 surfaces are re-stamped ``stale``, the publishers close (MQTT sends ``offline``) and the
 recorder flushes, bounded by ``SHUTDOWN_TIMEOUT_S``; ``run`` returns 0. An exception in any
 task ends the group: it is logged with its cause (``service_failed``), the same shutdown
@@ -53,6 +62,7 @@ import gc
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -83,9 +93,15 @@ FIT_DRAIN_S = 1.0
 # the GIL hand-off interval while a fit thread and the event loop both want the CPU: Python's
 # 5 ms default would let a 2 ms fit take 15 ms of wall time behind a busy feed
 SWITCH_INTERVAL_S = 0.0005
-# a surface's tenors and greeks (~5-10 ms of Python and numpy holding the GIL) wait up to this
-# long for the fits in flight (other models', other underlyings') to publish their surfaces
-# first, and are built one job at a time: the surfaces are what tick-to-publish is about
+# a surface's tenors and greeks (~10-15 ms of Python and numpy holding the GIL) are built at
+# most every DERIVED_INTERVAL_S per model and underlying (of the latest surface), one job at a
+# time, each waiting up to DERIVED_YIELD_S for the fits in flight (other models', other
+# underlyings') to publish their surfaces first, and pausing between its steps while fits are
+# in flight (up to DERIVED_YIELD_S more): the surfaces are what tick-to-publish is about
+DERIVED_INTERVAL_S = 0.5
+# a job that picks up a snapshot older than this (it was busy when the trigger took it) fits
+# a fresh snapshot of the book instead, if the book changed since
+RESNAPSHOT_AFTER_S = 0.002
 DERIVED_YIELD_S = 0.05
 TICK_S = 0.1
 LATENCY_WINDOW = 10_000  # tick-to-publish samples kept (a ring)
@@ -100,6 +116,27 @@ EXIT_USAGE = 2
 FeedFactory = Callable[[Config, FrameParser, Callable[[str, int], None] | None], Feed]
 
 
+@dataclass(frozen=True, slots=True)
+class PublishRecord:
+    """Where one surface's tick-to-publish went (``Service.publish_log``, opt-in): wall-clock
+    ns (``time.time_ns``) of the newest frame of its snapshot entering the parser, of the
+    snapshot, of the fit starting and ending in its worker thread, of the event loop taking
+    the result back and of the surface handed to every publisher; ``fit_cpu_ns``: the fit
+    thread's CPU time (``time.thread_time_ns``); ``resnapshot``: the book changed after the
+    trigger's snapshot, and the job fitted a fresh one (``Service._take``)."""
+
+    topic: str
+    seq: int
+    newest_ns: int
+    snap_ns: int
+    start_ns: int
+    done_ns: int
+    resumed_ns: int
+    published_ns: int
+    fit_cpu_ns: int
+    resnapshot: bool = False  # the job fitted a fresh snapshot, not the trigger's
+
+
 @dataclass(eq=False)
 class _Job:
     """One model of one underlying: its worker task and the snapshot waiting for it."""
@@ -108,8 +145,14 @@ class _Job:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     snap: ChainSnapshot | None = None
-    trigger_ns: int | None = None
+    snap_ns: int = 0  # when the waiting snapshot was taken (wall clock, ns)
+    mark: int = 0  # the book's change count when ``snap`` was taken
+    newest_ns: int | None = None  # receive ns of the newest frame that changed it then
+    fitted_mark: int = -1  # the book's change count in the snapshot this job fitted last
     busy: bool = False
+    # the latest surface published whose tenors and greeks are not built yet (latest wins)
+    derived: tuple[ChainSnapshot, list[Message]] | None = None
+    derived_next: float = 0.0  # monotonic: its derived topics not before this
 
 
 class Service:
@@ -136,7 +179,10 @@ class Service:
         self._jobs: dict[tuple[str, str], dict[str, _Job]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._closing = False
-        self._trigger_ns: dict[tuple[str, str], int] = {}
+        # per book: changes seen (a counter) and the receive time of the newest change
+        self._changes: dict[tuple[str, str], int] = {}
+        self._changed_ns: dict[tuple[str, str], int] = {}
+        self.resnapshots = 0  # jobs that fitted the book as it was when they started
         self.metrics_port: int | None = None
         self.ready = asyncio.Event()
         self.latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -147,7 +193,12 @@ class Service:
         self._fitting: set[tuple[str, str, str]] = set()  # surface fits in flight
         self._no_fits = asyncio.Event()  # set while there are none
         self._no_fits.set()
-        self._derived_lock = asyncio.Lock()
+        self._no_fits_thread = threading.Event()  # the same, for the derived thread's pauses
+        self._no_fits_thread.set()
+        self._derived_wake = asyncio.Event()  # a surface's derived topics are waiting
+        self._derived_task: asyncio.Task[None] | None = None
+        self._derived_busy = False
+        self._flush = False  # on the way out: every waiting derived topic now
         self._feed_connected = False
         self._progress_mark = -1
         self._progress_at = time.monotonic()
@@ -158,7 +209,7 @@ class Service:
         self.cleared: list[str] = []  # retained topics of switched-off models cleared at start
         self._stale_due = False
         # (surface topic, seq, receive ns of the newest frame in its snapshot) when enabled
-        self.publish_log: list[tuple[str, int, int]] | None = None
+        self.publish_log: list[PublishRecord] | None = None
 
     # ------------------------------------------------------------------ run
     async def run(self, stop: asyncio.Event | None = None, *, signals: bool = True) -> int:
@@ -237,7 +288,8 @@ class Service:
     async def _watch_stop(
         self, stop: asyncio.Event, feed: asyncio.Task[None], ticker: asyncio.Task[None]
     ) -> None:
-        """On stop: end the feed and the ticker, let fits in flight publish, end the workers."""
+        """On stop: end the feed and the ticker, let fits in flight publish, then the derived
+        topics still waiting (each job's last surface's), end the workers."""
         await stop.wait()
         log.info("service_stopping", reason="feed ended" if feed.done() else "stop")
         for task in (feed, ticker, *self._aux):
@@ -247,8 +299,16 @@ class Service:
         workers = [job.task for job in jobs if job.task is not None]
         for job in jobs:
             job.wake.set()
+        deadline = time.monotonic() + FIT_DRAIN_S
         if workers:
             _, late = await asyncio.wait(workers, timeout=FIT_DRAIN_S)
+            for task in late:
+                task.cancel()
+        derived = self._derived_task
+        if derived is not None:
+            self._flush = True
+            self._derived_wake.set()
+            _, late = await asyncio.wait([derived], timeout=max(deadline - time.monotonic(), 0.5))
             for task in late:
                 task.cancel()
 
@@ -315,7 +375,8 @@ class Service:
             return
         key = (book.venue, book.underlying)
         recv_ns = p.fast.last_recv_ns if type(ev) is BookChanged else getattr(ev, "recv_ns", 0)
-        self._trigger_ns[key] = recv_ns or time.time_ns()
+        self._changes[key] = self._changes.get(key, 0) + 1
+        self._changed_ns[key] = recv_ns or time.time_ns()
         self._kick(book)
 
     def _feed_state(self, ev: FeedStatus) -> None:
@@ -333,19 +394,46 @@ class Service:
     # ------------------------------------------------------------------ fits
     def _kick(self, book: Book) -> None:
         """If ``book``'s refit is due and one of its models is free, snapshot it and hand the
-        snapshot to every model's job (latest wins: a busy job fits it when done)."""
+        snapshot to every model's job (latest wins). A job busy with an earlier fit takes it
+        when done, and fits the book as it is then if it changed since (``_take``)."""
         jobs = self._jobs_of(book)
         if not jobs or all(job.busy for job in jobs.values()):
             return  # changes accumulate; a job that finishes kicks again
         p = self.pipeline
         if not p.is_due(book, time.monotonic()):
             return
-        # the newest frame in this snapshot: tick-to-publish is measured from it
-        trigger_ns = self._trigger_ns.pop((book.venue, book.underlying), None)
+        key = (book.venue, book.underlying)
         snap = p.take_snapshot(book, time.monotonic())
+        mark, newest, snap_ns = self._changes.get(key, 0), self._changed_ns.get(key), time.time_ns()
         for job in jobs.values():
-            job.snap, job.trigger_ns = snap, trigger_ns
+            job.snap, job.mark, job.newest_ns, job.snap_ns = snap, mark, newest, snap_ns
             job.wake.set()
+
+    def _take(self, book: Book, job: _Job) -> tuple[ChainSnapshot, int | None, int, bool] | None:
+        """The work ``job`` picks up: the snapshot handed to it, or, when that snapshot is
+        older than ``RESNAPSHOT_AFTER_S`` (the job was busy when it was taken) and the book
+        changed since, a fresh snapshot of the book as it is now: the surface is fitted on the
+        newest quotes, not on quotes as old as the job's queue (a job that starts right away
+        fits the trigger's snapshot: a snapshot costs the event loop about a millisecond).
+        ``(snapshot, receive ns of its newest frame, wall ns it was taken, fresh?)``: the
+        receive time is None when the book did not change since the job's previous fit (a
+        fit at a settlement), as tick-to-publish is measured from it. None if nothing is
+        waiting."""
+        snap, job.snap = job.snap, None
+        if snap is None:
+            return None
+        key = (book.venue, book.underlying)
+        mark, newest, snap_ns = job.mark, job.newest_ns, job.snap_ns
+        now_ns = time.time_ns()
+        fresh = self._changes.get(key, 0) != mark and now_ns - snap_ns > RESNAPSHOT_AFTER_S * 1e9
+        if fresh:
+            snap = self.pipeline.resnapshot(book)
+            self.resnapshots += 1
+            mark, newest, snap_ns = self._changes.get(key, 0), self._changed_ns.get(key), now_ns
+        if mark == job.fitted_mark:
+            newest = None
+        job.fitted_mark = mark
+        return snap, newest, snap_ns, fresh
 
     def _jobs_of(self, book: Book) -> dict[str, _Job]:
         """The fit jobs of ``book``'s underlying, one per model (started on first use)."""
@@ -360,10 +448,17 @@ class Service:
                 job.task = self._tg.create_task(
                     self._fit_worker(book, job), name=f"fit-{key[1]}-{model}"
                 )
+            if self._derived_task is None:
+                self._derived_task = self._tg.create_task(self._derived_worker(), name="derived")
         return jobs
 
     def _busy(self) -> bool:
-        return any(job.busy for per in self._jobs.values() for job in per.values())
+        """A fit in flight, or derived topics (tenors, greeks) not yet out."""
+        return self._derived_busy or any(
+            job.busy or job.derived is not None
+            for per in self._jobs.values()
+            for job in per.values()
+        )
 
     async def _fit_worker(self, book: Book, job: _Job) -> None:
         """Fit one model of ``book`` on each snapshot handed to it, until the service closes."""
@@ -372,12 +467,12 @@ class Service:
             job.wake.clear()
             if self._closing:
                 return
-            snap, job.snap = job.snap, None
-            if snap is None:
+            work = self._take(book, job)
+            if work is None:
                 continue
             job.busy = True
             try:
-                await self._fit_once(snap, job)
+                await self._fit_once(job, *work)
             except Exception as exc:  # a bug in a fit must not take the feed down
                 log.exception(
                     "fit_loop_failed", underlying=book.underlying, model=job.model, error=repr(exc)
@@ -388,7 +483,16 @@ class Service:
                 return
             self._kick(book)  # quotes that changed while it fitted
 
-    async def _fit_once(self, snap: ChainSnapshot, job: _Job) -> None:
+    async def _fit_once(
+        self,
+        job: _Job,
+        snap: ChainSnapshot,
+        trigger_ns: int | None,
+        snap_ns: int,
+        fresh: bool = False,
+    ) -> None:
+        """Fit ``job``'s model on ``snap`` in a worker thread and publish its surface at once;
+        its tenors and greeks go to the derived worker (``_derived_worker``)."""
         p = self.pipeline
         key = (snap.venue, snap.underlying, job.model)
         fit = self._hanging_fit if self._hang_fit_s else p.fit_snapshot
@@ -396,26 +500,110 @@ class Service:
         try:
             self._fitting.add(key)
             self._no_fits.clear()
+            self._no_fits_thread.clear()
+            stamps = [0, 0, 0]
+
+            def timed_fit() -> list[Message]:
+                stamps[0], cpu0 = time.time_ns(), time.thread_time_ns()
+                try:
+                    return fit(snap, derived=False, models=(job.model,))
+                finally:
+                    stamps[1], stamps[2] = time.time_ns(), time.thread_time_ns() - cpu0
+
             try:
-                msgs = await asyncio.to_thread(fit, snap, derived=False, models=(job.model,))
+                msgs = await asyncio.to_thread(timed_fit)
+                resumed_ns = time.time_ns()
             finally:
                 self._fitting.discard(key)
                 if not self._fitting:
                     self._no_fits.set()
+                    self._no_fits_thread.set()
             for msg in msgs:  # the model's own fit time (the calibrator's, not the thread's)
                 if msg.topic.endswith("/surface"):
                     elapsed_ms = msg.payload["fit"]["elapsed_ms"]
                     self.metrics.fit_seconds.observe(elapsed_ms / 1e3, model=job.model)
-            await self._publish(msgs, trigger_ns=job.trigger_ns)  # the surface first
-            if msgs:  # then its tenors and greeks, once the surfaces in flight are out
-                async with self._derived_lock:
+            await self._publish(msgs, trigger_ns=trigger_ns)  # the surface first
+            if self.publish_log is not None and trigger_ns is not None:
+                published_ns = time.time_ns()
+                for msg in msgs:
+                    if msg.topic.endswith("/surface"):
+                        rec = PublishRecord(
+                            topic=msg.topic,
+                            seq=int(msg.payload["seq"]),
+                            newest_ns=trigger_ns,
+                            snap_ns=snap_ns,
+                            start_ns=stamps[0],
+                            done_ns=stamps[1],
+                            resumed_ns=resumed_ns,
+                            published_ns=published_ns,
+                            fit_cpu_ns=stamps[2],
+                            resnapshot=fresh,
+                        )
+                        self.publish_log.append(rec)
+            if msgs:  # its tenors and greeks: latest wins, at most every DERIVED_INTERVAL_S
+                job.derived = (snap, msgs)
+                self._derived_wake.set()
+        finally:
+            self._fit_started.pop(key, None)
+
+    async def _derived_worker(self) -> None:
+        """Build and publish the tenors and greeks of the surfaces published, off the
+        surfaces' path: per job at most every ``DERIVED_INTERVAL_S``, of its latest surface
+        (a newer surface replaces one whose derived topics are not built yet), one job at a
+        time, each once the fits in flight are done (at most ``DERIVED_YIELD_S`` later: they
+        hold the GIL for milliseconds of Python and numpy). The last surface of every job
+        always gets its derived topics: on the interval, and on the way out (``_flush``)."""
+        while True:
+            jobs = [j for per in self._jobs.values() for j in per.values() if j.derived]
+            if not jobs:
+                if self._flush:
+                    return
+                self._derived_wake.clear()
+                await self._derived_wake.wait()
+                continue
+            now = time.monotonic()
+            job = min(jobs, key=lambda j: j.derived_next)
+            if job.derived_next > now and not self._flush:
+                self._derived_wake.clear()  # a newer surface, or the flush, wakes us early
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(job.derived_next - now):
+                        await self._derived_wake.wait()
+                continue
+            self._derived_busy = True
+            try:
+                if not self._flush:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(DERIVED_YIELD_S):
                             await self._no_fits.wait()
-                    derived = await asyncio.to_thread(p.derived_for, snap, msgs)
-                await self._publish(derived, trigger_ns=None)
-        finally:
-            self._fit_started.pop(key, None)
+                work, job.derived = job.derived, None
+                if work is None:
+                    continue
+                job.derived_next = time.monotonic() + DERIVED_INTERVAL_S
+                try:
+                    derived = await asyncio.to_thread(
+                        self.pipeline.derived_for, *work, self._derived_pause()
+                    )
+                    await self._publish(derived, trigger_ns=None)
+                except Exception as exc:  # a bug in a derived topic must not stop the others
+                    log.exception("derived_failed", model=job.model, error=repr(exc))
+            finally:
+                self._derived_busy = False
+
+    def _derived_pause(self) -> Callable[[], None] | None:
+        """What the derived thread calls between its steps (``Pipeline.derived_for``): wait
+        while surface fits are in flight, ``DERIVED_YIELD_S`` in all per build (none on the
+        way out)."""
+        if self._flush:
+            return None
+        idle = self._no_fits_thread
+        deadline = time.monotonic() + DERIVED_YIELD_S
+
+        def pause() -> None:
+            left = deadline - time.monotonic()
+            if left > 0.0 and not idle.is_set():
+                idle.wait(left)
+
+        return pause
 
     def _hanging_fit(
         self, snap: Any, *, derived: bool, models: Sequence[str] | None = None
@@ -436,10 +624,6 @@ class Service:
             lat = (time.time_ns() - trigger_ns) / 1e9
             self.metrics.latency.observe(lat)
             self.latencies_ms.append(lat * 1e3)
-            if self.publish_log is not None:
-                for msg in msgs:
-                    if msg.topic.endswith("/surface"):
-                        self.publish_log.append((msg.topic, int(msg.payload["seq"]), trigger_ns))
 
     # ---------------------------------------------------------------- ticker
     async def _ticker(self, stop: asyncio.Event) -> None:

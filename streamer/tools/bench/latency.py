@@ -1,19 +1,24 @@
 """``streamer bench latency``: tick-to-publish latency through a real mosquitto on loopback.
 
-The daemon as it runs by default: the default models (``svi``, ``ssvi``), BTC and ETH
+The daemon as it runs by default: the default models (``spline``, ``svi``), BTC and ETH
 together, one service. A full real BTC + ETH chain (``../shared/data/deribit/snapshots/...``,
 turned into Deribit ticker frames by ``../shared/tools/csv_to_replay.py``) is replayed
 ``--rounds`` times, each round a re-quote in which every option's bid and ask move by a tick
 (so every round is a real change: unchanged tickers trigger no refit), by default at Deribit's
 peak rate for the chain (every ``ticker.{instrument}.100ms`` channel at its maximum, ten
 notifications a second) and with the config's own trigger (``min_interval_s`` 0.2: at most
-five fits a second per underlying), through the real
-service (``Service`` with a ``ReplayFeed``: fused parse, book, trigger, one fit job per
-model and underlying in worker threads, MQTT publisher) into a mosquitto started on a free
-loopback port, paced at ``--rate`` frames per second. An aiomqtt subscriber in its own
-process (as a bot would be) timestamps every surface it receives. Latency per surface =
-subscriber receive time - wall-clock time at which the newest frame of the fitted snapshot
-entered the parser. p50, p99 and max per model (all fits, and warm fits only).
+five fits a second per underlying), through the real service (``Service``: fused parse,
+book, trigger, one fit job per model and underlying in worker threads, greeks and tenors,
+MQTT publisher) into a mosquitto started on a free loopback port, paced at ``--rate`` frames
+per second (``--pacing burst``: the frames due within a millisecond released together, as a
+websocket hands them over, ``BurstFeed``; ``frame``: ``ReplayFeed``'s timer per frame). An
+aiomqtt subscriber in its own process (as a bot would be) timestamps every surface it
+receives. Latency per surface = subscriber receive time - wall-clock time at which the newest
+frame of the fitted snapshot entered the parser (one clock: ``time.time_ns`` in both
+processes). p50, p99 and max per model (all fits, and warm fits only), then where the warm
+fits' latency went (``Service.publish_log``: the snapshot's age when its fit started, the
+fit's wall and CPU time in its thread, the loop taking the result back, the publisher to the
+subscriber), the process's and the event loop's CPU, and the load.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import os
 import pwd
 import shutil
@@ -29,10 +35,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from streamer.daemon.service import PublishRecord
 from streamer.tools.bench.calib import shared_data
 
 DEFAULT_SNAPSHOT = "snapshots/deribit_options_snapshot_20260105T041127Z.csv"
@@ -85,6 +94,41 @@ asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
 """
 
 
+class BurstFeed:
+    """The recording paced at ``rate`` frames per second the way a websocket delivers them:
+    the loop sleeps only when the next frame is at least ``tick_s`` ahead, then releases every
+    frame due by then (each stamped and parsed as it is released, like ``ReplayFeed``: its
+    receive time is when it entered the parser). ``ReplayFeed(rate=...)`` instead sleeps
+    before every frame that is ahead of its pace: at 13,460 frames/s that is a timer and a
+    loop turn per frame, CPU a live feed (``websockets`` hands over every frame already
+    received without one) does not spend."""
+
+    def __init__(self, path: str, *, parser: Any, rate: float, tick_s: float = 0.001) -> None:
+        self.path, self.parser, self.rate, self.tick_s = path, parser, rate, tick_s
+        self.frames = 0
+
+    async def events(self) -> AsyncIterator[Any]:
+        from streamer.events import FeedStatus
+        from streamer.feeds.recordings.reader import read_frames
+
+        yield FeedStatus("deribit", "connected", time.time_ns(), detail="replay")
+        start = time.monotonic_ns()
+        tick_ns = self.tick_s * 1e9
+        for _ts, _venue, frame in read_frames(self.path):
+            delay = start + self.frames / self.rate * 1e9 - time.monotonic_ns()
+            if delay >= tick_ns:
+                await asyncio.sleep(delay / 1e9)
+            elif self.frames % 64 == 0:  # behind the pace: others get a turn
+                await asyncio.sleep(0)
+            self.frames += 1
+            for ev in self.parser.parse(frame, time.time_ns()):
+                yield ev
+        yield FeedStatus("deribit", "disconnected", time.time_ns(), detail="end of replay")
+
+    async def aclose(self) -> None:
+        return None
+
+
 def make_recording(workdir: Path, rounds: int) -> tuple[Path, int]:
     """A real BTC + ETH chain, then ``rounds - 1`` re-quotes of it, each moving every bid and
     ask by one tick (alternately up and down): real changes, as a live market makes them."""
@@ -122,8 +166,10 @@ async def run_service(
     rate: float,
     min_changed: int | None,
     min_interval: float | None,
-) -> dict[str, list[tuple[float, bool]]]:
-    """Per model: (latency ms, warm fit?) of every surface the subscriber received."""
+    pacing: str = "burst",
+    greeks: bool = True,
+) -> tuple[dict[str, list[Sample]], dict[str, float]]:
+    """Per model: every surface the subscriber received, with where its latency went."""
     from streamer.config import load_config
     from streamer.daemon.service import Service
     from streamer.feeds.recordings.replay_feed import ReplayFeed
@@ -136,7 +182,10 @@ async def run_service(
         models=dataclasses.replace(cfg.models, names=tuple(models or cfg.models.names)),
         feed=dataclasses.replace(cfg.feed, currencies=("BTC", "ETH")),
         publish=dataclasses.replace(
-            cfg.publish, urls=(f"mqtt://127.0.0.1:{port}/bench",), greeks=True
+            cfg.publish,
+            urls=(f"mqtt://127.0.0.1:{port}/bench",),
+            greeks=greeks,
+            tenors_days=cfg.publish.tenors_days if greeks else (),
         ),
         trigger=dataclasses.replace(
             cfg.trigger,
@@ -148,7 +197,9 @@ async def run_service(
     )
 
     def factory(config, parser, on_frame):  # type: ignore[no-untyped-def]
-        return ReplayFeed([str(recording)], parser=parser, rate=rate)
+        if pacing == "frame":
+            return ReplayFeed([str(recording)], parser=parser, rate=rate)
+        return BurstFeed(str(recording), parser=parser, rate=rate)
 
     service = Service(cfg, feed_factory=factory)
     service.publish_log = []
@@ -167,9 +218,17 @@ async def run_service(
         await asyncio.wait_for(sub.stdout.readline(), 30.0)  # "subscribed"
         task = asyncio.create_task(service.run(stop, signals=False))
         await service.ready.wait()  # kernels loaded (compiled, on a cold cache)
+        cpu0, loop0, wall0 = os.times(), time.thread_time(), time.monotonic()
         await asyncio.sleep(n_frames / rate + 3.0)
         stop.set()
         await task
+        cpu1, loop1, wall1 = os.times(), time.thread_time(), time.monotonic()
+        wall = wall1 - wall0
+        usage = {
+            "process CPU (cores)": (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / wall,
+            "event-loop thread CPU (cores)": (loop1 - loop0) / wall,
+            "resnapshots": float(service.resnapshots),
+        }
         await asyncio.sleep(0.5)
     finally:
         sub.terminate()
@@ -179,13 +238,67 @@ async def run_service(
         topic, seq_text, t_ns, warm = line.split()
         key = "/".join(topic.split("/")[-4:])  # venue/underlying/model/surface: no prefix
         received[(key, int(seq_text))] = (int(t_ns), warm == "1")
-    per: dict[str, list[tuple[float, bool]]] = {}
-    for topic, seq, trig in service.publish_log:
-        got = received.get(("/".join(topic.split("/")[-4:]), seq))
+    per: dict[str, list[Sample]] = {}
+    for rec in service.publish_log:
+        got = received.get(("/".join(rec.topic.split("/")[-4:]), rec.seq))
         if got is not None:
-            model = topic.split("/")[-2]
-            per.setdefault(model, []).append(((got[0] - trig) / 1e6, got[1]))
-    return per
+            model = rec.topic.split("/")[-2]
+            per.setdefault(model, []).append(Sample(rec, got[0], got[1]))
+    return per, usage
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sample:
+    """One surface: the service's record of it, the subscriber's receive time, warm or not."""
+
+    rec: PublishRecord
+    recv_ns: int
+    warm: bool
+
+    @property
+    def latency_ms(self) -> float:
+        return (self.recv_ns - self.rec.newest_ns) / 1e6
+
+    def stages_ms(self) -> dict[str, float]:
+        """Where the latency went (ms): the snapshot's age when its fit started (of it, the
+        wait between snapshot and fit start), the fit in its thread (wall, CPU), the loop
+        taking the result back, the hand-over to the publisher, publisher to subscriber."""
+        r = self.rec
+        return {
+            "age at fit start": (r.start_ns - r.newest_ns) / 1e6,
+            "  of it: snapshot to fit start": (r.start_ns - r.snap_ns) / 1e6,
+            "fit (wall)": (r.done_ns - r.start_ns) / 1e6,
+            "fit (thread CPU)": r.fit_cpu_ns / 1e6,
+            "fit end to loop": (r.resumed_ns - r.done_ns) / 1e6,
+            "loop to publisher": (r.published_ns - r.resumed_ns) / 1e6,
+            "publisher to subscriber": (self.recv_ns - r.published_ns) / 1e6,
+            "total": self.latency_ms,
+        }
+
+
+def breakdown(per: dict[str, list[Sample]]) -> list[str]:
+    """A markdown table: p50 / p99 of every stage, per model, warm fits."""
+    models = sorted(per)
+    lines = [
+        "| stage (warm fits), ms | " + " | ".join(f"{m} p50 | {m} p99" for m in models) + " |",
+        "|---|" + "---:|---:|" * len(models),
+    ]
+    stages: dict[str, dict[str, np.ndarray]] = {}
+    for m in models:
+        rows = [s.stages_ms() for s in per[m] if s.warm]
+        for name in rows[0] if rows else ():
+            stages.setdefault(name, {})[m] = np.array([r[name] for r in rows])
+    for name, by in stages.items():
+        cells = []
+        for m in models:
+            a = by.get(m)
+            cells += (
+                [f"{np.percentile(a, 50):.2f}", f"{np.percentile(a, 99):.2f}"]
+                if a is not None and a.size
+                else ["-", "-"]
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,6 +310,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--min-changed", type=int, help="trigger: changed quotes (default: config)")
     ap.add_argument("--min-interval", type=float, help="trigger: seconds (default: config)")
+    ap.add_argument(
+        "--pacing",
+        choices=("burst", "frame"),
+        default="burst",
+        help="burst: frames due within 1 ms released together, as a websocket hands them over "
+        "(default); frame: ReplayFeed's sleep before every frame ahead of the pace",
+    )
+    ap.add_argument(
+        "--no-derived",
+        action="store_true",
+        help="no greeks and no tenors topics (a diagnosis: the default config has both)",
+    )
+    ap.add_argument("--dump", type=Path, help="write every surface's stage times (JSON lines)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -217,13 +343,28 @@ def main(argv: list[str] | None = None) -> int:
                 "| model | fits | surfaces | surfaces/s | p50 ms | p99 ms | max ms | goal p99 ms |"
             )
             print("|---|---|---:|---:|---:|---:|---:|---:|")
-            per = asyncio.run(
-                run_service(args.model or [], rec, port, rate, args.min_changed, args.min_interval)
+            per, usage = asyncio.run(
+                run_service(
+                    args.model or [],
+                    rec,
+                    port,
+                    rate,
+                    args.min_changed,
+                    args.min_interval,
+                    args.pacing,
+                    not args.no_derived,
+                )
             )
+            if args.dump is not None:
+                with args.dump.open("w") as fh:
+                    for got in per.values():
+                        for smp in got:
+                            row = dict(dataclasses.asdict(smp.rec), recv_ns=smp.recv_ns)
+                            fh.write(json.dumps(dict(row, warm=smp.warm)) + "\n")
             seconds = sum(1 for _ in rec.open()) / rate  # the replay's length
             for m, got in per.items():
-                for label, sel in (("all", got), ("warm", [g for g in got if g[1]])):
-                    a = np.array([g[0] for g in sel])
+                for label, sel in (("all", got), ("warm", [g for g in got if g.warm])):
+                    a = np.array([g.latency_ms for g in sel])
                     if not a.size:
                         print(f"| {m} | {label} | 0 | - | - | - | - | 10 |")
                         continue
@@ -233,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"{a.max():.2f} | 10 |"
                     )
             print()
+            print("\n".join(breakdown(per)))
+            print()
+            print(
+                f"pacing {args.pacing}; "
+                + "; ".join(f"{k} {v:.2f}" if v % 1 else f"{k} {v:.0f}" for k, v in usage.items())
+            )
             print(
                 f"cores available: {len(os.sched_getaffinity(0))}; load average "
                 f"{os.getloadavg()[0]:.1f}"
