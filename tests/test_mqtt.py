@@ -557,3 +557,23 @@ async def test_subscriber_reports_cleared_topics_instead_of_dropping_them(
                 break
     await task
     assert cleared == ["streamer/x/c"]
+
+
+async def test_surfaces_go_out_before_queued_greeks() -> None:
+    """A surface queued behind a burst of greeks is sent first (in the next batch), the
+    greeks after it in the order they were queued: what a bot waits for does not wait for
+    the greeks (a stand-in client records the order of the publishes)."""
+    pub = MqttPublisher(host="127.0.0.1", batch=2)
+    greeks = [topic_greeks("streamer", "deribit", "BTC", "svi", e) for e in ("A", "B", "C")]
+    for topic in greeks:
+        pub._put(topic, b"{}", True)
+    pub._put(SURFACE_TOPIC, b"{}", True)
+    sent: list[str] = []
+
+    class Client:
+        async def publish(self, topic: str, data: bytes, **_: Any) -> None:
+            sent.append(topic)
+
+    pub._closing.set()  # the sender returns once nothing is pending
+    await pub._drain(Client())  # type: ignore[arg-type]
+    assert sent == [SURFACE_TOPIC, *greeks] and pub.published == 4

@@ -591,7 +591,13 @@ class MqttPublisher(Publisher):
                 await self._wake.wait()
                 continue
             batch = []
-            for topic in list(self._pending)[: self._batch]:
+            # surfaces (and the status) first: what a bot waits for does not queue behind a
+            # burst of greeks; otherwise in the order queued (a stable sort)
+            status = self.status_topic
+            first = sorted(
+                self._pending, key=lambda t: 0 if t == status or t.endswith("/surface") else 1
+            )
+            for topic in first[: self._batch]:
                 data, retain = self._pending.pop(topic)
                 batch.append((topic, data, retain))
             self._inflight = len(batch)
