@@ -368,7 +368,8 @@ def solve(
         )
         if secant:
             last = (cur.x.copy(), g_full)
-            gain = (old_total - new_total) / scale
+            with np.errstate(invalid="ignore"):  # inf - inf: a step from a non-finite cost
+                gain = (old_total - new_total) / scale
             creeping = np.where(accept, gain < CREEP, creeping)
             # a failed augmented step: forget the second-order estimate
             S = np.where((use_s & ~accept & ~converged)[:, None, None], 0.0, S)
