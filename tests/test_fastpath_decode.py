@@ -141,11 +141,12 @@ def warm_frame(name: str) -> str:
 class Run:
     """One FastPath over fresh books, recording what it does."""
 
-    def __init__(self, *, typed: bool) -> None:
+    def __init__(self, *, typed: bool, hook: bool = True) -> None:
         self.parser = DeribitParser(log_first=0)
         self.books = Books()
         self.writes: list[tuple[str, int, float, bool]] = []
-        self.fast = FastPath(self.parser, self.books, self._on_write, typed=typed)
+        on_write = self._on_write if hook else None  # None: replay --model none
+        self.fast = FastPath(self.parser, self.books, on_write, typed=typed)
         self.events: list[str] = []
         for i, name in enumerate((NAME, OTHER)):
             self.fast.apply(warm_frame(name), i)
@@ -398,11 +399,54 @@ def test_parse_lines_does_what_reading_frames_and_parse_batch_do(
         data = data[:-1]  # no final newline: the last line comes alone
     path = tmp_path_factory.mktemp("lines") / "r.jsonl"
     path.write_bytes(data)
-    ref, new = Run(typed=True), Run(typed=True)
-    ref_stats, new_stats = ReplayStats(), ReplayStats()
-    for block in read_recording_batches(path, stats=ref_stats):
-        ref.fast.parse_batch(block, ref.on_event)
-    lines = RecordingLines(path, stats=new_stats)
-    n = new.fast.parse_lines(lines, lines.careful, new.on_event)
-    assert new.state() == ref.state()
-    assert new_stats == ref_stats and n == ref_stats.frames
+    for hook in (True, False):
+        ref, new = Run(typed=True, hook=hook), Run(typed=True, hook=hook)
+        ref_stats, new_stats = ReplayStats(), ReplayStats()
+        for block in read_recording_batches(path, stats=ref_stats):
+            for ts_ns, _, frame in block:  # frame by frame: parse_batch runs parse_lines' loop
+                ref.apply(frame, ts_ns)
+        lines = RecordingLines(path, stats=new_stats)
+        with capture_logs() as logs:
+            n = new.fast.parse_lines(lines, lines.careful, new.on_event)
+        assert new.state() == ref.state()
+        assert new_stats == ref_stats and n == ref_stats.frames
+        bad = sum(new_stats.bad_lines.values())
+        assert [e["event"] for e in logs].count("replay_bad_line") == bad  # each drop logged
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(ticker_text() | st.binary(max_size=30), min_size=1, max_size=8))
+def test_without_a_trigger_the_batch_writes_what_parse_writes(frames: list[str | bytes]) -> None:
+    """``--model none`` (no ``on_write``): the batch loop's own write, against ``parse``
+    frame by frame, and the same rows as with a trigger."""
+    ref, batch, hooked = Run(typed=True, hook=False), Run(typed=True, hook=False), Run(typed=True)
+    for i, f in enumerate(frames, start=10):
+        ref.apply(f, i)
+        hooked.apply(f, i)
+    batch.fast.parse_batch(
+        [(i, "deribit", f) for i, f in enumerate(frames, start=10)], batch.on_event
+    )
+    assert batch.state() == ref.state()
+    assert batch.fast.typed_hits == ref.fast.typed_hits
+    assert [bytes(b.buffer) for b in batch.books] == [bytes(b.buffer) for b in hooked.books]
+
+
+def test_hits_of_a_long_batch_count_before_misses_are_judged() -> None:
+    """One long ``parse_lines`` call (a whole recording): the misses among many hits do not
+    switch typed decoding off, as they do not frame by frame (the hits were once added only
+    at the end of the call, so 1,024 misses looked like all there was)."""
+    odd = warm_frame(NAME).replace('"best_bid_price":0.05', '"best_bid_price":true')
+    frames = [odd if i % 3 == 0 else warm_frame(NAME) for i in range(3 * TYPED_MISSES_MAX)]
+    blocks = [  # one block: what a recording's lines look like to parse_lines
+        [
+            orjson.dumps({"ts_ns": i, "venue": "deribit", "frame": f}) + b"\n"
+            for i, f in enumerate(frames)
+        ]
+    ]
+    ref, run = Run(typed=True), Run(typed=True)
+    for i, f in enumerate(frames):
+        ref.apply(f, i)
+    n = run.fast.parse_lines(blocks, lambda line: None, run.on_event)
+    assert n == len(frames) and run.fast.typed is True
+    assert run.fast.typed_misses == TYPED_MISSES_MAX and run.fast.typed_hits == 2 * TYPED_MISSES_MAX
+    assert run.state() == ref.state()

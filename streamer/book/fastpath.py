@@ -9,11 +9,12 @@ hears ``on_write(book, slot, forward, changed)``; unless it answers True (a chan
 forward moved beyond the trigger's threshold) the call returns no event and the ticker costs
 nothing further downstream; else that book's one-element ``(BookChanged,)`` tuple (made once
 per book: nothing is allocated per frame). Without the hook (``--model none``) no comparison
-is made. ``_fuse`` is that write; ``parse_batch`` inlines it (the replay loop's hot path).
-``parse_batch(frames, on_event)`` is the same for a list of ``(ts_ns, venue, frame)`` (what
-``streamer.feeds.recordings.reader.read_recording_batches`` yields), applying the events of
-frames that are not fused through ``on_event`` in frame order: the replay loop, with no call
-per frame.
+is made. ``_fuse`` is that write. ``parse_batch(frames, on_event)`` is the same for a list
+of ``(ts_ns, venue, frame)`` (what ``streamer.feeds.recordings.reader.read_recording_batches``
+yields), applying the events of frames that are not fused through ``on_event`` in frame
+order, with no call per frame; ``parse_lines(blocks, careful, on_event)`` takes a recording's
+lines and decodes each record in the same loop (``replay --model none``). Both run one hot
+loop, ``_run``, which inlines the write (tested against ``parse`` frame by frame).
 
 Decoding. A text frame is first decoded by a typed ``msgspec`` decoder (``_TICKER``: a
 ticker notification with every field Deribit documents for it, jointly about 0.5 µs less than
@@ -81,6 +82,7 @@ def _wire_keys(*names: str) -> tuple[str, ...]:
 _PARAMS, _DATA, _CHANNEL, _NAME, _DELTA, _MARK_IV, _BID_IV, _ASK_IV, _GREEKS = _wire_keys(
     "params", "data", "channel", "instrument_name", "delta", "mark_iv", "bid_iv", "ask_iv", "greeks"
 )
+_TS_NS, _VENUE, _FRAME = _wire_keys("ts_ns", "venue", "frame")  # a recording's line
 _TICKER_FIELDS = operator.itemgetter(
     *_wire_keys(
         "timestamp",
@@ -313,74 +315,9 @@ class FastPath:
         frames that are not fused with ``on_event`` right away, so a later frame sees what an
         earlier one did. Fused writes leave no event (their ``BookChanged`` says nothing
         ``on_write`` did not). The same decisions and rows as ``parse`` frame by frame
-        (tested), in one loop: about 0.3 µs a frame less. Never raises for bad frames."""
-        if not frames:
-            return
-        self.parser.frames += len(frames)
-        channels, routes, on_write = self._channels, self._routes, self._on_write
-        typed = self._loads if self.typed else None
-        nan, row_bytes, write = NAN, ROW_BYTES, write_row
-        hits = 0
-        for ts_ns, _venue, frame in frames:
-            if typed is not None and type(frame) is str:
-                try:
-                    p = typed(frame).params
-                except Exception:
-                    self.last_recv_ns = ts_ns
-                    for ev in self._parse_json(frame, ts_ns, missed=True):
-                        if type(ev) is not BookChanged:
-                            on_event(ev)
-                    typed = self._loads if self.typed else None  # a miss may switch it off
-                    continue
-                d = p.data
-                name = channels.get(p.channel)
-                if name is not None and d.instrument_name == name:
-                    route = routes.get(name)
-                    if route is not None:
-                        book, slot = route
-                        bid = d.best_bid_price
-                        if bid:
-                            bsz = d.best_bid_amount
-                        else:
-                            bid = bsz = nan
-                        ask = d.best_ask_price
-                        if ask:
-                            asz = d.best_ask_amount
-                        else:
-                            ask = asz = nan
-                        miv, biv, aiv = d.mark_iv, d.bid_iv, d.ask_iv
-                        biv = biv / 100.0 if biv else nan
-                        aiv = aiv / 100.0 if aiv else nan
-                        fwd = d.underlying_price
-                        changed = on_write is None or book.quote_changed(
-                            slot, bid, bsz, ask, asz, biv, aiv
-                        )
-                        write(
-                            book.buffer,
-                            slot * row_bytes,
-                            d.timestamp,
-                            bid,
-                            bsz,
-                            ask,
-                            asz,
-                            d.mark_price,
-                            miv / 100.0 if miv else nan,
-                            biv,
-                            aiv,
-                            fwd,
-                            d.greeks.delta,
-                        )
-                        hits += 1
-                        if on_write is not None:
-                            on_write(book, slot, fwd, changed)
-                        continue
-            self.last_recv_ns = ts_ns
-            for ev in self._parse_json(frame, ts_ns, missed=False):
-                if type(ev) is not BookChanged:
-                    on_event(ev)
-            typed = self._loads if self.typed else None  # it may have learned a key order
-        self.typed_hits += hits
-        self.last_recv_ns = frames[-1][0]
+        (tested), in one loop (``parse_lines``' own). Never raises for bad frames."""
+        if frames:
+            self._run((frames,), None, on_event)
 
     def parse_lines(
         self,
@@ -397,36 +334,60 @@ class FastPath:
         it as bad or returns its frame; the same frames reach the books, in the same order,
         as ``read_recording_batches`` + ``parse_batch`` (tested). Returns the frames parsed.
         Never raises for bad lines or frames."""
+        return self._run(blocks, careful, on_event)
+
+    def _run(
+        self,
+        blocks: Iterable[Sequence[bytes]] | Iterable[Sequence[tuple[int, str, str | bytes]]],
+        careful: Callable[[bytes], tuple[int, str, str] | None] | None,
+        on_event: Callable[[Event], object],
+    ) -> int:
+        """The hot loop of ``parse_lines`` (``careful`` given: blocks of recording lines) and
+        ``parse_batch`` (``careful`` None: blocks of ``(ts_ns, venue, frame)``). A fused
+        ticker costs its decodes, two dict lookups and one ``write_row``; counters are kept
+        per block (``parser.frames`` after each, for a progress bar), fused hits before a miss
+        is judged (``_missed`` weighs them). Returns the frames parsed."""
         loads = _loads
         channels, routes, on_write = self._channels, self._routes, self._on_write
         nan, row_bytes, write = NAN, ROW_BYTES, write_row
+        lines = careful is not None
+        ts_key, venue_key, frame_key = _TS_NS, _VENUE, _FRAME
         parser = self.parser
-        n = hits = 0
+        n = hits = 0  # frames parsed; fused by the typed decoder, not yet in typed_hits
         ts_ns = last = self.last_recv_ns
-        for lines in blocks:
+        for block in blocks:
+            parser.frames += len(block)
+            n += len(block)
             typed = self._loads if self.typed else None
-            for line in lines:
-                try:
-                    rec = loads(line)  # what read_recording_batches does, with its checks
-                    ts_ns, venue, frame = rec["ts_ns"], rec["venue"], rec["frame"]
-                except Exception:
-                    venue = frame = None
-                if type(ts_ns) is not int or type(venue) is not str or type(frame) is not str:
-                    got = careful(line)
-                    if got is None:
-                        continue
-                    ts_ns, venue, frame = got
-                n += 1
+            for item in block:
+                if lines:
+                    try:
+                        rec = loads(item)  # type: ignore[arg-type]  # a line (read_recording_batches' checks)
+                        ts_ns, venue, frame = rec[ts_key], rec[venue_key], rec[frame_key]
+                    except Exception:
+                        venue = frame = None
+                    if type(ts_ns) is not int or type(venue) is not str or type(frame) is not str:
+                        got = careful(item)  # type: ignore[misc, arg-type]
+                        if got is None:  # blank or bad: counted and logged there
+                            n -= 1
+                            parser.frames -= 1
+                            ts_ns = last
+                            continue
+                        ts_ns, venue, frame = got
+                else:
+                    ts_ns, venue, frame = item
                 last = ts_ns
-                if typed is not None:
+                if typed is not None and (lines or type(frame) is str):
                     try:
                         p = typed(frame).params
-                    except Exception:
+                    except Exception:  # not a ticker as documented: the orjson way
+                        self.typed_hits += hits
+                        hits = 0
                         self.last_recv_ns = ts_ns
                         for ev in self._parse_json(frame, ts_ns, missed=True):
                             if type(ev) is not BookChanged:
                                 on_event(ev)
-                        typed = self._loads if self.typed else None  # a miss may switch it off
+                        typed = self._loads if self.typed else None  # may be off now
                         continue
                     d = p.data
                     name = channels.get(p.channel)
@@ -437,7 +398,7 @@ class FastPath:
                             bid = d.best_bid_price
                             if bid:
                                 bsz = d.best_bid_amount
-                            else:
+                            else:  # zero: no bid
                                 bid = bsz = nan
                             ask = d.best_ask_price
                             if ask:
@@ -447,25 +408,28 @@ class FastPath:
                             miv, biv, aiv = d.mark_iv, d.bid_iv, d.ask_iv
                             biv = biv / 100.0 if biv else nan
                             aiv = aiv / 100.0 if aiv else nan
-                            fwd = d.underlying_price
-                            changed = on_write is None or book.quote_changed(
-                                slot, bid, bsz, ask, asz, biv, aiv
-                            )
-                            write(
-                                book.buffer, slot * row_bytes, d.timestamp, bid, bsz, ask, asz,
-                                d.mark_price, miv / 100.0 if miv else nan, biv, aiv, fwd,
-                                d.greeks.delta,
-                            )  # fmt: skip
                             hits += 1
-                            if on_write is not None:
-                                on_write(book, slot, fwd, changed)
+                            if on_write is None:
+                                write(
+                                    book.buffer, slot * row_bytes, d.timestamp, bid, bsz,
+                                    ask, asz, d.mark_price, miv / 100.0 if miv else nan,
+                                    biv, aiv, d.underlying_price, d.greeks.delta,
+                                )  # fmt: skip
+                                continue
+                            fwd = d.underlying_price
+                            changed = book.quote_changed(slot, bid, bsz, ask, asz, biv, aiv)
+                            write(
+                                book.buffer, slot * row_bytes, d.timestamp, bid, bsz, ask,
+                                asz, d.mark_price, miv / 100.0 if miv else nan, biv, aiv,
+                                fwd, d.greeks.delta,
+                            )  # fmt: skip
+                            on_write(book, slot, fwd, changed)
                             continue
                 self.last_recv_ns = ts_ns
                 for ev in self._parse_json(frame, ts_ns, missed=False):
                     if type(ev) is not BookChanged:
                         on_event(ev)
-                typed = self._loads if self.typed else None  # it may have learned a key order
-        parser.frames += n
+                typed = self._loads if self.typed else None  # it may have learned an order
         self.typed_hits += hits
         self.last_recv_ns = last
         return n
