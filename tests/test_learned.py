@@ -8,6 +8,9 @@ of synthetic chains for the shipped networks.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import numpy.typing as npt
@@ -109,6 +112,28 @@ def test_training_set_is_reproducible_and_consistent() -> None:
         assert y[0] == pytest.approx(math.log(x[0]))  # v0 learned in log
         assert y[4] == pytest.approx(math.atanh(x[4] / 0.99))
         assert np.all(np.diff(slice_T) > 0.0)
+
+
+def test_training_parameters_do_not_depend_on_the_hash_seed() -> None:
+    """The same seed draws the same parameters in any process (string hashing is salted per
+    process: an order taken from a set of names would not be)."""
+    code = (
+        "import numpy as np; from streamer.models import REGISTRY; "
+        "from streamer.tools.train.data import parameters; "
+        "print(parameters(REGISTRY['bates'](), np.array([0.01, 0.1, 0.5]), "
+        "np.random.default_rng(3)).tolist())"
+    )
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": str(h)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for h in (1, 2, 3, 4)
+    }
+    assert len(seen) == 1, seen
 
 
 def test_piecewise_outputs_map_to_pieces() -> None:

@@ -77,7 +77,10 @@ def parameters(model: Model, slice_T: FloatArray, rng: np.random.Generator) -> F
     S = slice_T.shape[0]
     names = model.param_names(S)
     lo, hi = model.bounds(S)
-    base_value = {b: _draw(b, rng) for b in {n.split("[", 1)[0] for n in names}}
+    # in the order of the names (a set's order of strings changes with the process's hash
+    # seed: the same rng seed drew other parameters in another process)
+    bases = dict.fromkeys(n.split("[", 1)[0] for n in names)
+    base_value = {b: _draw(b, rng) for b in bases}
     walk = {b: rng.uniform(0.0, s) for b, s in PIECE_WALK.items()}
     lt = np.log(slice_T)
     steps = np.sqrt(np.diff(np.concatenate([[lt[0] - 1.0], lt])) / max(lt[-1] - lt[0] + 1.0, 1.0))
