@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -249,3 +250,43 @@ def test_frame_batches_of_a_capture_come_in_lists_of_the_size(tmp_path: Path) ->
     batches = list(read_frame_batches(path, size=10))
     assert [len(b) for b in batches] == [10, 10, 5]
     assert [f for b in batches for _, _, f in b] == [f'{{"i":{i}}}' for i in range(25)]
+
+
+def _ticker_lines(n: int) -> bytes:
+    """``n`` recording lines shaped like real tickers (about 10x compressible, as they are)."""
+    out = []
+    for i in range(n):
+        frame = orjson.dumps(
+            {
+                "jsonrpc": "2.0",
+                "method": "subscription",
+                "params": {
+                    "channel": f"ticker.BTC-27DEC24-{1000 * (i % 97)}-C.100ms",
+                    "data": {"timestamp": 1735000000000 + i, "best_bid_price": (i % 113) / 7},
+                },
+            }
+        ).decode()
+        out.append(orjson.dumps({"ts_ns": i, "venue": "deribit", "frame": frame}) + b"\n")
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("kind", ["zst", "gz"])
+def test_compressed_blocks_stay_near_the_chunk_size(tmp_path: Path, kind: str) -> None:
+    """A compressed recording is read in compressed pieces sized for about ``CHUNK`` bytes of
+    text a block (a block that outgrows the CPU cache is slower to parse), across several
+    frames/members: every block but the first within 3x ``CHUNK``, and the same lines and
+    frames as the plain file."""
+    data = _ticker_lines(6000)
+    parts = [data[: len(data) // 3], data[len(data) // 3 :]]
+    if kind == "zst":
+        blob = b"".join(zstandard.ZstdCompressor().compress(p) for p in parts)
+    else:
+        blob = b"".join(gzip.compress(p) for p in parts)
+    assert len(data) > 10 * reader.CHUNK and len(blob) * 4 < len(data)  # 64 KiB reads: > 4x
+    plain, packed = tmp_path / "r.jsonl", tmp_path / f"r.jsonl.{kind}"
+    plain.write_bytes(data)
+    packed.write_bytes(blob)
+    blocks = list(RecordingLines(packed))
+    assert [line for b in blocks for line in b] == data.splitlines(keepends=True)
+    assert max(sum(map(len, b)) for b in blocks[1:]) <= 3 * reader.CHUNK
+    assert list(read_recording(packed)) == list(read_recording(plain))
