@@ -20,7 +20,9 @@ CPU time of this process (``time.process_time``):
 * the fused path: ``streamer.book.fastpath.FastPath`` (ticker frames written straight into the
   book rows) with fresh books (every instrument created on first sight) and with warm books
   (the steady state of a running daemon), its orjson way alone (``typed=False``) and its
-  typed decoder, frame by frame (``apply``) and in blocks (``parse_batch``, what replay runs).
+  typed decoder, frame by frame (``apply``), in blocks of frames (``parse_batch``) and in
+  blocks of the recording's lines (``parse_lines``: what ``replay --model none`` runs, the
+  record's decode included; blocks of about ``CHUNK`` bytes, as the reader makes them).
 
 Also: the time of ``Book.snapshot`` on the final chains, and the memory the books hold per
 1,000 live instruments (``tracemalloc``: row arrays, instrument table, name maps), with the
@@ -185,6 +187,23 @@ def load_frames(path: Path) -> Frames:
     return out
 
 
+def load_line_blocks(path: Path) -> list[list[bytes]]:
+    """The lines of a plain recording in blocks of about ``reader.CHUNK`` bytes (what
+    ``RecordingLines`` hands ``FastPath.parse_lines``), in memory."""
+    from streamer.feeds.recordings.reader import CHUNK
+
+    blocks: list[list[bytes]] = [[]]
+    size = 0
+    with path.open("rb") as fh:
+        for line in fh:
+            if size >= CHUNK:
+                blocks.append([])
+                size = 0
+            blocks[-1].append(line)
+            size += len(line)
+    return blocks
+
+
 def _best(fn: Callable[[], object], repeat: int) -> float:
     """Best CPU time of ``repeat`` runs (process time: other load on a shared machine that
     takes the core away does not count, its cache pollution still does)."""
@@ -196,7 +215,7 @@ def _best(fn: Callable[[], object], repeat: int) -> float:
     return best
 
 
-def run_speed(frames: Frames, repeat: int) -> list[Row]:
+def run_speed(frames: Frames, repeat: int, blocks: list[list[bytes]] | None = None) -> list[Row]:
     texts = [f for _, f in frames]
     n = len(frames)
 
@@ -245,6 +264,23 @@ def run_speed(frames: Frames, repeat: int) -> list[Row]:
         for b in batches:
             parse_batch(b, on_event)
 
+    def careful(line: bytes) -> None:  # blank lines (load_frames skips them too)
+        return None
+
+    def lines_warm() -> None:
+        warm.parse_lines(blocks or (), careful, warm.books.on_event)
+
+    lines_row = (
+        [
+            Row(
+                "FastPath.parse_lines, warm books (replay's loop, record decode included)",
+                n,
+                _best(lines_warm, repeat),
+            )
+        ]
+        if blocks is not None
+        else []
+    )
     return [
         Row("json.loads only", n, _best(json_loop, repeat)),
         Row("orjson.loads only", n, _best(orjson_loop, repeat)),
@@ -256,7 +292,8 @@ def run_speed(frames: Frames, repeat: int) -> list[Row]:
             _best(orjson_way_warm, repeat),
         ),
         Row("FastPath.apply, warm books (typed decoder)", n, _best(fused_warm, repeat)),
-        Row("FastPath.parse_batch, warm books (replay's loop)", n, _best(batch_warm, repeat)),
+        Row("FastPath.parse_batch, warm books (blocks of frames)", n, _best(batch_warm, repeat)),
+        *lines_row,
     ]
 
 
@@ -341,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 f" MB as .zst), {args.loops} passes over the real data, made in {made:.1f} s"
             )
         frames = load_frames(path)
+        blocks = load_line_blocks(path)
         print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
         e2e = (
             [] if args.no_end_to_end else run_end_to_end(paths, len(frames), args.repeat, Path(tmp))
@@ -358,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("In memory, CPU time per frame")
     print()
-    rows = run_speed(frames, args.repeat)
+    rows = run_speed(frames, args.repeat, blocks)
     print(table(rows))
     mem, books = run_memory(frames)
     print()
