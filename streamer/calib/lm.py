@@ -228,6 +228,10 @@ def _step(A: FloatArray, g: FloatArray, mu: FloatArray, held: npt.NDArray[np.boo
 
 def _take(old: _Point, new: _Point, accept: npt.NDArray[np.bool_], block_of: IntArray) -> _Point:
     """Per block, the new point where its step was accepted, else the old one."""
+    if accept.all():
+        return new
+    if not accept.any():
+        return old
     pt = accept[block_of]
     erows, ejac = old.erows, old.ejac
     if erows is not None and new.erows is not None and ejac is not None and new.ejac is not None:
