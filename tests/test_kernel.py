@@ -144,7 +144,7 @@ def test_compiled_and_numpy_lm_find_the_same_fits(name: str, config: CalibConfig
             assert a.prepared is not None
             gap = np.abs(a.fitted_iv - b.fitted_iv) * a.prepared.data.weight
             assert gap.max() <= 0.1
-            assert abs(a.in_band - b.in_band) <= 1.0 / a.n_quotes
+            assert abs(a.in_band - b.in_band) <= 1.0 / a.n_quotes + 1e-12  # one quote
 
 
 def test_inactive_slices_keep_their_start() -> None:

@@ -94,29 +94,40 @@ def pair_ranges(
     ranges = slice_ranges(data, listed)
     lo = np.full(S, -margin)
     hi = np.full(S, margin)
-    for j in range(1, S):
-        lo[j], hi[j] = common_range(ranges, j - 1, j, margin)
+    # ``common_range`` of each neighbouring pair, all at once
+    lo[1:] = np.maximum(ranges[:-1, 0], ranges[1:, 0]) - margin
+    hi[1:] = np.minimum(ranges[:-1, 1], ranges[1:, 1]) + margin
+    apart = lo > hi
+    lo[apart], hi[apart] = -margin, margin
     return lo, hi
 
 
-def pair_grids(data: FitData, n: int, listed: FloatArray | None = None) -> FloatArray:
-    """``(S, n)``: row ``j`` spans ``pair_ranges``' range of slices ``j-1`` and ``j``."""
-    lo, hi = pair_ranges(data, listed=listed)
+def pair_grids(
+    data: FitData,
+    n: int,
+    listed: FloatArray | None = None,
+    pairs: tuple[FloatArray, FloatArray] | None = None,
+) -> FloatArray:
+    """``(S, n)``: row ``j`` spans ``pair_ranges``' range of slices ``j-1`` and ``j``
+    (``pairs``: that range when already computed)."""
+    lo, hi = pair_ranges(data, listed=listed) if pairs is None else pairs
     u = np.linspace(0.0, 1.0, n)
     return np.asarray(lo[:, None] + (hi - lo)[:, None] * u[None, :])
 
 
 def hinge_grids(
-    data: FitData, listed: FloatArray | None = None
+    data: FitData,
+    listed: FloatArray | None = None,
+    pairs: tuple[FloatArray, FloatArray] | None = None,
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """The hinge rows' grids per slice: butterfly inner (``slice_grids``), butterfly outer
     (+-3 and every quote, ``OUTER_POINTS``), calendar (``pair_grids`` with the listed
-    ranges ``listed``, ``G_POINTS``)."""
+    ranges ``listed``, ``G_POINTS``; ``pairs``: ``pair_ranges`` when already computed)."""
     S = data.n_slices
     lo = min(-3.0, float(data.k.min()) - 0.1)
     hi = max(3.0, float(data.k.max()) + 0.1)
     outer = np.tile(np.linspace(lo, hi, OUTER_POINTS), (S, 1))
-    return slice_grids(data), outer, pair_grids(data, G_POINTS, listed)
+    return slice_grids(data), outer, pair_grids(data, G_POINTS, listed, pairs)
 
 
 def _butterfly(

@@ -132,19 +132,32 @@ def _iv_filters(
     drops those without IVs, crossed or too wide in IV, or outside the delta band."""
     snap = q.snap
     Fi, Ki, Ti, ci = q.F[idx], snap.strike[idx], snap.T[idx], snap.is_call[idx]
+    n = len(idx)
     bid_px, ask_px = q.bid_usd[idx], q.ask_usd[idx]
-    iv_bid = np.asarray(implied_vol(bid_px, Fi, Ki, Ti, ci), dtype=np.float64)
-    iv_ask = np.asarray(implied_vol(ask_px, Fi, Ki, Ti, ci), dtype=np.float64)
-    iv_bid = np.where(np.isfinite(bid_px) & (bid_px > 0), iv_bid, snap.bid_iv[idx])
-    iv_ask = np.where(np.isfinite(ask_px) & (ask_px > 0), iv_ask, snap.ask_iv[idx])
-    sub = np.ones(len(idx), dtype=np.bool_)
+    # both sides in one call (the inversion is per quote; one call saves the wrapper's work)
+    both = np.asarray(
+        implied_vol(
+            np.concatenate([bid_px, ask_px]),
+            np.concatenate([Fi, Fi]),
+            np.concatenate([Ki, Ki]),
+            np.concatenate([Ti, Ti]),
+            np.concatenate([ci, ci]),
+        ),
+        dtype=np.float64,
+    )
+    iv_bid = np.where(np.isfinite(bid_px) & (bid_px > 0), both[:n], snap.bid_iv[idx])
+    iv_ask = np.where(np.isfinite(ask_px) & (ask_px > 0), both[n:], snap.ask_iv[idx])
+    sub = np.ones(n, dtype=np.bool_)
     _drop(sub, ~(np.isfinite(iv_bid) & np.isfinite(iv_ask)), "no_iv", drops)
     _drop(sub, iv_bid > iv_ask, "crossed", drops)
-    wide = np.nan_to_num(iv_ask - iv_bid, nan=np.inf) > cfg.max_spread_iv
+    spread = iv_ask - iv_bid
+    wide = np.where(np.isnan(spread), np.inf, spread) > cfg.max_spread_iv
     _drop(sub, wide, "wide_spread", drops)
-    mid_iv = 0.5 * (iv_bid + iv_ask)
-    ad = np.abs(np.asarray(black_greeks(Fi, Ki, Ti, np.where(sub, mid_iv, 0.5), ci).delta))
-    _drop(sub, (ad < cfg.min_abs_delta) | (ad > cfg.max_abs_delta), "delta_band", drops)
+    # |Black delta| lies in [0, 1] (NaN is never dropped): a band [0, 1] drops nothing
+    if cfg.min_abs_delta > 0.0 or cfg.max_abs_delta < 1.0:
+        mid_iv = 0.5 * (iv_bid + iv_ask)
+        ad = np.abs(np.asarray(black_greeks(Fi, Ki, Ti, np.where(sub, mid_iv, 0.5), ci).delta))
+        _drop(sub, (ad < cfg.min_abs_delta) | (ad > cfg.max_abs_delta), "delta_band", drops)
     return idx[sub], iv_bid[sub], iv_ask[sub]
 
 
@@ -200,21 +213,27 @@ def _slices(
 def _listed_k(snapshot: ChainSnapshot, slices: IntArray) -> FloatArray:
     """``(S, 2)``: per slice (snapshot expiries ``slices``), the lowest and highest
     ``ln(K / F)`` of its listed strikes (``Prepared.listed_k``)."""
-    out = np.zeros((len(slices), 2))
     listing = snapshot.listing
     codes = listing.expiries if listing is not None else snapshot.expiries
     strike = listing.strike if listing is not None else snapshot.strike
     exp_idx = listing.expiry_idx if listing is not None else snapshot.expiry_idx
-    for j, s in enumerate(slices.tolist()):
-        F = float(snapshot.forwards[s])
-        code = snapshot.expiries[s]
-        K = strike[exp_idx == codes.index(code)] if code in codes else np.zeros(0)
-        K = K[np.isfinite(K) & (K > 0)]
-        if not (K.size and np.isfinite(F) and F > 0):
-            out[j] = np.nan
-            continue
-        k = np.log(K / F)
-        out[j] = float(k.min()), float(k.max())
+    # per listed expiry its lowest and highest usable strike (ln(K/F) is monotone in K)
+    n_codes = len(codes)
+    ok = np.isfinite(strike) & (strike > 0)
+    k_lo = np.full(n_codes + 1, np.inf)
+    k_hi = np.full(n_codes + 1, -np.inf)
+    np.minimum.at(k_lo, exp_idx[ok], strike[ok])
+    np.maximum.at(k_hi, exp_idx[ok], strike[ok])
+    where = {c: i for i, c in enumerate(codes)}
+    at = np.array(
+        [where.get(snapshot.expiries[s], n_codes) for s in slices.tolist()], dtype=np.int64
+    )
+    F = snapshot.forwards[slices].astype(np.float64) if len(slices) else np.zeros(0)
+    lo, hi = k_lo[at], k_hi[at]
+    good = np.isfinite(lo) & np.isfinite(F) & (F > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.column_stack([np.log(lo / F), np.log(hi / F)])
+    out[~good] = np.nan
     return out
 
 

@@ -57,6 +57,14 @@ class CalibConfig:
     f_scale: float = 1.0  # residuals are in half-spreads: beyond ~1 the loss turns robust
     penalty: float | None = None  # lambda of the change penalty (0 = off; None = per model)
     max_iter_warm: int = 15
+    # the warm refit's stall rule (compiled per-expiry LM, ``streamer.calib.kernel``): a slice
+    # stops when ``warm_stall_iters`` iterations bought less than ``warm_stall_rtol`` of its
+    # cost. On a re-quote the last fit is already within a few hundredths of a half-spread of
+    # the new optimum, and the band objective's kinks (quotes at the dead zone's edge) make
+    # the Gauss-Newton model overshoot: the LM otherwise spends its 15 iterations on rejected
+    # steps worth < 0.5 % of the cost. The cold fits keep the LM's own rule (10, 1e-4).
+    warm_stall_iters: int = 3
+    warm_stall_rtol: float = 1e-3
     max_iter_cold: int = 100
     regime_error_factor: float = 2.5
     regime_error_floor: float = 1.0  # weighted RMS (in half-spreads) below which all is fine
@@ -98,6 +106,11 @@ class CalibConfig:
         is a ``ConfigError`` under ``{where}.{model name}.{field}``."""
         table = _merged(model.calib_defaults, overrides or {})
         return build(cls, table, f"{where}.{model.name}")
+
+    @property
+    def warm_stall(self) -> tuple[int, float]:
+        """``(warm_stall_iters, warm_stall_rtol)``."""
+        return self.warm_stall_iters, self.warm_stall_rtol
 
     @property
     def global_settings(self) -> GlobalSettings:

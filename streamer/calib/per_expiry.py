@@ -29,11 +29,17 @@ import numpy as np
 import numpy.typing as npt
 
 from streamer.calib import kernel
-from streamer.calib.constraints import hinge_grids, hinge_rows, pair_grids, slice_ranges
+from streamer.calib.constraints import (
+    hinge_grids,
+    hinge_rows,
+    pair_grids,
+    pair_ranges,
+    slice_ranges,
+)
 from streamer.calib.data import Prepared, in_band
 from streamer.calib.evaluate import fitted_iv, slice_evaluator
 from streamer.calib.gate import Prior, SliceGate, all_clean
-from streamer.calib.lm import LMResult, solve
+from streamer.calib.lm import STALL_ITERS, STALL_RTOL, LMResult, solve
 from streamer.calib.options import CalibConfig, History
 from streamer.calib.result import (
     Failure,
@@ -46,8 +52,11 @@ from streamer.calib.result import (
 from streamer.models.base import KERNEL_NONE, FitData, FloatArray, Model, Violation
 
 BoolArray = npt.NDArray[np.bool_]
+COLD_STALL = (STALL_ITERS, STALL_RTOL)  # the LM's own stall rule (``streamer.calib.lm``)
+# run(x0, prior, pen_w, max_iter, active, stall): stall = (iterations, share of the cost)
 Runner = Callable[
-    [FloatArray, FloatArray | None, FloatArray | None, int, BoolArray | None], LMResult
+    [FloatArray, FloatArray | None, FloatArray | None, int, BoolArray | None, tuple[int, float]],
+    LMResult,
 ]
 
 
@@ -96,6 +105,8 @@ class _SliceFit:
                 jump = abs(data.slice_forward[j] / f_prev - 1.0) > self.cfg.regime_forward_move
                 self.fwd_jump[j] = jump
         self.gap = history.gap_shift(ts_ms)
+        # the calendar checks' ranges per neighbouring pair (the hinge rows' and the gate's)
+        self.pairs = pair_ranges(data, listed=prep.listed_k)
         self.run = _runner(self)
         self.nfev = 0
         self.warm_used = bool(self.has_prior.any())
@@ -123,7 +134,7 @@ class _SliceFit:
         x0 = np.array(
             [self.prior[j] if self.has_prior[j] else self.guess(j)[0] for j in range(self.S)]
         )
-        res = self.run(x0, self.prior, self.pen_w, cfg.max_iter_warm, None)
+        res = self.run(x0, self.prior, self.pen_w, cfg.max_iter_warm, None, cfg.warm_stall)
         self.nfev += res.nfev
         self.x, self.iv, self.data_cost, self.pen = res.x, res.iv, res.data_cost, res.penalty
         wrms = block_wrms(self.iv, data, self.starts)
@@ -171,7 +182,7 @@ class _SliceFit:
         for g in range(max(len(guesses[j]) for j in range(S))):
             x0 = np.array([guesses[j][min(g, len(guesses[j]) - 1)] for j in range(S)])
             x0 = np.where(mask[:, None], x0, prior)
-            res = self.run(x0, None, None, self.cfg.max_iter_cold, mask)
+            res = self.run(x0, None, None, self.cfg.max_iter_cold, mask, COLD_STALL)
             best = res if best is None else _merge_best(best, res, self.data)
         assert best is not None
         return best
@@ -183,7 +194,7 @@ class _SliceFit:
         model, data, x = self.model, self.data, self.x
         keep = self.keep = np.isfinite(self.data_cost) & np.all(np.isfinite(x), axis=1)
         own = model.arbitrage_slices(np.where(keep[:, None], x, self.lo), data.slice_T)
-        k_cal = pair_grids(data, 61, self.prep.listed_k)
+        k_cal = pair_grids(data, 61, self.prep.listed_k, self.pairs)
         if all_clean(model, self.cfg, x, keep, own, data.slice_T, k_cal):
             return True
         gate = SliceGate(
@@ -209,7 +220,7 @@ class _SliceFit:
             float(np.mean(in_band(iv[pts], data.iv_bid[pts], data.iv_ask[pts])))
         )
         atm = model.implied_vol_slices(x, data.slice_T)
-        params = [model.view(x[j], 1).slices[0] for j in range(self.S)]
+        params = _slice_params(model, x)
         return Fitted(
             iv=iv,
             points=pts,
@@ -224,6 +235,15 @@ class _SliceFit:
         )
 
 
+def _slice_params(model: Model, x: FloatArray) -> list[dict[str, float]]:
+    """Each slice row's named parameters: ``model.view(x[j], 1).slices[0]``, without the
+    detour for models that keep the base class's ``view`` (one dict per slice)."""
+    if type(model).view is Model.view:
+        names = model.param_names(1)
+        return [dict(zip(names, row, strict=True)) for row in x.tolist()]
+    return [model.view(x[j], 1).slices[0] for j in range(x.shape[0])]
+
+
 def _runner(fit: _SliceFit) -> Runner:
     """``run(x0, prior, pen_w, max_iter, active)``: the block LM over all slices, compiled
     (``streamer.calib.kernel``) for models with a row kernel, else ``lm.solve`` (which fits
@@ -232,7 +252,7 @@ def _runner(fit: _SliceFit) -> Runner:
     if model.kernel_kind == KERNEL_NONE:
         return _numpy_runner(fit)
     S, p = lower.shape
-    grids = hinge_grids(data, fit.prep.listed_k)
+    grids = hinge_grids(data, fit.prep.listed_k, fit.pairs)
     band = cfg.band(data)
     zeros = np.zeros((S, p))
     compiled = kernel.SliceProblem(
@@ -262,6 +282,7 @@ def _runner(fit: _SliceFit) -> Runner:
         pen_w: FloatArray | None,
         max_iter: int,
         active: BoolArray | None,
+        stall: tuple[int, float],
     ) -> LMResult:
         return compiled.solve(
             x0,
@@ -269,6 +290,7 @@ def _runner(fit: _SliceFit) -> Runner:
             zeros if pen_w is None else pen_w,
             np.ones(S, dtype=np.bool_) if active is None else active,
             max_iter,
+            stall,
         )
 
     return run_kernel
@@ -288,6 +310,7 @@ def _numpy_runner(fit: _SliceFit) -> Runner:
         pen_w: FloatArray | None,
         max_iter: int,
         active: BoolArray | None,
+        stall: tuple[int, float],
     ) -> LMResult:
         problem = cfg.problem(evaluate, data, starts, lower, upper, prior, pen_w, hinges)
         return solve(problem, x0, max_iter=max_iter)

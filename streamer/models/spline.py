@@ -81,7 +81,8 @@ MIN_HALF_RANGE = 1.0  # outer knots at least this many s from the money
 KNOT_MARGIN = 0.5
 ROUGHNESS = 0.3  # rho_r
 HINGE_PER_INT = 8  # butterfly hinge points per knot interval
-N_HINGE_BF = HINGE_PER_INT * N_INT + 1 + 2  # plus each wing's worst point
+N_HINGE_GRID = HINGE_PER_INT * N_INT + 1  # the hinge grid's points
+N_HINGE_BF = N_HINGE_GRID + 2  # plus each wing's worst point
 N_HINGE_ROUGH = NC
 N_HINGE = N_HINGE_BF + N_HINGE_ROUGH
 CHECK_PER_INT = 24  # ``arbitrage``: points per knot interval
@@ -164,6 +165,46 @@ def _bases(u: float) -> tuple[float, float, float, float]:
         (-3.0 * u2 * u + 3.0 * u2 + 3.0 * u + 1.0) / 6.0,
         u2 * u / 6.0,
     )
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _dbases(
+    u: float,
+) -> tuple[tuple[float, float, float, float], tuple[float, float, float, float]]:
+    """The bases' first and second derivatives in ``u``."""
+    om = 1.0 - u
+    u2 = u * u
+    return (
+        (-0.5 * om * om, 1.5 * u2 - 2.0 * u, -1.5 * u2 + u + 0.5, 0.5 * u2),
+        (om, 3.0 * u - 2.0, 1.0 - 3.0 * u, u),
+    )
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _point(y: float, s: float, h: float) -> tuple[float, float, float]:
+    """``(k, a1, a3)`` at knot coordinate ``y``: ``k = s sinh(y)``, and the chain-rule
+    factors ``dw/dk = a1 dw/du``, ``d2w/dk2 = a1^2 d2w/du2 + a3 dw/du``."""
+    k = s * math.sinh(y)
+    ky = s * math.cosh(y)  # dk/dy
+    return k, 1.0 / (ky * h), -k / (ky * ky * ky) / h
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _w012_grid(x: FloatArray, i: int, u: float, a1: float, a3: float) -> tuple[float, float, float]:
+    """``(w, w', w'')`` at position ``u`` of knot interval ``i`` (chain-rule factors from
+    ``_point``): a grid point whose interval is known needs no ``asinh``."""
+    e_l, e_r = _factors(x, i)
+    b = _bases(u)
+    d, dd = _dbases(u)
+    w = 0.0
+    wu = 0.0
+    wuu = 0.0
+    for m in range(4):
+        c = _coef(x, i - 1 + m, e_l, e_r)
+        w += b[m] * c
+        wu += d[m] * c
+        wuu += dd[m] * c
+    return w, a1 * wu, a1 * a1 * wuu + a3 * wu
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -289,6 +330,12 @@ def spline_row(x: FloatArray, k: float, T: float, jac: FloatArray) -> float:
     return v
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def spline_iv(x: FloatArray, k: float, T: float) -> float:
+    """One point's IV (no gradient): ``spline_row``'s value."""
+    return math.sqrt(max(spline_w012(x, k)[0], VAR_FLOOR) / T)
+
+
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def g_of(k: float, w: float, w1: float, w2: float) -> float:
     """Gatheral-Jacquier's ``g`` from ``w``, ``w'``, ``w''`` at ``k``."""
@@ -368,7 +415,7 @@ def spline_hinges(
     gw = np.empty(p)
     g1 = np.empty(p)
     g2 = np.empty(p)
-    m = HINGE_PER_INT * N_INT + 1
+    m = N_HINGE_GRID
     ks = np.empty(N_HINGE_BF)
     gs = np.empty(N_HINGE_BF)
     yl, h, s = _geometry(x)
@@ -397,6 +444,18 @@ def spline_hinges(
             for q in range(p):
                 ejac[at, q] = 0.0
         at += 1
+    return spline_roughness(x, roughness, rows, ejac, at)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def spline_roughness(
+    x: FloatArray, roughness: float, rows: FloatArray, ejac: FloatArray, at: int
+) -> int:
+    """The roughness rows (Fengler's curvature penalty at the knots, see the module
+    docstring), written from row ``at``: ``rows = ejac @ x``, ``ejac`` fixed by the knot
+    map; returns the next row."""
+    p = N_PARAMS
+    yl, h, s = _geometry(x)
     e_l = _end(x, False)[1]
     e_r = _end(x, True)[1]
     f = roughness / (s * s)
@@ -409,6 +468,147 @@ def spline_hinges(
         _add(i + 1, f * (1.0 - th), e_l, e_r, ejac[at])
         r = 0.0
         for q in range(NC + 2):
+            r += ejac[at, q] * x[q]
+        rows[at] = r
+        at += 1
+    return at
+
+
+# -- the fit's fixed geometry ---------------------------------------------------------------
+# The knot map (s, yl, yr) is frozen during a fit (its gradient is zero) and w, w', w'' are
+# linear in the coefficients and slopes: at a fixed k each is a fixed row times x. The
+# compiled LM (``streamer.calib.kernel``) builds these rows once per slice run
+# (``spline_design``, ``spline_geometry``) instead of locating every point in the knot grid
+# (an asinh, and a sinh and cosh at the ends) at every evaluation; same values up to rounding.
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def spline_design(x: FloatArray, k: FloatArray, out: FloatArray) -> None:
+    """``out[i] = dw/dx`` at ``k[i]`` under ``x``'s knot map: ``w(k[i]) = out[i] @ x``."""
+    for i in range(k.shape[0]):
+        spline_wgrad(x, k[i], out[i])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def spline_geometry(
+    x: FloatArray,
+    kh: FloatArray,
+    hw: FloatArray,
+    h1: FloatArray,
+    h2: FloatArray,
+    rough: FloatArray,
+) -> None:
+    """The hinge grid of ``spline_hinges`` under ``x``'s knot map: its ``HINGE_PER_INT``
+    points per interval (``kh``, ``N_HINGE_GRID`` of them), the rows of ``w``, ``w'``,
+    ``w''`` there (``hw``, ``h1``, ``h2``), and the roughness rows' matrix at roughness 1
+    (``rough``, ``(NC, N_PARAMS)``)."""
+    yl, h, s = _geometry(x)
+    for j in range(kh.shape[0]):
+        t = j / HINGE_PER_INT
+        i = min(j // HINGE_PER_INT, N_INT - 1)
+        k, a1, a3 = _point(yl + h * j / HINGE_PER_INT, s, h)  # as ``spline_hinges``
+        kh[j] = k
+        if j == 0 or j == kh.shape[0] - 1:  # on an outer knot: the side ``spline_eval`` takes
+            spline_eval(x, k, hw[j], h1[j], h2[j])
+            continue
+        e_l, e_r = _factors(x, i)
+        u = t - i
+        b = _bases(u)
+        d, dd = _dbases(u)
+        for q in range(N_PARAMS):
+            hw[j, q] = 0.0
+            h1[j, q] = 0.0
+            h2[j, q] = 0.0
+        for m in range(4):
+            _add(i - 1 + m, b[m], e_l, e_r, hw[j])
+            _add(i - 1 + m, a1 * d[m], e_l, e_r, h1[j])
+            _add(i - 1 + m, a1 * a1 * dd[m] + a3 * d[m], e_l, e_r, h2[j])
+    spline_roughness(x, 1.0, np.empty(NC), rough, 0)
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _dot(d: FloatArray, x: FloatArray) -> float:
+    """``d @ x`` over the coefficients and slopes (a row's knot-map entries are 0)."""
+    v = 0.0
+    for q in range(NC + 2):
+        v += d[q] * x[q]
+    return v
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def spline_row_design(x: FloatArray, d: FloatArray, T: float, jac: FloatArray) -> float:
+    """``spline_row`` from the point's design row ``d`` (``spline_design``)."""
+    w = _dot(d, x)
+    v = math.sqrt(max(w, VAR_FLOOR) / T)
+    f = 0.5 / (T * v)
+    for q in range(NC + 2):
+        jac[q] = d[q] * f
+    for q in range(NC + 2, N_PARAMS):
+        jac[q] = 0.0
+    return v
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def spline_hinges_fixed(
+    x: FloatArray,
+    kh: FloatArray,
+    hw: FloatArray,
+    h1: FloatArray,
+    h2: FloatArray,
+    rough: FloatArray,
+    margin: float,
+    mu: float,
+    roughness: float,
+    rows: FloatArray,
+    ejac: FloatArray,
+    at: int,
+) -> int:
+    """``spline_hinges`` on the fixed geometry of ``spline_geometry`` (``x``'s knot map
+    must be the one it was built under): ``g`` at the grid points from their rows; the
+    refined points and the wings' worst points as there."""
+    p = N_PARAMS
+    gw = np.empty(p)
+    g1 = np.empty(p)
+    g2 = np.empty(p)
+    m = N_HINGE_GRID
+    ks = np.empty(N_HINGE_BF)
+    gs = np.empty(N_HINGE_BF)
+    for i in range(m):
+        ks[i] = kh[i]
+        w = _dot(hw[i], x)
+        g = g_of(kh[i], w, _dot(h1[i], x), _dot(h2[i], x)) if w > 0.0 else -math.inf
+        gs[i] = g if math.isfinite(g) else -math.inf
+    refine(x, ks[:m], gs[:m], REFINE_BELOW, REFINE_SUB)
+    ks[m] = _wing(x, False)[0]
+    ks[m + 1] = _wing(x, True)[0]
+    gs[m] = g_at(x, ks[m])
+    gs[m + 1] = g_at(x, ks[m + 1])
+    for j in range(N_HINGE_BF):
+        if gs[j] < margin:
+            k = ks[j]
+            if j < m and k == kh[j]:  # not moved by ``refine``: the fixed rows
+                rw, r1, r2 = hw[j], h1[j], h2[j]
+                w, w1, w2 = _dot(rw, x), _dot(r1, x), _dot(r2, x)
+            else:
+                w, w1, w2 = spline_eval(x, k, gw, g1, g2)
+                rw, r1, r2 = gw, g1, g2
+            wc = max(w, 1e-12)
+            a = 1.0 - k * w1 / (2.0 * wc)
+            g = a * a - 0.25 * w1 * w1 * (1.0 / wc + 0.25) + 0.5 * w2
+            rows[at] = mu * (margin - g)
+            dg_dw = a * k * w1 / (wc * wc) + 0.25 * w1 * w1 / (wc * wc)
+            dg_dw1 = -a * k / wc - 0.5 * w1 * (1.0 / wc + 0.25)
+            for q in range(p):
+                ejac[at, q] = -mu * (dg_dw * rw[q] + dg_dw1 * r1[q] + 0.5 * r2[q])
+        else:
+            rows[at] = 0.0
+            for q in range(p):
+                ejac[at, q] = 0.0
+        at += 1
+    for i in range(NC):
+        r = 0.0
+        for q in range(p):
+            ejac[at, q] = roughness * rough[i, q]
             r += ejac[at, q] * x[q]
         rows[at] = r
         at += 1
@@ -451,9 +651,14 @@ def check_slices(X: FloatArray) -> FloatArray:
         yl, h, s = _geometry(x)
         wmin = math.inf
         for i in range(m):
-            k = s * math.sinh(yl + h * i / CHECK_PER_INT)
+            t = i / CHECK_PER_INT
+            iv = min(i // CHECK_PER_INT, N_INT - 1)
+            k, a1, a3 = _point(yl + h * i / CHECK_PER_INT, s, h)  # as ``spline_hinges``
             ks[i] = k
-            w, w1, w2 = spline_w012(x, k)
+            if i == 0 or i == m - 1:  # on an outer knot: the side ``spline_w012`` takes
+                w, w1, w2 = spline_w012(x, k)
+            else:
+                w, w1, w2 = _w012_grid(x, iv, t - iv, a1, a3)
             wmin = min(wmin, w)
             g = g_of(k, w, w1, w2) if w > 0.0 else -math.inf
             gs[i] = g if math.isfinite(g) else -math.inf

@@ -1,0 +1,195 @@
+"""The warm refit's shortcuts (issue 13, warm spline refit speed): the spline's fixed-geometry
+rows equal the point-by-point evaluation they replace, the warm stall rule stops where a fit
+run to convergence would publish the same IVs (within a small share of each half-spread),
+a re-fit of an unchanged chain keeps its parameters, and the vectorised range and listing
+helpers equal their plain loops."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from streamer.book.snapshot import ChainSnapshot
+from streamer.calib.calibrator import CalibConfig, Calibrator, FitResult
+from streamer.calib.constraints import common_range, pair_ranges, slice_ranges
+from streamer.calib.data import FilterConfig, prepare
+from streamer.models import REGISTRY
+from streamer.models import spline as sp
+from streamer.models.base import FloatArray
+from streamer.tools.chains import load_chains
+from tests.conftest import shared_file
+from tests.synth import make_chain, svi_surface
+
+REAL = "snapshots/deribit_options_snapshot_20260105T041127Z.csv"
+
+
+def own_config(name: str, **kw: object) -> CalibConfig:
+    """The model's ``calib_defaults`` spelled out, with ``kw`` on top."""
+    d = dict(REGISTRY[name].calib_defaults)
+    filters = d.pop("filters", {})
+    assert isinstance(filters, dict)
+    d.update(kw)
+    return CalibConfig(filters=FilterConfig(**filters), **d)  # type: ignore[arg-type]
+
+
+def requote(snap: ChainSnapshot, rng: np.random.Generator, noise: float) -> ChainSnapshot:
+    """Every bid and ask moved by up to ``noise`` of its half-spread."""
+    half = 0.5 * (snap.ask - snap.bid)
+    shift = noise * half * rng.uniform(-1.0, 1.0, size=snap.n_quotes)
+    return dataclasses.replace(snap, bid=snap.bid + shift, ask=snap.ask + shift)
+
+
+def real_chain() -> ChainSnapshot:
+    return load_chains(shared_file(REAL), "BTC")[0]
+
+
+def spline_slices() -> list[FloatArray]:
+    """Fitted spline slices of the real chain (short wiggly dailies to a year), and each
+    with its coefficients and slopes perturbed (hinge rows active, refined points)."""
+    r = Calibrator(REGISTRY["spline"](), own_config("spline")).fit(real_chain())
+    assert r.success
+    rng = np.random.default_rng(4)
+    out = []
+    for x in r.x:
+        out.append(np.ascontiguousarray(x, dtype=np.float64))
+        y = x.copy()
+        y[: sp.NC] *= rng.uniform(0.7, 1.3, sp.NC)
+        y[sp.I_BL] = min(1.9, y[sp.I_BL] * 1.5)
+        out.append(np.ascontiguousarray(y, dtype=np.float64))
+    return out
+
+
+def test_fixed_geometry_rows_equal_pointwise_evaluation() -> None:
+    """``spline_design``/``spline_geometry``/``spline_hinges_fixed``/``spline_row_design``
+    (the compiled LM's rows, built once per slice run) against ``spline_wgrad``,
+    ``spline_hinges`` and ``spline_row``, which evaluate every point afresh."""
+    p = sp.N_PARAMS
+    m_rows = sp.N_HINGE
+    active = 0
+    for x in spline_slices():
+        kl = x[sp.I_S] * math.sinh(x[sp.I_YL])
+        kr = x[sp.I_S] * math.sinh(x[sp.I_YR])
+        k = np.linspace(kl - 0.3, kr + 0.3, 57)
+        D = np.zeros((len(k), p))
+        sp.spline_design(x, k, D)
+        jac_ref = np.empty(p)
+        jac = np.empty(p)
+        for i, ki in enumerate(k.tolist()):
+            assert sp.spline_row_design(x, D[i], 0.3, jac) == pytest.approx(
+                sp.spline_row(x, ki, 0.3, jac_ref), rel=1e-13
+            )
+            np.testing.assert_allclose(jac, jac_ref, rtol=1e-12, atol=1e-14)
+        kh = np.zeros(sp.N_HINGE_GRID)
+        hw, h1, h2 = (np.zeros((sp.N_HINGE_GRID, p)) for _ in range(3))
+        rough = np.zeros((sp.NC, p))
+        sp.spline_geometry(x, kh, hw, h1, h2, rough)
+        rows_ref, ejac_ref = np.zeros(m_rows), np.zeros((m_rows, p))
+        rows, ejac = np.zeros(m_rows), np.zeros((m_rows, p))
+        for margin in (sp.HINGE_MARGIN, 0.3):  # 0.3: most points active
+            n_ref = sp.spline_hinges(x, margin, sp.HINGE_MU, sp.ROUGHNESS, rows_ref, ejac_ref, 0)
+            n = sp.spline_hinges_fixed(
+                x, kh, hw, h1, h2, rough, margin, sp.HINGE_MU, sp.ROUGHNESS, rows, ejac, 0
+            )
+            assert n == n_ref == m_rows
+            scale = max(1.0, float(np.abs(rows_ref).max()))
+            np.testing.assert_allclose(rows, rows_ref, rtol=1e-9, atol=1e-9 * scale)
+            jscale = max(1.0, float(np.abs(ejac_ref).max()))
+            np.testing.assert_allclose(ejac, ejac_ref, rtol=1e-8, atol=1e-9 * jscale)
+            active += int(np.count_nonzero(rows_ref[: sp.N_HINGE_BF]))
+    assert active > 0  # the comparison covered active butterfly rows
+
+
+@pytest.mark.parametrize("name", ["spline", "svi", "sabr"])
+def test_warm_stall_rule_publishes_what_convergence_would(name: str) -> None:
+    """Warm refits of re-quotes of the real chain: the default warm stall rule against the
+    same refits run to convergence (the LM's own stall rule, 200 iterations): every fitted
+    IV within a tenth of its quote's half-spread (as the numpy and compiled LMs agree, see
+    ``test_kernel``), the in-band share within one quote."""
+    snap = real_chain()
+    model = REGISTRY[name]()
+    quick = Calibrator(model, own_config(name))
+    full = Calibrator(model, own_config(name, max_iter_warm=200, warm_stall_iters=10,
+                                      warm_stall_rtol=1e-4))  # fmt: skip
+    quick.fit(snap)
+    full.fit(snap)
+    rng = np.random.default_rng(7)
+    nfev_quick, nfev_full = [], []
+    for _ in range(4):
+        q = requote(snap, rng, 0.05)
+        a, b = quick.fit(q), full.fit(q)
+        assert a.success and b.success and a.warm and b.warm
+        assert a.prepared is not None
+        assert a.expiries == b.expiries
+        gap = np.abs(a.fitted_iv - b.fitted_iv) * a.prepared.data.weight
+        assert float(gap.max()) <= 0.1, name
+        assert abs(a.in_band - b.in_band) <= 1.0 / a.n_quotes + 1e-12
+        nfev_quick.append(a.nfev)
+        nfev_full.append(b.nfev)
+        quick.last_good = b  # both go on from the same accepted fit
+    assert max(nfev_quick) <= max(nfev_full)
+
+
+def test_refit_of_an_unchanged_chain_keeps_its_parameters() -> None:
+    """The spline fitted, then re-fitted warm to the very same quotes: the change penalty and
+    the stall rule keep the accepted fit (IVs move by < 1 % of any half-spread)."""
+    _, fn = svi_surface()
+    snap = make_chain(fn, noise_iv=0.003, half_spread_iv=0.01, rng=np.random.default_rng(2))
+    cal = Calibrator(REGISTRY["spline"](), own_config("spline"))
+    first = cal.fit(snap)
+    again = cal.fit(dataclasses.replace(snap, ts_ms=snap.ts_ms + 1000))
+    assert first.success and again.success and again.warm and not again.regime_shift
+    assert first.prepared is not None
+    gap = np.abs(again.fitted_iv - first.fitted_iv) * first.prepared.data.weight
+    assert float(gap.max()) < 0.01
+    assert again.in_band == first.in_band
+
+
+def _ranges_loop(r: FitResult) -> tuple[FloatArray, FloatArray]:
+    assert r.prepared is not None
+    ranges = slice_ranges(r.prepared.data, r.prepared.listed_k)
+    S = len(ranges)
+    lo, hi = np.full(S, -0.02), np.full(S, 0.02)
+    for j in range(1, S):
+        lo[j], hi[j] = common_range(ranges, j - 1, j, 0.02)
+    return lo, hi
+
+
+def test_pair_ranges_equal_common_range_per_pair() -> None:
+    """The vectorised ``pair_ranges`` against ``common_range`` pair by pair, on a real chain
+    and on ranges shuffled so that some neighbours do not overlap."""
+    r = Calibrator(REGISTRY["svi"](), own_config("svi")).fit(real_chain())
+    assert r.prepared is not None
+    data, listed = r.prepared.data, r.prepared.listed_k
+    lo, hi = pair_ranges(data, listed=listed)
+    lo_ref, hi_ref = _ranges_loop(r)
+    np.testing.assert_array_equal(lo, lo_ref)
+    np.testing.assert_array_equal(hi, hi_ref)
+    # listed ranges that leave gaps between neighbours: placed apart, every other slice
+    S = data.n_slices
+    far = np.array([[5.0 + j, 5.5 + j] if j % 2 else [-9.0, -8.5] for j in range(S)])
+    prep = dataclasses.replace(r.prepared, listed_k=far)
+    lo, hi = pair_ranges(data, listed=far)
+    lo_ref, hi_ref = _ranges_loop(dataclasses.replace(r, prepared=prep))
+    np.testing.assert_array_equal(lo, lo_ref)
+    np.testing.assert_array_equal(hi, hi_ref)
+
+
+def test_listed_ranges_from_the_listing() -> None:
+    """``Prepared.listed_k``: per fitted expiry, ``ln(K/F)`` of its lowest and highest
+    listed strike, here computed expiry by expiry from the listing's own columns."""
+    snap = real_chain()
+    prep = prepare(snap, FilterConfig(min_T_days=0.0833), 4)
+    listing = snap.listing
+    codes = listing.expiries if listing is not None else snap.expiries
+    strike = listing.strike if listing is not None else snap.strike
+    exp_idx = listing.expiry_idx if listing is not None else snap.expiry_idx
+    assert prep.listed_k.shape == (prep.data.n_slices, 2)
+    for j, code in enumerate(prep.data.slice_expiry):
+        K = strike[exp_idx == codes.index(code)]
+        K = K[np.isfinite(K) & (K > 0)]
+        F = float(prep.data.slice_forward[j])
+        assert prep.listed_k[j, 0] == pytest.approx(math.log(K.min() / F), abs=1e-15)
+        assert prep.listed_k[j, 1] == pytest.approx(math.log(K.max() / F), abs=1e-15)
