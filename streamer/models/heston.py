@@ -55,6 +55,14 @@ characteristic function is evaluated once per expiry. Against QuantLib (adaptive
 Gauss-Lobatto at 1e-14) and 25-digit quadrature the prices agree to ~1e-10 relative
 (1e-8 in the heaviest-tailed test set), ~1e-15 absolute for tiny ones.
 
+Two tolerances: every price and vol a caller sees is reference-grade (``TAIL_TOL``); a fit's
+least-squares evaluations at its quotes (``fit_iv_and_jacobian``, one pass for the vols and
+the Jacobian; ``population_iv`` for a global search) use ``FIT_TOL = 1e-10``, about half the
+terms (narrower range, shorter series) for vols within ~1e-9 of the reference at quotes worth a
+tick. The reference coefficients of the last few (parameters, maturities) are kept
+(``cos_bank``, ``otm_from_bank``): the gate's probes, its calendar grid and the ATM vols of a
+fitted vector share one characteristic-function sweep.
+
 Implied vols: the out-of-the-money price inverted with ``streamer.pricing.implied``; NaN where
 that price is not positive (strikes ~8 standard deviations out, below double precision).
 Jacobian: ``d iv / d x = (d price / d x) / vega`` (Black vega), the price gradient from the
