@@ -23,15 +23,18 @@ is the mid of the bid and ask IVs and the weight ``1 / max(half-spread, iv_floor
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+from numba import njit
 
 from streamer.book.snapshot import ChainSnapshot
 from streamer.models.base import FitData
-from streamer.pricing import black_greeks, implied_vol
+from streamer.pricing.greeks import greeks_scalar
+from streamer.pricing.implied import LOWER_TABLE, UPPER_TABLE, implied_vol_scalar
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -77,8 +80,7 @@ def prepare(
     cfg = config or FilterConfig()
     drops: Counter[str] = Counter()
     q = _Quotes.of(snapshot)
-    idx = _price_filters(q, cfg, drops)
-    idx, iv_bid, iv_ask = _iv_filters(q, idx, cfg, drops)
+    idx, iv_bid, iv_ask = _filters(q, cfg, drops)
     return _slices(q, idx, iv_bid, iv_ask, cfg, cfg.min_quotes_per_slice or min_quotes, drops)
 
 
@@ -104,61 +106,137 @@ class _Quotes:
             return cls(snapshot, F, snapshot.bid * unit, snapshot.ask * unit)
 
 
-def _price_filters(q: _Quotes, cfg: FilterConfig, drops: Counter[str]) -> IntArray:
-    """Quotes long enough to expiry, two-sided, not crossed, out of the money (if asked)."""
-    snap = q.snap
-    keep = np.ones(snap.n_quotes, dtype=np.bool_)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        k_all = np.log(snap.strike / q.F)
-    sane = np.isfinite(q.F) & (q.F > 0) & (np.abs(k_all) <= MAX_ABS_LOG_MONEYNESS)
-    _drop(keep, ~sane, "bad_forward", drops)
-    _drop(keep, ~(cfg.min_T_days <= snap.T * 365.0), "short_expiry", drops)
-    has_bid_px = np.isfinite(q.bid_usd) & (q.bid_usd > 0)
-    has_ask_px = np.isfinite(q.ask_usd) & (q.ask_usd > 0)
-    # where a venue sends IVs but no prices (Tardis cuts), its IVs stand in for the prices
-    has_bid = has_bid_px | (np.isfinite(snap.bid_iv) & (snap.bid_iv > 0))
-    has_ask = has_ask_px | (np.isfinite(snap.ask_iv) & (snap.ask_iv > 0))
-    _drop(keep, ~(has_bid & has_ask), "one_sided", drops)
-    _drop(keep, has_bid_px & has_ask_px & (q.bid_usd > q.ask_usd), "crossed", drops)
-    if cfg.otm_only:
-        _drop(keep, np.where(snap.is_call, k_all < 0.0, k_all >= 0.0), "itm", drops)
-    return np.flatnonzero(keep)
+# drop reasons in the order they are judged (a quote counts under its first); 0: kept
+_REASONS = (
+    "",
+    "bad_forward",
+    "short_expiry",
+    "one_sided",
+    "crossed",
+    "itm",
+    "no_iv",
+    "crossed",
+    "wide_spread",
+    "delta_band",
+)
 
 
-def _iv_filters(
-    q: _Quotes, idx: IntArray, cfg: FilterConfig, drops: Counter[str]
+def _f64(a: npt.ArrayLike) -> FloatArray:
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _filters(
+    q: _Quotes, cfg: FilterConfig, drops: Counter[str]
 ) -> tuple[IntArray, FloatArray, FloatArray]:
-    """Bid and ask IVs of the quotes ``idx`` (implied from the prices, else the venue's);
-    drops those without IVs, crossed or too wide in IV, or outside the delta band."""
+    """The kept quotes' positions and bid and ask IVs (implied from the prices, else the
+    venue's); every other quote counted in ``drops`` under the first reason that drops it:
+    the price filters (expiry long enough, two-sided, not crossed, out of the money if asked),
+    then the IV filters (IVs exist, not crossed or too wide in IV, inside the delta band).
+
+    One compiled pass over the quotes (``_filter_kernel``): the same tests, in the same
+    order and arithmetic, as the array expressions it replaces (a dozen numpy calls on
+    arrays of a few hundred quotes cost more than the work)."""
     snap = q.snap
-    Fi, Ki, Ti, ci = q.F[idx], snap.strike[idx], snap.T[idx], snap.is_call[idx]
-    n = len(idx)
-    bid_px, ask_px = q.bid_usd[idx], q.ask_usd[idx]
-    # both sides in one call (the inversion is per quote; one call saves the wrapper's work)
-    both = np.asarray(
-        implied_vol(
-            np.concatenate([bid_px, ask_px]),
-            np.concatenate([Fi, Fi]),
-            np.concatenate([Ki, Ki]),
-            np.concatenate([Ti, Ti]),
-            np.concatenate([ci, ci]),
-        ),
-        dtype=np.float64,
+    reason, iv_bid, iv_ask = _filter_kernel(
+        q.F,
+        _f64(snap.strike),
+        _f64(snap.T),
+        np.ascontiguousarray(snap.is_call, dtype=np.bool_),
+        _f64(q.bid_usd),
+        _f64(q.ask_usd),
+        _f64(snap.bid_iv),
+        _f64(snap.ask_iv),
+        float(cfg.min_T_days),
+        bool(cfg.otm_only),
+        float(cfg.max_spread_iv),
+        float(cfg.min_abs_delta),
+        float(cfg.max_abs_delta),
+        # |Black delta| lies in [0, 1] (NaN is never dropped): a band [0, 1] drops nothing
+        cfg.min_abs_delta > 0.0 or cfg.max_abs_delta < 1.0,
+        LOWER_TABLE,
+        UPPER_TABLE,
     )
-    iv_bid = np.where(np.isfinite(bid_px) & (bid_px > 0), both[:n], snap.bid_iv[idx])
-    iv_ask = np.where(np.isfinite(ask_px) & (ask_px > 0), both[n:], snap.ask_iv[idx])
-    sub = np.ones(n, dtype=np.bool_)
-    _drop(sub, ~(np.isfinite(iv_bid) & np.isfinite(iv_ask)), "no_iv", drops)
-    _drop(sub, iv_bid > iv_ask, "crossed", drops)
-    spread = iv_ask - iv_bid
-    wide = np.where(np.isnan(spread), np.inf, spread) > cfg.max_spread_iv
-    _drop(sub, wide, "wide_spread", drops)
-    # |Black delta| lies in [0, 1] (NaN is never dropped): a band [0, 1] drops nothing
-    if cfg.min_abs_delta > 0.0 or cfg.max_abs_delta < 1.0:
-        mid_iv = 0.5 * (iv_bid + iv_ask)
-        ad = np.abs(np.asarray(black_greeks(Fi, Ki, Ti, np.where(sub, mid_iv, 0.5), ci).delta))
-        _drop(sub, (ad < cfg.min_abs_delta) | (ad > cfg.max_abs_delta), "delta_band", drops)
-    return idx[sub], iv_bid[sub], iv_ask[sub]
+    counts = np.bincount(reason, minlength=len(_REASONS)).tolist()
+    for r in range(1, len(_REASONS)):
+        if counts[r]:
+            drops[_REASONS[r]] += counts[r]
+    idx = np.flatnonzero(reason == 0)
+    return idx, iv_bid[idx], iv_ask[idx]
+
+
+@njit(cache=True, nogil=True)
+def _filter_kernel(
+    F: np.ndarray,
+    K: np.ndarray,
+    T: np.ndarray,
+    is_call: np.ndarray,
+    bid_usd: np.ndarray,
+    ask_usd: np.ndarray,
+    venue_bid_iv: np.ndarray,
+    venue_ask_iv: np.ndarray,
+    min_T_days: float,
+    otm_only: bool,
+    max_spread_iv: float,
+    min_abs_delta: float,
+    max_abs_delta: float,
+    check_delta: bool,
+    lower_t: np.ndarray,
+    upper_t: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per quote: the code of the first reason that drops it (``_REASONS``; 0: kept) and
+    its bid and ask IVs (NaN where not computed)."""
+    n = F.shape[0]
+    reason = np.zeros(n, dtype=np.int64)
+    iv_b = np.full(n, np.nan)
+    iv_a = np.full(n, np.nan)
+    greeks = np.empty(6)
+    for i in range(n):
+        f = F[i]
+        k = math.log(K[i] / f) if f > 0.0 and math.isfinite(f) else math.nan
+        if not (math.isfinite(f) and f > 0.0 and abs(k) <= MAX_ABS_LOG_MONEYNESS):
+            reason[i] = 1
+            continue
+        if not (min_T_days <= T[i] * 365.0):
+            reason[i] = 2
+            continue
+        b, a = bid_usd[i], ask_usd[i]
+        bid_px = math.isfinite(b) and b > 0.0
+        ask_px = math.isfinite(a) and a > 0.0
+        has_bid = bid_px or (math.isfinite(venue_bid_iv[i]) and venue_bid_iv[i] > 0.0)
+        has_ask = ask_px or (math.isfinite(venue_ask_iv[i]) and venue_ask_iv[i] > 0.0)
+        if not (has_bid and has_ask):
+            reason[i] = 3
+            continue
+        if bid_px and ask_px and b > a:
+            reason[i] = 4
+            continue
+        c = is_call[i]
+        if otm_only and (k < 0.0 if c else k >= 0.0):
+            reason[i] = 5
+            continue
+        vb = (
+            implied_vol_scalar(b, f, K[i], T[i], c, lower_t, upper_t) if bid_px else venue_bid_iv[i]
+        )
+        va = (
+            implied_vol_scalar(a, f, K[i], T[i], c, lower_t, upper_t) if ask_px else venue_ask_iv[i]
+        )
+        iv_b[i] = vb
+        iv_a[i] = va
+        if not (math.isfinite(vb) and math.isfinite(va)):
+            reason[i] = 6
+            continue
+        if vb > va:
+            reason[i] = 7
+            continue
+        if va - vb > max_spread_iv:
+            reason[i] = 8
+            continue
+        if check_delta:
+            greeks_scalar(f, K[i], T[i], 0.5 * (vb + va), c, greeks)
+            ad = abs(greeks[0])
+            if ad < min_abs_delta or ad > max_abs_delta:
+                reason[i] = 9
+    return reason, iv_b, iv_a
 
 
 def _slices(
@@ -172,26 +250,22 @@ def _slices(
 ) -> Prepared:
     """Drop thin expiries; order slices by expiry and quotes by strike; targets, weights."""
     snap = q.snap
-    K = snap.strike
-    exp_idx = snap.expiry_idx[idx]
-    counts = np.bincount(exp_idx, minlength=snap.n_expiries)
-    thin = counts < min_quotes
-    thin_pts = thin[exp_idx]
-    if thin_pts.any():
-        drops["thin_slice"] += int(thin_pts.sum())
-    live = ~thin_pts
-    idx, iv_bid, iv_ask, exp_idx = idx[live], iv_bid[live], iv_ask[live], exp_idx[live]
-    order = np.lexsort((K[idx], snap.expiry_ms[exp_idx]))
-    idx, iv_bid, iv_ask, exp_idx = idx[order], iv_bid[order], iv_ask[order], exp_idx[order]
-    slices = np.flatnonzero(~thin & (counts > 0))
-    slices = slices[np.argsort(snap.expiry_ms[slices], kind="stable")]
-    remap = np.full(snap.n_expiries, -1, dtype=np.int64)
-    remap[slices] = np.arange(len(slices))
+    n_thin, sel, slices, slice_idx = _order(
+        idx,
+        np.ascontiguousarray(snap.expiry_idx, np.int64),
+        _f64(snap.strike),
+        np.ascontiguousarray(snap.expiry_ms, np.int64),
+        snap.n_expiries,
+        min_quotes,
+    )
+    if n_thin:
+        drops["thin_slice"] += n_thin
+    idx, iv_bid, iv_ask = idx[sel], iv_bid[sel], iv_ask[sel]
     half = 0.5 * (iv_ask - iv_bid)
     data = FitData(
-        k=np.log(K[idx] / q.F[idx]),
+        k=np.log(snap.strike[idx] / q.F[idx]),
         T=snap.T[idx].astype(np.float64),
-        slice_idx=remap[exp_idx].astype(np.int64),
+        slice_idx=slice_idx,
         iv=0.5 * (iv_bid + iv_ask),
         iv_bid=iv_bid,
         iv_ask=iv_ask,
@@ -199,7 +273,7 @@ def _slices(
         is_call=snap.is_call[idx].astype(np.bool_),
         slice_T=_expiry_years(snap)[slices],
         slice_forward=snap.forwards[slices].astype(np.float64),
-        slice_expiry=tuple(snap.expiries[s] for s in slices),
+        slice_expiry=tuple(snap.expiries[s] for s in slices.tolist()),
     )
     return Prepared(
         data=data,
@@ -208,6 +282,63 @@ def _slices(
         drops=drops,
         listed_k=_listed_k(snap, slices),
     )
+
+
+@njit(cache=True, nogil=True)
+def _order(
+    idx: np.ndarray,
+    expiry_idx: np.ndarray,
+    K: np.ndarray,
+    expiry_ms: np.ndarray,
+    n_expiries: int,
+    min_quotes: int,
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Of the kept quotes ``idx``: how many sit in thin expiries (fewer than ``min_quotes``),
+    the positions (into ``idx``) of the others sorted by expiry time then strike (stable:
+    ``np.lexsort((K, expiry_ms))``), the live expiries sorted by time, each sorted quote's
+    slice."""
+    counts = np.zeros(n_expiries, dtype=np.int64)
+    for i in range(idx.shape[0]):
+        counts[expiry_idx[idx[i]]] += 1
+    n_live = 0
+    for i in range(idx.shape[0]):
+        if counts[expiry_idx[idx[i]]] >= min_quotes:
+            n_live += 1
+    n_thin = idx.shape[0] - n_live
+    live = np.empty(n_live, dtype=np.int64)
+    key_k = np.empty(n_live)
+    j = 0
+    for i in range(idx.shape[0]):
+        if counts[expiry_idx[idx[i]]] >= min_quotes:
+            live[j] = i
+            key_k[j] = K[idx[i]]
+            j += 1
+    # least significant key first, each sort stable: the order of np.lexsort
+    by_k = live[np.argsort(key_k, kind="mergesort")]
+    key_t = np.empty(n_live, dtype=np.int64)
+    for j in range(n_live):
+        key_t[j] = expiry_ms[expiry_idx[idx[by_k[j]]]]
+    sel = by_k[np.argsort(key_t, kind="mergesort")]
+    n_s = 0
+    for e in range(n_expiries):
+        if counts[e] >= min_quotes and counts[e] > 0:
+            n_s += 1
+    cand = np.empty(n_s, dtype=np.int64)
+    cand_t = np.empty(n_s, dtype=np.int64)
+    j = 0
+    for e in range(n_expiries):
+        if counts[e] >= min_quotes and counts[e] > 0:
+            cand[j] = e
+            cand_t[j] = expiry_ms[e]
+            j += 1
+    slices = cand[np.argsort(cand_t, kind="mergesort")]
+    remap = np.full(n_expiries, -1, dtype=np.int64)
+    for j in range(n_s):
+        remap[slices[j]] = j
+    slice_idx = np.empty(n_live, dtype=np.int64)
+    for j in range(n_live):
+        slice_idx[j] = remap[expiry_idx[idx[sel[j]]]]
+    return n_thin, sel, slices, slice_idx
 
 
 def _listed_k(snapshot: ChainSnapshot, slices: IntArray) -> FloatArray:
@@ -219,11 +350,7 @@ def _listed_k(snapshot: ChainSnapshot, slices: IntArray) -> FloatArray:
     exp_idx = listing.expiry_idx if listing is not None else snapshot.expiry_idx
     # per listed expiry its lowest and highest usable strike (ln(K/F) is monotone in K)
     n_codes = len(codes)
-    ok = np.isfinite(strike) & (strike > 0)
-    k_lo = np.full(n_codes + 1, np.inf)
-    k_hi = np.full(n_codes + 1, -np.inf)
-    np.minimum.at(k_lo, exp_idx[ok], strike[ok])
-    np.maximum.at(k_hi, exp_idx[ok], strike[ok])
+    k_lo, k_hi = _strike_range(_f64(strike), np.ascontiguousarray(exp_idx, np.int64), n_codes)
     where = {c: i for i, c in enumerate(codes)}
     at = np.array(
         [where.get(snapshot.expiries[s], n_codes) for s in slices.tolist()], dtype=np.int64
@@ -239,9 +366,42 @@ def _listed_k(snapshot: ChainSnapshot, slices: IntArray) -> FloatArray:
 
 def _expiry_years(snapshot: ChainSnapshot) -> FloatArray:
     """Per expiry of the snapshot: the longest ``T`` among its quotes (NaN without quotes)."""
-    out = np.full(snapshot.n_expiries, -np.inf)
-    np.maximum.at(out, snapshot.expiry_idx, snapshot.T.astype(np.float64))
-    return np.where(np.isfinite(out), out, np.nan)
+    return _longest_t(
+        _f64(snapshot.T), np.ascontiguousarray(snapshot.expiry_idx, np.int64), snapshot.n_expiries
+    )
+
+
+@njit(cache=True, nogil=True)
+def _strike_range(strike: np.ndarray, exp_idx: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per expiry ``0..n-1`` (and ``n``: none) the lowest and highest finite positive strike
+    (``inf`` / ``-inf`` without one)."""
+    lo = np.full(n + 1, np.inf)
+    hi = np.full(n + 1, -np.inf)
+    for i in range(strike.shape[0]):
+        x = strike[i]
+        if math.isfinite(x) and x > 0.0:
+            e = exp_idx[i]
+            lo[e] = min(lo[e], x)
+            hi[e] = max(hi[e], x)
+    return lo, hi
+
+
+@njit(cache=True, nogil=True)
+def _longest_t(T: np.ndarray, exp_idx: np.ndarray, n: int) -> np.ndarray:
+    """Per expiry the largest ``T`` of its quotes; NaN without quotes or if one is NaN
+    (``np.maximum`` propagates NaN)."""
+    out = np.full(n, -np.inf)
+    for i in range(T.shape[0]):
+        e = exp_idx[i]
+        t = T[i]
+        if math.isnan(t) or math.isnan(out[e]):
+            out[e] = math.nan
+        elif t > out[e]:
+            out[e] = t
+    for e in range(n):
+        if not math.isfinite(out[e]):
+            out[e] = math.nan
+    return out
 
 
 def _drop(
