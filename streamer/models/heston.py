@@ -831,6 +831,14 @@ class _CharacteristicFunctionModel(Model):
         del self._banks[BANK_CACHE:]
         return bank, t_list
 
+    def _otm_alone(self, x: FloatArray, t: float) -> FloatArray:
+        """The probe prices of one maturity in a sweep of their own (its own term budget)."""
+        price, _ = otm_prices(
+            self._params(x), len(self.names), PROBE_K, np.full(PROBE_K.shape, t), False
+        )
+        out: FloatArray = price
+        return out
+
     def otm_price(self, x: FloatArray, k: FloatArray, T: FloatArray) -> FloatArray:
         """Out-of-the-money prices: put for ``k < 0``, call for ``k >= 0`` (F = 1); the
         coefficients of the last few parameter vectors and maturities are kept (``_bank``)."""
@@ -944,6 +952,10 @@ class _CharacteristicFunctionModel(Model):
             if not t > 0.0:
                 continue
             otm = all_otm[j * n_k : (j + 1) * n_k]
+            if not np.all(np.isfinite(otm)):
+                # the shared sweep's term budget (TERM_BUDGET a call) may have run out on the
+                # earlier slices: the slice alone, with a budget of its own, as it was probed
+                otm = self._otm_alone(xx, t)
             bad = ~np.isfinite(otm) | (otm < -1e-12) | (otm > upper)
             if np.any(bad):
                 first = int(np.argmax(bad))
