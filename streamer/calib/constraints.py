@@ -119,11 +119,17 @@ def hinge_grids(
     data: FitData,
     listed: FloatArray | None = None,
     pairs: tuple[FloatArray, FloatArray] | None = None,
+    butterfly: bool = True,
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """The hinge rows' grids per slice: butterfly inner (``slice_grids``), butterfly outer
     (+-3 and every quote, ``OUTER_POINTS``), calendar (``pair_grids`` with the listed
-    ranges ``listed``, ``G_POINTS``; ``pairs``: ``pair_ranges`` when already computed)."""
+    ranges ``listed``, ``G_POINTS``; ``pairs``: ``pair_ranges`` when already computed).
+    ``butterfly`` False: empty ``(S, 0)`` butterfly grids (a model with its own butterfly
+    rows, the spline, never reads them)."""
     S = data.n_slices
+    if not butterfly:
+        none = np.zeros((S, 0))
+        return none, none, pair_grids(data, G_POINTS, listed, pairs)
     lo = min(-3.0, float(data.k.min()) - 0.1)
     hi = max(3.0, float(data.k.max()) + 0.1)
     outer = np.tile(np.linspace(lo, hi, OUTER_POINTS), (S, 1))

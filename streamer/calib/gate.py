@@ -41,6 +41,16 @@ def calendar_gaps(
     S, G = k_cal.shape
     if S < 2:
         return np.full(S, -np.inf)
+    if model.kernel_kind != KERNEL_NONE and G > 0:  # one compiled pass, the same gaps
+        return np.asarray(
+            kernel.calendar_gaps(
+                model.kernel_kind,
+                model.kernel_arg,
+                np.ascontiguousarray(X, dtype=np.float64),
+                np.ascontiguousarray(slice_T, dtype=np.float64),
+                np.ascontiguousarray(k_cal, dtype=np.float64),
+            )
+        )
     k = k_cal[1:].ravel()
     T_j = np.repeat(slice_T[1:], G)
     T_prev = np.repeat(slice_T[:-1], G)

@@ -49,7 +49,7 @@ from streamer.calib.result import (
     slice_fits,
     starts_of,
 )
-from streamer.models.base import KERNEL_NONE, FitData, FloatArray, Model, Violation
+from streamer.models.base import KERNEL_NONE, KERNEL_SPLINE, FitData, FloatArray, Model, Violation
 
 BoolArray = npt.NDArray[np.bool_]
 COLD_STALL = (STALL_ITERS, STALL_RTOL)  # the LM's own stall rule (``streamer.calib.lm``)
@@ -94,16 +94,17 @@ class _SliceFit:
         self.pen_w = np.zeros((S, len(lo)))
         self.has_prior = np.zeros(S, dtype=np.bool_)
         self.fwd_jump = np.zeros(S, dtype=np.bool_)
+        root_pen = math.sqrt(history.penalty_now(ts_ms)) if self.prev else 0.0
+        forwards = data.slice_forward.tolist()
+        move = self.cfg.regime_forward_move
         for j, e in enumerate(data.slice_expiry):
-            if e in self.prev:
-                x_prev, f_prev = self.prev[e]
+            got = self.prev.get(e)
+            if got is not None:
+                x_prev, f_prev = got
                 self.prior[j] = x_prev
                 self.has_prior[j] = True
-                self.pen_w[j] = math.sqrt(history.penalty_now(ts_ms)) / model.scale(
-                    1, data.slice_T[j : j + 1]
-                )
-                jump = abs(data.slice_forward[j] / f_prev - 1.0) > self.cfg.regime_forward_move
-                self.fwd_jump[j] = jump
+                self.pen_w[j] = root_pen / model.scale(1, data.slice_T[j : j + 1])
+                self.fwd_jump[j] = abs(forwards[j] / f_prev - 1.0) > move
         self.gap = history.gap_shift(ts_ms)
         # the calendar checks' ranges per neighbouring pair (the hinge rows' and the gate's)
         self.pairs = pair_ranges(data, listed=prep.listed_k)
@@ -137,12 +138,13 @@ class _SliceFit:
         res = self.run(x0, self.prior, self.pen_w, cfg.max_iter_warm, None, cfg.warm_stall)
         self.nfev += res.nfev
         self.x, self.iv, self.data_cost, self.pen = res.x, res.iv, res.data_cost, res.penalty
-        wrms = block_wrms(self.iv, data, self.starts)
+        wrms = block_wrms(self.iv, data, self.starts).tolist()
         # the in-band share over all slices (one slice's share is too noisy to judge)
         slipped = hist.slipped(float(np.mean(in_band(self.iv, data.iv_bid, data.iv_ask))))
+        prior = self.has_prior.tolist()
         err_jump = np.array(
             [
-                self.has_prior[j] and (slipped or hist.jumped(e, float(wrms[j])))
+                prior[j] and (slipped or hist.jumped(e, wrms[j]))
                 for j, e in enumerate(data.slice_expiry)
             ],
             dtype=np.bool_,
@@ -211,10 +213,11 @@ class _SliceFit:
     def result(self) -> Fitted:
         """Statistics of the kept slices; the regime references for the next fit."""
         model, data, keep, iv, x = self.model, self.data, self.keep, self.iv, self.x
-        wrms = block_wrms(iv, data, self.starts)
+        wrms = block_wrms(iv, data, self.starts).tolist()
+        kept = keep.tolist()
         for j, e in enumerate(data.slice_expiry):
-            if keep[j]:
-                self.history.prev_wrms[e] = float(wrms[j])
+            if kept[j]:
+                self.history.prev_wrms[e] = wrms[j]
         pts = keep[data.slice_idx]
         self.history.update_band(
             float(np.mean(in_band(iv[pts], data.iv_bid[pts], data.iv_ask[pts])))
@@ -225,7 +228,7 @@ class _SliceFit:
             iv=iv,
             points=pts,
             slices=slice_fits(data, self.prep, iv, atm, params, keep),
-            x=tuple(x[j].copy() for j in range(self.S) if keep[j]),
+            x=tuple(x[j].copy() for j in range(self.S) if kept[j]),
             params={},
             nfev=self.nfev,
             penalty=float(np.sum(self.pen[keep])),
@@ -252,7 +255,9 @@ def _runner(fit: _SliceFit) -> Runner:
     if model.kernel_kind == KERNEL_NONE:
         return _numpy_runner(fit)
     S, p = lower.shape
-    grids = hinge_grids(data, fit.prep.listed_k, fit.pairs)
+    # the spline's butterfly rows live on its own knot grid (``spline_hinges_fixed``)
+    own_bf = model.kernel_kind == KERNEL_SPLINE
+    grids = hinge_grids(data, fit.prep.listed_k, fit.pairs, butterfly=not own_bf)
     band = cfg.band(data)
     zeros = np.zeros((S, p))
     compiled = kernel.SliceProblem(

@@ -167,21 +167,27 @@ def slice_fits(
     r = iv - data.iv
     sq = np.bincount(data.slice_idx, weights=r * r, minlength=S)
     inside = np.bincount(data.slice_idx, weights=in_band(iv, data.iv_bid, data.iv_ask), minlength=S)
-    m = np.maximum(n, 1)
+    # Python scalars once per array (np.sqrt and math.sqrt are both IEEE's correctly
+    # rounded square root: the same values as before)
+    m = np.maximum(n, 1).tolist()
+    sq_l, in_l, n_l = sq.tolist(), inside.tolist(), n.tolist()
+    ms, Ts, Fs, atms = (
+        prep.expiry_ms.tolist(), data.slice_T.tolist(), data.slice_forward.tolist(), atm.tolist()
+    )  # fmt: skip
     return tuple(
         SliceFit(
             expiry=data.slice_expiry[j],
-            expiry_ms=int(prep.expiry_ms[j]),
-            T=float(data.slice_T[j]),
-            forward=float(data.slice_forward[j]),
+            expiry_ms=int(ms[j]),
+            T=float(Ts[j]),
+            forward=float(Fs[j]),
             params=params[j],
-            atm_iv=float(atm[j]),
-            rmse_iv=float(np.sqrt(sq[j] / m[j])),
-            in_band=float(inside[j] / m[j]),
-            n_quotes=int(n[j]),
+            atm_iv=float(atms[j]),
+            rmse_iv=math.sqrt(sq_l[j] / m[j]),
+            in_band=float(in_l[j] / m[j]),
+            n_quotes=int(n_l[j]),
         )
-        for j in range(S)
-        if keep[j]
+        for j, k in enumerate(keep.tolist())
+        if k
     )
 
 
