@@ -429,22 +429,46 @@ def spline_hinges(
     gs[m + 1] = g_at(x, ks[m + 1])
     for j in range(N_HINGE_BF):
         if gs[j] < margin:
-            k = ks[j]
-            w, w1, w2 = spline_eval(x, k, gw, g1, g2)
-            wc = max(w, 1e-12)
-            a = 1.0 - k * w1 / (2.0 * wc)
-            g = a * a - 0.25 * w1 * w1 * (1.0 / wc + 0.25) + 0.5 * w2
-            rows[at] = mu * (margin - g)
-            dg_dw = a * k * w1 / (wc * wc) + 0.25 * w1 * w1 / (wc * wc)
-            dg_dw1 = -a * k / wc - 0.5 * w1 * (1.0 / wc + 0.25)
-            for q in range(p):
-                ejac[at, q] = -mu * (dg_dw * gw[q] + dg_dw1 * g1[q] + 0.5 * g2[q])
+            w, w1, w2 = spline_eval(x, ks[j], gw, g1, g2)
+            _hinge_row(ks[j], w, w1, w2, gw, g1, g2, margin, mu, rows, ejac, at)
         else:
-            rows[at] = 0.0
-            for q in range(p):
-                ejac[at, q] = 0.0
+            _zero_row(rows, ejac, at)
         at += 1
     return spline_roughness(x, roughness, rows, ejac, at)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _hinge_row(
+    k: float,
+    w: float,
+    w1: float,
+    w2: float,
+    rw: FloatArray,
+    r1: FloatArray,
+    r2: FloatArray,
+    margin: float,
+    mu: float,
+    rows: FloatArray,
+    ejac: FloatArray,
+    at: int,
+) -> None:
+    """Row ``at``: the hinge ``mu (margin - g(k))`` of Durrleman's ``g`` from ``w, w', w''``
+    at ``k`` and its gradient from their parameter gradients ``rw, r1, r2``."""
+    wc = max(w, 1e-12)
+    a = 1.0 - k * w1 / (2.0 * wc)
+    g = a * a - 0.25 * w1 * w1 * (1.0 / wc + 0.25) + 0.5 * w2
+    rows[at] = mu * (margin - g)
+    dg_dw = a * k * w1 / (wc * wc) + 0.25 * w1 * w1 / (wc * wc)
+    dg_dw1 = -a * k / wc - 0.5 * w1 * (1.0 / wc + 0.25)
+    for q in range(N_PARAMS):
+        ejac[at, q] = -mu * (dg_dw * rw[q] + dg_dw1 * r1[q] + 0.5 * r2[q])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _zero_row(rows: FloatArray, ejac: FloatArray, at: int) -> None:
+    rows[at] = 0.0
+    for q in range(N_PARAMS):
+        ejac[at, q] = 0.0
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -592,18 +616,9 @@ def spline_hinges_fixed(
             else:
                 w, w1, w2 = spline_eval(x, k, gw, g1, g2)
                 rw, r1, r2 = gw, g1, g2
-            wc = max(w, 1e-12)
-            a = 1.0 - k * w1 / (2.0 * wc)
-            g = a * a - 0.25 * w1 * w1 * (1.0 / wc + 0.25) + 0.5 * w2
-            rows[at] = mu * (margin - g)
-            dg_dw = a * k * w1 / (wc * wc) + 0.25 * w1 * w1 / (wc * wc)
-            dg_dw1 = -a * k / wc - 0.5 * w1 * (1.0 / wc + 0.25)
-            for q in range(p):
-                ejac[at, q] = -mu * (dg_dw * rw[q] + dg_dw1 * r1[q] + 0.5 * r2[q])
+            _hinge_row(k, w, w1, w2, rw, r1, r2, margin, mu, rows, ejac, at)
         else:
-            rows[at] = 0.0
-            for q in range(p):
-                ejac[at, q] = 0.0
+            _zero_row(rows, ejac, at)
         at += 1
     for i in range(NC):
         r = 0.0
