@@ -529,6 +529,48 @@ def _price_group(
 
 
 @njit(cache=True, nogil=True)
+def maturity_buckets(
+    k: np.ndarray, T: np.ndarray, t_list: np.ndarray, price: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The points with finite ``k`` and a positive ``T`` in ``t_list``, grouped by maturity
+    (``_buckets``: ``start, order``); ``price`` of a ``T <= 0`` point set to 0 (no time
+    value), the rest of ``price`` untouched."""
+    n_t = t_list.shape[0]
+    group = np.full(k.shape[0], -1, dtype=np.int64)
+    for i in range(k.shape[0]):
+        if not (math.isfinite(T[i]) and math.isfinite(k[i])):
+            continue
+        if T[i] <= 0.0:
+            price[i] = 0.0
+            continue
+        for j in range(n_t):
+            if t_list[j] == T[i]:
+                group[i] = j
+                break
+    return _buckets(group, n_t)
+
+
+@njit(cache=True, nogil=True)
+def _buckets(group: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counting sort of the points by ``group`` (``-1``: none): ``start`` (``n_groups + 1``
+    offsets) and ``order``, the points of group ``j`` at ``order[start[j]:start[j + 1]]`` in
+    their original order."""
+    start = np.zeros(n_groups + 1, dtype=np.int64)
+    for i in range(group.shape[0]):
+        if group[i] >= 0:
+            start[group[i] + 1] += 1
+    for j in range(n_groups):
+        start[j + 1] += start[j]
+    fill = start[:-1].copy()
+    order = np.empty(start[n_groups], dtype=np.int64)
+    for i in range(group.shape[0]):
+        if group[i] >= 0:
+            order[fill[group[i]]] = i
+            fill[group[i]] += 1
+    return start, order
+
+
+@njit(cache=True, nogil=True)
 def otm_prices(
     p: np.ndarray,
     n_params: int,
@@ -561,18 +603,7 @@ def otm_prices(
             uniq[n_u] = T[i]
             n_u += 1
         group[i] = j
-    start = np.zeros(n_u + 1, dtype=np.int64)
-    for i in range(n):
-        if group[i] >= 0:
-            start[group[i] + 1] += 1
-    for j in range(n_u):
-        start[j + 1] += start[j]
-    fill = start[:-1].copy()
-    order = np.empty(start[n_u], dtype=np.int64)
-    for i in range(n):
-        if group[i] >= 0:
-            order[fill[group[i]]] = i
-            fill[group[i]] += 1
+    start, order = _buckets(group, n_u)
     budget = TERM_BUDGET
     for j in range(n_u):
         t_now = uniq[j]
@@ -655,27 +686,7 @@ def otm_from_bank(
     n = k.shape[0]
     n_t = t_list.shape[0]
     price = np.full(n, math.nan)
-    group = np.full(n, -1, dtype=np.int64)
-    count = np.zeros(n_t + 1, dtype=np.int64)
-    for i in range(n):
-        if not (math.isfinite(T[i]) and math.isfinite(k[i])):
-            continue
-        if T[i] <= 0.0:
-            price[i] = 0.0
-            continue
-        for j in range(n_t):
-            if t_list[j] == T[i]:
-                group[i] = j
-                count[j + 1] += 1
-                break
-    for j in range(n_t):
-        count[j + 1] += count[j]
-    fill = count[:-1].copy()
-    order = np.empty(count[n_t], dtype=np.int64)
-    for i in range(n):
-        if group[i] >= 0:
-            order[fill[group[i]]] = i
-            fill[group[i]] += 1
+    count, order = maturity_buckets(k, T, t_list, price)
     for j in range(n_t):
         if count[j + 1] == count[j] or meta[j, 2] == 0:
             continue

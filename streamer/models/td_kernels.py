@@ -38,6 +38,7 @@ from streamer.models.heston import (
     _csqrt,
     _ivs,
     _price_group,
+    maturity_buckets,
 )
 from streamer.pricing.black import vega_s
 
@@ -627,29 +628,7 @@ def td_prices_from(
         raise ValueError("td_prices_from: the coefficients were computed without gradients")
     price = np.full(n, math.nan)
     grad = np.zeros((n, n_x if want_grad else 0))
-    group = np.full(n, -1, dtype=np.int64)
-    for i in range(n):
-        if not (math.isfinite(T[i]) and math.isfinite(k[i])):
-            continue
-        if T[i] <= 0.0:
-            price[i] = 0.0
-            continue
-        for j in range(n_t):
-            if t_list[j] == T[i]:
-                group[i] = j
-                break
-    count = np.zeros(n_t + 1, dtype=np.int64)
-    for i in range(n):
-        if group[i] >= 0:
-            count[group[i] + 1] += 1
-    for j in range(n_t):
-        count[j + 1] += count[j]
-    fill = count[:-1].copy()
-    order = np.empty(count[n_t], dtype=np.int64)
-    for i in range(n):
-        if group[i] >= 0:
-            order[fill[group[i]]] = i
-            fill[group[i]] += 1
+    count, order = maturity_buckets(k, T, t_list, price)
     jb = N_SURFACE + n_piece * n_pieces
     for j in range(n_t):
         if count[j + 1] == count[j] or first[j + 1] == first[j]:
