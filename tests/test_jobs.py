@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamer.config import TriggerConfig, load_config
+from streamer.config import Config, TriggerConfig, load_config
 from streamer.daemon import service as service_module
 from streamer.daemon.pipeline import Pipeline, run_inline
 from streamer.daemon.service import Service
@@ -85,24 +85,35 @@ def test_unchanged_tickers_trigger_no_fit(path: str) -> None:
     assert pipe.fits["svi"] > fitted
 
 
-async def test_a_slow_model_never_delays_another(tmp_path: Path) -> None:
-    """SSVI made slow (each fit sleeps in its worker thread): SVI keeps publishing while an
-    SSVI fit is in flight, and each model's fits are counted under its own label."""
+def _recording(tmp_path: Path, rounds: int) -> Path:
+    """A recording of ``rounds`` re-quotes of the test chain, 500 ms apart."""
     rec = tmp_path / "rec.jsonl"
     with rec.open("w") as fh:
-        for r in range(8):
+        for r in range(rounds):
             for t in tickers(NOW_MS + 500 * r, seed=r):
-                frame = ticker_frame(t)
-                fh.write(json.dumps({"ts_ns": 0, "venue": "deribit", "frame": frame}) + "\n")
+                fh.write(json.dumps({"ts_ns": 0, "venue": "deribit", "frame": ticker_frame(t)}))
+                fh.write("\n")
+    return rec
+
+
+def _config(models: tuple[str, ...]) -> Config:
+    """The default config with these models and a trigger quick enough for a short replay."""
     cfg = load_config(None)
-    cfg = dataclasses.replace(
+    return dataclasses.replace(
         cfg,
         instance="jobs",
-        models=dataclasses.replace(cfg.models, names=("svi", "ssvi")),
+        models=dataclasses.replace(cfg.models, names=models),
         trigger=dataclasses.replace(
             cfg.trigger, min_changed_quotes=20, min_interval_s=0.05, warmup_s=0.05
         ),
     )
+
+
+async def test_a_slow_model_never_delays_another(tmp_path: Path) -> None:
+    """SSVI made slow (each fit sleeps in its worker thread): SVI keeps publishing while an
+    SSVI fit is in flight, and each model's fits are counted under its own label."""
+    rec = _recording(tmp_path, 8)
+    cfg = _config(("svi", "ssvi"))
     mem = MemoryPublisher()
     published: list[tuple[float, str]] = []
     original = mem.publish
@@ -167,21 +178,8 @@ async def test_tenors_and_greeks_wait_for_the_surfaces_in_flight(
     its thread, SVI's surface goes out at once, but its tenors and greeks only after the
     SSVI surface (they used to take the GIL from the fit right away)."""
     monkeypatch.setattr(service_module, "DERIVED_YIELD_S", 60 * UNIT)
-    rec = tmp_path / "rec.jsonl"
-    with rec.open("w") as fh:
-        for r in range(4):
-            for t in tickers(NOW_MS + 500 * r, seed=r):
-                fh.write(json.dumps({"ts_ns": 0, "venue": "deribit", "frame": ticker_frame(t)}))
-                fh.write("\n")
-    cfg = load_config(None)
-    cfg = dataclasses.replace(
-        cfg,
-        instance="jobs",
-        models=dataclasses.replace(cfg.models, names=("svi", "ssvi")),
-        trigger=dataclasses.replace(
-            cfg.trigger, min_changed_quotes=20, min_interval_s=0.05, warmup_s=0.05
-        ),
-    )
+    rec = _recording(tmp_path, 4)
+    cfg = _config(("svi", "ssvi"))
     mem = MemoryPublisher()
     order: list[tuple[str, str]] = []  # (model, kind) of every fitted message, in order
     original = mem.publish
@@ -313,21 +311,8 @@ async def test_derived_topics_rate_limited_and_the_last_always_published(
     off the surfaces' path; the last surface's tenors and greeks always go out (here, with
     an interval longer than the run, on the way out)."""
     monkeypatch.setattr(service_module, "DERIVED_INTERVAL_S", 600.0 * UNIT)
-    rec = tmp_path / "rec.jsonl"
-    with rec.open("w") as fh:
-        for r in range(8):
-            for t in tickers(NOW_MS + 500 * r, seed=r):
-                fh.write(json.dumps({"ts_ns": 0, "venue": "deribit", "frame": ticker_frame(t)}))
-                fh.write("\n")
-    cfg = load_config(None)
-    cfg = dataclasses.replace(
-        cfg,
-        instance="jobs",
-        models=dataclasses.replace(cfg.models, names=("svi",)),
-        trigger=dataclasses.replace(
-            cfg.trigger, min_changed_quotes=20, min_interval_s=0.05, warmup_s=0.05
-        ),
-    )
+    rec = _recording(tmp_path, 8)
+    cfg = _config(("svi",))
     mem = MemoryPublisher()
     fitted: dict[str, list[int]] = {"surface": [], "tenors": [], "greeks": []}
     greeks_of: dict[int, set[str]] = {}
