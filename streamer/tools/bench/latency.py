@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -129,9 +130,24 @@ class BurstFeed:
         return None
 
 
+def _phase(rec: dict[str, Any]) -> float:
+    """Where in a 100 ms round an instrument's ticker comes: each ``ticker.{instrument}.100ms``
+    channel runs on its own timer, so the instruments of both underlyings interleave through
+    the round (a fixed phase per instrument, from its name); anything else comes first."""
+    frame = rec["frame"]
+    at = frame.find("ticker.")
+    if at < 0:
+        return -1.0
+    name = frame[at : frame.find('"', at)]
+    return zlib.crc32(name.encode()) / 2**32
+
+
 def make_recording(workdir: Path, rounds: int) -> tuple[Path, int]:
     """A real BTC + ETH chain, then ``rounds - 1`` re-quotes of it, each moving every bid and
-    ask by one tick (alternately up and down): real changes, as a live market makes them."""
+    ask by one tick (alternately up and down): real changes, as a live market makes them; in
+    each round the instruments in their channels' phase order (``_phase``: the file lists all
+    of BTC, then all of ETH, which made each underlying's newest frame up to half a round old
+    when the other's were being sent)."""
     import orjson
 
     tool = shared_data().parent.parent / "tools" / "csv_to_replay.py"
@@ -142,7 +158,7 @@ def make_recording(workdir: Path, rounds: int) -> tuple[Path, int]:
     subprocess.run(
         [sys.executable, str(tool), str(src), "-o", str(one)], check=True, capture_output=True
     )
-    records = [orjson.loads(line) for line in one.read_text().splitlines()]
+    records = sorted((orjson.loads(line) for line in one.read_text().splitlines()), key=_phase)
     n_options = sum(1 for rec in records if "ticker." in rec["frame"])
     out = workdir / "rounds.jsonl"
     with out.open("wb") as fh:
