@@ -165,6 +165,9 @@ class ModelSettings:
     # per model: CalibConfig fields, "filters" a table of FilterConfig fields (checked when
     # the pipeline builds the model's CalibConfig: ``CalibConfig.for_model``)
     calib: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # where the daemon's fits run: a process per model and underlying (streamer.daemon.
+    # fitproc: no fit waits for another's GIL), or worker threads of the daemon's process
+    workers: Literal["process", "thread"] = "process"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sabr_beta <= 1.0:

@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
+import structlog
 
 from streamer.config import Config, TriggerConfig, load_config
 from streamer.daemon import service as service_module
@@ -96,13 +99,14 @@ def _recording(tmp_path: Path, rounds: int) -> Path:
     return rec
 
 
-def _config(models: tuple[str, ...]) -> Config:
-    """The default config with these models and a trigger quick enough for a short replay."""
+def _config(models: tuple[str, ...], workers: Literal["process", "thread"] = "process") -> Config:
+    """The default config with these models and a trigger quick enough for a short replay
+    (``workers="thread"``: fits in the service's threads, where a test can slow one down)."""
     cfg = load_config(None)
     return dataclasses.replace(
         cfg,
         instance="jobs",
-        models=dataclasses.replace(cfg.models, names=models),
+        models=dataclasses.replace(cfg.models, names=models, workers=workers),
         trigger=dataclasses.replace(
             cfg.trigger, min_changed_quotes=20, min_interval_s=0.05, warmup_s=0.05
         ),
@@ -113,7 +117,7 @@ async def test_a_slow_model_never_delays_another(tmp_path: Path) -> None:
     """SSVI made slow (each fit sleeps in its worker thread): SVI keeps publishing while an
     SSVI fit is in flight, and each model's fits are counted under its own label."""
     rec = _recording(tmp_path, 8)
-    cfg = _config(("svi", "ssvi"))
+    cfg = _config(("svi", "ssvi"), workers="thread")
     mem = MemoryPublisher()
     published: list[tuple[float, str]] = []
     original = mem.publish
@@ -179,7 +183,7 @@ async def test_tenors_and_greeks_wait_for_the_surfaces_in_flight(
     SSVI surface (they used to take the GIL from the fit right away)."""
     monkeypatch.setattr(service_module, "DERIVED_YIELD_S", 60 * UNIT)
     rec = _recording(tmp_path, 4)
-    cfg = _config(("svi", "ssvi"))
+    cfg = _config(("svi", "ssvi"), workers="thread")
     mem = MemoryPublisher()
     order: list[tuple[str, str]] = []  # (model, kind) of every fitted message, in order
     original = mem.publish
@@ -224,6 +228,58 @@ async def test_tenors_and_greeks_wait_for_the_surfaces_in_flight(
     first = {item: order.index(item) for item in set(order)}
     assert first[("svi", "surface")] < first[("ssvi", "surface")]
     assert first[("ssvi", "surface")] < first[("svi", "tenors")] < first[("svi", "greeks")]
+
+
+async def test_a_killed_fit_process_is_replaced_and_the_other_models_publish_on(
+    tmp_path: Path,
+) -> None:
+    """Fits in worker processes (the default): SSVI's process killed (as the OOM killer
+    would) after its first surface; SVI's surfaces keep coming, the loss is logged and
+    counted, and a fresh SSVI process publishes again; each model's fits are counted under
+    its own label, in the service's process."""
+    rec = _recording(tmp_path, 12)
+    cfg = _config(("svi", "ssvi"))
+    mem = MemoryPublisher()
+    published: list[tuple[float, str]] = []
+    killed: list[float] = []
+    original = mem.publish
+    service: Service | None = None
+
+    async def timed(topic: str, payload: Any, *, retain: bool = True) -> None:
+        if topic.endswith("/surface") and payload["status"] != "stale":
+            model = topic.split("/")[-2]
+            published.append((time.monotonic(), model))
+            if model == "ssvi" and not killed and service is not None:
+                worker = service._jobs[("deribit", "BTC")]["ssvi"].worker
+                assert worker is not None and worker.pid is not None
+                os.kill(worker.pid, signal.SIGKILL)
+                killed.append(time.monotonic())
+        await original(topic, payload, retain=retain)
+
+    mem.publish = timed  # type: ignore[method-assign]
+    service = Service(
+        cfg,
+        feed_factory=lambda c, p, f: ReplayFeed([str(rec)], parser=p, rate=300.0),
+        publishers=[mem],
+    )
+    with structlog.testing.capture_logs() as logs:
+        assert await asyncio.wait_for(service.run(signals=False), 120 * UNIT) == 0
+    assert killed
+    worker = service._jobs[("deribit", "BTC")]["ssvi"].worker
+    assert worker is not None and worker.restarts == 1
+    lost = [e for e in logs if e["event"] == "fit_worker_lost"]
+    assert [e["model"] for e in lost] == ["ssvi"] and lost[0]["exit_code"] == -signal.SIGKILL
+    after = [m for t, m in published if t > killed[0]]
+    assert "svi" in after and "ssvi" in after  # SVI went on; a fresh SSVI process fitted
+    assert service._jobs[("deribit", "BTC")]["svi"].worker.restarts == 0  # type: ignore[union-attr]
+    text = service.metrics.render()
+    for model in ("svi", "ssvi"):
+        count = next(
+            line
+            for line in text.splitlines()
+            if line.startswith("streamer_fit_seconds_count") and f'model="{model}"' in line
+        )
+        assert float(count.rsplit(" ", 1)[1]) == sum(m == model for _, m in published)
 
 
 def _bids(snap: Any) -> dict[str, float]:

@@ -244,8 +244,12 @@ async def test_client_subscribe_yields_surfaces(mosquitto: Mosquitto) -> None:
 
 async def test_memory_publisher_and_feed_disconnect_marks_stale() -> None:
     instruments, script = chain_script(rounds=2)
+    # paced (2 ms a frame): the first fit is out before the connection drops
     async with FakeDeribitServer(
-        instruments=instruments, script=script, drop_after_frames=len(script) - 1
+        instruments=instruments,
+        script=script,
+        drop_after_frames=len(script) - 1,
+        interval_s=0.002 * UNIT,
     ) as fake:
         mem = MemoryPublisher()
         cfg = service_config(fake.url, "mqtt://127.0.0.1:1")

@@ -80,6 +80,16 @@ class FitRecord:
     snapshot: ChainSnapshot
 
 
+@dataclass(slots=True)
+class FitOutcome:
+    """One model's fit of one snapshot before the pipeline counts and numbers it
+    (``Pipeline.fit_model`` -> ``Pipeline.accept``): what a fit worker process sends back."""
+
+    model: str
+    result: FitResult
+    payload: dict[str, Any] | None  # the surface payload (seq 0), None if nothing accepted
+
+
 @dataclass
 class _Surface:
     calibrator: Calibrator
@@ -292,52 +302,72 @@ class Pipeline:
         Safe in worker threads, one per model at a time (each model keeps its own state).
         ``derived=False`` leaves the derived topics out, the tenors and the greeks (the service
         publishes the surfaces first and builds those with ``derived_for`` right after, so a
-        surface's tick-to-publish carries the fit only).
+        surface's tick-to-publish carries the fit only). The same as ``accept(fit_model(...))``
+        per model: the service runs ``fit_model`` in a worker process (``streamer.daemon.
+        fitproc``) and ``accept`` on its event loop.
         """
-        u = self._under[(snap.venue, snap.underlying)]
         out: list[Message] = []
-        for name, surf in u.surfaces.items():
+        for name in self._under[(snap.venue, snap.underlying)].surfaces:
             if models is not None and name not in models:
                 continue
-            result = surf.calibrator.fit(snap)
-            self.fits[name] += 1
-            if not result.success:
-                self.failed[name] += 1
-                # warn when the reason changes; repeats of the same reason go to debug
-                level = log.debug if result.message == surf.last_problem else log.warning
-                surf.last_problem = result.message
-                level(
-                    "fit_not_accepted",
-                    venue=snap.venue,
-                    underlying=snap.underlying,
-                    model=name,
-                    message=result.message,
-                    failed=self.failed[name],
-                )
-            else:
-                surf.last_problem = ""
-            if result.success:
-                self.quality.setdefault(name, deque(maxlen=QUALITY_WINDOW)).append(
-                    (
-                        result.in_band,
-                        result.rmse_iv,
-                        result.elapsed_ms,
-                        result.warm,
-                        result.regime_shift,
-                    )
-                )
-            if self.keep_records:
-                self.records.append(FitRecord(snap.venue, snap.underlying, name, result, snap))
-            if not result.slices:
-                continue  # nothing accepted yet: nothing to publish
-            surf.seq += 1
-            payload = self.surface_message(snap, name, result, surf.seq)
-            surf.last_payload = payload
-            out.append(
-                Message(topic_surface(self.prefix, snap.venue, snap.underlying, name), payload)
+            out.extend(self.accept(snap, self.fit_model(snap, name), derived=derived))
+        return out
+
+    def fit_model(self, snap: ChainSnapshot, model: str) -> FitOutcome:
+        """Fit ``model`` on ``snap`` (its calibrator's warm state moves on) and build its
+        surface payload, without the bookkeeping (``accept``: counters, seq, logs). Pure
+        compute: what a fit worker process runs (its own pipeline, one model)."""
+        book = self.books.book(snap.venue, snap.underlying, inverse=snap.inverse)
+        result = self._underlying(book).surfaces[model].calibrator.fit(snap)
+        payload = self.surface_message(snap, model, result, 0) if result.slices else None
+        return FitOutcome(model, result, payload)
+
+    def accept(
+        self, snap: ChainSnapshot, outcome: FitOutcome, *, derived: bool = False
+    ) -> list[Message]:
+        """Count, log and number one fit of ``snap`` (``fit_model``, here or in a worker
+        process) and return its messages: its surface (none before a fit was accepted) and,
+        with ``derived``, its tenors and greeks."""
+        name, result = outcome.model, outcome.result
+        surf = self._under[(snap.venue, snap.underlying)].surfaces[name]
+        self.fits[name] += 1
+        if not result.success:
+            self.failed[name] += 1
+            # warn when the reason changes; repeats of the same reason go to debug
+            level = log.debug if result.message == surf.last_problem else log.warning
+            surf.last_problem = result.message
+            level(
+                "fit_not_accepted",
+                venue=snap.venue,
+                underlying=snap.underlying,
+                model=name,
+                message=result.message,
+                failed=self.failed[name],
             )
-            if derived:
-                out.extend(self.derived_messages(snap, payload))
+        else:
+            surf.last_problem = ""
+            self.quality.setdefault(name, deque(maxlen=QUALITY_WINDOW)).append(
+                (
+                    result.in_band,
+                    result.rmse_iv,
+                    result.elapsed_ms,
+                    result.warm,
+                    result.regime_shift,
+                )
+            )
+        if self.keep_records:
+            self.records.append(FitRecord(snap.venue, snap.underlying, name, result, snap))
+        if outcome.payload is None:
+            return []  # nothing accepted yet: nothing to publish
+        surf.seq += 1
+        payload = outcome.payload
+        payload["seq"] = surf.seq
+        if self.feed_lost:  # the feed went away after the snapshot: what is fitted is stale
+            payload["status"] = "stale"
+        surf.last_payload = payload
+        out = [Message(topic_surface(self.prefix, snap.venue, snap.underlying, name), payload)]
+        if derived:
+            out.extend(self.derived_messages(snap, payload))
         return out
 
     def derived_for(

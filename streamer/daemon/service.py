@@ -75,6 +75,7 @@ from streamer.book.book import Book
 from streamer.book.snapshot import ChainSnapshot
 from streamer.config import Config
 from streamer.daemon import sdnotify
+from streamer.daemon.fitproc import FitProcess, encode
 from streamer.daemon.metrics import Registry, serve
 from streamer.daemon.pipeline import Message, Pipeline
 from streamer.errors import StreamerError
@@ -153,6 +154,10 @@ class _Job:
     # the latest surface published whose tenors and greeks are not built yet (latest wins)
     derived: tuple[ChainSnapshot, list[Message]] | None = None
     derived_next: float = 0.0  # monotonic: its derived topics not before this
+    worker: FitProcess | None = None  # its fit process (``[models] workers = "process"``)
+    # a snapshot ``_kick`` handed to its process at once: (reply, snapshot, mark, newest ns,
+    # snapshot ns)
+    sent: tuple[asyncio.Future[Any], ChainSnapshot, int, int | None, int] | None = None
 
 
 class Service:
@@ -205,6 +210,13 @@ class Service:
         self._withheld: tuple[str, ...] = ()
         self.watchdog_pings = 0
         self._hang_fit_s = float(os.environ.get(HANG_FIT_ENV, "") or 0.0)
+        # fit processes started with the kernels, per model, until a job takes one
+        self._spare: dict[str, list[FitProcess]] = {}
+        self._workers: list[FitProcess] = []  # every fit process (closed on the way out)
+        # fits in flight at most (one per core: more only queue for a core, or for the GIL),
+        # and the books whose due refit waits for one
+        self._cores = max(1, len(os.sched_getaffinity(0)))
+        self._deferred: set[tuple[str, str]] = set()
         self._aux: list[asyncio.Task[None]] = []
         self.cleared: list[str] = []  # retained topics of switched-off models cleared at start
         self._stale_due = False
@@ -252,6 +264,8 @@ class Service:
                             pub.offline_reason = f"failed: {group.exceptions[0]!r}"[:200]
                 finally:
                     self._tg = None
+                    if self._workers:
+                        await self._close_workers()
                 sdnotify.notify("STOPPING=1")
                 await self._publish(self.pipeline.stale_messages(), trigger_ns=None)
                 # the exit stack closes publishers (MQTT: offline) and the recorder, bounded
@@ -271,6 +285,22 @@ class Service:
             log.warning("test_hook_hang_fit", env=HANG_FIT_ENV, seconds=self._hang_fit_s)
         warm_s = await asyncio.to_thread(self.pipeline.warm_up)
         log.info("kernels_ready", seconds=round(warm_s, 3))
+        if self._processes:  # one per model and configured underlying, started together
+            t0 = time.monotonic()
+            spares = [
+                self._new_worker(model)
+                for model in self.pipeline.models
+                for _ in self.config.feed.currencies
+            ]
+            await asyncio.gather(*(asyncio.to_thread(w.start) for w in spares))
+            for w in spares:
+                self._spare.setdefault(w.model, []).append(w)
+            log.info(
+                "fit_workers_ready",
+                workers=len(spares),
+                pids=[w.pid for w in spares],
+                seconds=round(time.monotonic() - t0, 3),
+            )
         # everything alive now (~140k objects: modules, compiled kernels, config) lives for the
         # whole run; out of the cyclic collector's sight, a full collection no longer walks it
         # (such pauses took 20-65 ms: README, tick-to-publish)
@@ -304,6 +334,8 @@ class Service:
             _, late = await asyncio.wait(workers, timeout=FIT_DRAIN_S)
             for task in late:
                 task.cancel()
+        if self._workers:  # a fit still in flight (a hung kernel) is given up here
+            await self._close_workers()
         derived = self._derived_task
         if derived is not None:
             self._flush = True
@@ -403,10 +435,31 @@ class Service:
         if not p.is_due(book, time.monotonic()):
             return
         key = (book.venue, book.underlying)
+        elsewhere = sum(
+            1
+            for k, per in self._jobs.items()
+            if k != key
+            for j in per.values()
+            if j.busy or j.snap is not None
+        )
+        if elsewhere and elsewhere + len(jobs) > self._cores:
+            # the cores are taken by another underlying's fits: snapshot when they are done
+            # (a snapshot taken now would wait for a core and be older when published)
+            self._deferred.add(key)
+            return
+        self._deferred.discard(key)
         snap = p.take_snapshot(book, time.monotonic())
         mark, newest, snap_ns = self._changes.get(key, 0), self._changed_ns.get(key), time.time_ns()
+        data: bytes | None = None
         for job in jobs.values():
-            job.snap, job.mark, job.newest_ns, job.snap_ns = snap, mark, newest, snap_ns
+            worker = job.worker
+            if not job.busy and job.sent is None and worker is not None and worker.ready:
+                # straight to its process from here: no wait for the job's task to be run
+                data = data if data is not None else encode(snap)
+                job.sent = (worker.submit(data), snap, mark, newest, snap_ns)
+                job.busy = True
+            else:
+                job.snap, job.mark, job.newest_ns, job.snap_ns = snap, mark, newest, snap_ns
             job.wake.set()
 
     def _take(self, book: Book, job: _Job) -> tuple[ChainSnapshot, int | None, int, bool] | None:
@@ -445,6 +498,9 @@ class Service:
             jobs = self._jobs[key] = {}
             for model in self.pipeline.models:
                 job = jobs[model] = _Job(model)
+                if self._processes:  # a spare started with the kernels, else one started now
+                    spare = self._spare.get(model)
+                    job.worker = spare.pop() if spare else self._new_worker(model)
                 job.task = self._tg.create_task(
                     self._fit_worker(book, job), name=f"fit-{key[1]}-{model}"
                 )
@@ -465,14 +521,27 @@ class Service:
         while True:
             await job.wake.wait()
             job.wake.clear()
-            if self._closing:
+            sent, job.sent = job.sent, None
+            if self._closing and sent is None:  # a fit sent already still publishes
                 return
-            work = self._take(book, job)
+            if sent is not None:  # handed to its process by ``_kick`` already
+                fut, snap, mark, newest, snap_ns = sent
+                if mark == job.fitted_mark:
+                    newest = None
+                job.fitted_mark = mark
+                work: tuple[ChainSnapshot, int | None, int, bool] | None = (
+                    snap,
+                    newest,
+                    snap_ns,
+                    False,
+                )
+            else:
+                fut, work = None, self._take(book, job)
             if work is None:
                 continue
             job.busy = True
             try:
-                await self._fit_once(job, *work)
+                await self._fit_once(job, *work, sent=fut)
             except Exception as exc:  # a bug in a fit must not take the feed down
                 log.exception(
                     "fit_loop_failed", underlying=book.underlying, model=job.model, error=repr(exc)
@@ -482,6 +551,10 @@ class Service:
             if self._closing:
                 return
             self._kick(book)  # quotes that changed while it fitted
+            for key in list(self._deferred):  # books that waited for a core
+                waiting = self.pipeline.books.get(*key)
+                if waiting is not None:
+                    self._kick(waiting)
 
     async def _fit_once(
         self,
@@ -490,12 +563,15 @@ class Service:
         trigger_ns: int | None,
         snap_ns: int,
         fresh: bool = False,
+        *,
+        sent: asyncio.Future[Any] | None = None,
     ) -> None:
         """Fit ``job``'s model on ``snap`` in a worker thread and publish its surface at once;
         its tenors and greeks go to the derived worker (``_derived_worker``)."""
         p = self.pipeline
         key = (snap.venue, snap.underlying, job.model)
         fit = self._hanging_fit if self._hang_fit_s else p.fit_snapshot
+        worker = job.worker
         self._fit_started[key] = time.monotonic()  # the watchdog watches this span
         try:
             self._fitting.add(key)
@@ -511,7 +587,14 @@ class Service:
                     stamps[1], stamps[2] = time.time_ns(), time.thread_time_ns() - cpu0
 
             try:
-                msgs = await asyncio.to_thread(timed_fit)
+                if worker is not None:  # in its process; counted and numbered here
+                    outcome, *times = await (
+                        worker.result(sent) if sent is not None else worker.fit(snap)
+                    )
+                    stamps[:] = times
+                    msgs = p.accept(snap, outcome)
+                else:
+                    msgs = await asyncio.to_thread(timed_fit)
                 resumed_ns = time.time_ns()
             finally:
                 self._fitting.discard(key)
@@ -604,6 +687,27 @@ class Service:
                 idle.wait(left)
 
         return pause
+
+    @property
+    def _processes(self) -> bool:
+        return self.config.models.workers == "process" and bool(self.pipeline.models)
+
+    def _new_worker(self, model: str) -> FitProcess:
+        worker = FitProcess(self.config, model, hang_s=self._hang_fit_s)
+        self._workers.append(worker)
+        return worker
+
+    async def _close_workers(self) -> None:
+        """End every fit process (a fit still in flight is given up)."""
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            worker.close()
+
+        def join() -> None:
+            for worker in workers:
+                worker.join(timeout=1.0)
+
+        await asyncio.to_thread(join)
 
     def _hanging_fit(
         self, snap: Any, *, derived: bool, models: Sequence[str] | None = None
