@@ -193,3 +193,50 @@ def test_listed_ranges_from_the_listing() -> None:
         F = float(prep.data.slice_forward[j])
         assert prep.listed_k[j, 0] == pytest.approx(math.log(K.min() / F), abs=1e-15)
         assert prep.listed_k[j, 1] == pytest.approx(math.log(K.max() / F), abs=1e-15)
+
+
+def test_knot_constant_helpers_equal_their_pointwise_forms() -> None:
+    """``w012_knots``/``iv_knots``/``wgrad_knots`` (the slice's outer-knot ``sinh``/``cosh``
+    computed once) give exactly ``spline_w012``/``spline_iv``/``spline_wgrad``'s values, on
+    both wings, on the outer knots and inside."""
+    p = sp.N_PARAMS
+    g_ref, g = np.empty(p), np.empty(p)
+    for x in spline_slices():
+        kn = sp.spline_knots(x)
+        kl = x[sp.I_S] * math.sinh(x[sp.I_YL])
+        kr = x[sp.I_S] * math.sinh(x[sp.I_YR])
+        ks = [*np.linspace(kl - 0.5, kr + 0.5, 301).tolist(), kl, kr, 0.0]
+        for k in ks:
+            assert sp.w012_knots(x, kn, k) == sp.spline_w012(x, k)
+            assert sp.iv_knots(x, kn, k, 0.2) == sp.spline_iv(x, k, 0.2)
+            assert sp.wgrad_knots(x, kn, k, g) == sp.spline_wgrad(x, k, g_ref)
+            np.testing.assert_array_equal(g, g_ref)
+
+
+def test_check_slices_against_a_plain_grid() -> None:
+    """``check_slices`` (interval coefficients once, ``sinh``/``cosh`` from one ``exp``)
+    against ``spline_w012`` and ``g_of`` on the same knot-coordinate grid, point by point:
+    the same smallest ``w``, a smallest ``g`` no larger than the grid's (the refinement only
+    looks for lower points) and no smaller than a 20x denser grid's minus a small slack."""
+    X = np.array(spline_slices())
+    found = sp.check_slices(X)
+    per = sp.CHECK_PER_INT
+    for j, x in enumerate(X):
+        wmin, gmin = _plain_grid(x, per)
+        _, g_dense = _plain_grid(x, 20 * per)
+        assert found[j, 2] == pytest.approx(wmin, rel=1e-12)
+        assert found[j, 0] <= gmin + 1e-12
+        assert found[j, 0] >= g_dense - 1e-3 * max(1.0, abs(g_dense))
+
+
+def _plain_grid(x: FloatArray, n: int) -> tuple[float, float]:
+    """Smallest ``w`` and ``g`` on ``n`` points per knot interval, evenly in ``y``."""
+    yl, yr, s = x[sp.I_YL], x[sp.I_YR], x[sp.I_S]
+    h = (yr - yl) / sp.N_INT
+    ws, gs = [], []
+    for i in range(n * sp.N_INT + 1):
+        k = s * math.sinh(yl + h * i / n)
+        w, w1, w2 = sp.spline_w012(x, k)
+        ws.append(w)
+        gs.append(sp.g_of(k, w, w1, w2) if w > 0.0 else -math.inf)
+    return min(ws), min(gs)

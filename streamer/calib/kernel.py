@@ -62,14 +62,16 @@ from streamer.models.spline import CAL_REL as SPLINE_CAL_REL
 from streamer.models.spline import HINGE_MARGIN as SPLINE_MARGIN
 from streamer.models.spline import HINGE_MU as SPLINE_MU
 from streamer.models.spline import N_HINGE as SPLINE_HINGE_ROWS
+from streamer.models.spline import N_HINGE_BF as SPLINE_HINGE_BF
 from streamer.models.spline import N_HINGE_GRID as SPLINE_HINGE_GRID
 from streamer.models.spline import NC as SPLINE_NC
 from streamer.models.spline import ROUGHNESS as SPLINE_ROUGHNESS
 from streamer.models.spline import (
+    hinges_fixed_into,
+    iv_knots,
     spline_design,
     spline_geometry,
-    spline_hinges_fixed,
-    spline_iv,
+    spline_knots,
     spline_row,
     spline_row_design,
 )
@@ -83,7 +85,10 @@ Quotes = tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]  # k,
 Penalty = tuple[FloatArray, FloatArray]  # prior, weights
 # use, has a neighbour, T, neighbour's w, inner grid, outer grid, calendar grid
 Hinge = tuple[bool, bool, float, FloatArray, FloatArray, FloatArray, FloatArray]
-Scratch = tuple[FloatArray, FloatArray]
+# the generic butterfly's w and dw on a grid; per-point and hinge scratch rows (``SCRATCH_ROWS``
+# x max(p, spline N_HINGE_BF)); the slice run's ``spline_knots`` (spline: its knot map is frozen)
+Scratch = tuple[FloatArray, FloatArray, FloatArray, FloatArray]
+SCRATCH_ROWS = 7  # 0-4: the spline's hinge rows (``hinges_fixed_into``), 5: a point's gradient
 # the spline's fixed geometry of one slice run (``spline.spline_design``, ``spline_geometry``):
 # design rows of the quotes, the hinge grid and its w, w', w'' rows, the roughness matrix, the
 # calendar grid's design rows (empty for other models)
@@ -116,9 +121,15 @@ def rows_iv(
     """IVs of points ``(k[i], T[i])`` under slice ``idx[i]``'s parameters ``X[idx[i]]``."""
     out = np.empty(k.shape[0])
     jac = np.empty(X.shape[1])
+    spline = kind == KERNEL_SPLINE
+    at = -1
+    kn = (0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     for i in range(k.shape[0]):
-        if kind == KERNEL_SPLINE:  # no gradient needed
-            out[i] = spline_iv(X[idx[i]], k[i], T[i])
+        if spline:  # no gradient needed; the knot constants once per run of one slice
+            if idx[i] != at:
+                at = idx[i]
+                kn = spline_knots(X[at])
+            out[i] = iv_knots(X[at], kn, k[i], T[i])
         else:
             out[i] = row(kind, arg, X[idx[i]], k[i], T[i], jac)
     return out
@@ -134,14 +145,17 @@ def calendar_gaps(
     S, G = k_cal.shape
     out = np.full(S, -np.inf)
     jac = np.empty(X.shape[1])
+    spline = kind == KERNEL_SPLINE
+    kn_p = spline_knots(X[0]) if spline else (0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     for j in range(1, S):
         T_j, T_p = slice_T[j], slice_T[j - 1]
         best = -np.inf
+        kn_j = spline_knots(X[j]) if spline else kn_p
         for g in range(G):
             k = k_cal[j, g]
-            if kind == KERNEL_SPLINE:
-                iv_j = spline_iv(X[j], k, T_j)
-                iv_p = spline_iv(X[j - 1], k, T_p)
+            if spline:  # ``spline_iv``'s values, the knot map's constants once per slice
+                iv_j = iv_knots(X[j], kn_j, k, T_j)
+                iv_p = iv_knots(X[j - 1], kn_p, k, T_p)
             else:
                 iv_j = row(kind, arg, X[j], k, T_j, jac)
                 iv_p = row(kind, arg, X[j - 1], k, T_p, jac)
@@ -151,6 +165,7 @@ def calendar_gaps(
             elif gap > best:
                 best = gap
         out[j] = best
+        kn_p = kn_j
     return out
 
 
@@ -188,14 +203,14 @@ def _data(
     drho: FloatArray,
     slope: FloatArray,
     design: FloatArray,
+    tmp: FloatArray,
 ) -> float:
     """Evaluate points ``lo..hi`` at ``x``: IVs, gradients, residuals, loss slopes; the data
     cost ``1/2 f^2 sum rho(r^2/f^2)`` (inf when anything is non-finite). The spline's points
-    from their design rows ``design`` (``Geometry``)."""
+    from their design rows ``design`` (``Geometry``); ``tmp``: scratch of ``p``."""
     use_band = band.shape[0] > 0
     spline = kind == KERNEL_SPLINE
     cost = 0.0
-    tmp = np.empty(x.shape[0])
     for i in range(lo, hi):
         if spline:
             v = spline_row_design(x, design[i], T[i], jac[i])
@@ -232,12 +247,12 @@ def _butterfly(
     rows: FloatArray,
     ejac: FloatArray,
     at: int,
+    tmp: FloatArray,
 ) -> int:
     """Butterfly hinge rows on a uniform grid (``constraints._butterfly``), written from row
-    ``at`` on; returns the next free row."""
+    ``at`` on; returns the next free row (``tmp``: scratch of ``p``)."""
     G = grid.shape[0]
     p = x.shape[0]
-    tmp = np.empty(p)
     for i in range(G):
         v = row(kind, arg, x, grid[i], Tj, tmp)
         w[i] = v * v * Tj
@@ -279,25 +294,27 @@ def _hinges(
     inner: FloatArray,
     outer: FloatArray,
     kcal: FloatArray,
-    w: FloatArray,
-    dw: FloatArray,
+    scratch: Scratch,
     rows: FloatArray,
     ejac: FloatArray,
     geo: Geometry,
 ) -> float:
     """All hinge rows of one slice; returns their cost ``1/2 sum rows^2``. ``w_prev``: the
     shorter neighbour's total variance on ``kcal`` (fixed while this slice is fitted)."""
+    w, dw, work, kv = scratch
+    p = x.shape[0]
+    tmp = work[5, :p]
     if kind == KERNEL_SPLINE:  # analytic g on the spline's own grid, and its roughness rows
         _, kh, hw, h1, h2, rough, _ = geo
-        at = spline_hinges_fixed(
-            x, kh, hw, h1, h2, rough, SPLINE_MARGIN, SPLINE_MU, SPLINE_ROUGHNESS, rows, ejac, 0
-        )
+        kn = (kv[0], kv[1], kv[2], kv[3], kv[4], kv[5], kv[6], kv[7])
+        at = hinges_fixed_into(
+            x, kn, kh, hw, h1, h2, rough, SPLINE_MARGIN, SPLINE_MU, SPLINE_ROUGHNESS, rows, ejac,
+            0, work,
+        )  # fmt: skip
     else:
-        at = _butterfly(kind, arg, x, inner, Tj, w, dw, rows, ejac, 0)
-        at = _butterfly(kind, arg, x, outer, Tj, w, dw, rows, ejac, at)
-    p = x.shape[0]
+        at = _butterfly(kind, arg, x, inner, Tj, w, dw, rows, ejac, 0, tmp)
+        at = _butterfly(kind, arg, x, outer, Tj, w, dw, rows, ejac, at, tmp)
     if has_prev:
-        tmp = np.empty(p)
         spline = kind == KERNEL_SPLINE
         mu_cal = SPLINE_MU_CALENDAR if spline else MU_CALENDAR
         dcal = geo[6]
@@ -355,14 +372,14 @@ def _evaluate(
     iv, jac, r, drho, slope, erows, ejac = bufs
     dc = _data(
         kind, arg, x, lo, hi, k, T, target, weight, band, kappa, loss, f2, iv[s], jac[s], r[s],
-        drho[s], slope[s], geo[0],
+        drho[s], slope[s], geo[0], scratch[2][5, : x.shape[0]],
     )  # fmt: skip
     pc = _penalty(x, penalty[0], penalty[1])
     if use_hinges:
-        w, dw = scratch
         pc += _hinges(
-            kind, arg, x, w_prev, has_prev, Tj, inner, outer, k_cal, w, dw, erows[s], ejac[s], geo
-        )
+            kind, arg, x, w_prev, has_prev, Tj, inner, outer, k_cal, scratch, erows[s], ejac[s],
+            geo,
+        )  # fmt: skip
     return dc, pc
 
 
@@ -423,9 +440,10 @@ def _neighbour(
         essvi_calendar_grid(x_prev, k_cal)
     else:
         k_cal[:] = kcal_b
+    kn = spline_knots(x_prev) if kind == KERNEL_SPLINE else (0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     for i in range(k_cal.shape[0]):
-        if kind == KERNEL_SPLINE:  # no gradient needed
-            v = spline_iv(x_prev, k_cal[i], T_prev)
+        if kind == KERNEL_SPLINE:  # no gradient needed (``spline_iv``'s value)
+            v = iv_knots(x_prev, kn, k_cal[i], T_prev)
         else:
             v = row(kind, arg, x_prev, k_cal[i], T_prev, tmp)
         w_prev[i] = v * v * T_prev
@@ -445,13 +463,14 @@ def _normal_equations(
     A: FloatArray,
     g: FloatArray,
     sparse: bool,
+    nz: IntArray,
 ) -> None:
     """``A = J'J``, ``g = J'r`` at the current point: IRLS-scaled data rows (non-finite ones
     skipped), penalty rows, hinge rows. ``sparse`` (the spline: a row touches at most six of
-    its parameters): only each row's non-zero gradient entries enter the products."""
+    its parameters): only each row's non-zero gradient entries enter the products (``nz``:
+    scratch for their positions, ``p`` entries)."""
     iv, jac, r, drho, slope, erows, ejac = bufs
     p = x.shape[0]
-    nz = np.empty(p, dtype=np.int64)
     for a_ in range(p):
         g[a_] = 0.0
         for c_ in range(p):
@@ -569,7 +588,7 @@ def _iterate(
     scratch: Scratch,
     bufs: Buffers,
     bounds: tuple[FloatArray, FloatArray],
-    work: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray],
+    work: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, IntArray],
     dc: float,
     pc: float,
     max_iter: int,
@@ -582,7 +601,7 @@ def _iterate(
     ``stall_iters`` iterations that bought less than ``stall_rtol`` of the cost (``lm``'s
     ``STALL_ITERS``, ``STALL_RTOL``; a warm refit's own, ``WARM_STALL_*``). Returns (x, slot,
     dc, pc, converged, evaluations, iterations)."""
-    A, g, Ad, rhs, step = work
+    A, g, Ad, rhs, step, nz = work
     ftol, xtol, stall_iters, stall_rtol = tols
     sparse = model[0] == KERNEL_SPLINE
     frozen = SPLINE_NC + 2 if sparse else x.shape[0]
@@ -594,7 +613,7 @@ def _iterate(
     it = 0
     for it in range(1, max_iter + 1):
         _normal_equations(
-            x, lo, hi, quotes[3], penalty[0], penalty[1], hinge[0], bufs, cur, A, g, sparse
+            x, lo, hi, quotes[3], penalty[0], penalty[1], hinge[0], bufs, cur, A, g, sparse, nz
         )
         moved, predicted = _step(x, A, g, mu, bounds[0], bounds[1], (Ad, rhs, step), x_new, frozen)
         dc_n, pc_n = _evaluate(
@@ -692,7 +711,8 @@ def fit_slices(
         m_rows = (inner.shape[1] - 2) + (outer.shape[1] - 2) + kcal.shape[1]
     bufs = _buffers(n, p, m_rows)
     G = max(inner.shape[1], outer.shape[1], kcal.shape[1])
-    scratch = (np.empty(G), np.empty((G, p)))
+    kv = np.zeros(8)
+    scratch = (np.empty(G), np.empty((G, p)), np.empty((SCRATCH_ROWS, max(p, SPLINE_HINGE_BF))), kv)
     w_prev = np.empty(kcal.shape[1])
     k_cal = np.empty(kcal.shape[1])
     model = (kind, arg, kappa, loss, f_scale * f_scale)
@@ -700,7 +720,10 @@ def fit_slices(
     data_cost = np.empty(S)
     pen = np.empty(S)
     converged = np.zeros(S, dtype=np.bool_)
-    work = (np.empty((p, p)), np.empty(p), np.empty((p, p)), np.empty(p), np.empty(p))
+    work = (
+        np.empty((p, p)), np.empty(p), np.empty((p, p)), np.empty(p), np.empty(p),
+        np.empty(p, dtype=np.int64),
+    )  # fmt: skip
     x0 = np.empty(p)
     x1 = np.empty(p)
     spline = kind == KERNEL_SPLINE
@@ -724,7 +747,10 @@ def fit_slices(
         has_prev = b > 0
         if use_hinges and has_prev:
             _neighbour(kind, arg, X[b - 1], slice_T[b - 1], kcal[b], k_cal, w_prev, work[4])
-        if spline:  # the knot map is frozen: this run's design rows, once
+        if spline:  # the knot map is frozen: this run's design rows and knot constants, once
+            kn = spline_knots(x0)
+            for q in range(8):
+                kv[q] = kn[q]
             spline_design(x0, k[lo:hi], geo[0][lo:hi])
             spline_geometry(x0, geo[1], geo[2], geo[3], geo[4], geo[5])
             if use_hinges and has_prev:

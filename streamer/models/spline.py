@@ -181,29 +181,129 @@ def _dbases(
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _point(y: float, s: float, h: float) -> tuple[float, float, float]:
+def _point_exp(y: float, s: float, h: float) -> tuple[float, float, float]:
     """``(k, a1, a3)`` at knot coordinate ``y``: ``k = s sinh(y)``, and the chain-rule
-    factors ``dw/dk = a1 dw/du``, ``d2w/dk2 = a1^2 d2w/du2 + a3 dw/du``."""
-    k = s * math.sinh(y)
-    ky = s * math.cosh(y)  # dk/dy
+    factors ``dw/dk = a1 dw/du``, ``d2w/dk2 = a1^2 d2w/du2 + a3 dw/du``; ``sinh`` and
+    ``cosh`` from one ``exp`` (``k`` within ~1e-16 ``s`` of ``s * math.sinh(y)``: for grid
+    points strictly inside the outer knots, where no side has to be decided)."""
+    e = math.exp(y)
+    ei = 1.0 / e
+    k = 0.5 * s * (e - ei)
+    ky = 0.5 * s * (e + ei)  # dk/dy
     return k, 1.0 / (ky * h), -k / (ky * ky * ky) / h
 
 
+# the knot map's constants of one slice, computed once (``spline_knots``):
+# y_l, h, s, y_r, k_l, e_l, k_r, e_r (``_geometry``, ``_end``)
+Knots = tuple[float, float, float, float, float, float, float, float]
+
+
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _w012_grid(x: FloatArray, i: int, u: float, a1: float, a3: float) -> tuple[float, float, float]:
-    """``(w, w', w'')`` at position ``u`` of knot interval ``i`` (chain-rule factors from
-    ``_point``): a grid point whose interval is known needs no ``asinh``."""
-    e_l, e_r = _factors(x, i)
+def spline_knots(x: FloatArray) -> Knots:
+    """``(y_l, h, s, y_r, k_l, e_l, k_r, e_r)``: what ``spline_w012`` recomputes at every
+    point (the outer knots' ``sinh`` and ``cosh``), for loops over many points of a slice."""
+    yl, h, s = _geometry(x)
+    kl, e_l = _end(x, False)
+    kr, e_r = _end(x, True)
+    return yl, h, s, x[I_YR], kl, e_l, kr, e_r
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def w012_knots(x: FloatArray, kn: Knots, k: float) -> tuple[float, float, float]:
+    """``spline_w012(x, k)`` from the slice's ``spline_knots``: the same arithmetic (and
+    values), without the outer knots' ``sinh``/``cosh`` per point. (``_coef`` reads
+    ``e_l``/``e_r`` only in the first/last interval, so passing both always is the same.)"""
+    yl, h, s, yr, kl, e_l, kr, e_r = kn
+    y = math.asinh(k / s)
+    if y < yl:
+        bl = x[I_BL]
+        return (4.0 * x[0] + 2.0 * x[1] + e_l * bl) / 6.0 + bl * (kl - k), -bl, 0.0
+    if y > yr:
+        br = x[I_BR]
+        return (2.0 * x[N_INT - 1] + 4.0 * x[N_INT] + e_r * br) / 6.0 + br * (k - kr), br, 0.0
+    i, u = _locate((y - yl) / h)
+    c0 = _coef(x, i - 1, e_l, e_r)
+    c1 = _coef(x, i, e_l, e_r)
+    c2 = _coef(x, i + 1, e_l, e_r)
+    c3 = _coef(x, i + 2, e_l, e_r)
+    b0, b1, b2, b3 = _bases(u)
+    om = 1.0 - u
+    u2 = u * u
+    w = c0 * b0 + c1 * b1 + c2 * b2 + c3 * b3
+    wu = (
+        -0.5 * om * om * c0 + (1.5 * u2 - 2.0 * u) * c1 + (-1.5 * u2 + u + 0.5) * c2 + 0.5 * u2 * c3
+    )
+    wuu = om * c0 + (3.0 * u - 2.0) * c1 + (1.0 - 3.0 * u) * c2 + u * c3
+    ky = math.sqrt(k * k + s * s)  # dk/dy
+    a1 = 1.0 / (ky * h)
+    return w, a1 * wu, a1 * a1 * wuu - k / (ky * ky * ky) / h * wu
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def iv_knots(x: FloatArray, kn: Knots, k: float, T: float) -> float:
+    """``spline_iv`` from the slice's ``spline_knots`` (the same value)."""
+    return math.sqrt(max(w012_knots(x, kn, k)[0], VAR_FLOOR) / T)
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _g_knots(x: FloatArray, kn: Knots, k: float) -> float:
+    """``g_at`` from the slice's ``spline_knots``."""
+    w, w1, w2 = w012_knots(x, kn, k)
+    if not w > 0.0:
+        return -math.inf
+    g = g_of(k, w, w1, w2)
+    return g if math.isfinite(g) else -math.inf
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def wgrad_knots(x: FloatArray, kn: Knots, k: float, gw: FloatArray) -> float:
+    """``spline_wgrad(x, k, gw)`` from the slice's ``spline_knots`` (the same arithmetic)."""
+    for q in range(N_PARAMS):
+        gw[q] = 0.0
+    yl, h, s, yr, kl, e_l, kr, e_r = kn
+    y = math.asinh(k / s)
+    if y < yl:
+        bl = x[I_BL]
+        d = kl - k
+        gw[0] = 4.0 / 6.0
+        gw[1] = 2.0 / 6.0
+        gw[I_BL] = e_l / 6.0 + d
+        return float((4.0 * x[0] + 2.0 * x[1] + e_l * bl) / 6.0 + bl * d)
+    if y > yr:
+        br = x[I_BR]
+        d = k - kr
+        gw[N_INT - 1] = 2.0 / 6.0
+        gw[N_INT] = 4.0 / 6.0
+        gw[I_BR] = e_r / 6.0 + d
+        return float((2.0 * x[N_INT - 1] + 4.0 * x[N_INT] + e_r * br) / 6.0 + br * d)
+    i, u = _locate((y - yl) / h)
+    b0, b1, b2, b3 = _bases(u)
+    _add(i - 1, b0, e_l, e_r, gw)
+    _add(i, b1, e_l, e_r, gw)
+    _add(i + 1, b2, e_l, e_r, gw)
+    _add(i + 2, b3, e_l, e_r, gw)
+    return (
+        _coef(x, i - 1, e_l, e_r) * b0
+        + _coef(x, i, e_l, e_r) * b1
+        + _coef(x, i + 1, e_l, e_r) * b2
+        + _coef(x, i + 2, e_l, e_r) * b3
+    )
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _w012_coefs(c: FloatArray, u: float, a1: float, a3: float) -> tuple[float, float, float]:
+    """``(w, w', w'')`` at position ``u`` of a knot interval from its four coefficients
+    ``c`` (chain-rule factors from ``_point_exp``): a grid point whose interval is known
+    needs no ``asinh``."""
     b = _bases(u)
     d, dd = _dbases(u)
     w = 0.0
     wu = 0.0
     wuu = 0.0
     for m in range(4):
-        c = _coef(x, i - 1 + m, e_l, e_r)
-        w += b[m] * c
-        wu += d[m] * c
-        wuu += dd[m] * c
+        w += b[m] * c[m]
+        wu += d[m] * c[m]
+        wuu += dd[m] * c[m]
     return w, a1 * wu, a1 * a1 * wuu + a3 * wu
 
 
@@ -354,14 +454,15 @@ def g_at(x: FloatArray, k: float) -> float:
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _wing(x: FloatArray, right: bool) -> tuple[float, float]:
+def _wing(x: FloatArray, kn: Knots, right: bool) -> tuple[float, float]:
     """A linear wing's ``(k, min 16 w^2 g / w0^2)``: where the convex quadratic ``16 w^2 g``
     in ``u = b |k|`` is smallest over the wing (just outside the outer knot, where
-    ``w''`` is 0, when the minimum is there) and its value (``w0``: the knot's ``w``)."""
-    k0 = _end(x, right)[0]
+    ``w''`` is 0, when the minimum is there) and its value (``w0``: the knot's ``w``;
+    ``kn``: ``x``'s ``spline_knots``)."""
+    k0 = kn[6] if right else kn[4]
     b = x[I_BR] if right else x[I_BL]
     nudge = 1e-9 * x[I_S]
-    w0 = spline_w012(x, k0)[0]
+    w0 = w012_knots(x, kn, k0)[0]
     if b <= 0.0:
         return (k0 + nudge if right else k0 - nudge), 16.0
     u0 = b * abs(k0)
@@ -375,10 +476,13 @@ def _wing(x: FloatArray, right: bool) -> tuple[float, float]:
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def refine(x: FloatArray, ks: FloatArray, gs: FloatArray, threshold: float, n_sub: int) -> None:
+def refine(
+    x: FloatArray, kn: Knots, ks: FloatArray, gs: FloatArray, threshold: float, n_sub: int
+) -> None:
     """Where ``g`` on the grid ``ks`` (values ``gs``) is below ``threshold``, move the point to
     the smallest ``g`` of ``n_sub`` sub-points towards each neighbour (``g`` of a smile near
-    its bound swings within a fraction of a grid step: its slope carries ``w''/w``)."""
+    its bound swings within a fraction of a grid step: its slope carries ``w''/w``; ``kn``:
+    ``x``'s ``spline_knots``)."""
     n = ks.shape[0]
     prev = ks[0]
     for i in range(n):
@@ -389,7 +493,7 @@ def refine(x: FloatArray, ks: FloatArray, gs: FloatArray, threshold: float, n_su
             for m in range(1, n_sub + 1):
                 f = m / (n_sub + 1)
                 for k in (here + (prev - here) * f, here + (nxt - here) * f):
-                    g = g_at(x, k)
+                    g = _g_knots(x, kn, k)  # g_at's value
                     if g < best_g:
                         best_k, best_g = k, g
             ks[i] = best_k
@@ -419,12 +523,13 @@ def spline_hinges(
     ks = np.empty(N_HINGE_BF)
     gs = np.empty(N_HINGE_BF)
     yl, h, s = _geometry(x)
+    kn = spline_knots(x)
     for i in range(m):
         ks[i] = s * math.sinh(yl + h * i / HINGE_PER_INT)
         gs[i] = g_at(x, ks[i])
-    refine(x, ks[:m], gs[:m], REFINE_BELOW, REFINE_SUB)
-    ks[m] = _wing(x, False)[0]
-    ks[m + 1] = _wing(x, True)[0]
+    refine(x, kn, ks[:m], gs[:m], REFINE_BELOW, REFINE_SUB)
+    ks[m] = _wing(x, kn, False)[0]
+    ks[m + 1] = _wing(x, kn, True)[0]
     gs[m] = g_at(x, ks[m])
     gs[m + 1] = g_at(x, ks[m + 1])
     for j in range(N_HINGE_BF):
@@ -509,8 +614,9 @@ def spline_roughness(
 @njit(cache=True, nogil=True, error_model="numpy")
 def spline_design(x: FloatArray, k: FloatArray, out: FloatArray) -> None:
     """``out[i] = dw/dx`` at ``k[i]`` under ``x``'s knot map: ``w(k[i]) = out[i] @ x``."""
+    kn = spline_knots(x)
     for i in range(k.shape[0]):
-        spline_wgrad(x, k[i], out[i])
+        wgrad_knots(x, kn, k[i], out[i])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -530,11 +636,13 @@ def spline_geometry(
     for j in range(kh.shape[0]):
         t = j / HINGE_PER_INT
         i = min(j // HINGE_PER_INT, N_INT - 1)
-        k, a1, a3 = _point(yl + h * j / HINGE_PER_INT, s, h)  # as ``spline_hinges``
-        kh[j] = k
+        y = yl + h * j / HINGE_PER_INT
         if j == 0 or j == kh.shape[0] - 1:  # on an outer knot: the side ``spline_eval`` takes
-            spline_eval(x, k, hw[j], h1[j], h2[j])
+            kh[j] = s * math.sinh(y)  # as ``spline_hinges``
+            spline_eval(x, kh[j], hw[j], h1[j], h2[j])
             continue
+        k, a1, a3 = _point_exp(y, s, h)
+        kh[j] = k
         e_l, e_r = _factors(x, i)
         u = t - i
         b = _bases(u)
@@ -590,23 +698,46 @@ def spline_hinges_fixed(
     """``spline_hinges`` on the fixed geometry of ``spline_geometry`` (``x``'s knot map
     must be the one it was built under): ``g`` at the grid points from their rows; the
     refined points and the wings' worst points as there."""
+    work = np.empty((5, max(N_HINGE_BF, N_PARAMS)))
+    return hinges_fixed_into(
+        x, spline_knots(x), kh, hw, h1, h2, rough, margin, mu, roughness, rows, ejac, at, work
+    )
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def hinges_fixed_into(
+    x: FloatArray,
+    kn: Knots,
+    kh: FloatArray,
+    hw: FloatArray,
+    h1: FloatArray,
+    h2: FloatArray,
+    rough: FloatArray,
+    margin: float,
+    mu: float,
+    roughness: float,
+    rows: FloatArray,
+    ejac: FloatArray,
+    at: int,
+    work: FloatArray,
+) -> int:
+    """``spline_hinges_fixed`` with ``x``'s ``spline_knots`` given and its scratch in
+    ``work`` (``(5, max(N_HINGE_BF, N_PARAMS))``): nothing allocated (the compiled LM
+    calls it once per slice and evaluation)."""
     p = N_PARAMS
-    gw = np.empty(p)
-    g1 = np.empty(p)
-    g2 = np.empty(p)
+    ks, gs = work[0, :N_HINGE_BF], work[1, :N_HINGE_BF]
+    gw, g1, g2 = work[2, :p], work[3, :p], work[4, :p]
     m = N_HINGE_GRID
-    ks = np.empty(N_HINGE_BF)
-    gs = np.empty(N_HINGE_BF)
     for i in range(m):
         ks[i] = kh[i]
         w = _dot(hw[i], x)
         g = g_of(kh[i], w, _dot(h1[i], x), _dot(h2[i], x)) if w > 0.0 else -math.inf
         gs[i] = g if math.isfinite(g) else -math.inf
-    refine(x, ks[:m], gs[:m], REFINE_BELOW, REFINE_SUB)
-    ks[m] = _wing(x, False)[0]
-    ks[m + 1] = _wing(x, True)[0]
-    gs[m] = g_at(x, ks[m])
-    gs[m + 1] = g_at(x, ks[m + 1])
+    refine(x, kn, ks[:m], gs[:m], REFINE_BELOW, REFINE_SUB)
+    ks[m] = _wing(x, kn, False)[0]
+    ks[m + 1] = _wing(x, kn, True)[0]
+    gs[m] = _g_knots(x, kn, ks[m])
+    gs[m + 1] = _g_knots(x, kn, ks[m + 1])
     for j in range(N_HINGE_BF):
         if gs[j] < margin:
             k = ks[j]
@@ -661,28 +792,35 @@ def check_slices(X: FloatArray) -> FloatArray:
     m = CHECK_PER_INT * N_INT + 1
     ks = np.empty(m)
     gs = np.empty(m)
+    C = np.empty((N_INT, 4))
     for j in range(S):
         x = X[j]
-        yl, h, s = _geometry(x)
+        kn = spline_knots(x)
+        yl, h, s, e_l, e_r = kn[0], kn[1], kn[2], kn[5], kn[7]
+        for iv in range(N_INT):  # each interval's four coefficients, once
+            for c in range(4):
+                C[iv, c] = _coef(x, iv - 1 + c, e_l, e_r)
         wmin = math.inf
         for i in range(m):
             t = i / CHECK_PER_INT
             iv = min(i // CHECK_PER_INT, N_INT - 1)
-            k, a1, a3 = _point(yl + h * i / CHECK_PER_INT, s, h)  # as ``spline_hinges``
-            ks[i] = k
+            y = yl + h * i / CHECK_PER_INT
             if i == 0 or i == m - 1:  # on an outer knot: the side ``spline_w012`` takes
+                k = s * math.sinh(y)
                 w, w1, w2 = spline_w012(x, k)
             else:
-                w, w1, w2 = _w012_grid(x, iv, t - iv, a1, a3)
+                k, a1, a3 = _point_exp(y, s, h)
+                w, w1, w2 = _w012_coefs(C[iv], t - iv, a1, a3)
+            ks[i] = k
             wmin = min(wmin, w)
             g = g_of(k, w, w1, w2) if w > 0.0 else -math.inf
             gs[i] = g if math.isfinite(g) else -math.inf
-        refine(x, ks, gs, REFINE_BELOW, REFINE_SUB)
+        refine(x, kn, ks, gs, REFINE_BELOW, REFINE_SUB)
         i_min = int(np.argmin(gs))
         out[j, 0] = gs[i_min]
         out[j, 1] = ks[i_min]
         out[j, 2] = wmin
-        out[j, 3] = min(_wing(x, False)[1], _wing(x, True)[1])
+        out[j, 3] = min(_wing(x, kn, False)[1], _wing(x, kn, True)[1])
     return out
 
 
