@@ -77,7 +77,7 @@ DEFAULT_BACKOFF_INITIAL_S = 0.1
 DEFAULT_BACKOFF_MAX_S = 10.0
 DEFAULT_BACKOFF_FACTOR = 2.0
 DEFAULT_CLOSE_TIMEOUT_S = 3.0
-DEFAULT_BATCH = 256
+DEFAULT_BATCH = 16  # in flight at once (paho queues beyond its own 20)
 
 # small messages must not wait for Nagle's algorithm (a 40 ms stall with delayed ACKs)
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
@@ -581,56 +581,81 @@ class MqttPublisher(Publisher):
         async for _ in client.messages:
             pass
 
+    def _next_topic(self) -> str:
+        """The pending topic to send next: the status and surfaces first (what a bot waits
+        for does not queue behind a burst of greeks), else the oldest queued."""
+        status = self.status_topic
+        for topic in self._pending:
+            if topic == status or topic.endswith("/surface"):
+                return topic
+        return next(iter(self._pending))
+
     async def _drain(self, client: aiomqtt.Client) -> None:
-        while True:
-            if not self._pending:
-                self._idle.set()
-                if self._closing.is_set():
-                    return
+        """Send pending messages, at most ``batch`` in flight (QoS 1) at a time, as a sliding
+        window: each acknowledgement frees a slot at once, so a surface queued behind greeks
+        goes out with the next free slot, not after the whole earlier batch is acknowledged.
+        Raises the connection's error (what was in flight is queued again)."""
+        inflight: dict[asyncio.Future[Any], tuple[str, bytes, bool]] = {}
+        try:
+            while True:
                 self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch = []
-            # surfaces (and the status) first: what a bot waits for does not queue behind a
-            # burst of greeks; otherwise in the order queued (a stable sort)
-            status = self.status_topic
-            first = sorted(
-                self._pending, key=lambda t: 0 if t == status or t.endswith("/surface") else 1
-            )
-            for topic in first[: self._batch]:
-                data, retain = self._pending.pop(topic)
-                batch.append((topic, data, retain))
-            self._inflight = len(batch)
-            try:
-                results = await asyncio.gather(
-                    *(
-                        client.publish(t, d, qos=1, retain=r, timeout=self._timeout)
-                        for t, d, r in batch
-                    ),
-                    return_exceptions=True,
-                )
-            except asyncio.CancelledError:
-                self._requeue(batch)
-                raise
-            finally:
-                self._inflight = 0
-            lost: list[tuple[str, bytes, bool]] = []
-            error: BaseException | None = None
-            for item, res in zip(batch, results, strict=True):
-                if res is None:
-                    self.published += 1
-                    self._on_ack(*item)
-                    if item[0] == self.status_topic:
-                        self._connected_event.set()
-                elif isinstance(res, aiomqtt.MqttError | OSError):
-                    lost.append(item)
-                    error = error or res
-                else:  # the message itself is bad: drop it, count it, carry on
-                    self.failed += 1
-                    log.error("mqtt_publish_failed", topic=item[0], error=repr(res))
-            if error is not None:
-                self._requeue(lost)
-                raise error
+                while self._pending and len(inflight) < self._batch:
+                    topic = self._next_topic()
+                    data, retain = self._pending.pop(topic)
+                    sending: asyncio.Future[Any] = asyncio.ensure_future(
+                        client.publish(topic, data, qos=1, retain=retain, timeout=self._timeout)
+                    )
+                    inflight[sending] = (topic, data, retain)
+                self._inflight = len(inflight)
+                if not inflight:
+                    self._idle.set()
+                    if self._closing.is_set():
+                        return
+                    await self._wake.wait()
+                    continue
+                woken: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
+                try:
+                    done, _ = await asyncio.wait(
+                        [*inflight, woken], return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    woken.cancel()
+                error: BaseException | None = None
+                lost: list[tuple[str, bytes, bool]] = []
+                for fut in done:
+                    item = inflight.pop(fut, None)
+                    if item is None:
+                        continue  # the wake-up
+                    exc = (
+                        aiomqtt.MqttError("publish cancelled")
+                        if fut.cancelled()
+                        else fut.exception()
+                    )
+                    if exc is None:
+                        self.published += 1
+                        self._on_ack(*item)
+                        if item[0] == self.status_topic:
+                            self._connected_event.set()
+                    elif isinstance(exc, aiomqtt.MqttError | OSError):
+                        lost.append(item)
+                        error = error or exc
+                    else:  # the message itself is bad: drop it, count it, carry on
+                        self.failed += 1
+                        log.error("mqtt_publish_failed", topic=item[0], error=repr(exc))
+                if error is not None:  # the connection is gone: everything in flight too
+                    for fut, item in inflight.items():
+                        fut.cancel()
+                        lost.append(item)
+                    inflight.clear()
+                    self._requeue(lost)
+                    raise error
+        except asyncio.CancelledError:
+            for fut in inflight:
+                fut.cancel()
+            self._requeue(list(inflight.values()))
+            raise
+        finally:
+            self._inflight = 0
 
     def _on_ack(self, topic: str, data: bytes, retain: bool) -> None:
         """A PUBACK: the broker holds ``data`` for ``topic`` (retained: kept for restores;
