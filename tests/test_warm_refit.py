@@ -240,3 +240,78 @@ def _plain_grid(x: FloatArray, n: int) -> tuple[float, float]:
         ws.append(w)
         gs.append(sp.g_of(k, w, w1, w2) if w > 0.0 else -math.inf)
     return min(ws), min(gs)
+
+
+@pytest.mark.parametrize("name", ["spline", "svi", "sabr"])
+def test_fit_statistics_equal_their_numpy_definitions(name: str) -> None:
+    """A warm refit's totals and per-slice statistics (one compiled pass, ``block_stats``)
+    against numpy on the result's own IVs: RMS of (fitted - mid), in-band share and quotes,
+    overall and per expiry; the weighted RMS the regime test keeps equals ``block_wrms``."""
+    from streamer.calib.result import block_stats, block_wrms, starts_of, wrms_of
+
+    snap = real_chain()
+    cal = Calibrator(REGISTRY[name](), own_config(name))
+    cal.fit(snap)
+    r = cal.fit(requote(snap, np.random.default_rng(3), 0.05))
+    assert r.success and r.warm and r.prepared is not None
+    data = r.prepared.data
+    iv = r.fitted_iv
+    inside = (iv >= data.iv_bid) & (iv <= data.iv_ask)
+    assert r.rmse_iv == pytest.approx(float(np.sqrt(np.mean((iv - data.iv) ** 2))), rel=1e-12)
+    assert r.in_band == pytest.approx(float(np.mean(inside)), rel=1e-14)
+    assert r.n_quotes == data.n_quotes
+    for j, sl in enumerate(r.slices):
+        m = data.slice_idx == j
+        assert sl.n_quotes == int(m.sum())
+        assert sl.rmse_iv == pytest.approx(float(np.sqrt(np.mean((iv[m] - data.iv[m]) ** 2))))
+        assert sl.in_band == pytest.approx(float(np.mean(inside[m])), rel=1e-14)
+        assert cal.history.prev_wrms[sl.expiry] == pytest.approx(
+            float(np.sqrt(np.mean((data.weight[m] * (iv[m] - data.iv[m])) ** 2))), rel=1e-12
+        )
+    starts = starts_of(data.slice_idx, data.n_slices)
+    bad = iv.copy()
+    bad[[0, 5]] = np.nan  # non-finite residuals count as 1e6 in both
+    for v in (iv, bad):
+        np.testing.assert_allclose(
+            wrms_of(block_stats(v, data, starts)), block_wrms(v, data, starts), rtol=1e-13
+        )
+
+
+def test_kept_spline_geometry_changes_no_fit() -> None:
+    """The spline's hinge geometry kept between fits (``History.geometry``): warm refits
+    with it equal, bit for bit, refits that rebuild it; and a run whose knot maps moved to
+    other slice positions (rows of the start shuffled) rebuilds what no longer matches."""
+    from streamer.calib import kernel
+
+    snap = real_chain()
+    kept = Calibrator(REGISTRY["spline"](), own_config("spline"))
+    fresh = Calibrator(REGISTRY["spline"](), own_config("spline"))
+    rng = np.random.default_rng(11)
+    for i in range(4):
+        q = snap if i == 0 else requote(snap, rng, 0.05)
+        fresh.history.geometry = None
+        a, b = kept.fit(q), fresh.fit(q)
+        assert a.success and b.success
+        np.testing.assert_array_equal(a.fitted_iv, b.fitted_iv)
+        assert all(np.array_equal(u, v) for u, v in zip(a.x, b.x, strict=True))
+    cache = kept.history.geometry
+    assert cache is not None and np.all(np.isfinite(cache[0]))
+    # the kernel straight: the kept cache against none, on starts with rows shuffled
+    assert a.prepared is not None
+    data = a.prepared.data
+    S = data.n_slices
+    X0 = np.array(a.x)[rng.permutation(S)]
+    lo, hi = sp.LOWER, sp.UPPER
+    args = (
+        sp.Spline.kernel_kind, 0.0, np.ascontiguousarray(X0), np.ones(S, dtype=np.bool_),
+        data.k, data.T, data.iv, data.weight, np.zeros(0), 0.5, 1, 1.0,
+        np.searchsorted(data.slice_idx, np.arange(S)).astype(np.int64),
+        np.tile(lo, (S, 1)), np.tile(hi, (S, 1)), np.zeros((S, sp.N_PARAMS)),
+        np.zeros((S, sp.N_PARAMS)), True, np.zeros((S, 0)), np.zeros((S, 0)),
+        np.tile(np.linspace(-0.2, 0.2, 49), (S, 1)), data.slice_T, 5, 1e-5, 1e-9, 3, 1e-3,
+    )  # fmt: skip
+    with_cache = kernel.fit_slices_cached(*args, cache)
+    without = kernel.fit_slices(*args)
+    for u, v in zip(with_cache[:4], without[:4], strict=True):
+        np.testing.assert_array_equal(u, v)
+    np.testing.assert_array_equal(cache[0][:, 0], X0[:, sp.I_S])  # rebuilt for the new maps

@@ -61,6 +61,7 @@ from streamer.models.spline import CAL_MU as SPLINE_MU_CALENDAR
 from streamer.models.spline import CAL_REL as SPLINE_CAL_REL
 from streamer.models.spline import HINGE_MARGIN as SPLINE_MARGIN
 from streamer.models.spline import HINGE_MU as SPLINE_MU
+from streamer.models.spline import I_S as SPLINE_I_S
 from streamer.models.spline import N_HINGE as SPLINE_HINGE_ROWS
 from streamer.models.spline import N_HINGE_BF as SPLINE_HINGE_BF
 from streamer.models.spline import N_HINGE_GRID as SPLINE_HINGE_GRID
@@ -664,6 +665,27 @@ def _buffers(n: int, p: int, m_rows: int) -> Buffers:
     )
 
 
+# the spline's knot-map geometry per slice position, kept between runs (``geometry_cache``):
+# each slice's knot map (s, yl, yr) it was built under, then ``spline_geometry``'s kh, hw, h1,
+# h2, rough for it
+GeometryCache = tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]
+
+
+def geometry_cache(n_slices: int, spline: bool) -> GeometryCache:
+    """An empty ``GeometryCache`` for ``n_slices`` slices (no slice valid yet); ``spline``
+    False: one that holds nothing (other models have no fixed geometry)."""
+    S, nh, nr = (n_slices, SPLINE_HINGE_GRID, SPLINE_NC) if spline else (0, 0, 0)
+    p = SPLINE_NC + 5
+    return (
+        np.full((S, 3), np.nan),
+        np.zeros((S, nh)),
+        np.zeros((S, nh, p)),
+        np.zeros((S, nh, p)),
+        np.zeros((S, nh, p)),
+        np.zeros((S, nr, p)),
+    )
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def fit_slices(
     kind: int,
@@ -694,12 +716,59 @@ def fit_slices(
     stall_iters: int = STALL_ITERS,
     stall_rtol: float = STALL_RTOL,
 ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, np.ndarray, int, int]:
+    """``fit_slices_cached`` without a geometry kept between runs."""
+    p = X0.shape[1]
+    none = (
+        np.zeros((0, 3)), np.zeros((0, 0)), np.zeros((0, 0, p)), np.zeros((0, 0, p)),
+        np.zeros((0, 0, p)), np.zeros((0, 0, p)),
+    )  # fmt: skip
+    return fit_slices_cached(
+        kind, arg, X0, active, k, T, target, weight, band, kappa, loss, f_scale, starts, lower,
+        upper, prior, pen_w, use_hinges, inner, outer, kcal, slice_T, max_iter, ftol, xtol,
+        stall_iters, stall_rtol, none,
+    )  # fmt: skip
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def fit_slices_cached(
+    kind: int,
+    arg: float,
+    X0: FloatArray,
+    active: np.ndarray,
+    k: FloatArray,
+    T: FloatArray,
+    target: FloatArray,
+    weight: FloatArray,
+    band: FloatArray,
+    kappa: float,
+    loss: int,
+    f_scale: float,
+    starts: np.ndarray,
+    lower: FloatArray,
+    upper: FloatArray,
+    prior: FloatArray,
+    pen_w: FloatArray,
+    use_hinges: bool,
+    inner: FloatArray,
+    outer: FloatArray,
+    kcal: FloatArray,
+    slice_T: FloatArray,
+    max_iter: int,
+    ftol: float,
+    xtol: float,
+    stall_iters: int,
+    stall_rtol: float,
+    cache: GeometryCache,
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, np.ndarray, int, int]:
     """Fit every active slice, shortest first; returns ``(X, iv, data_cost, penalty,
     converged, nfev, iterations)`` as ``lm.solve``'s ``LMResult`` (``penalty`` includes the
     hinge rows).
 
     ``band`` is empty for the plain objective; ``pen_w`` rows of zeros mean no penalty;
     ``inner``/``outer``/``kcal`` are the per-slice hinge grids (``constraints.hinge_grids``).
+    ``cache`` (``geometry_cache``, the spline): slice ``b``'s hinge geometry is rebuilt only
+    when its knot map differs from the one the cache holds for position ``b`` (a warm refit
+    of the same expiries keeps every knot map; a cache of another size: none kept).
     """
     S, p = X0.shape
     n = k.shape[0]
@@ -728,15 +797,16 @@ def fit_slices(
     x1 = np.empty(p)
     spline = kind == KERNEL_SPLINE
     ns, nh, nr = (n, SPLINE_HINGE_GRID, SPLINE_NC) if spline else (0, 0, 0)
-    geo = (
-        np.zeros((ns, p)),
-        np.zeros(nh),
-        np.zeros((nh, p)),
-        np.zeros((nh, p)),
-        np.zeros((nh, p)),
-        np.zeros((nr, p)),
-        np.zeros((kcal.shape[1] if spline else 0, p)),
-    )
+    keys, c_kh, c_hw, c_h1, c_h2, c_rough = cache
+    if not (spline and keys.shape[0] == S and c_hw.shape[2] == p):  # nothing kept: this run's
+        keys = np.full((S, 3), np.nan)
+        c_kh = np.zeros((S, nh))
+        c_hw = np.zeros((S, nh, p))
+        c_h1 = np.zeros((S, nh, p))
+        c_h2 = np.zeros((S, nh, p))
+        c_rough = np.zeros((S, nr, p))
+    design = np.zeros((ns, p))
+    d_cal = np.zeros((kcal.shape[1] if spline else 0, p))
     nfev = 0
     iterations = 0
     for b in range(S):
@@ -747,14 +817,18 @@ def fit_slices(
         has_prev = b > 0
         if use_hinges and has_prev:
             _neighbour(kind, arg, X[b - 1], slice_T[b - 1], kcal[b], k_cal, w_prev, work[4])
+        geo = (design, c_kh[b], c_hw[b], c_h1[b], c_h2[b], c_rough[b], d_cal)
         if spline:  # the knot map is frozen: this run's design rows and knot constants, once
             kn = spline_knots(x0)
             for q in range(8):
                 kv[q] = kn[q]
-            spline_design(x0, k[lo:hi], geo[0][lo:hi])
-            spline_geometry(x0, geo[1], geo[2], geo[3], geo[4], geo[5])
+            spline_design(x0, k[lo:hi], design[lo:hi])
+            ks, kyl, kyr = x0[SPLINE_I_S], x0[SPLINE_I_S + 1], x0[SPLINE_I_S + 2]
+            if not (keys[b, 0] == ks and keys[b, 1] == kyl and keys[b, 2] == kyr):
+                spline_geometry(x0, geo[1], geo[2], geo[3], geo[4], geo[5])
+                keys[b, 0], keys[b, 1], keys[b, 2] = ks, kyl, kyr
             if use_hinges and has_prev:
-                spline_design(x0, k_cal, geo[6])
+                spline_design(x0, k_cal, d_cal)
         penalty = (prior[b], pen_w[b])
         hinge = (use_hinges, has_prev, slice_T[b], w_prev, inner[b], outer[b], k_cal)
         dc, pc = _evaluate(model, x0, lo, hi, quotes, penalty, hinge, scratch, bufs, 0, geo)
@@ -805,6 +879,8 @@ class SliceProblem:
     slice_T: FloatArray
     ftol: float = FTOL
     xtol: float = XTOL
+    # the spline's hinge geometry kept between runs (``geometry_cache``; None: rebuilt per run)
+    cache: GeometryCache | None = None
 
     def solve(
         self,
@@ -817,11 +893,15 @@ class SliceProblem:
     ) -> LMResult:
         """Fit the active slices from ``x0`` (others keep their start); ``stall``: stop a
         slice when that many iterations bought less than that share of its cost."""
-        X, iv, cost, pen, conv, nfev, iters = fit_slices(
+        cache = self.cache if self.cache is not None else _NO_CACHE
+        X, iv, cost, pen, conv, nfev, iters = fit_slices_cached(
             self.kind, self.arg, np.ascontiguousarray(x0, dtype=np.float64), active,
             self.k, self.T, self.target, self.weight, self.band, self.kappa, self.loss,
             self.f_scale, self.starts, self.lower, self.upper, prior, pen_w, self.hinges,
             self.inner, self.outer, self.kcal, self.slice_T, max_iter, self.ftol, self.xtol,
-            int(stall[0]), float(stall[1]),
+            int(stall[0]), float(stall[1]), cache,
         )  # fmt: skip
         return LMResult(X, iv, cost, pen, conv, int(nfev), int(iters))
+
+
+_NO_CACHE = geometry_cache(0, False)

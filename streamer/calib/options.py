@@ -19,6 +19,8 @@ from streamer.calib.lm import Evaluate, LMProblem, Loss
 from streamer.models.base import FitData, FloatArray, IntArray, Model
 from streamer.settings import build
 
+Geometry6 = tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]
+
 if TYPE_CHECKING:
     from streamer.calib.result import FitResult
 
@@ -181,6 +183,9 @@ class History:
     last_good: FitResult | None = None
     prev_wrms: dict[str, float] = field(default_factory=dict)
     prev_band: dict[str, float] = field(default_factory=dict)
+    # the compiled LM's per-slice hinge geometry (the spline: ``kernel.geometry_cache``),
+    # reused while a slice's knot map stays the same
+    geometry: Geometry6 | None = None
 
     def penalty_now(self, ts_ms: int) -> float:
         """Lambda for a fit at ``ts_ms``: full within the horizon, fading beyond it."""

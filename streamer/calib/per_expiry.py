@@ -36,7 +36,7 @@ from streamer.calib.constraints import (
     pair_ranges,
     slice_ranges,
 )
-from streamer.calib.data import Prepared, in_band
+from streamer.calib.data import Prepared
 from streamer.calib.evaluate import fitted_iv, slice_evaluator
 from streamer.calib.gate import Prior, SliceGate, all_clean
 from streamer.calib.lm import STALL_ITERS, STALL_RTOL, LMResult, solve
@@ -45,9 +45,10 @@ from streamer.calib.result import (
     Failure,
     FitResult,
     Fitted,
-    block_wrms,
+    block_stats,
     slice_fits,
     starts_of,
+    wrms_of,
 )
 from streamer.models.base import KERNEL_NONE, KERNEL_SPLINE, FitData, FloatArray, Model, Violation
 
@@ -88,23 +89,27 @@ class _SliceFit:
         lo, hi = model.bounds(1)
         self.lo = lo
         self.starts = starts_of(data.slice_idx, S)
-        self.lower, self.upper = np.tile(lo, (S, 1)), np.tile(hi, (S, 1))
+        self.lower, self.upper = np.repeat(lo[None, :], S, axis=0), np.repeat(hi[None, :], S, 0)
         self.prev = prev_slices(history.last_good)
         self.prior = np.zeros((S, len(lo)))
         self.pen_w = np.zeros((S, len(lo)))
         self.has_prior = np.zeros(S, dtype=np.bool_)
         self.fwd_jump = np.zeros(S, dtype=np.bool_)
         root_pen = math.sqrt(history.penalty_now(ts_ms)) if self.prev else 0.0
-        forwards = data.slice_forward.tolist()
-        move = self.cfg.regime_forward_move
+        # the slices the last fit had: their priors, penalty weights and forward jumps at once
+        rows, x_prev, f_prev = [], [], []
         for j, e in enumerate(data.slice_expiry):
             got = self.prev.get(e)
             if got is not None:
-                x_prev, f_prev = got
-                self.prior[j] = x_prev
-                self.has_prior[j] = True
-                self.pen_w[j] = root_pen / model.scale(1, data.slice_T[j : j + 1])
-                self.fwd_jump[j] = abs(forwards[j] / f_prev - 1.0) > move
+                rows.append(j)
+                x_prev.append(got[0])
+                f_prev.append(got[1])
+        if rows:
+            self.prior[rows] = x_prev
+            self.has_prior[rows] = True
+            self.pen_w[rows] = root_pen / model.slice_scales(data.slice_T[rows])
+            jump = np.abs(data.slice_forward[rows] / np.array(f_prev) - 1.0)
+            self.fwd_jump[rows] = jump > self.cfg.regime_forward_move
         self.gap = history.gap_shift(ts_ms)
         # the calendar checks' ranges per neighbouring pair (the hinge rows' and the gate's)
         self.pairs = pair_ranges(data, listed=prep.listed_k)
@@ -119,6 +124,10 @@ class _SliceFit:
         self.keep = np.ones(S, dtype=np.bool_)
         self.violations: list[Violation] = []
         self._guesses: dict[int, list[FloatArray]] = {}
+        # ``block_stats`` of the IVs ``_stats_of`` (the warm fit's, reused by ``result`` when
+        # neither the cold fits nor the gate replaced them)
+        self._stats: FloatArray | None = None
+        self._stats_of: FloatArray | None = None
 
     def guess(self, j: int) -> list[FloatArray]:
         """Slice ``j``'s cold-start candidates (computed once, when first needed)."""
@@ -132,15 +141,20 @@ class _SliceFit:
         if not self.warm_used:
             return
         data, cfg, hist = self.data, self.cfg, self.history
-        x0 = np.array(
-            [self.prior[j] if self.has_prior[j] else self.guess(j)[0] for j in range(self.S)]
-        )
+        if self.has_prior.all():
+            x0 = self.prior
+        else:
+            x0 = np.array(
+                [self.prior[j] if self.has_prior[j] else self.guess(j)[0] for j in range(self.S)]
+            )
         res = self.run(x0, self.prior, self.pen_w, cfg.max_iter_warm, None, cfg.warm_stall)
         self.nfev += res.nfev
         self.x, self.iv, self.data_cost, self.pen = res.x, res.iv, res.data_cost, res.penalty
-        wrms = block_wrms(self.iv, data, self.starts).tolist()
+        stats = self._stats = block_stats(self.iv, data, self.starts)
+        self._stats_of = self.iv
+        wrms = wrms_of(stats).tolist()
         # the in-band share over all slices (one slice's share is too noisy to judge)
-        slipped = hist.slipped(float(np.mean(in_band(self.iv, data.iv_bid, data.iv_ask))))
+        slipped = hist.slipped(float(stats[:, 2].sum()) / max(data.n_quotes, 1))
         prior = self.has_prior.tolist()
         err_jump = np.array(
             [
@@ -213,28 +227,33 @@ class _SliceFit:
     def result(self) -> Fitted:
         """Statistics of the kept slices; the regime references for the next fit."""
         model, data, keep, iv, x = self.model, self.data, self.keep, self.iv, self.x
-        wrms = block_wrms(iv, data, self.starts).tolist()
+        stats = self._stats
+        if stats is None or self._stats_of is not iv:
+            stats = block_stats(iv, data, self.starts)
+        wrms = wrms_of(stats).tolist()
         kept = keep.tolist()
         for j, e in enumerate(data.slice_expiry):
             if kept[j]:
                 self.history.prev_wrms[e] = wrms[j]
         pts = keep[data.slice_idx]
-        self.history.update_band(
-            float(np.mean(in_band(iv[pts], data.iv_bid[pts], data.iv_ask[pts])))
-        )
+        # over the kept slices' quotes: RMS of (fitted - mid), in-band share, count
+        n_kept, sq_kept, in_kept = (float(v) for v in stats[keep, :3].sum(axis=0))
+        band = in_kept / n_kept if n_kept else math.nan
+        self.history.update_band(band)
         atm = model.implied_vol_slices(x, data.slice_T)
         params = _slice_params(model, x)
         return Fitted(
             iv=iv,
             points=pts,
-            slices=slice_fits(data, self.prep, iv, atm, params, keep),
-            x=tuple(x[j].copy() for j in range(self.S) if kept[j]),
+            slices=slice_fits(data, self.prep, iv, atm, params, keep, stats),
+            x=tuple(x[keep]),  # rows of a copy
             params={},
             nfev=self.nfev,
             penalty=float(np.sum(self.pen[keep])),
             warm=self.warm_used,
             regime=bool(self.shift.any()),
             violations=self.violations,
+            totals=(math.sqrt(sq_kept / n_kept) if n_kept else math.nan, band, int(n_kept)),
         )
 
 
@@ -279,6 +298,7 @@ def _runner(fit: _SliceFit) -> Runner:
         outer=grids[1],
         kcal=grids[2],
         slice_T=data.slice_T,
+        cache=_geometry_cache(fit.history, S) if own_bf else None,
     )
 
     def run_kernel(
@@ -299,6 +319,16 @@ def _runner(fit: _SliceFit) -> Runner:
         )
 
     return run_kernel
+
+
+def _geometry_cache(history: History, S: int) -> kernel.GeometryCache:
+    """The spline's hinge geometry kept in ``history`` between fits (``kernel.fit_slices_cached``
+    rebuilds a slice's only when its knot map changed), a new one when the slice count did.
+    One fit at a time per ``History`` (as one ``Calibrator`` fits)."""
+    cache = history.geometry
+    if cache is None or cache[0].shape[0] != S:
+        cache = history.geometry = kernel.geometry_cache(S, True)
+    return cache
 
 
 def _numpy_runner(fit: _SliceFit) -> Runner:

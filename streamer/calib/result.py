@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+from numba import njit
 
 from streamer.calib.data import Prepared, in_band
 from streamer.models.base import FitData, FloatArray, IntArray, Violation
@@ -79,6 +80,9 @@ class Fitted:
     warm: bool
     regime: bool
     violations: list[Violation]
+    # (RMS of fitted - mid IV, in-band share, quotes) over ``points`` when the strategy has
+    # them already (``block_stats``); None: ``accepted`` computes them
+    totals: tuple[float, float, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,14 @@ class Failure:
 def accepted(model: str, ts_ms: int, prep: Prepared, t0: float, fit: Fitted) -> FitResult:
     """The result of a fit that passed the gate (errors over the kept slices' quotes)."""
     data, pts, iv = prep.data, fit.points, fit.iv
-    resid = iv[pts] - data.iv[pts]
-    band = in_band(iv[pts], data.iv_bid[pts], data.iv_ask[pts])
+    if fit.totals is not None:
+        rmse, band_share, n_quotes = fit.totals
+    else:
+        resid = iv[pts] - data.iv[pts]
+        band = in_band(iv[pts], data.iv_bid[pts], data.iv_ask[pts])
+        rmse = float(np.sqrt(np.mean(resid * resid))) if resid.size else math.nan
+        band_share = float(np.mean(band)) if band.size else math.nan
+        n_quotes = int(pts.sum())
     n = len(fit.violations)
     return FitResult(
         model=model,
@@ -107,9 +117,9 @@ def accepted(model: str, ts_ms: int, prep: Prepared, t0: float, fit: Fitted) -> 
         x=fit.x,
         nfev=fit.nfev,
         elapsed_ms=(time.perf_counter() - t0) * 1e3,
-        rmse_iv=float(np.sqrt(np.mean(resid * resid))) if resid.size else math.nan,
-        in_band=float(np.mean(band)) if band.size else math.nan,
-        n_quotes=int(pts.sum()),
+        rmse_iv=rmse,
+        in_band=band_share,
+        n_quotes=n_quotes,
         penalty=fit.penalty,
         warm=fit.warm,
         regime_shift=fit.regime,
@@ -160,17 +170,16 @@ def slice_fits(
     atm: FloatArray,
     params: list[dict[str, float]],
     keep: npt.NDArray[np.bool_],
+    stats: FloatArray | None = None,
 ) -> tuple[SliceFit, ...]:
-    """The kept slices' results: RMS of (fitted - mid IV), in-band share, quotes, in one pass."""
-    S = data.n_slices
-    n = np.bincount(data.slice_idx, minlength=S)
-    r = iv - data.iv
-    sq = np.bincount(data.slice_idx, weights=r * r, minlength=S)
-    inside = np.bincount(data.slice_idx, weights=in_band(iv, data.iv_bid, data.iv_ask), minlength=S)
+    """The kept slices' results: RMS of (fitted - mid IV), in-band share, quotes, in one pass
+    (``stats``: ``block_stats`` of ``iv`` when already computed)."""
+    if stats is None:
+        stats = block_stats(iv, data, starts_of(data.slice_idx, data.n_slices))
     # Python scalars once per array (np.sqrt and math.sqrt are both IEEE's correctly
-    # rounded square root: the same values as before)
-    m = np.maximum(n, 1).tolist()
-    sq_l, in_l, n_l = sq.tolist(), inside.tolist(), n.tolist()
+    # rounded square root)
+    n_l, sq_l, in_l = stats[:, 0].tolist(), stats[:, 1].tolist(), stats[:, 2].tolist()
+    m = [max(v, 1.0) for v in n_l]
     ms, Ts, Fs, atms = (
         prep.expiry_ms.tolist(), data.slice_T.tolist(), data.slice_forward.tolist(), atm.tolist()
     )  # fmt: skip
@@ -203,6 +212,48 @@ def block_wrms(iv: FloatArray, data: FitData, starts: IntArray) -> FloatArray:
     counts = np.diff(np.append(starts, len(r)))
     sums = np.add.reduceat(r * r, starts) if len(starts) > 1 else np.array([np.sum(r * r)])
     return np.asarray(np.sqrt(sums / np.maximum(counts, 1)))
+
+
+def block_stats(iv: FloatArray, data: FitData, starts: IntArray) -> FloatArray:
+    """``(S, 4)`` per block (quotes sorted by block, ``starts``): quotes, sum of
+    (fitted - mid IV)^2, quotes with the fitted IV inside the bid-ask band, and sum of the
+    weighted squares ``block_wrms`` takes (non-finite as 1e6): one compiled pass for
+    ``block_wrms``, ``slice_fits`` and the fit's totals (sums in quote order, as
+    ``np.bincount``)."""
+    return np.asarray(_block_sums(iv, data.iv, data.iv_bid, data.iv_ask, data.weight, starts))
+
+
+def wrms_of(stats: FloatArray) -> FloatArray:
+    """``block_wrms`` from ``block_stats``."""
+    return np.asarray(np.sqrt(stats[:, 3] / np.maximum(stats[:, 0], 1.0)))
+
+
+@njit(cache=True, nogil=True)
+def _block_sums(
+    iv: np.ndarray,
+    target: np.ndarray,
+    bid: np.ndarray,
+    ask: np.ndarray,
+    weight: np.ndarray,
+    starts: np.ndarray,
+) -> np.ndarray:
+    S = starts.shape[0]
+    n = iv.shape[0]
+    out = np.zeros((S, 4))
+    for b in range(S):
+        lo = starts[b]
+        hi = starts[b + 1] if b + 1 < S else n
+        out[b, 0] = hi - lo
+        for i in range(lo, hi):
+            r = iv[i] - target[i]
+            out[b, 1] += r * r
+            if iv[i] >= bid[i] and iv[i] <= ask[i]:
+                out[b, 2] += 1.0
+            wr = weight[i] * r
+            if not math.isfinite(wr):
+                wr = 1e6
+            out[b, 3] += wr * wr
+    return out
 
 
 def block_band(iv: FloatArray, data: FitData, starts: IntArray) -> FloatArray:

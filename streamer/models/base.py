@@ -215,6 +215,12 @@ class Model(ABC):
         ``slice_T`` (years to each slice's expiry) lets a model scale by maturity.
         """
 
+    def slice_scales(self, slice_T: FloatArray) -> FloatArray:
+        """Per-expiry models: ``(S, p)``, row ``j`` ``scale(1, slice_T[j : j + 1])`` (models
+        whose scale is a plain function of T override it with one array expression)."""
+        rows = [self.scale(1, slice_T[j : j + 1]) for j in range(len(slice_T))]
+        return np.array(rows, dtype=np.float64).reshape(len(slice_T), -1)
+
     def view(self, x: FloatArray, n_slices: int) -> ParamView:
         """Named parameters for publishing.
 

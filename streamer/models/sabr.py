@@ -245,6 +245,10 @@ class SABR(RowModel):
     def scale(self, n_slices: int, slice_T: FloatArray | None = None) -> FloatArray:
         return np.array([0.005, 0.03, 0.1])
 
+    def slice_scales(self, slice_T: FloatArray) -> FloatArray:
+        """``scale`` of every slice at once (the same values)."""
+        return np.tile(np.array([0.005, 0.03, 0.1]), (len(slice_T), 1))
+
     def view(self, x: FloatArray, n_slices: int) -> ParamView:
         v = super().view(x, n_slices)
         return ParamView(surface={"beta": self.beta}, slices=v.slices)

@@ -993,3 +993,11 @@ class Spline(RowModel):
         T), slopes 0.02; the frozen knot map 1 (its gradient is zero: nothing moves it)."""
         T = float(slice_T[0]) if slice_T is not None and len(slice_T) else 0.1
         return np.array([0.005 * T] * NC + [0.02, 0.02, 1.0, 1.0, 1.0])
+
+    def slice_scales(self, slice_T: FloatArray) -> FloatArray:
+        """``scale`` of every slice at once (the same values)."""
+        T = np.asarray(slice_T, dtype=np.float64)
+        out = np.empty((len(T), N_PARAMS))
+        out[:, :NC] = 0.005 * T[:, None]
+        out[:, NC:] = (0.02, 0.02, 1.0, 1.0, 1.0)
+        return out

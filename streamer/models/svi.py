@@ -261,3 +261,9 @@ class SVI(Model):
         """Penalty scales: level ``a`` in total variance (0.5 vol point at 60% vol over T)."""
         T = float(slice_T[0]) if slice_T is not None and len(slice_T) else 0.1
         return np.array([0.006 * T, 0.02 * np.sqrt(T), 0.03, 0.02 * np.sqrt(T), 0.02 * np.sqrt(T)])
+
+    def slice_scales(self, slice_T: FloatArray) -> FloatArray:
+        """``scale`` of every slice at once (the same values)."""
+        T = np.asarray(slice_T, dtype=np.float64)
+        r = 0.02 * np.sqrt(T)
+        return np.column_stack([0.006 * T, r, np.full(len(T), 0.03), r, r])
