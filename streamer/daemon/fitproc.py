@@ -43,6 +43,7 @@ import signal
 import time
 import traceback
 from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 from typing import Any
@@ -53,18 +54,19 @@ import structlog
 from streamer.book.snapshot import ChainSnapshot
 from streamer.config import Config
 from streamer.daemon import logs
-from streamer.daemon.pipeline import FitOutcome, Pipeline
+from streamer.daemon.pipeline import Derived, FitOutcome, Pipeline
 
 log = structlog.get_logger(__name__)
 _EMPTY = np.zeros(0)
+Gate = Callable[[], Awaitable[None]]
 
 START_TIMEOUT_S = 60.0  # a child's imports and kernel loads (compiles on a fresh install)
 _PRELOAD = ["streamer.daemon.fitproc"]  # what the fork server imports once for every child
 
 
 def encode(snap: ChainSnapshot) -> bytes:
-    """A snapshot as the workers receive it (pickled once for all models of a book)."""
-    return pickle.dumps(snap, protocol=pickle.HIGHEST_PROTOCOL)
+    """A fit request as the workers receive it (pickled once for all models of a book)."""
+    return pickle.dumps(("fit", snap), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class WorkerLostError(RuntimeError):
@@ -101,40 +103,51 @@ def context() -> Any:
     return ctx
 
 
-def _child(conn: Connection, config: Config, model: str, hang_s: float) -> None:
-    """The worker's loop: a snapshot in, a ``FitOutcome`` out, until ``None`` or EOF."""
+def _child(conn: Connection, config: Config, model: str | None, hang_s: float, nice: int) -> None:
+    """The worker's loop: ``("fit", snapshot)`` in, a ``FitOutcome`` out (``model``'s fit),
+    or ``("derived", snapshot, surface payload)`` in, a ``Derived`` out (``model`` None: the
+    derived worker); until ``None`` or EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    if nice:
+        os.nice(nice)
     logs.configure(config.log.level, config.log.format)
-    structlog.contextvars.bind_contextvars(worker=model, pid=os.getpid())
-    pipeline = Pipeline.from_config(config, models=[model], greeks=False)
+    structlog.contextvars.bind_contextvars(worker=model or "derived", pid=os.getpid())
+    pipeline = Pipeline.from_config(config, models=None if model is None else [model])
     pipeline.warm_up()
     conn.send(("ready", os.getpid()))
     while True:
         try:
-            snap = conn.recv()
+            msg = conn.recv()
         except (EOFError, OSError):
             return
-        if snap is None:
+        if msg is None:
             return
-        if hang_s > 0.0:
-            time.sleep(hang_s)
         start_ns, cpu0 = time.time_ns(), time.process_time_ns()
         try:
-            outcome = pipeline.fit_model(snap, model)
-            # what ``Pipeline.accept`` reads goes back; the per-quote arrays, slices and
-            # prepared quotes stay here (the payload carries what is published)
-            outcome.result = dataclasses.replace(
-                outcome.result,
-                slices=(),
-                x=(),
-                violations=(),
-                drops=Counter(),
-                fitted_iv=_EMPTY,
-                prepared=None,
-            )
+            out: Any
+            if msg[0] == "fit" and model is not None:
+                if hang_s > 0.0:
+                    time.sleep(hang_s)
+                    start_ns, cpu0 = time.time_ns(), time.process_time_ns()
+                out = pipeline.fit_model(msg[1], model)
+                # what ``Pipeline.accept`` reads goes back; the per-quote arrays, slices and
+                # prepared quotes stay here (the payload carries what is published)
+                out.result = dataclasses.replace(
+                    out.result,
+                    slices=(),
+                    x=(),
+                    violations=(),
+                    drops=Counter(),
+                    fitted_iv=_EMPTY,
+                    prepared=None,
+                )
+            elif msg[0] == "derived":
+                out = pipeline.derived_compute(msg[1], msg[2])
+            else:
+                raise ValueError(f"unknown request {msg[0]!r} for worker {model}")
             reply: tuple[Any, ...] = (
                 "ok",
-                outcome,
+                out,
                 start_ns,
                 time.time_ns(),
                 time.process_time_ns() - cpu0,
@@ -150,10 +163,13 @@ def _child(conn: Connection, config: Config, model: str, hang_s: float) -> None:
 class FitProcess:
     """One model's fits in a process of its own (see the module docstring)."""
 
-    def __init__(self, config: Config, model: str, *, hang_s: float = 0.0) -> None:
+    def __init__(
+        self, config: Config, model: str | None, *, hang_s: float = 0.0, nice: int = 0
+    ) -> None:
         self.config = config
-        self.model = model
+        self.model = model  # None: the derived worker (tenors and greeks)
         self.hang_s = hang_s
+        self.nice = nice
         self.restarts = 0
         self.fits = 0
         self._proc: Any = None
@@ -176,8 +192,8 @@ class FitProcess:
         parent, child = ctx.Pipe(duplex=True)
         proc = ctx.Process(
             target=_child,
-            args=(child, self.config, self.model, self.hang_s),
-            name=f"streamer-fit-{self.model}",
+            args=(child, self.config, self.model, self.hang_s, self.nice),
+            name=f"streamer-fit-{self.model or 'derived'}",
             daemon=True,
         )
         proc.start()
@@ -218,7 +234,7 @@ class FitProcess:
             if fut.done():
                 return
             try:
-                fut.set_result(conn.recv())
+                fut.set_result(conn.recv_bytes())  # decoded by ``result``
             except (EOFError, OSError) as exc:
                 fut.set_exception(exc)
 
@@ -231,12 +247,16 @@ class FitProcess:
             fut.set_exception(exc)
         return fut
 
-    async def result(self, fut: asyncio.Future[Any]) -> tuple[FitOutcome, int, int, int]:
+    async def result(
+        self, fut: asyncio.Future[Any], before_decode: Gate | None = None
+    ) -> tuple[Any, int, int, int]:
         """The reply to ``submit``: ``(outcome, start ns, end ns, child CPU ns)``; raises
-        ``WorkerLostError`` (the child died or was closed) or ``WorkerFitError``."""
+        ``WorkerLostError`` (the child died or was closed) or ``WorkerFitError``.
+        ``before_decode``: awaited between the reply's arrival and its unpickling (a large
+        reply, the greeks, waits for the fits in flight)."""
         done = False
         try:
-            reply = await fut
+            data = await fut
             done = True
         except (EOFError, OSError) as exc:
             done = True
@@ -252,6 +272,9 @@ class FitProcess:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         asyncio.get_running_loop().remove_reader(conn.fileno())
+        if before_decode is not None:
+            await before_decode()
+        reply = pickle.loads(data)
         if reply[0] == "error":
             raise WorkerFitError(reply[1])
         self.fits += 1
@@ -261,12 +284,24 @@ class FitProcess:
     async def fit(self, snap: ChainSnapshot) -> tuple[FitOutcome, int, int, int]:
         """``submit`` + ``result``, (re)starting the child first when it died or a fit was
         given up (in a thread: a start takes a second)."""
+        return await self._call(encode(snap))
+
+    async def derive(
+        self, snap: ChainSnapshot, payload: Mapping[str, Any], before_decode: Gate | None = None
+    ) -> tuple[Derived, int, int, int]:
+        """The tenors and greeks of a surface payload (``Pipeline.derived_compute``)."""
+        data = pickle.dumps(("derived", snap, dict(payload)), protocol=pickle.HIGHEST_PROTOCOL)
+        return await self._call(data, before_decode)
+
+    async def _call(
+        self, data: bytes, before_decode: Gate | None = None
+    ) -> tuple[Any, int, int, int]:
         if self._closed:
             raise WorkerLostError(f"fit worker for {self.model} closed")
         if not self.ready:
             self._lost("given up" if self._desync and self.alive else "dead before the fit")
             await asyncio.to_thread(self.start)
-        return await self.result(self.submit(encode(snap)))
+        return await self.result(self.submit(data), before_decode)
 
     def _lost(self, when: str) -> None:
         proc, conn = self._proc, self._conn

@@ -90,6 +90,16 @@ class FitOutcome:
     payload: dict[str, Any] | None  # the surface payload (seq 0), None if nothing accepted
 
 
+@dataclass(slots=True)
+class Derived:
+    """A surface's derived topics before the pipeline keeps them (``Pipeline.
+    derived_compute`` -> ``derived_accept``): what the derived worker process sends back."""
+
+    tenors: list[Message]
+    tenors_failed: bool  # the tenors could not be computed (logged where they were)
+    greeks: list[tuple[str, dict[str, Any]]]  # (expiry, payload) per listed expiry
+
+
 @dataclass
 class _Surface:
     calibrator: Calibrator
@@ -387,9 +397,28 @@ class Pipeline:
         self, snap: ChainSnapshot, payload: Mapping[str, Any], pause: Pause = None
     ) -> list[Message]:
         """What follows a surface message: its tenors message, then (``greeks``) its greeks."""
-        out = self.tenors_messages(payload, pause)
+        return self.derived_accept(snap, payload, self.derived_compute(snap, payload, pause))
+
+    def derived_compute(
+        self, snap: ChainSnapshot, payload: Mapping[str, Any], pause: Pause = None
+    ) -> Derived:
+        """The tenors and greeks of a surface payload, without the pipeline's state (what
+        the service's derived process runs; ``derived_accept`` numbers the greeks topics
+        and clears those of expiries gone)."""
+        model = str(payload["model"])
+        before = self.tenors_failed[model]
+        tenors = self.tenors_messages(payload, pause)
+        greeks = self.greeks_bodies(snap, payload, pause) if self.greeks else []
+        return Derived(tenors, self.tenors_failed[model] > before, greeks)
+
+    def derived_accept(
+        self, snap: ChainSnapshot, payload: Mapping[str, Any], derived: Derived
+    ) -> list[Message]:
+        """``derived_compute``'s messages: the tenors, the greeks of every listed expiry (kept
+        for the stale re-stamps), and a clear of each greeks topic no longer listed."""
+        out = list(derived.tenors)
         if self.greeks:
-            out.extend(self.greeks_messages(snap, str(payload["model"]), payload, pause))
+            out.extend(self.greeks_accept(snap, str(payload["model"]), derived.greeks))
         return out
 
     def fit_book(self, book: Book, now_s: float) -> list[Message]:
@@ -484,16 +513,40 @@ class Pipeline:
     def greeks_messages(
         self, snap: ChainSnapshot, model: str, payload: Mapping[str, Any], pause: Pause = None
     ) -> list[Message]:
-        """One greeks message per listed expiry: every live instrument of it, the fitted
+        """One greeks message per listed expiry (``greeks_bodies``); the topics of expiries
+        no longer listed are cleared (``greeks_accept``)."""
+        return self.greeks_accept(snap, model, self.greeks_bodies(snap, payload, pause))
+
+    def greeks_accept(
+        self, snap: ChainSnapshot, model: str, bodies: Sequence[tuple[str, dict[str, Any]]]
+    ) -> list[Message]:
+        """The greeks messages of ``bodies`` (expiry, payload), each kept for the stale
+        re-stamps, then a clear of every greeks topic whose expiry is no longer listed."""
+        surf = self._under[(snap.venue, snap.underlying)].surfaces[model]
+        out: list[Message] = []
+        for expiry, body in bodies:
+            surf.greeks[expiry] = body
+            topic = topic_greeks(self.prefix, snap.venue, snap.underlying, model, expiry)
+            out.append(Message(topic, body))
+        listed = {expiry for expiry, _ in bodies}
+        for expiry in [e for e in surf.greeks if e not in listed]:  # settled or delisted
+            del surf.greeks[expiry]
+            topic = topic_greeks(self.prefix, snap.venue, snap.underlying, model, expiry)
+            out.append(Message(topic, {}, clear=True))
+        return out
+
+    def greeks_bodies(
+        self, snap: ChainSnapshot, payload: Mapping[str, Any], pause: Pause = None
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """One greeks payload per listed expiry: every live instrument of it, the fitted
         expiries from their slices, the others from the surface around them (``fitted``
-        false); the topics of expiries no longer listed are cleared.
+        false).
 
         The model IVs are made expiry by expiry; prices, Greeks, market IVs and the rows of
         every instrument in one pass over the whole listing (numpy columns), the rows in
         blocks of ``GREEKS_BLOCK`` (``pause`` between steps: ``derived_for``)."""
         surface = Surface.from_payload(payload)
         listing = snap.listing or listing_of(snap)
-        surf = self._under[(snap.venue, snap.underlying)].surfaces[model]
         n = listing.n_instruments
         F, T = np.full(n, math.nan), np.full(n, math.nan)
         iv = np.full(n, math.nan)
@@ -521,8 +574,7 @@ class Pipeline:
                 iv[rows] = surface.iv_at(K, T_e, F_e)
             F[rows], T[rows] = F_e, T_e
             where.append((e, rows, F_e, T_e))
-        out: list[Message] = []
-        listed: set[str] = set()
+        out: list[tuple[str, dict[str, Any]]] = []
         if where:
             sel = np.concatenate([rows for _, rows, _, _ in where])  # expiry by expiry
             K, calls = listing.strike[sel], listing.is_call[sel]
@@ -564,14 +616,7 @@ class Pipeline:
                     )
                 )
                 lo = hi
-                listed.add(expiry)
-                surf.greeks[expiry] = body
-                topic = topic_greeks(self.prefix, snap.venue, snap.underlying, model, expiry)
-                out.append(Message(topic, body))
-        for expiry in [e for e in surf.greeks if e not in listed]:  # settled or delisted
-            del surf.greeks[expiry]
-            topic = topic_greeks(self.prefix, snap.venue, snap.underlying, model, expiry)
-            out.append(Message(topic, {}, clear=True))
+                out.append((expiry, body))
         return out
 
     # ------------------------------------------------------------------ stats

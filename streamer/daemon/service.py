@@ -94,6 +94,9 @@ FIT_DRAIN_S = 1.0
 # the GIL hand-off interval while a fit thread and the event loop both want the CPU: Python's
 # 5 ms default would let a 2 ms fit take 15 ms of wall time behind a busy feed
 SWITCH_INTERVAL_S = 0.0005
+# the derived worker process's niceness: its tens of milliseconds of greeks give the cores
+# to the fits (CFS weight 110 against 1024)
+DERIVED_NICE = 10
 # a surface's tenors and greeks (~10-15 ms of Python and numpy holding the GIL) are built at
 # most every DERIVED_INTERVAL_S per model and underlying (of the latest surface), one job at a
 # time, each waiting up to DERIVED_YIELD_S for the fits in flight (other models', other
@@ -213,6 +216,7 @@ class Service:
         # fit processes started with the kernels, per model, until a job takes one
         self._spare: dict[str, list[FitProcess]] = {}
         self._workers: list[FitProcess] = []  # every fit process (closed on the way out)
+        self._derived_proc: FitProcess | None = None  # tenors and greeks, in process mode
         # fits in flight at most (one per core: more only queue for a core, or for the GIL),
         # and the books whose due refit waits for one
         self._cores = max(1, len(os.sched_getaffinity(0)))
@@ -287,14 +291,14 @@ class Service:
         log.info("kernels_ready", seconds=round(warm_s, 3))
         if self._processes:  # one per model and configured underlying, started together
             t0 = time.monotonic()
-            spares = [
-                self._new_worker(model)
-                for model in self.pipeline.models
-                for _ in self.config.feed.currencies
-            ]
-            await asyncio.gather(*(asyncio.to_thread(w.start) for w in spares))
-            for w in spares:
-                self._spare.setdefault(w.model, []).append(w)
+            for model in self.pipeline.models:
+                self._spare[model] = [self._new_worker(model) for _ in self.config.feed.currencies]
+            spares = [w for per in self._spare.values() for w in per]
+            self._derived_proc = FitProcess(self.config, None, nice=DERIVED_NICE)
+            self._workers.append(self._derived_proc)
+            await asyncio.gather(
+                *(asyncio.to_thread(w.start) for w in [*spares, self._derived_proc])
+            )
             log.info(
                 "fit_workers_ready",
                 workers=len(spares),
@@ -334,8 +338,8 @@ class Service:
             _, late = await asyncio.wait(workers, timeout=FIT_DRAIN_S)
             for task in late:
                 task.cancel()
-        if self._workers:  # a fit still in flight (a hung kernel) is given up here
-            await self._close_workers()
+        # a fit still in flight (a hung kernel) is given up here; the derived worker stays
+        await self._close_workers(keep=self._derived_proc)
         derived = self._derived_task
         if derived is not None:
             self._flush = True
@@ -343,6 +347,7 @@ class Service:
             _, late = await asyncio.wait([derived], timeout=max(deadline - time.monotonic(), 0.5))
             for task in late:
                 task.cancel()
+        await self._close_workers()
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         cfg = self.config
@@ -663,14 +668,39 @@ class Service:
                     continue
                 job.derived_next = time.monotonic() + DERIVED_INTERVAL_S
                 try:
-                    derived = await asyncio.to_thread(
-                        self.pipeline.derived_for, *work, self._derived_pause()
-                    )
+                    if self._derived_proc is not None:
+                        derived = await self._derived_in_process(*work)
+                    else:
+                        derived = await asyncio.to_thread(
+                            self.pipeline.derived_for, *work, self._derived_pause()
+                        )
                     await self._publish(derived, trigger_ns=None)
                 except Exception as exc:  # a bug in a derived topic must not stop the others
                     log.exception("derived_failed", model=job.model, error=repr(exc))
             finally:
                 self._derived_busy = False
+
+    async def _derived_in_process(self, snap: ChainSnapshot, msgs: list[Message]) -> list[Message]:
+        """``Pipeline.derived_for`` in the derived worker process (niced: the fits come
+        first on the cores); its reply, the greeks of every instrument, is unpickled here
+        once the fits in flight are done (at most ``DERIVED_YIELD_S`` later)."""
+        proc = self._derived_proc
+        assert proc is not None
+        p = self.pipeline
+
+        async def after_fits() -> None:
+            if not self._flush:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(DERIVED_YIELD_S):
+                        await self._no_fits.wait()
+
+        out: list[Message] = []
+        for msg in msgs:
+            if msg.topic.endswith("/surface"):
+                derived, *_ = await proc.derive(snap, msg.payload, after_fits)
+                p.tenors_failed[str(msg.payload["model"])] += derived.tenors_failed
+                out.extend(p.derived_accept(snap, msg.payload, derived))
+        return out
 
     def _derived_pause(self) -> Callable[[], None] | None:
         """What the derived thread calls between its steps (``Pipeline.derived_for``): wait
@@ -697,9 +727,12 @@ class Service:
         self._workers.append(worker)
         return worker
 
-    async def _close_workers(self) -> None:
-        """End every fit process (a fit still in flight is given up)."""
-        workers, self._workers = self._workers, []
+    async def _close_workers(self, keep: FitProcess | None = None) -> None:
+        """End every worker process but ``keep`` (a fit still in flight is given up)."""
+        workers = [w for w in self._workers if w is not keep]
+        self._workers = [w for w in self._workers if w is keep]
+        if not workers:
+            return
         for worker in workers:
             worker.close()
 

@@ -184,6 +184,7 @@ async def run_service(
     min_interval: float | None,
     pacing: str = "burst",
     greeks: bool = True,
+    workers: str | None = None,
 ) -> tuple[dict[str, list[Sample]], dict[str, float]]:
     """Per model: every surface the subscriber received, with where its latency went."""
     from streamer.config import load_config
@@ -195,7 +196,15 @@ async def run_service(
     cfg = dataclasses.replace(
         cfg,
         instance="bench-latency",
-        models=dataclasses.replace(cfg.models, names=tuple(models or cfg.models.names)),
+        models=dataclasses.replace(
+            cfg.models,
+            names=tuple(models or cfg.models.names),
+            workers="thread"
+            if workers == "thread"
+            else cfg.models.workers
+            if workers is None
+            else "process",
+        ),
         feed=dataclasses.replace(cfg.feed, currencies=("BTC", "ETH")),
         publish=dataclasses.replace(
             cfg.publish,
@@ -338,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="no greeks and no tenors topics (a diagnosis: the default config has both)",
     )
+    ap.add_argument(
+        "--workers",
+        choices=("process", "thread"),
+        help="where the fits run (default: the config's, [models] workers)",
+    )
     ap.add_argument("--dump", type=Path, help="write every surface's stage times (JSON lines)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -369,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.min_interval,
                     args.pacing,
                     not args.no_derived,
+                    args.workers,
                 )
             )
             if args.dump is not None:
