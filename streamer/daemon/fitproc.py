@@ -4,16 +4,22 @@ The numba kernels release the GIL, but about half of a warm fit is Python and nu
 (slices, residual bookkeeping, the gate, the payload) that holds it; in worker threads the fits
 of two underlyings and two models, the event loop's frame parsing and the derived topics all
 queue for one lock (a fit's wall time was 1.6-2.6x its CPU time on 2 cores: README,
-tick-to-publish). A process per job runs its fit on a core of its own.
+tick-to-publish). A process per job runs its fit on a core of its own. The children run
+single-threaded BLAS (OpenBLAS's pool, forked without its threads, made warm BTC fits 30x
+slower).
 
 ``FitProcess(config, model)`` owns one child process holding a one-model ``Pipeline`` (its
-calibrators keep their warm state across fits, one per underlying). ``fit(snap)`` is
-synchronous (the service calls it from a worker thread, which waits in ``recv`` without the
-GIL): the snapshot goes down a pipe (pickled: ~0.1 ms for a full BTC chain), the child runs
-``Pipeline.fit_model`` and sends back the ``FitOutcome`` (the result without its prepared
-quotes) with the wall-clock start and end and the child's CPU time of the fit. The parent's
-pipeline then counts and numbers it (``Pipeline.accept``), so seq numbers, fit counters and
-quality windows stay in one place.
+calibrators keep their warm state across fits, one per underlying). ``submit(encode(snap))``
+writes the pickled snapshot from the event loop (~0.1-0.3 ms for a full BTC chain; once for
+all models of a book) and ``result`` waits for the reply, read on the loop when the pipe turns
+readable (no thread, no GIL hand-over): the ``FitOutcome`` of ``Pipeline.fit_model`` (the
+result without its per-quote arrays) with the wall-clock start and end and the child's CPU
+time of the fit. The parent's pipeline then counts and numbers it (``Pipeline.accept``), so
+seq numbers, fit counters and quality windows stay in one place. ``FitProcess(config,
+None, nice=10)`` is the derived worker: ``derive(snap, payload)`` runs
+``Pipeline.derived_compute`` (tenors, greeks of every listed instrument); the parent keeps
+the greeks for the stale re-stamps and clears the topics of expiries gone
+(``Pipeline.derived_accept``).
 
 Start: the children are forked by multiprocessing's fork server (``forkserver``: a clean,
 single-threaded process that imported the pipeline, models and kernels once: a child starts in
@@ -26,7 +32,8 @@ Faults: a child that dies (killed, out of memory, a crash in a kernel) is logged
 on the next fit (cold: its calibrators start over); the fit in flight raises
 ``WorkerLostError`` (the service logs it, the next trigger refits). An exception inside the fit
 comes back as ``WorkerFitError`` with the child's traceback; the child lives on. ``close``
-asks the child to exit, then terminates it after ``timeout`` (a hung kernel). The fit-hang test
+asks an idle child to exit and terminates a busy one (a hung kernel; ``join`` waits, then
+kills); a fit given up by a cancelled caller leaves the child to be replaced. The fit-hang test
 hook (``STREAMER_TEST_HANG_FIT_S``) is passed down: the child sleeps that long before a fit.
 """
 

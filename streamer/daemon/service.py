@@ -1,4 +1,4 @@
-"""The daemon: feed -> pipeline -> fits in worker threads -> publishers, in one TaskGroup.
+"""The daemon: feed -> pipeline -> fits in worker processes -> publishers, in one TaskGroup.
 
 ``Service(config).run(stop)`` wires:
 
@@ -6,17 +6,27 @@
   with ``pipeline.fast`` (the book's fused ticker path, what replay measures); raw frames also
   go to the recorder when ``[recorder] dir`` is set;
 * the pure ``Pipeline`` (parser, books, trigger policy, calibrators) on the event loop;
-* one fit job per model and underlying (its own worker task; fits run off the event loop,
-  ``asyncio.to_thread``: the numba kernels are ``nogil``), latest wins: a due trigger
-  snapshots the book and hands the snapshot to every model's job; a job that was busy, or
-  that wakes after more frames came in, fits a fresh snapshot of the book as it is when the
-  fit starts (``_take``: the surface's newest frame is never as old as the job's queue), and
-  publishes its surface as soon as it is fitted;
-* the derived topics (tenors, greeks: milliseconds of Python and numpy holding the GIL) off
-  the surfaces' path: one task builds them for the latest surface of each job, at most every
-  ``DERIVED_INTERVAL_S`` per job, once the fits in flight are done, and pausing between its
-  steps (a tenor, a block of greeks rows) while a fit is in flight (``DERIVED_YIELD_S``
-  each); each job's last surface always gets them, on the way out too;
+* one fit job per model and underlying, latest wins. With ``[models] workers = "process"``
+  (the default) each job fits in a worker process of its own (``streamer.daemon.fitproc``:
+  forked by a fork server that loaded the kernels once; its calibrators keep the warm state),
+  so no fit waits for another's GIL or the event loop's: a due trigger snapshots the book
+  and ``_kick`` writes the pickled snapshot (once for all models) straight to every idle
+  job's process; the reply is read on the loop when the pipe turns readable, counted and
+  numbered by the pipeline (``Pipeline.accept``) and the surface published at once. At most
+  one fit per core is in flight: another underlying's due refit waits until a core is free and
+  snapshots the book then (a snapshot taken at once would only wait for a core, and be older
+  when published). ``workers = "thread"``: the fits run in ``asyncio.to_thread`` (the numba
+  kernels are ``nogil``; the Python glue is not). A job that was busy, or that wakes after
+  more frames came in, fits a fresh snapshot of the book as it is when the fit starts
+  (``_take``: the surface's newest frame is never as old as the job's queue). A worker process
+  that dies is logged (``fit_worker_lost``) and replaced on its next fit;
+* the derived topics (tenors, greeks: milliseconds of Python and numpy) off the surfaces'
+  path: one task builds them for the latest surface of each job, at most every
+  ``DERIVED_INTERVAL_S`` per job, once the fits in flight are done; in process mode in a
+  derived worker process (niced: the fits come first on the cores), whose reply is unpickled
+  once no fit is in flight; in thread mode in a thread that pauses between its steps (a
+  tenor, a block of greeks rows) while a fit is in flight (``DERIVED_YIELD_S`` each); each
+  job's last surface always gets them, on the way out too;
 * a ticker that checks the trigger's max interval, flushes the recorder, pings systemd's
   watchdog (only while work progresses: below) and refreshes metrics;
 * publishers (``mqtt``/``jsonl``/``memory``), each given every message; the MQTT one keeps the
