@@ -115,10 +115,13 @@ def _child(conn: Connection, config: Config, model: str | None, hang_s: float, n
     or ``("derived", snapshot, surface payload)`` in, a ``Derived`` out (``model`` None: the
     derived worker); until ``None`` or EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    if nice:
-        os.nice(nice)
     logs.configure(config.log.level, config.log.format)
     structlog.contextvars.bind_contextvars(worker=model or "derived", pid=os.getpid())
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError as exc:  # a seccomp filter without setpriority: run at our priority
+            log.warning("worker_nice_refused", nice=nice, error=repr(exc))
     pipeline = Pipeline.from_config(config, models=None if model is None else [model])
     pipeline.warm_up()
     conn.send(("ready", os.getpid()))
