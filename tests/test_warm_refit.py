@@ -227,6 +227,9 @@ def test_check_slices_against_a_plain_grid() -> None:
         assert found[j, 2] == pytest.approx(wmin, rel=1e-12)
         assert found[j, 0] <= gmin + 1e-12
         assert found[j, 0] >= g_dense - 1e-3 * max(1.0, abs(g_dense))
+        # the pass flag: exactly when the per-slice check (from scratch) finds nothing
+        assert (found[j, 4] == 1.0) == (sp._check(x, 0) == [])
+    assert 0.0 < float(found[:, 4].mean()) < 1.0  # both kinds of slices were compared
 
 
 def _plain_grid(x: FloatArray, n: int) -> tuple[float, float]:
@@ -315,3 +318,34 @@ def test_kept_spline_geometry_changes_no_fit() -> None:
     for u, v in zip(with_cache[:4], without[:4], strict=True):
         np.testing.assert_array_equal(u, v)
     np.testing.assert_array_equal(cache[0][:, 0], X0[:, sp.I_S])  # rebuilt for the new maps
+
+
+def test_svi_suspect_slices_equal_the_array_expressions() -> None:
+    """SVI's compiled screen (``_suspect_slices``) against the array expressions it
+    replaced, on the real chain's fitted slices and on perturbed ones (some suspect)."""
+    from streamer.models import svi
+
+    r = Calibrator(REGISTRY["svi"](), own_config("svi")).fit(real_chain())
+    rng = np.random.default_rng(5)
+    X = np.array(r.x)
+    bent = X * rng.uniform(0.5, 1.5, X.shape)
+    bent[:, 2] = np.clip(bent[:, 2], -0.999, 0.999)
+    for Y in (X, bent, np.vstack([X, bent])):
+        a, b, rho, m, sigma = (Y[:, i : i + 1] for i in range(5))
+        width = np.maximum(sigma, 1e-3)
+        k = np.concatenate(
+            [np.broadcast_to(svi.GRID_K, (Y.shape[0], len(svi.GRID_K))), m + width * svi._FINE],
+            axis=1,
+        )
+        d = k - m
+        rr = np.sqrt(d * d + sigma * sigma)
+        w = np.maximum(a + b * (rho * d + rr), svi.VAR_FLOOR)
+        w1 = b * (rho + d / rr)
+        w2 = b * sigma * sigma / (rr * rr * rr)
+        g = (1.0 - k * w1 / (2.0 * w)) ** 2 - 0.25 * w1 * w1 * (1.0 / w + 0.25) + 0.5 * w2
+        wmin = (a + b * sigma * np.sqrt(np.maximum(1.0 - rho * rho, 0.0)))[:, 0]
+        lee = (b * (1.0 + np.abs(rho)))[:, 0]
+        ref = (g.min(axis=1) < -1e-9) | (wmin < 0.0) | (lee > 2.0 + 1e-12)
+        got = svi._suspect_slices(np.ascontiguousarray(Y), svi.GRID_K, svi._FINE)
+        np.testing.assert_array_equal(got, ref)
+    assert ref.any() and not ref.all()

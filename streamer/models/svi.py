@@ -101,6 +101,36 @@ def butterfly_g(x: FloatArray, k: FloatArray) -> FloatArray:
     )
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _suspect_slices(X: FloatArray, grid: FloatArray, fine: FloatArray) -> np.ndarray:
+    """Per slice row of ``X``: may it carry arbitrage? The butterfly ``g`` below ``-1e-9``
+    on ``grid`` or on ``fine`` (in units of ``max(sigma, 1e-3)`` around ``m``), negative
+    minimum variance, or Lee's bound broken (the same arithmetic, point by point, as the
+    array expressions it replaced)."""
+    S = X.shape[0]
+    out = np.zeros(S, dtype=np.bool_)
+    n_g = grid.shape[0]
+    for j in range(S):
+        a, b, rho, m, sigma = X[j, 0], X[j, 1], X[j, 2], X[j, 3], X[j, 4]
+        width = max(sigma, 1e-3)
+        gmin = math.inf
+        for i in range(n_g + fine.shape[0]):
+            k = grid[i] if i < n_g else m + width * fine[i - n_g]
+            d = k - m
+            r = math.sqrt(d * d + sigma * sigma)
+            w = max(a + b * (rho * d + r), VAR_FLOOR)
+            w1 = b * (rho + d / r)
+            w2 = b * sigma * sigma / (r * r * r)
+            t = 1.0 - k * w1 / (2.0 * w)
+            g = t * t - 0.25 * w1 * w1 * (1.0 / w + 0.25) + 0.5 * w2
+            if math.isnan(g) or g < gmin:  # a NaN stays (np.min propagates it)
+                gmin = g
+        wmin = a + b * sigma * math.sqrt(max(1.0 - rho * rho, 0.0))
+        lee = b * (1.0 + abs(rho))
+        out[j] = gmin < -1e-9 or wmin < 0.0 or lee > 2.0 + 1e-12  # NaN g: as np.min, not suspect
+    return out
+
+
 def slice_violations(x: FloatArray, j: int, k_grid: FloatArray = GRID_K) -> list[Violation]:
     """Positive variance, Lee's wing bound and the butterfly condition of one slice."""
     out: list[Violation] = []
@@ -238,23 +268,10 @@ class SVI(Model):
     def arbitrage_slices(self, X: FloatArray, slice_T: FloatArray) -> list[list[Violation]]:
         """All slices at once: the butterfly ``g`` on every slice's grids in one pass; only
         slices with a finding go through ``slice_violations`` for the details."""
-        X = np.asarray(X, dtype=np.float64)
+        X = np.ascontiguousarray(X, dtype=np.float64)
         if not np.all(np.isfinite(X)):
             return [slice_violations(X[j], j) for j in range(X.shape[0])]
-        a, b, rho, m, sigma = (X[:, i : i + 1] for i in range(5))
-        width = np.maximum(sigma, 1e-3)
-        k = np.concatenate(
-            [np.broadcast_to(GRID_K, (X.shape[0], len(GRID_K))), m + width * _FINE], axis=1
-        )
-        d = k - m
-        r = np.sqrt(d * d + sigma * sigma)
-        w = np.maximum(a + b * (rho * d + r), VAR_FLOOR)
-        w1 = b * (rho + d / r)
-        w2 = b * sigma * sigma / (r * r * r)
-        g = (1.0 - k * w1 / (2.0 * w)) ** 2 - 0.25 * w1 * w1 * (1.0 / w + 0.25) + 0.5 * w2
-        wmin = (a + b * sigma * np.sqrt(np.maximum(1.0 - rho * rho, 0.0)))[:, 0]
-        lee = (b * (1.0 + np.abs(rho)))[:, 0]
-        suspect = (g.min(axis=1) < -1e-9) | (wmin < 0.0) | (lee > 2.0 + 1e-12)
+        suspect = _suspect_slices(X, GRID_K, _FINE).tolist()
         return [slice_violations(X[j], 0) if suspect[j] else [] for j in range(X.shape[0])]
 
     def scale(self, n_slices: int, slice_T: FloatArray | None = None) -> FloatArray:
