@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -120,7 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--cold", action="store_true", help="cold paths, success rates, QuantLib")
     ap.add_argument("--starts", type=int, default=10, help="random starts per model (--cold)")
+    ap.add_argument(
+        "--success",
+        action="store_true",
+        help="only the learned cold path's success rates on the shared snapshot chains and "
+        "simulated ones (--sim chains a model)",
+    )
+    ap.add_argument("--sim", type=int, default=15, help="simulated chains a model (--success)")
     args = ap.parse_args(argv)
+    if args.success:
+        return success_main(args.model or ["heston", "bates"], args.sim, args.seed)
     path = Path(args.chain) if args.chain else shared_data() / DEFAULT_CHAIN
     if not path.exists():
         print(f"bench calib: chain not found: {path} (the real data lives in ../shared)")
@@ -230,6 +240,134 @@ def cold_table(snap: ChainSnapshot, models: list[str], starts: int, seed: int) -
             f"| QuantLib heston | LM, one default start | {ql[1]:.1f} | | {cost:.2f} | "
             f"{band:.3f} | | |"
         )
+
+
+SIM_DAYS = (1, 2, 4, 7, 14, 30, 60, 91, 182, 273, 365)
+REFERENCE_RANDOM = 5  # random starts beside the learned, rival and hand-made ones
+
+
+def simulated_chain(
+    model: Model, x: FloatArray, rng: np.random.Generator, forward: float = 60_000.0
+) -> ChainSnapshot:
+    """A coin-margined chain quoted around ``model`` at ``x``: ``SIM_DAYS`` expiries, 15
+    strikes over 2.2 ATM standard deviations each side, bid/ask the model vol -+ 0.5 vol
+    point with 0.2 points of noise on the centre (prices from Black-76)."""
+    from streamer.calib.warmup import synthetic_snapshot
+    from streamer.pricing import black_price
+
+    base = synthetic_snapshot(SIM_DAYS, 15)
+    k = np.log(base.strike / forward)
+    atm = np.asarray(
+        model.implied_vol(
+            x, np.zeros(len(SIM_DAYS)), np.array(SIM_DAYS) / 365.0, np.arange(len(SIM_DAYS))
+        )
+    )
+    # strikes by the model's own ATM vol (the base chain's are for 60 %)
+    scale = np.where(np.isfinite(atm), atm / 0.6, 1.0)[base.expiry_idx]
+    K = forward * np.exp(k * scale)
+    k = np.log(K / forward)
+    iv = np.asarray(model.implied_vol(x, k, base.T, base.expiry_idx))
+    centre = iv + 0.002 * rng.standard_normal(iv.shape)
+    ok = np.isfinite(centre) & (centre > 0.02)
+    centre = np.where(ok, centre, 0.5)
+    bid = np.asarray(
+        black_price(forward, K, base.T, np.maximum(centre - 0.005, 0.01), base.is_call)
+    )
+    ask = np.asarray(black_price(forward, K, base.T, centre + 0.005, base.is_call))
+    bid = np.where(ok, bid / forward, np.nan)
+    ask = np.where(ok, ask / forward, np.nan)
+    return dataclasses.replace(base, strike=K, bid=bid, ask=ask)
+
+
+def reference_starts(model: Model, data: FitData, rng: np.random.Generator) -> list[FloatArray]:
+    """The starts whose best converged LM run is the reference optimum: the network's
+    guess, its rivals, the hand-made guesses and ``REFERENCE_RANDOM`` random points of the
+    box (Heston 1 + 3 + 5, Bates 1 + 2 + 6 + 5)."""
+    from streamer.calib.learned import learned_guess
+
+    out: list[FloatArray] = []
+    g = learned_guess(model, data)
+    if g is not None:
+        rivals = getattr(model, "learned_rivals", None)
+        out.extend([g, *([] if rivals is None else rivals(g))])
+    out.extend(model.initial_guesses(data))
+    out.extend(random_starts(model, data.n_slices, REFERENCE_RANDOM, rng))
+    return out
+
+
+def success_row(
+    model: Model, snap: ChainSnapshot, rng: np.random.Generator
+) -> tuple[bool, float, float, float] | None:
+    """One chain: (the default cold fit reaches the reference optimum within 0.1 %, its
+    evaluations, its CPU ms, its cost over the optimum's); None when it has no quotes."""
+    cfg = CalibConfig.for_model(model)
+    data = prepare(snap, cfg.filters, 3).data
+    if data.n_slices == 0:
+        return None
+    c0 = time.process_time()
+    r = Calibrator(model, cfg).fit(snap)
+    cpu = (time.process_time() - c0) * 1e3
+    if not r.success:
+        return False, float(r.nfev), cpu, math.inf
+    cost, _ = _cost_of(model, data, r.x[0], cfg)
+    lo, hi = model.bounds(data.n_slices)
+    problem = cfg.problem(
+        surface_evaluator(model, data), data, np.zeros(1, dtype=np.int64), lo[None], hi[None]
+    )
+    best = cost
+    for x0 in reference_starts(model, data, rng):
+        res = solve(problem, np.clip(x0, lo, hi)[None, :], max_iter=cfg.max_iter_cold)
+        c = float(res.data_cost[0])
+        if np.isfinite(c):
+            best = min(best, c)
+    return cost <= 1.001 * best, float(r.nfev), cpu, cost / best
+
+
+def success_main(models: list[str], n_sim: int, seed: int) -> int:
+    """Per model: the share of the shared snapshot chains (BTC and ETH of every file) and of
+    ``n_sim`` simulated chains (parameters drawn as ``streamer train`` draws them) on which
+    the model's default cold fit (``CalibConfig.for_model``) reaches the best converged LM
+    run of ``reference_starts`` within 0.1 %; median evaluations and CPU ms."""
+    from streamer.tools.train.data import parameters
+
+    load = os.getloadavg()
+    print(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} cores)")
+    snaps: list[tuple[str, ChainSnapshot]] = []
+    for f in sorted((shared_data() / "snapshots").glob("*.csv")):
+        for u in ("BTC", "ETH"):
+            snaps.extend((f"{f.stem[-16:]} {u}", s) for s in load_chains(f, u)[:1])
+    print(
+        "| model | data set | chains | reach best (0.1%) | median nfev | median cpu ms | missed |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|")
+    for name in models:
+        model = REGISTRY[name]()
+        Calibrator(model, CalibConfig.for_model(model)).fit(snaps[0][1])  # compile
+        rng = np.random.default_rng(seed)
+        sims = [
+            (
+                f"sim {i}",
+                simulated_chain(model, parameters(model, np.array(SIM_DAYS) / 365.0, rng), rng),
+            )
+            for i in range(n_sim)
+        ]
+        for label, chains in (("shared snapshots", snaps), ("simulated", sims)):
+            rows, missed = [], []
+            for tag, snap in chains:
+                row = success_row(model, snap, np.random.default_rng(seed))
+                if row is None:
+                    continue
+                rows.append(row)
+                if not row[0]:
+                    missed.append(f"{tag} (x{row[3]:.4f})")
+            hit = sum(1 for r in rows if r[0])
+            print(
+                f"| {name} | {label} | {len(rows)} | {hit}/{len(rows)} | "
+                f"{np.median([r[1] for r in rows]):.0f} | {np.median([r[2] for r in rows]):.1f} | "
+                f"{', '.join(missed)} |",
+                flush=True,
+            )
+    return 0
 
 
 QL_START = (0.1, 1.0, 0.1, 0.5, -0.5)  # v0, kappa, theta, xi (sigma), rho: QuantLib's examples

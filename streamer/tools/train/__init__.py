@@ -8,6 +8,7 @@ package's ``streamer/calib/nets``). Same seed and settings: the same weights (on
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,24 @@ from streamer.models import REGISTRY
 from streamer.tools.train.data import make_set
 from streamer.tools.train.mlp import TrainReport, TrainSettings, train
 from streamer.tools.train_defaults import DEFAULT_SAMPLES, DEFAULT_SEED, MODELS
+
+SOURCES = (
+    "calib/learned.py",
+    "tools/train/__init__.py",
+    "tools/train/data.py",
+    "tools/train/mlp.py",
+)
+
+
+def source_digest() -> str:
+    """SHA-256 (first 16 hex digits) of the code that draws, prices and trains: stored with
+    the weights, so a file names the script that made it."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for rel in SOURCES:
+        h.update(rel.encode())
+        h.update((root / rel).read_bytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -68,7 +87,17 @@ def run(
         net, report = train(X, Y, output_names(REGISTRY[name]()), s)
         t2 = time.perf_counter()
         path = out / f"{name}.npz"
-        net.save(path, seed=seed, samples=samples, epochs=s.epochs, hidden=np.array(s.hidden))
+        net.save(
+            path,
+            seed=seed,
+            samples=samples,
+            epochs=s.epochs,
+            hidden=np.array(s.hidden),
+            script="streamer train (streamer.tools.train.run)",
+            data_seed=seed + 100 * i,
+            train_seed=s.seed,
+            source_sha256=source_digest(),
+        )
         errors = guess_errors(name, net, max(200, samples // 20), seed + 100 * i + 50)
         done.append(
             Trained(
