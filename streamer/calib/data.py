@@ -260,25 +260,26 @@ def _slices(
     )
     if n_thin:
         drops["thin_slice"] += n_thin
+    # (fancy indexing makes fresh arrays: the casts copy only where the dtype differs)
     idx, iv_bid, iv_ask = idx[sel], iv_bid[sel], iv_ask[sel]
     half = 0.5 * (iv_ask - iv_bid)
     data = FitData(
         k=np.log(snap.strike[idx] / q.F[idx]),
-        T=snap.T[idx].astype(np.float64),
+        T=snap.T[idx].astype(np.float64, copy=False),
         slice_idx=slice_idx,
         iv=0.5 * (iv_bid + iv_ask),
         iv_bid=iv_bid,
         iv_ask=iv_ask,
         weight=1.0 / np.maximum(half, cfg.iv_floor),
-        is_call=snap.is_call[idx].astype(np.bool_),
+        is_call=snap.is_call[idx].astype(np.bool_, copy=False),
         slice_T=_expiry_years(snap)[slices],
-        slice_forward=snap.forwards[slices].astype(np.float64),
+        slice_forward=snap.forwards[slices].astype(np.float64, copy=False),
         slice_expiry=tuple(snap.expiries[s] for s in slices.tolist()),
     )
     return Prepared(
         data=data,
-        quote_index=idx.astype(np.int64),
-        expiry_ms=snap.expiry_ms[slices].astype(np.int64),
+        quote_index=idx.astype(np.int64, copy=False),
+        expiry_ms=snap.expiry_ms[slices].astype(np.int64, copy=False),
         drops=drops,
         listed_k=_listed_k(snap, slices),
     )
@@ -355,12 +356,15 @@ def _listed_k(snapshot: ChainSnapshot, slices: IntArray) -> FloatArray:
     at = np.array(
         [where.get(snapshot.expiries[s], n_codes) for s in slices.tolist()], dtype=np.int64
     )
-    F = snapshot.forwards[slices].astype(np.float64) if len(slices) else np.zeros(0)
+    F = snapshot.forwards[slices].astype(np.float64, copy=False) if len(slices) else np.zeros(0)
     lo, hi = k_lo[at], k_hi[at]
     good = np.isfinite(lo) & np.isfinite(F) & (F > 0)
+    out = np.empty((len(at), 2))
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.column_stack([np.log(lo / F), np.log(hi / F)])
-    out[~good] = np.nan
+        out[:, 0] = np.log(lo / F)
+        out[:, 1] = np.log(hi / F)
+    if not good.all():
+        out[~good] = np.nan
     return out
 
 
