@@ -367,3 +367,17 @@ def test_interval_dots_equal_the_full_row_dots() -> None:
             for rows in (hw, h1, h2):
                 assert sp._dot_interval(rows[j], x, i) == sp._dot(rows[j], x)
                 assert not np.any(rows[j][outside])
+
+
+def test_grid_linspace_equals_numpy() -> None:
+    """``constraints.linspace`` (a range made once) gives ``np.linspace``'s values exactly,
+    for the grid sizes it keeps a range for and others, either direction, equal ends."""
+    from streamer.calib.constraints import linspace
+
+    rng = np.random.default_rng(8)
+    for _ in range(2000):
+        a, b = (float(v) for v in rng.normal(0.0, 3.0, 2))
+        for n in (49, 61, 7):
+            np.testing.assert_array_equal(linspace(a, b, n), np.linspace(a, b, n))
+            np.testing.assert_array_equal(linspace(b, a, n), np.linspace(b, a, n))
+    np.testing.assert_array_equal(linspace(1.5, 1.5, 61), np.linspace(1.5, 1.5, 61))

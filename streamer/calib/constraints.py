@@ -34,7 +34,9 @@ G_POINTS = 49
 OUTER_POINTS = 61  # the wide grid: +-3 in steps of 0.1
 # np.linspace(0, 1, n) of the usual grid sizes, made once (read-only)
 _UNIT = {n: np.linspace(0.0, 1.0, n) for n in (G_POINTS, OUTER_POINTS)}
-for _u in _UNIT.values():
+_SYMMETRIC = np.linspace(-1.0, 1.0, G_POINTS)
+_RANGES = {n: np.arange(float(n)) for n in (G_POINTS, OUTER_POINTS)}
+for _u in (*_UNIT.values(), _SYMMETRIC, *_RANGES.values()):
     _u.flags.writeable = False
 MU_BUTTERFLY = 300.0
 BUTTERFLY_MARGIN = 5e-3
@@ -50,7 +52,8 @@ def slice_grids(data: FitData, n: int = G_POINTS) -> FloatArray:
     mean_iv = np.bincount(data.slice_idx, weights=data.iv, minlength=S) / np.maximum(counts, 1)
     sd = np.where(counts > 0, mean_iv * np.sqrt(data.slice_T), 0.5)
     half = np.clip(6.0 * sd, 0.3, 3.0)
-    return np.asarray(np.linspace(-1.0, 1.0, n)[None, :] * half[:, None])
+    unit = _SYMMETRIC if n == G_POINTS else np.linspace(-1.0, 1.0, n)
+    return np.asarray(unit[None, :] * half[:, None])
 
 
 def slice_ranges(data: FitData, listed: FloatArray | None = None) -> FloatArray:
@@ -170,8 +173,20 @@ def hinge_grids(
         return none, none, pair_grids(data, G_POINTS, listed, pairs)
     lo = min(-3.0, float(data.k.min()) - 0.1)
     hi = max(3.0, float(data.k.max()) + 0.1)
-    outer = np.tile(np.linspace(lo, hi, OUTER_POINTS), (S, 1))
+    outer = np.repeat(linspace(lo, hi, OUTER_POINTS)[None, :], S, axis=0)
     return slice_grids(data), outer, pair_grids(data, G_POINTS, listed, pairs)
+
+
+def linspace(start: float, stop: float, n: int) -> FloatArray:
+    """``np.linspace(start, stop, n)``, the same values (finite, distinct ends; else numpy): the
+    steps ``i * (stop - start) / (n - 1) + start`` and ``stop`` itself last, from a range
+    made once."""
+    u = _RANGES.get(n)
+    if u is None or start == stop or not (math.isfinite(start) and math.isfinite(stop)):
+        return np.linspace(start, stop, n)
+    y = u * ((stop - start) / (n - 1)) + start
+    y[-1] = stop
+    return np.asarray(y)
 
 
 def _butterfly(

@@ -259,8 +259,9 @@ class _SliceFit:
 
 def _slice_params(model: Model, x: FloatArray) -> list[dict[str, float]]:
     """Each slice row's named parameters: ``model.view(x[j], 1).slices[0]``, without the
-    detour for models that keep the base class's ``view`` (one dict per slice)."""
-    if type(model).view is Model.view:
+    detour for models whose ``view`` keeps the base class's slices (the base ``view``, or
+    ``Model.plain_slice_view``: one dict per slice)."""
+    if type(model).view is Model.view or model.plain_slice_view:
         names = model.param_names(1)
         return [dict(zip(names, row, strict=True)) for row in x.tolist()]
     return [model.view(x[j], 1).slices[0] for j in range(x.shape[0])]

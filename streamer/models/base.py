@@ -215,6 +215,10 @@ class Model(ABC):
         ``slice_T`` (years to each slice's expiry) lets a model scale by maturity.
         """
 
+    # per-expiry models whose ``view`` overrides only the surface-wide entries: its slices are
+    # the base class's (``dict(zip(param_names(1), x))``)
+    plain_slice_view: ClassVar[bool] = False
+
     def slice_scales(self, slice_T: FloatArray) -> FloatArray:
         """Per-expiry models: ``(S, p)``, row ``j`` ``scale(1, slice_T[j : j + 1])`` (models
         whose scale is a plain function of T override it with one array expression)."""

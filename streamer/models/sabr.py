@@ -249,6 +249,8 @@ class SABR(RowModel):
         """``scale`` of every slice at once (the same values)."""
         return np.tile(np.array([0.005, 0.03, 0.1]), (len(slice_T), 1))
 
+    plain_slice_view = True  # ``view`` adds only the surface-wide beta
+
     def view(self, x: FloatArray, n_slices: int) -> ParamView:
         v = super().view(x, n_slices)
         return ParamView(surface={"beta": self.beta}, slices=v.slices)
