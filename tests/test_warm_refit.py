@@ -351,24 +351,6 @@ def test_svi_suspect_slices_equal_the_array_expressions() -> None:
     assert ref.any() and not ref.all()
 
 
-def test_interval_dots_equal_the_full_row_dots() -> None:
-    """The hinge grid's rows touch only their interval's coefficients (and a wing slope at
-    the ends): ``_dot_interval`` gives exactly ``_dot``'s sums over the whole row."""
-    p = sp.N_PARAMS
-    for x in spline_slices():
-        kh = np.zeros(sp.N_HINGE_GRID)
-        hw, h1, h2 = (np.zeros((sp.N_HINGE_GRID, p)) for _ in range(3))
-        sp.spline_geometry(x, kh, hw, h1, h2, np.zeros((sp.NC, p)))
-        for j in range(1, sp.N_HINGE_GRID - 1):
-            i = j // sp.HINGE_PER_INT
-            touched = set(range(max(i - 1, 0), min(i + 3, sp.NC)))
-            touched |= {sp.I_BL} if i == 0 else {sp.I_BR} if i == sp.N_INT - 1 else set()
-            outside = [q for q in range(p) if q not in touched]
-            for rows in (hw, h1, h2):
-                assert sp._dot_interval(rows[j], x, i) == sp._dot(rows[j], x)
-                assert not np.any(rows[j][outside])
-
-
 def test_grid_linspace_equals_numpy() -> None:
     """``constraints.linspace`` (a range made once) gives ``np.linspace``'s values exactly,
     for the grid sizes it keeps a range for and others, either direction, equal ends."""

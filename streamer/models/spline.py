@@ -668,22 +668,6 @@ def _dot(d: FloatArray, x: FloatArray) -> float:
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _dot_interval(d: FloatArray, x: FloatArray, i: int) -> float:
-    """``_dot(d, x)`` for a row of knot interval ``i`` (a point strictly inside it): only the
-    entries it can touch, ``c_{i-1} .. c_{i+2}`` and the wing slope an end coefficient brings
-    in, in ``_dot``'s order. The other entries are zeros, whose products add nothing: the
-    same sum (for finite ``x``)."""
-    v = 0.0
-    for q in range(max(i - 1, 0), min(i + 3, NC)):
-        v += d[q] * x[q]
-    if i == 0:
-        v += d[I_BL] * x[I_BL]
-    elif i == N_INT - 1:
-        v += d[I_BR] * x[I_BR]
-    return v
-
-
-@njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def spline_row_design(x: FloatArray, d: FloatArray, T: float, jac: FloatArray) -> float:
     """``spline_row`` from the point's design row ``d`` (``spline_design``)."""
     w = _dot(d, x)
@@ -746,13 +730,8 @@ def hinges_fixed_into(
     m = N_HINGE_GRID
     for i in range(m):
         ks[i] = kh[i]
-        if i == 0 or i == m - 1:  # on an outer knot: a row of either side
-            w, w1, w2 = _dot(hw[i], x), _dot(h1[i], x), _dot(h2[i], x)
-        else:
-            iv = i // HINGE_PER_INT
-            w = _dot_interval(hw[i], x, iv)
-            w1, w2 = _dot_interval(h1[i], x, iv), _dot_interval(h2[i], x, iv)
-        g = g_of(kh[i], w, w1, w2) if w > 0.0 else -math.inf
+        w = _dot(hw[i], x)
+        g = g_of(kh[i], w, _dot(h1[i], x), _dot(h2[i], x)) if w > 0.0 else -math.inf
         gs[i] = g if math.isfinite(g) else -math.inf
     refine(x, kn, ks[:m], gs[:m], REFINE_BELOW, REFINE_SUB)
     ks[m] = _wing(x, kn, False)[0]
