@@ -116,6 +116,10 @@ class SliceGate:
     # slice whose neighbour below was left out, the grid against the next one down spans
     # the two's common range; None: ``k_cal``'s row as given
     ranges: FloatArray | None = None
+    # per expiry: when its repair last failed (``History.repair_failed``, updated here) and
+    # the fit's venue time; a repair is not tried again within ``cfg.repair_retry_s``
+    repair_failed: dict[str, int] | None = None
+    ts_ms: int = 0
 
     def run(
         self,
@@ -188,11 +192,21 @@ class SliceGate:
         re-fit, the last accepted ones, the exact calendar repair; None: drop the slice."""
         model, data, tol = self.model, self.data, self.cfg.calendar_tol
         x_below = None if below is None else x[below]
-        fixed = repair_slice(
-            model, x[j], data.slice(j), self.residuals(j), w_below, k_bf, k_grid, tol
-        )
-        if fixed is not None and x_below is not None and self.crosses(x_below, fixed):
-            fixed = None
+        expiry = data.slice_expiry[j]
+        failed = self.repair_failed
+        last = None if failed is None else failed.get(expiry)
+        fixed: FloatArray | None = None
+        if last is None or not 0 <= self.ts_ms - last < self.cfg.repair_retry_s * 1000.0:
+            fixed = repair_slice(
+                model, x[j], data.slice(j), self.residuals(j), w_below, k_bf, k_grid, tol
+            )
+            if fixed is not None and x_below is not None and self.crosses(x_below, fixed):
+                fixed = None
+            if failed is not None:
+                if fixed is None:
+                    failed[expiry] = self.ts_ms
+                else:
+                    failed.pop(expiry, None)
         if fixed is None and data.slice_expiry[j] in self.prev:
             fixed = self._previous(j, x_below, w_below, k_grid)
         if (

@@ -92,6 +92,10 @@ class CalibConfig:
     global_seed: int = 0
     global_polish_iter: int = 200  # LM iterations from the search's best point
     calendar_tol: float = 1e-6  # total variance may fall by at most this (rounding)
+    # a slice whose constrained re-fit (the gate's scipy repair, ~50-100 ms) failed is not
+    # re-fitted again for this long: it is left out (or keeps its last accepted parameters),
+    # as it was, instead of costing every warm refit the same failing repair
+    repair_retry_s: float = 5.0
     constraints_in_fit: bool = True  # no-arbitrage hinge rows inside the LM (per-expiry)
     filters: FilterConfig = field(default_factory=FilterConfig)
 
@@ -186,6 +190,9 @@ class History:
     # the compiled LM's per-slice hinge geometry (the spline: ``kernel.geometry_cache``),
     # reused while a slice's knot map stays the same
     geometry: Geometry6 | None = None
+    # per expiry: venue ms of the fit whose gate repair of that slice failed (``SliceGate``;
+    # an expiry no longer fitted is forgotten)
+    repair_failed: dict[str, int] = field(default_factory=dict)
 
     def penalty_now(self, ts_ms: int) -> float:
         """Lambda for a fit at ``ts_ms``: full within the horizon, fading beyond it."""

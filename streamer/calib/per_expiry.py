@@ -83,6 +83,7 @@ class _SliceFit:
 
     def __init__(self, model: Model, history: History, ts_ms: int, prep: Prepared) -> None:
         self.model, self.history, self.prep = model, history, prep
+        self.ts_ms = ts_ms
         self.cfg: CalibConfig = history.config
         data = self.data = prep.data
         S = self.S = data.n_slices
@@ -213,9 +214,12 @@ class _SliceFit:
         k_cal = pair_grids(data, 61, self.prep.listed_k, self.pairs)
         if all_clean(model, self.cfg, x, keep, own, data.slice_T, k_cal):
             return True
+        failed = self.history.repair_failed
+        for e in [e for e in failed if e not in data.slice_expiry]:  # settled, or not fitted
+            del failed[e]
         gate = SliceGate(
             model, self.cfg, data, self.prior, self.pen_w, self.has_prior, self.prev,
-            slice_ranges(data, self.prep.listed_k),
+            slice_ranges(data, self.prep.listed_k), failed, self.ts_ms,
         )  # fmt: skip
         gate.run(x, keep, own, k_cal, self.violations)
         if not keep.any():
