@@ -365,11 +365,12 @@ def solve(
         # point is not stationary (a Gauss-Newton step far outside the box): not convergence;
         # the step is judged by its actual cost, and mu grows if it fails
         clipped = np.any(cur.x + step != x_new, axis=1)
-        small = (
-            (accept & ((old_total - new_total) <= ftol * scale))
-            | ((predicted <= ftol * scale) & ~clipped)
-            | (moved <= xtol)
-        )
+        with np.errstate(invalid="ignore"):  # inf - inf (a non-finite cost): not small
+            small = (
+                (accept & ((old_total - new_total) <= ftol * scale))
+                | ((predicted <= ftol * scale) & ~clipped)
+                | (moved <= xtol)
+            )
         if secant:
             last = (cur.x.copy(), g_full)
             with np.errstate(invalid="ignore"):  # inf - inf: a step from a non-finite cost
@@ -382,7 +383,8 @@ def solve(
         converged |= small | (mu > MU_MAX)
         if iterations % STALL_ITERS == 0:
             now_total = cur.total
-            converged |= (checkpoint - now_total) <= STALL_RTOL * np.maximum(now_total, 1e-300)
+            with np.errstate(invalid="ignore"):  # inf - inf: a cost still non-finite
+                converged |= (checkpoint - now_total) <= STALL_RTOL * np.maximum(now_total, 1e-300)
             checkpoint = now_total
         if converged.all():
             break
