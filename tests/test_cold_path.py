@@ -30,6 +30,8 @@ FloatArray = npt.NDArray[np.float64]
 DAYS = (1, 3, 7, 30, 91, 365)
 HESTON_X = np.array([0.36, 3.0, 0.25, 1.2, -0.4])
 BATES_X = np.array([0.25, 2.5, 0.3, 1.0, -0.3, 0.6, -0.25, 0.2])
+# the rare-crash basin of several ETH snapshot chains (kappa and mu_j at their bounds)
+CRASH_X = np.array([0.25, 20.0, 0.4, 3.5, -0.14, 0.07, -1.0, 1.13])
 
 
 def _data(model: Model, x: FloatArray, noise: float = 0.0, seed: int = 0) -> FitData:
@@ -126,7 +128,9 @@ def test_secant_lm_reaches_the_gauss_newton_optimum_of_a_misspecified_fit() -> N
     assert sec.nfev <= gn.nfev
 
 
-@pytest.mark.parametrize(("name", "x"), [("heston", HESTON_X), ("bates", BATES_X)])
+@pytest.mark.parametrize(
+    ("name", "x"), [("heston", HESTON_X), ("bates", BATES_X), ("bates", CRASH_X)]
+)
 def test_learned_cold_path_recovers_known_parameters(name: str, x: FloatArray) -> None:
     """The learned path (network guess, its rivals raced, LM) on a chain of known
     parameters: the data cost of the truth or lower, without the global search."""
@@ -175,3 +179,16 @@ def test_kept_coefficients_price_as_the_direct_sweep(x: FloatArray) -> None:
     moved = x.copy()
     moved[0] *= 1.1
     assert not np.allclose(model.otm_price(moved, k, T), model.otm_price(x, k, T), equal_nan=True)
+
+
+def test_bates_rivals_are_the_documented_regimes() -> None:
+    """The learned path's rivals of a guess: many small jumps (``lam`` 5, the jump variance
+    ``lam (mu^2 + sigma^2)`` taken out of ``v0`` and ``theta``, at most half of each), and
+    rare crashes from their basin's diffusion (``kappa`` 20, ``xi`` 3.5, ``rho`` -0.15) with
+    the guess's ``v0`` and ``theta``."""
+    guess = np.array([0.3, 2.0, 0.5, 1.0, -0.4, 1.0, -0.2, 0.3])
+    small, crash = Bates().learned_rivals(guess)
+    np.testing.assert_allclose(small, [0.3 - 0.05, 2.0, 0.5 - 0.05, 1.0, -0.4, 5.0, 0.0, 0.1])
+    np.testing.assert_allclose(crash, [0.3, 20.0, 0.5, 3.5, -0.15, 0.07, -1.0, 1.1])
+    low = Bates().learned_rivals(np.array([0.04, 2.0, 0.06, 1.0, -0.4, 1.0, -0.2, 0.3]))[0]
+    np.testing.assert_allclose(low[[0, 2]], [0.02, 0.03])  # halved, not below

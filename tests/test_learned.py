@@ -22,6 +22,7 @@ from streamer.calib.learned import (
     NETS,
     TENOR_DAYS,
     Network,
+    features,
     learned_guess,
     n_features,
     network,
@@ -191,3 +192,47 @@ def test_learned_guess_then_lm_reaches_known_parameters(name: str, truth: FloatA
     fit = Calibrator(model, CalibConfig(cold_start="learned")).fit(snap)
     assert fit.success
     np.testing.assert_allclose(fit.x[0][:5], truth[:5], rtol=0.05, atol=0.02)
+
+
+def test_real_chain_target_is_the_optimum_of_a_known_chain() -> None:
+    """A real chain's training target (``streamer.tools.train.real.chain_target``) on a chain
+    priced by Heston at known parameters: those parameters (the data cost's zero), and the
+    features the run-time guess computes; far from them when the network guesses badly (a
+    network that always answers the box's corner: the other starts find the optimum)."""
+    from streamer.tools.train.real import box_points, chain_target
+
+    model = REGISTRY["heston"]()
+    truth = np.array([0.3, 4.0, 0.4, 2.0, -0.2])
+
+    def iv_fn(k: FloatArray, T: FloatArray, j: int) -> FloatArray:
+        return np.asarray(model.implied_vol(truth, k, T, np.full(k.shape, j)))
+
+    snap = make_chain(iv_fn, days=(1, 7, 30, 91, 182), n_strikes=15, half_spread_iv=0.005)
+    cfg = CalibConfig.for_model(model)
+    data = prepare(snap, cfg.filters, 3).data
+    net = network("heston")
+    assert net is not None
+    found = chain_target(model, data, net, cfg, np.random.default_rng(0))
+    assert found is not None
+    f, y, x = found
+    np.testing.assert_array_equal(f, features(data))
+    np.testing.assert_allclose(x, truth, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(y[0], math.log(x[0]))  # v0 on its log scale
+    np.testing.assert_allclose(y[4], math.atanh(x[4] / 0.99))  # rho on atanh(rho / RHO_MAX)
+    corner = Network(
+        weights=(np.zeros((n_features(), len(net.outputs))),),
+        biases=(np.zeros(len(net.outputs)),),
+        x_mean=np.zeros(n_features()),
+        x_scale=np.ones(n_features()),
+        y_mean=np.array([math.log(2.5), math.log(19.0), math.log(0.01), math.log(4.9), 2.0]),
+        y_scale=np.ones(len(net.outputs)),
+        outputs=net.outputs,
+    )
+    found = chain_target(model, data, corner, cfg, np.random.default_rng(0))
+    assert found is not None
+    np.testing.assert_allclose(found[2], truth, rtol=2e-3, atol=2e-3)
+    lo, hi = model.bounds(1)
+    pts = box_points(lo, hi, 200, np.random.default_rng(1))
+    assert np.all((pts >= lo) & (pts <= hi))
+    # log-uniform where the bound is positive: kappa's median near the geometric mean
+    assert np.median(pts[:, 1]) == pytest.approx(math.sqrt(lo[1] * hi[1]), rel=0.3)

@@ -52,6 +52,8 @@ BATES_SCALE = np.concatenate([HESTON_SCALE, [0.2, 0.05, 0.05]])
 JUMP_GUESSES: tuple[tuple[float, float, float], ...] = ((0.5, -0.1, 0.15), (1.0, 0.0, 0.1))
 # the learned path's rival regimes (lam, mu_j, sigma_j): many small jumps, rare crashes
 RIVAL_JUMPS: tuple[tuple[float, float, float], ...] = ((5.0, 0.0, 0.1), (0.07, -1.0, 1.1))
+# ... and the diffusion each rival starts from ((kappa, xi, rho); None: the guess's)
+RIVAL_DIFFUSION: tuple[tuple[float, float, float] | None, ...] = (None, (20.0, 3.5, -0.15))
 
 
 @register
@@ -69,18 +71,23 @@ class Bates(_CharacteristicFunctionModel):
         (``streamer.calib.surface``): the two other jump regimes the LM does not cross to
         from a guess in another (on the 56 BTC and ETH chains of the shared snapshots, the
         learned guess alone reached the best of nine starts on 41, with these two beside it
-        on 55). The guess's diffusion with many small symmetric jumps (``lam`` at its bound)
-        and with rare crashes (``mu_j = -1``, ``sigma_j`` ~1: the optimum differential
-        evolution and the hand-made starts find on some ETH chains), the jump variance
-        taken out of ``v0`` and ``theta``."""
+        on 55). The guess's diffusion with many small symmetric jumps (``lam`` at its bound,
+        the jump variance taken out of ``v0`` and ``theta``), and rare crashes (``mu_j = -1``,
+        ``sigma_j`` ~1) from that basin's own diffusion (``RIVAL_DIFFUSION``: ``kappa`` at its
+        bound, ``xi`` 3.5, ``rho`` -0.15, the optimum of several ETH chains that only random
+        starts found from the guess's diffusion; crashes this rare add little variance at
+        the quoted maturities, so ``v0`` and ``theta`` stay the guess's)."""
         lo, hi = self.bounds(1)
         out: list[FloatArray] = []
-        for lam, mu, sj in RIVAL_JUMPS:
+        for (lam, mu, sj), diffusion in zip(RIVAL_JUMPS, RIVAL_DIFFUSION, strict=True):
             x = np.array(guess, dtype=np.float64, copy=True)
             x[5:] = (lam, mu, sj)
-            jump_var = lam * (mu * mu + sj * sj)
-            x[0] = max(x[0] - jump_var, 0.5 * x[0])
-            x[2] = max(x[2] - jump_var, 0.5 * x[2])
+            if diffusion is not None:
+                x[1], x[3], x[4] = diffusion
+            else:
+                jump_var = lam * (mu * mu + sj * sj)
+                x[0] = max(x[0] - jump_var, 0.5 * x[0])
+                x[2] = max(x[2] - jump_var, 0.5 * x[2])
             out.append(np.clip(x, lo, hi))
         return out
 

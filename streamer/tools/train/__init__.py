@@ -1,7 +1,9 @@
 """``streamer train``: the learned initial guess's networks, trained offline from a seed.
 
-``data`` draws and prices the training chains, ``mlp`` fits the network; ``run`` does both per
-model and writes ``<out>/<model>.npz`` (``streamer.calib.learned`` loads them from the
+``data`` draws and prices the training chains, ``real`` the recorded chains' optima (the
+constant-parameter models are fine-tuned on them beside the simulated chains where the shared
+data exists), ``mlp`` fits the network; ``run`` does this per model and writes
+``<out>/<model>.npz`` (``streamer.calib.learned`` loads them from the
 package's ``streamer/calib/nets``). Same seed and settings: the same weights (one
 ``numpy.random.Generator`` per step, no threads).
 """
@@ -19,13 +21,24 @@ from streamer.calib.learned import NETS, Network, learned_guess_from, output_nam
 from streamer.models import REGISTRY
 from streamer.tools.train.data import make_set
 from streamer.tools.train.mlp import TrainReport, TrainSettings, train
-from streamer.tools.train_defaults import DEFAULT_SAMPLES, DEFAULT_SEED, MODELS
+from streamer.tools.train.real import real_paths, real_set
+from streamer.tools.train_defaults import (
+    DEFAULT_SAMPLES,
+    DEFAULT_SEED,
+    MODELS,
+    REAL_MODELS,
+    REAL_REPEAT,
+)
 
 SOURCES = (
     "calib/learned.py",
     "tools/train/__init__.py",
     "tools/train/data.py",
     "tools/train/mlp.py",
+    "tools/train/real.py",
+    "tools/train_defaults.py",
+    "models/heston.py",  # the hand-made starts of the real chains' optima
+    "models/bates.py",  # ... and the rival jump regimes
 )
 
 
@@ -84,7 +97,17 @@ def run(
         t0 = time.perf_counter()
         X, Y, _ = make_set(name, samples, seed + 100 * i)
         t1 = time.perf_counter()
-        net, report = train(X, Y, output_names(REGISTRY[name]()), s)
+        outputs = output_names(REGISTRY[name]())
+        net, report = train(X, Y, outputs, s)
+        paths = real_paths() if name in REAL_MODELS else []
+        n_real = 0
+        if paths:
+            # the simulated-only network's guesses start the search for each real optimum
+            real = real_set(name, net, paths)
+            n_real = len(real.tags)
+            X = np.concatenate([X, np.repeat(real.X, REAL_REPEAT, axis=0)])
+            Y = np.concatenate([Y, np.repeat(real.Y, REAL_REPEAT, axis=0)])
+            net, report = train(X, Y, outputs, s)
         t2 = time.perf_counter()
         path = out / f"{name}.npz"
         net.save(
@@ -97,6 +120,9 @@ def run(
             data_seed=seed + 100 * i,
             train_seed=s.seed,
             source_sha256=source_digest(),
+            real_chains=n_real,
+            real_sources=np.array([p.name for p in paths] or [""]),
+            real_repeat=REAL_REPEAT if n_real else 0,
         )
         errors = guess_errors(name, net, max(200, samples // 20), seed + 100 * i + 50)
         done.append(
