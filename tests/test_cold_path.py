@@ -187,8 +187,8 @@ def test_bates_rivals_are_the_documented_regimes() -> None:
     rare crashes from their basin's diffusion (``kappa`` 20, ``xi`` 3.5, ``rho`` -0.15) with
     the guess's ``v0`` and ``theta``."""
     guess = np.array([0.3, 2.0, 0.5, 1.0, -0.4, 1.0, -0.2, 0.3])
-    small, crash = Bates().learned_rivals(guess)
+    crash, small = Bates().learned_rivals(guess)  # the crash raced first
     np.testing.assert_allclose(small, [0.3 - 0.05, 2.0, 0.5 - 0.05, 1.0, -0.4, 5.0, 0.0, 0.1])
     np.testing.assert_allclose(crash, [0.3, 20.0, 0.5, 3.5, -0.15, 0.07, -1.0, 1.1])
-    low = Bates().learned_rivals(np.array([0.04, 2.0, 0.06, 1.0, -0.4, 1.0, -0.2, 0.3]))[0]
+    low = Bates().learned_rivals(np.array([0.04, 2.0, 0.06, 1.0, -0.4, 1.0, -0.2, 0.3]))[1]
     np.testing.assert_allclose(low[[0, 2]], [0.02, 0.03])  # halved, not below

@@ -50,10 +50,10 @@ BATES_SCALE = np.concatenate([HESTON_SCALE, [0.2, 0.05, 0.05]])
 
 # cold-start jump parameters: rare moderate down-jumps (crypto skew), then a symmetric set
 JUMP_GUESSES: tuple[tuple[float, float, float], ...] = ((0.5, -0.1, 0.15), (1.0, 0.0, 0.1))
-# the learned path's rival regimes (lam, mu_j, sigma_j): many small jumps, rare crashes
-RIVAL_JUMPS: tuple[tuple[float, float, float], ...] = ((5.0, 0.0, 0.1), (0.07, -1.0, 1.1))
+# the learned path's rival regimes (lam, mu_j, sigma_j), raced in turn: crashes, small jumps
+RIVAL_JUMPS: tuple[tuple[float, float, float], ...] = ((0.07, -1.0, 1.1), (5.0, 0.0, 0.1))
 # ... and the diffusion each rival starts from ((kappa, xi, rho); None: the guess's)
-RIVAL_DIFFUSION: tuple[tuple[float, float, float] | None, ...] = (None, (20.0, 3.5, -0.15))
+RIVAL_DIFFUSION: tuple[tuple[float, float, float] | None, ...] = ((20.0, 3.5, -0.15), None)
 
 
 @register
@@ -71,12 +71,14 @@ class Bates(_CharacteristicFunctionModel):
         (``streamer.calib.surface``): the two other jump regimes the LM does not cross to
         from a guess in another (on the 56 BTC and ETH chains of the shared snapshots, the
         learned guess alone reached the best of nine starts on 41, with these two beside it
-        on 55). The guess's diffusion with many small symmetric jumps (``lam`` at its bound,
-        the jump variance taken out of ``v0`` and ``theta``), and rare crashes (``mu_j = -1``,
-        ``sigma_j`` ~1) from that basin's own diffusion (``RIVAL_DIFFUSION``: ``kappa`` at its
-        bound, ``xi`` 3.5, ``rho`` -0.15, the optimum of several ETH chains that only random
-        starts found from the guess's diffusion; crashes this rare add little variance at
-        the quoted maturities, so ``v0`` and ``theta`` stay the guess's)."""
+        on 55). First rare crashes (``mu_j = -1``, ``sigma_j`` ~1) from that basin's own
+        diffusion (``RIVAL_DIFFUSION``: ``kappa`` at its bound, ``xi`` 3.5, ``rho`` -0.15,
+        the optimum of several ETH chains that only random starts found from the guess's
+        diffusion; crashes this rare add little variance at the quoted maturities, so ``v0``
+        and ``theta`` stay the guess's), then the guess's diffusion with many small
+        symmetric jumps (``lam`` at its bound, the jump variance taken out of ``v0`` and
+        ``theta``). Crashes first: on the shared chains the race took a median 69
+        evaluations, 73 the other way round."""
         lo, hi = self.bounds(1)
         out: list[FloatArray] = []
         for (lam, mu, sj), diffusion in zip(RIVAL_JUMPS, RIVAL_DIFFUSION, strict=True):
