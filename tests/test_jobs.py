@@ -396,3 +396,37 @@ async def test_derived_topics_rate_limited_and_the_last_always_published(
     assert set(tenors) <= set(surfaces) and set(greeks_of) == set(tenors)
     assert tenors == sorted(tenors) and tenors[-1] == surfaces[-1] == max(surfaces)
     assert len(greeks_of[surfaces[-1]]) == 3  # the last surface's greeks: the three expiries
+
+
+async def test_a_fit_process_that_fails_to_start_is_started_by_its_first_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose start fails while the service warms up (a stale kernel cache compiling
+    past the start timeout, say) is logged, the service comes up anyway, and the model's
+    first fit starts it: its surfaces are published like the others'."""
+    from streamer.daemon import fitproc
+
+    real_start = fitproc.FitProcess.start
+    failed: list[str | None] = []
+
+    def start(self: fitproc.FitProcess) -> None:
+        if self.model == "ssvi" and not failed:
+            failed.append(self.model)
+            raise fitproc.WorkerLostError("fit worker for ssvi did not start")
+        real_start(self)
+
+    monkeypatch.setattr(fitproc.FitProcess, "start", start)
+    rec = _recording(tmp_path, 6)
+    mem = MemoryPublisher()
+    service = Service(
+        _config(("svi", "ssvi")),
+        feed_factory=lambda c, p, f: ReplayFeed([str(rec)], parser=p, rate=600.0),
+        publishers=[mem],
+    )
+    with structlog.testing.capture_logs() as logs:
+        assert await asyncio.wait_for(service.run(signals=False), 60 * UNIT) == 0
+    assert failed == ["ssvi"]
+    assert [e["model"] for e in logs if e["event"] == "fit_worker_start_failed"] == ["ssvi"]
+    models = {m.topic.split("/")[-2] for m in mem.messages if m.topic.endswith("/surface")}
+    assert models == {"svi", "ssvi"}
+    assert not [e for e in logs if e["event"] == "fit_worker_lost"]  # not a lost worker

@@ -67,7 +67,7 @@ log = structlog.get_logger(__name__)
 _EMPTY = np.zeros(0)
 Gate = Callable[[], Awaitable[None]]
 
-START_TIMEOUT_S = 60.0  # a child's imports and kernel loads (compiles on a fresh install)
+START_TIMEOUT_S = 180.0  # a child's kernel loads (compiles, where the cache is stale)
 _PRELOAD = ["streamer.daemon.fitproc"]  # what the fork server imports once for every child
 
 
@@ -309,7 +309,8 @@ class FitProcess:
         if self._closed:
             raise WorkerLostError(f"fit worker for {self.model} closed")
         if not self.ready:
-            self._lost("given up" if self._desync and self.alive else "dead before the fit")
+            if self._proc is not None:  # else never started (or its start failed): start
+                self._lost("given up" if self._desync and self.alive else "dead before the fit")
             await asyncio.to_thread(self.start)
         return await self.result(self.submit(data), before_decode)
 

@@ -306,9 +306,13 @@ class Service:
             spares = [w for per in self._spare.values() for w in per]
             self._derived_proc = FitProcess(self.config, None, nice=DERIVED_NICE)
             self._workers.append(self._derived_proc)
-            await asyncio.gather(
-                *(asyncio.to_thread(w.start) for w in [*spares, self._derived_proc])
+            started = await asyncio.gather(
+                *(asyncio.to_thread(w.start) for w in [*spares, self._derived_proc]),
+                return_exceptions=True,
             )
+            for w, res in zip([*spares, self._derived_proc], started, strict=True):
+                if isinstance(res, BaseException):  # its first fit starts it again
+                    log.error("fit_worker_start_failed", model=w.model, error=repr(res))
             log.info(
                 "fit_workers_ready",
                 workers=len(spares),

@@ -242,7 +242,11 @@ async def run_service(
     try:
         await asyncio.wait_for(sub.stdout.readline(), 30.0)  # "subscribed"
         task = asyncio.create_task(service.run(stop, signals=False))
-        await service.ready.wait()  # kernels loaded (compiled, on a cold cache)
+        ready = asyncio.create_task(service.ready.wait())  # kernels loaded (or compiled)
+        await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            raise SystemExit(f"bench latency: the service ended before it was ready: {task}")
         cpu0, loop0, wall0 = os.times(), time.thread_time(), time.monotonic()
         await asyncio.sleep(n_frames / rate + 3.0)
         stop.set()
