@@ -113,6 +113,25 @@ def _config(models: tuple[str, ...], workers: Literal["process", "thread"] = "pr
     )
 
 
+def _replaying(cfg: Config, rec: Path, mem: MemoryPublisher, rate: float) -> Service:
+    """A service replaying ``rec`` at ``rate`` frames a second into ``mem``."""
+    return Service(
+        cfg,
+        feed_factory=lambda c, p, f: ReplayFeed([str(rec)], parser=p, rate=rate),
+        publishers=[mem],
+    )
+
+
+def _fit_counts(service: Service) -> dict[str, float]:
+    """``streamer_fit_seconds_count`` per model label."""
+    out: dict[str, float] = {}
+    for line in service.metrics.render().splitlines():
+        if line.startswith("streamer_fit_seconds_count"):
+            model = line.split('model="', 1)[1].split('"', 1)[0]
+            out[model] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 async def test_a_slow_model_never_delays_another(tmp_path: Path) -> None:
     """SSVI made slow (each fit sleeps in its worker thread): SVI keeps publishing while an
     SSVI fit is in flight, and each model's fits are counted under its own label."""
@@ -128,11 +147,7 @@ async def test_a_slow_model_never_delays_another(tmp_path: Path) -> None:
         await original(topic, payload, retain=retain)
 
     mem.publish = timed  # type: ignore[method-assign]
-    service = Service(
-        cfg,
-        feed_factory=lambda c, p, f: ReplayFeed([str(rec)], parser=p, rate=600.0),
-        publishers=[mem],
-    )
+    service = _replaying(cfg, rec, mem, 600.0)
     slow_s = 1.5 * UNIT
 
     async def run() -> int:
@@ -164,14 +179,7 @@ async def test_a_slow_model_never_delays_another(tmp_path: Path) -> None:
     assert slow and svi
     # SVI surfaces went out before the first (slow) SSVI surface and between SSVI surfaces
     assert sum(t < slow[0] for t in svi) >= 2
-    text = service.metrics.render()
-    for model in ("svi", "ssvi"):
-        count = next(
-            line
-            for line in text.splitlines()
-            if line.startswith("streamer_fit_seconds_count") and f'model="{model}"' in line
-        )
-        assert float(count.rsplit(" ", 1)[1]) == (len(svi) if model == "svi" else len(slow))
+    assert _fit_counts(service) == {"svi": len(svi), "ssvi": len(slow)}
 
 
 async def test_tenors_and_greeks_wait_for_the_surfaces_in_flight(
@@ -202,11 +210,7 @@ async def test_tenors_and_greeks_wait_for_the_surfaces_in_flight(
         await original(topic, payload, retain=retain)
 
     mem.publish = logged  # type: ignore[method-assign]
-    service = Service(
-        cfg,
-        feed_factory=lambda c, p, f: ReplayFeed([str(rec)], parser=p, rate=600.0),
-        publishers=[mem],
-    )
+    service = _replaying(cfg, rec, mem, 600.0)
     real_underlying = service.pipeline._underlying
 
     def patched(book: Any) -> Any:
@@ -257,11 +261,7 @@ async def test_a_killed_fit_process_is_replaced_and_the_other_models_publish_on(
         await original(topic, payload, retain=retain)
 
     mem.publish = timed  # type: ignore[method-assign]
-    service = Service(
-        cfg,
-        feed_factory=lambda c, p, f: ReplayFeed([str(rec)], parser=p, rate=300.0),
-        publishers=[mem],
-    )
+    service = _replaying(cfg, rec, mem, 300.0)
     with structlog.testing.capture_logs() as logs:
         assert await asyncio.wait_for(service.run(signals=False), 120 * UNIT) == 0
     assert killed
@@ -272,14 +272,7 @@ async def test_a_killed_fit_process_is_replaced_and_the_other_models_publish_on(
     after = [m for t, m in published if t > killed[0]]
     assert "svi" in after and "ssvi" in after  # SVI went on; a fresh SSVI process fitted
     assert service._jobs[("deribit", "BTC")]["svi"].worker.restarts == 0  # type: ignore[union-attr]
-    text = service.metrics.render()
-    for model in ("svi", "ssvi"):
-        count = next(
-            line
-            for line in text.splitlines()
-            if line.startswith("streamer_fit_seconds_count") and f'model="{model}"' in line
-        )
-        assert float(count.rsplit(" ", 1)[1]) == sum(m == model for _, m in published)
+    assert _fit_counts(service) == {m: sum(p == m for _, p in published) for m in ("svi", "ssvi")}
 
 
 def _bids(snap: Any) -> dict[str, float]:
@@ -384,11 +377,7 @@ async def test_derived_topics_rate_limited_and_the_last_always_published(
         await original(topic, payload, retain=retain)
 
     mem.publish = logged  # type: ignore[method-assign]
-    service = Service(
-        cfg,
-        feed_factory=lambda c, p, f: ReplayFeed([str(rec)], parser=p, rate=400.0 / UNIT),
-        publishers=[mem],
-    )
+    service = _replaying(cfg, rec, mem, 400.0 / UNIT)
     assert await asyncio.wait_for(service.run(signals=False), 120 * UNIT) == 0
     surfaces, tenors = fitted["surface"], fitted["tenors"]
     assert len(surfaces) >= 3  # enough surfaces to see the limit
@@ -418,11 +407,7 @@ async def test_a_fit_process_that_fails_to_start_is_started_by_its_first_fit(
     monkeypatch.setattr(fitproc.FitProcess, "start", start)
     rec = _recording(tmp_path, 6)
     mem = MemoryPublisher()
-    service = Service(
-        _config(("svi", "ssvi")),
-        feed_factory=lambda c, p, f: ReplayFeed([str(rec)], parser=p, rate=600.0),
-        publishers=[mem],
-    )
+    service = _replaying(_config(("svi", "ssvi")), rec, mem, 600.0)
     with structlog.testing.capture_logs() as logs:
         assert await asyncio.wait_for(service.run(signals=False), 60 * UNIT) == 0
     assert failed == ["ssvi"]

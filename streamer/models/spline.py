@@ -199,6 +199,29 @@ Knots = tuple[float, float, float, float, float, float, float, float]
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _interior_w012(
+    x: FloatArray, i: int, u: float, e_l: float, e_r: float, k: float, s: float, h: float
+) -> tuple[float, float, float]:
+    """``(w, dw/dk, d2w/dk2)`` inside the knots: interval ``i`` at ``u`` in [0, 1) (the
+    outer knots' factors ``e_l``, ``e_r``; ``k = s sinh y``, knot spacing ``h`` in ``y``)."""
+    c0 = _coef(x, i - 1, e_l, e_r)
+    c1 = _coef(x, i, e_l, e_r)
+    c2 = _coef(x, i + 1, e_l, e_r)
+    c3 = _coef(x, i + 2, e_l, e_r)
+    b0, b1, b2, b3 = _bases(u)
+    om = 1.0 - u
+    u2 = u * u
+    w = c0 * b0 + c1 * b1 + c2 * b2 + c3 * b3
+    wu = (
+        -0.5 * om * om * c0 + (1.5 * u2 - 2.0 * u) * c1 + (-1.5 * u2 + u + 0.5) * c2 + 0.5 * u2 * c3
+    )
+    wuu = om * c0 + (3.0 * u - 2.0) * c1 + (1.0 - 3.0 * u) * c2 + u * c3
+    ky = math.sqrt(k * k + s * s)  # dk/dy
+    a1 = 1.0 / (ky * h)
+    return w, a1 * wu, a1 * a1 * wuu - k / (ky * ky * ky) / h * wu
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def spline_knots(x: FloatArray) -> Knots:
     """``(y_l, h, s, y_r, k_l, e_l, k_r, e_r)``: what ``spline_w012`` recomputes at every
     point (the outer knots' ``sinh`` and ``cosh``), for loops over many points of a slice."""
@@ -222,21 +245,7 @@ def w012_knots(x: FloatArray, kn: Knots, k: float) -> tuple[float, float, float]
         br = x[I_BR]
         return (2.0 * x[N_INT - 1] + 4.0 * x[N_INT] + e_r * br) / 6.0 + br * (k - kr), br, 0.0
     i, u = _locate((y - yl) / h)
-    c0 = _coef(x, i - 1, e_l, e_r)
-    c1 = _coef(x, i, e_l, e_r)
-    c2 = _coef(x, i + 1, e_l, e_r)
-    c3 = _coef(x, i + 2, e_l, e_r)
-    b0, b1, b2, b3 = _bases(u)
-    om = 1.0 - u
-    u2 = u * u
-    w = c0 * b0 + c1 * b1 + c2 * b2 + c3 * b3
-    wu = (
-        -0.5 * om * om * c0 + (1.5 * u2 - 2.0 * u) * c1 + (-1.5 * u2 + u + 0.5) * c2 + 0.5 * u2 * c3
-    )
-    wuu = om * c0 + (3.0 * u - 2.0) * c1 + (1.0 - 3.0 * u) * c2 + u * c3
-    ky = math.sqrt(k * k + s * s)  # dk/dy
-    a1 = 1.0 / (ky * h)
-    return w, a1 * wu, a1 * a1 * wuu - k / (ky * ky * ky) / h * wu
+    return _interior_w012(x, i, u, e_l, e_r, k, s, h)
 
 
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
@@ -322,21 +331,7 @@ def spline_w012(x: FloatArray, k: float) -> tuple[float, float, float]:
         return (2.0 * x[N_INT - 1] + 4.0 * x[N_INT] + e_r * br) / 6.0 + br * (k - kr), br, 0.0
     i, u = _locate((y - yl) / h)
     e_l, e_r = _factors(x, i)
-    c0 = _coef(x, i - 1, e_l, e_r)
-    c1 = _coef(x, i, e_l, e_r)
-    c2 = _coef(x, i + 1, e_l, e_r)
-    c3 = _coef(x, i + 2, e_l, e_r)
-    b0, b1, b2, b3 = _bases(u)
-    om = 1.0 - u
-    u2 = u * u
-    w = c0 * b0 + c1 * b1 + c2 * b2 + c3 * b3
-    wu = (
-        -0.5 * om * om * c0 + (1.5 * u2 - 2.0 * u) * c1 + (-1.5 * u2 + u + 0.5) * c2 + 0.5 * u2 * c3
-    )
-    wuu = om * c0 + (3.0 * u - 2.0) * c1 + (1.0 - 3.0 * u) * c2 + u * c3
-    ky = math.sqrt(k * k + s * s)  # dk/dy
-    a1 = 1.0 / (ky * h)
-    return w, a1 * wu, a1 * a1 * wuu - k / (ky * ky * ky) / h * wu
+    return _interior_w012(x, i, u, e_l, e_r, k, s, h)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
