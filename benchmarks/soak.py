@@ -12,11 +12,13 @@ What runs:
   feed time runs on for ``--hours`` (24 by default: the day's 08:00 settlement of the nearest
   daily included), paced at ``--speed`` times real time (100: about 15 minutes). Frames are
   read from the file as they are released (the feed holds no copy of the day);
-* the daemon: ``streamer.daemon.service.Service`` with the default config's models (SVI and
-  SSVI), BTC and ETH, greeks on, publishing to a mosquitto this script starts on a free
-  loopback port (persistence off), and a subscriber in its own process counting what arrives;
-* every ``--sample-s`` (10 s) the process's resident set size (``/proc/self/status`` VmRSS),
-  printed each minute.
+* the daemon: ``streamer.daemon.service.Service`` with the default config's models (spline
+  and SVI, each fitting in worker processes), BTC and ETH, greeks on, publishing to a
+  mosquitto this script starts on a free loopback port (persistence off), and a subscriber
+  in its own process counting what arrives;
+* every ``--sample-s`` (10 s) the process's resident set size (``/proc/self/status`` VmRSS)
+  and the summed proportional set size of its worker processes (the fork server and what it
+  forked: ``smaps_rollup`` Pss), printed each minute.
 
 Reported: the RSS curve (min, max, after warm-up (``--warmup-min``, 2 minutes) the spread
 ``(max - min) / min``; goals: flat within 10 % and <= 300 MB), frames sent and seen by the
@@ -105,6 +107,41 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (from /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def workers_pss_mb() -> float:
+    """The daemon's worker processes (the fork server and the fit and derived workers it
+    forked, ``[models] workers = "process"``): their proportional set size summed (MB; the
+    pages they share with each other counted once in all)."""
+    total = 0
+    for pid in _descendants(os.getpid()):
+        try:
+            if b"multiprocessing.forkserver" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024.0
 
 
 def make_recording(workdir: Path, minutes: float, seed: int) -> tuple[Path, int, int]:
@@ -226,7 +263,8 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.every = every
         self.feed = feed
-        self.samples: list[tuple[float, float, float]] = []  # (wall s, feed h, RSS MB)
+        # (wall s, feed h, the daemon's RSS MB, its workers' PSS MB)
+        self.samples: list[tuple[float, float, float, float]] = []
         self.t0 = time.monotonic()
         self.stop = threading.Event()
 
@@ -234,20 +272,21 @@ class Sampler(threading.Thread):
         next_print = 60.0
         while not self.stop.is_set():
             t = time.monotonic() - self.t0
-            sample = (t, self.feed.feed_ns / 3600e9, rss_mb())
+            sample = (t, self.feed.feed_ns / 3600e9, rss_mb(), workers_pss_mb())
             self.samples.append(sample)
             if t >= next_print:
                 next_print += 60.0
                 load = os.getloadavg()[0]
                 print(
                     f"  {t / 60:5.1f} min  feed {sample[1]:5.2f} h  RSS {sample[2]:6.1f} MB  "
+                    f"workers PSS {sample[3]:6.1f} MB  "
                     f"frames {self.feed.frames:,}  load {load:.2f}",
                     flush=True,
                 )
             self.stop.wait(self.every)
 
 
-def plot(samples: list[tuple[float, float, float]], warmup_min: float, out: Path) -> None:
+def plot(samples: list[tuple[float, float, float, float]], warmup_min: float, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,15 +295,17 @@ def plot(samples: list[tuple[float, float, float]], warmup_min: float, out: Path
     t = [s[0] / 60 for s in samples]
     rss = [s[2] for s in samples]
     fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
-    ax.plot(t, rss, lw=1.5, label="RSS")
+    ax.plot(t, rss, lw=1.5, label="daemon RSS")
+    if any(smp[3] for smp in samples):
+        ax.plot(t, [smp[3] for smp in samples], lw=1.5, label="its worker processes, PSS")
     ax.axvline(warmup_min, color="grey", ls=":", label="end of warm-up")
-    ax.axhline(RSS_GOAL_MB, color="red", ls="--", lw=1, label=f"goal {RSS_GOAL_MB:.0f} MB")
+    ax.axhline(RSS_GOAL_MB, color="red", ls="--", lw=1, label=f"goal {RSS_GOAL_MB:.0f} MB (daemon)")
     ax.set_xlabel("wall minutes (feed time runs 100x: 24 h in ~15 min)")
-    ax.set_ylabel("resident set size (MB)")
-    ax.set_ylim(0, max(RSS_GOAL_MB * 1.1, max(rss) * 1.1))
+    ax.set_ylabel("memory (MB)")
+    ax.set_ylim(0, max(RSS_GOAL_MB * 1.1, max(rss) * 1.1, max(smp[3] for smp in samples) * 1.1))
     top = ax.secondary_xaxis("top", functions=(lambda m: m, lambda m: m))
     top.set_xlabel("")
-    ax.set_title("streamer soak: BTC + ETH, svi + ssvi, greeks, into mosquitto")
+    ax.set_title("streamer soak: BTC + ETH, the default models, greeks, into mosquitto")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -400,7 +441,14 @@ def main(argv: list[str] | None = None) -> int:
           f"end {samples[-1][2]:.1f} MB, peak (ru_maxrss) {r['maxrss_mb']:.1f} MB "
           f"(goal <= {RSS_GOAL_MB:.0f} MB)")  # fmt: skip
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in r['load'])}")
+    pss = [s[3] for s in samples if s[0] >= args.warmup_min * 60]
+    if pss and max(pss) > 0:
+        w_lo, w_hi = min(pss), max(pss)
+        print(f"workers' PSS after warm-up {w_lo:.1f}..{w_hi:.1f} MB (spread "
+              f"{(w_hi - w_lo) / w_lo * 100:.1f} %), end {samples[-1][3]:.1f} MB")  # fmt: skip
     print("per minute:", " ".join(f"{s[2]:.0f}" for s in samples if int(s[0]) % 60 < args.sample_s))
+    print("workers' PSS per minute:",
+          " ".join(f"{s[3]:.0f}" for s in samples if int(s[0]) % 60 < args.sample_s))  # fmt: skip
     plot(samples, args.warmup_min, args.out)
     print(f"curve: {args.out}")
     if args.json:
