@@ -510,13 +510,6 @@ class Pipeline:
         topic = topic_tenors(self.prefix, payload["venue"], payload["underlying"], model)
         return [Message(topic, dict(body))]
 
-    def greeks_messages(
-        self, snap: ChainSnapshot, model: str, payload: Mapping[str, Any], pause: Pause = None
-    ) -> list[Message]:
-        """One greeks message per listed expiry (``greeks_bodies``); the topics of expiries
-        no longer listed are cleared (``greeks_accept``)."""
-        return self.greeks_accept(snap, model, self.greeks_bodies(snap, payload, pause))
-
     def greeks_accept(
         self, snap: ChainSnapshot, model: str, bodies: Sequence[tuple[str, dict[str, Any]]]
     ) -> list[Message]:

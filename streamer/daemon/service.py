@@ -278,8 +278,7 @@ class Service:
                             pub.offline_reason = f"failed: {group.exceptions[0]!r}"[:200]
                 finally:
                     self._tg = None
-                    if self._workers:
-                        await self._close_workers()
+                    await self._close_workers()
                 sdnotify.notify("STOPPING=1")
                 await self._publish(self.pipeline.stale_messages(), trigger_ns=None)
                 # the exit stack closes publishers (MQTT: offline) and the recorder, bounded
@@ -502,10 +501,14 @@ class Service:
             snap = self.pipeline.resnapshot(book)
             self.resnapshots += 1
             mark, newest, snap_ns = self._changes.get(key, 0), self._changed_ns.get(key), now_ns
-        if mark == job.fitted_mark:
-            newest = None
-        job.fitted_mark = mark
-        return snap, newest, snap_ns, fresh
+        return snap, self._newest(job, mark, newest), snap_ns, fresh
+
+    @staticmethod
+    def _newest(job: _Job, mark: int, newest: int | None) -> int | None:
+        """The receive ns that ``job``'s fit of a snapshot at change count ``mark`` is timed
+        from: None when the book did not change since the job's previous fit."""
+        fitted, job.fitted_mark = job.fitted_mark, mark
+        return None if mark == fitted else newest
 
     def _jobs_of(self, book: Book) -> dict[str, _Job]:
         """The fit jobs of ``book``'s underlying, one per model (started on first use)."""
@@ -545,12 +548,9 @@ class Service:
                 return
             if sent is not None:  # handed to its process by ``_kick`` already
                 fut, snap, mark, newest, snap_ns = sent
-                if mark == job.fitted_mark:
-                    newest = None
-                job.fitted_mark = mark
                 work: tuple[ChainSnapshot, int | None, int, bool] | None = (
                     snap,
-                    newest,
+                    self._newest(job, mark, newest),
                     snap_ns,
                     False,
                 )
@@ -585,8 +585,9 @@ class Service:
         *,
         sent: asyncio.Future[Any] | None = None,
     ) -> None:
-        """Fit ``job``'s model on ``snap`` in a worker thread and publish its surface at once;
-        its tenors and greeks go to the derived worker (``_derived_worker``)."""
+        """Fit ``job``'s model on ``snap`` in its worker process (``sent``: the reply of the
+        snapshot ``_kick`` handed it already), or in a worker thread, and publish its surface
+        at once; its tenors and greeks go to the derived worker (``_derived_worker``)."""
         p = self.pipeline
         key = (snap.venue, snap.underlying, job.model)
         fit = self._hanging_fit if self._hang_fit_s else p.fit_snapshot
