@@ -18,7 +18,8 @@ from streamer.calib.calibrator import Calibrator
 from streamer.calib.data import prepare
 from streamer.calib.evaluate import surface_evaluator
 from streamer.calib.learned import slice_smiles, slice_smiles_loop
-from streamer.calib.lm import _secant_update, solve
+from streamer.calib.lm import solve
+from streamer.calib.lm_steps import secant_update
 from streamer.calib.options import CalibConfig
 from streamer.models import REGISTRY
 from streamer.models.base import FitData, Model
@@ -46,7 +47,8 @@ def _data(model: Model, x: FloatArray, noise: float = 0.0, seed: int = 0) -> Fit
 @pytest.mark.parametrize(("name", "x"), [("heston", HESTON_X), ("bates", BATES_X)])
 def test_fit_tolerance_vols_match_reference_grade(name: str, x: FloatArray) -> None:
     """The fit's one-pass vols and Jacobian (``fit_tol``) against the reference-grade pricer:
-    vols to 1e-8 at quotes worth more than 1e-6, the Jacobian to 1e-5 of its scale."""
+    vols to 1e-6 (a thousandth of the narrowest half-spread) at quotes worth more than 1e-6,
+    the Jacobian to 1e-4 of its scale."""
     cls = Heston if name == "heston" else Bates
     model, ref_model = cls(), cls(fit_tol=TAIL_TOL)
     data = _data(model, x)
@@ -54,9 +56,9 @@ def test_fit_tolerance_vols_match_reference_grade(name: str, x: FloatArray) -> N
     ref_iv, ref_jac = ref_model.fit_iv_and_jacobian(x, data.k, data.T)
     worth = model.otm_price(x, data.k, data.T) > 1e-6
     assert np.count_nonzero(worth) > 0.9 * worth.size
-    np.testing.assert_allclose(iv[worth], ref_iv[worth], rtol=0.0, atol=1e-8)
+    np.testing.assert_allclose(iv[worth], ref_iv[worth], rtol=0.0, atol=1e-6)
     scale = np.max(np.abs(ref_jac[worth]), axis=0)
-    assert np.all(np.abs(jac[worth] - ref_jac[worth]) <= 1e-5 * scale)
+    assert np.all(np.abs(jac[worth] - ref_jac[worth]) <= 1e-4 * scale)
     # the reference-grade path is what every other price and vol uses
     np.testing.assert_array_equal(
         ref_model.implied_vol(x, data.k, data.T, data.slice_idx),
@@ -101,12 +103,13 @@ def test_secant_update_satisfies_the_secant_condition() -> None:
     S = 0.5 * (S + S.transpose(0, 2, 1))
     s = rng.normal(size=(2, p))
     y = np.einsum("bij,bj->bi", A_new + np.eye(p), s)  # y's > 0
-    out = _secant_update(S, s, y, A_new)
-    np.testing.assert_allclose(np.einsum("bij,bj->bi", A_new + out, s), y, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(out, out.transpose(0, 2, 1), atol=1e-12)
-    # a step along which the gradient does not grow leaves S as it was
-    same = _secant_update(S, s, -y, A_new)
-    np.testing.assert_array_equal(same, S)
+    for b in range(2):
+        out = secant_update(S[b], s[b], y[b], A_new[b])
+        np.testing.assert_allclose((A_new[b] + out) @ s[b], y[b], rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(out, out.T, atol=1e-12)
+        # a step along which the gradient does not grow leaves S as it was
+        same = secant_update(S[b], s[b], -y[b], A_new[b])
+        np.testing.assert_array_equal(same, S[b])
 
 
 def test_secant_lm_reaches_the_gauss_newton_optimum_of_a_misspecified_fit() -> None:
@@ -192,3 +195,59 @@ def test_bates_rivals_are_the_documented_regimes() -> None:
     np.testing.assert_allclose(crash, [0.3, 20.0, 0.5, 3.5, -0.15, 0.07, -1.0, 1.1])
     low = Bates().learned_rivals(np.array([0.04, 2.0, 0.06, 1.0, -0.4, 1.0, -0.2, 0.3]))[1]
     np.testing.assert_allclose(low[[0, 2]], [0.02, 0.03])  # halved, not below
+
+
+def test_a_crawling_cold_fit_carries_on_in_log_coordinates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Heston's small-kappa valley: a simulated chain (``bench calib --success``'s fifth,
+    kappa 0.10, theta 0.81) on which the LM crawls along ``kappa (theta - v0)`` and stalls
+    0.16 % above the optimum; the log-coordinate polish reaches scipy's optimum (its
+    trust-region LSQ, from the truth and from near the optimum) to 1e-4."""
+    from scipy.optimize import least_squares
+
+    from streamer.calib import surface
+    from streamer.tools.bench.calib import SIM_DAYS, simulated_chain
+    from streamer.tools.train.data import parameters
+
+    model = REGISTRY["heston"]()
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        truth = parameters(model, np.array(SIM_DAYS) / 365.0, rng)
+        snap = simulated_chain(model, truth, rng)
+    assert truth[1] < 0.2  # the small-kappa case
+    cfg = CalibConfig.for_model(model)
+    data = prepare(snap, cfg.filters, 3).data
+    evaluate = surface_evaluator(model, data)
+    lo, hi = model.bounds(1)
+
+    def resid(x: FloatArray) -> FloatArray:
+        iv, _ = evaluate(x[None, :])
+        r = data.weight * (iv - data.iv)
+        return np.asarray(np.where(np.isfinite(r), r, 1e3))
+
+    def jac(x: FloatArray) -> FloatArray:
+        _, j = evaluate(x[None, :])
+        return np.asarray(np.where(np.isfinite(j), j, 0.0) * data.weight[:, None])
+
+    assert cfg.objective == "mid"
+    ref = min(
+        float(
+            least_squares(
+                resid, x0, jac=jac, bounds=(lo, hi), loss=cfg.loss, f_scale=cfg.f_scale,
+                x_scale="jac", xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=3000,
+            ).cost
+        )
+        for x0 in (truth, np.array([0.0112, 0.06, 1.5, 3.45, -0.816]))
+    )  # fmt: skip
+
+    def cost(x: FloatArray) -> float:
+        r = resid(x) / cfg.f_scale
+        return float(0.5 * cfg.f_scale**2 * np.sum(2.0 * (np.sqrt(1.0 + r * r) - 1.0)))
+
+    assert cfg.loss == "soft_l1"
+    fit = Calibrator(model, cfg).fit(snap)
+    assert cost(fit.x[0]) <= ref * (1.0 + 1e-4)
+    monkeypatch.setattr(surface, "CRAWL_NFEV", 10**9)  # no polish: the stall
+    stalled = Calibrator(model, cfg).fit(snap)
+    assert cost(stalled.x[0]) > ref * (1.0 + 1e-3)

@@ -26,6 +26,7 @@ from streamer.calib.lm import LMProblem, solve
 from streamer.calib.options import CalibConfig
 from streamer.models import REGISTRY
 from streamer.models.base import FitData, Model
+from streamer.pricing import black_price
 from tests.synth import make_chain
 
 FloatArray = npt.NDArray[np.float64]
@@ -68,9 +69,9 @@ def test_population_cost_is_the_lm_cost() -> None:
     cost = population_cost(problem, iv)
     for i, x in enumerate(X):
         lm = solve(problem, x[None, :], max_iter=0)
-        # the same prices to the fit's tolerance (1e-10 of the forward: the LM's series also
-        # waits for the gradient's terms to die, the population's only for the prices')
-        assert cost[i] == pytest.approx(float(lm.data_cost[0]), rel=1e-8)
+        # the same prices to the fit's tolerance (``_same_prices``); the costs then agree to
+        # 1e-5 (the first row is the truth, where the cost is all pricing error: ~1e-7)
+        assert cost[i] == pytest.approx(float(lm.data_cost[0]), rel=1e-5, abs=1e-6)
         r = data.weight * (iv[i] - data.iv)  # soft_l1 with f = 1, written out
         assert cost[i] == pytest.approx(0.5 * np.sum(2.0 * (np.sqrt(1.0 + r * r) - 1.0)))
     nan_iv = iv.copy()
@@ -88,9 +89,26 @@ def test_population_iv_matches_implied_vol(name: str) -> None:
     X = np.array([np.clip(guess * rng.uniform(0.8, 1.2, guess.shape), lo, hi) for _ in range(3)])
     pop = population_evaluator(model, data)(X)
     evaluate = surface_evaluator(model, data)  # what the LM prices (at the fit's tolerance)
+    tol = float(getattr(model, "fit_tol", getattr(model, "tol", 0.0)))
+    assert 0.0 < tol <= 1e-7
     for i, x in enumerate(X):
-        ref = evaluate(x[None, :])[0]
-        np.testing.assert_allclose(pop[i], ref, rtol=1e-8, atol=0.0, equal_nan=True)
+        _same_prices(pop[i], evaluate(x[None, :])[0], data, tol)
+
+
+def _same_prices(iv: FloatArray, ref: FloatArray, data: FitData, tol: float) -> None:
+    """The out-of-the-money Black prices (F = 1) of two sets of vols agree to a few times
+    the COS truncation tolerance ``tol`` (of the forward; each series stops on its own: the
+    LM's also waits for the gradient's terms to die, the population's only for the prices'),
+    and the vols to 1e-4 relative where the price is worth a tick (1e-4)."""
+    np.testing.assert_array_equal(np.isnan(iv), np.isnan(ref))
+    ok = ~np.isnan(ref)
+    k, T = data.k[ok], data.T[ok]
+    call = k >= 0.0
+    p = black_price(1.0, np.exp(k), T, iv[ok], call)
+    p_ref = black_price(1.0, np.exp(k), T, ref[ok], call)
+    assert np.max(np.abs(p - p_ref)) <= 4.0 * tol + 1e-15
+    worth = p_ref > 1e-4
+    np.testing.assert_allclose(iv[ok][worth], ref[ok][worth], rtol=1e-4)
 
 
 def test_search_space_ties_pieces_and_maps_the_box() -> None:

@@ -45,7 +45,10 @@ from streamer.calib.constraints import (
     MU_CALENDAR,
     W_SCALE,
 )
-from streamer.calib.lm import MU_INIT, MU_MAX, STALL_ITERS, STALL_RTOL, LMResult
+from streamer.calib.lm import LMResult
+from streamer.calib.lm_steps import BAD_ROW, MU_INIT, MU_MAX, STALL_ITERS, STALL_RTOL
+from streamer.calib.lm_steps import rho as _rho
+from streamer.calib.lm_steps import solve_small as _solve_small
 from streamer.models.base import (
     KERNEL_ESSVI,
     KERNEL_SABR,
@@ -96,7 +99,6 @@ SCRATCH_ROWS = 7  # 0-4: the spline's hinge rows (``hinges_fixed_into``), 5: a p
 Geometry = tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]
 # two slots each: iv, jac, residual, loss slope, band slope, hinge rows, hinge jacobian
 Buffers = tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]
-BAD_ROW = 1e6  # a non-finite hinge row counts as this (as in lm._extra_cost)
 FTOL = 1e-5  # relative cost reduction below which a slice has converged
 XTOL = 1e-9  # relative parameter move below which a slice has converged
 
@@ -168,19 +170,6 @@ def calendar_gaps(
         out[j] = best
         kn_p = kn_j
     return out
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _rho(z: float, loss: int) -> tuple[float, float]:
-    if loss == 0:
-        return z, 1.0
-    if loss == 1:
-        t = math.sqrt(1.0 + z)
-        return 2.0 * (t - 1.0), 1.0 / t
-    if z > 1.0:
-        sz = math.sqrt(z)
-        return 2.0 * sz - 1.0, 1.0 / sz
-    return z, 1.0
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -382,37 +371,6 @@ def _evaluate(
             geo,
         )  # fmt: skip
     return dc, pc
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _solve_small(A: FloatArray, b: FloatArray, out: FloatArray) -> bool:
-    """``A out = b`` for a small dense system (Gaussian elimination, partial pivoting);
-    False when singular. ``A`` and ``b`` are overwritten."""
-    n = b.shape[0]
-    for c in range(n):
-        piv = c
-        big = abs(A[c, c])
-        for i in range(c + 1, n):
-            if abs(A[i, c]) > big:
-                big = abs(A[i, c])
-                piv = i
-        if not big > 0.0 or not math.isfinite(big):
-            return False
-        if piv != c:
-            for j in range(n):
-                A[c, j], A[piv, j] = A[piv, j], A[c, j]
-            b[c], b[piv] = b[piv], b[c]
-        for i in range(c + 1, n):
-            f = A[i, c] / A[c, c]
-            for j in range(c, n):
-                A[i, j] -= f * A[c, j]
-            b[i] -= f * b[c]
-    for i in range(n - 1, -1, -1):
-        s = b[i]
-        for j in range(i + 1, n):
-            s -= A[i, j] * out[j]
-        out[i] = s / A[i, i]
-    return True
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

@@ -33,16 +33,13 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from streamer.calib import lm_steps
+from streamer.calib.lm_steps import LOSS_CODES, MU_INIT
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 Loss = Literal["linear", "soft_l1", "huber"]
 Evaluate = Callable[[FloatArray], tuple[FloatArray, FloatArray]]
-
-MU_INIT = 1e-3
-MU_MAX = 1e12
-STALL_ITERS = 10
-STALL_RTOL = 1e-4
-CREEP = 0.02  # secant steps once an accepted step buys less than this share of the cost
 
 
 @dataclass(frozen=True)
@@ -98,42 +95,6 @@ def _rho(z: FloatArray, loss: Loss) -> tuple[FloatArray, FloatArray]:
     return np.where(big, 2.0 * sz - 1.0, z), np.where(big, 1.0 / sz, 1.0)
 
 
-def _block_sum(values: FloatArray, starts: IntArray) -> FloatArray:
-    if starts.shape[0] == 1:
-        return np.asarray(values.sum(axis=0, keepdims=True))
-    return np.asarray(np.add.reduceat(values, starts, axis=0))
-
-
-def _extra_cost(
-    problem: LMProblem, x: FloatArray
-) -> tuple[FloatArray, FloatArray | None, FloatArray | None]:
-    if problem.extra is None:
-        return np.zeros(x.shape[0]), None, None
-    rows, jac = problem.extra(x)
-    rows = np.where(np.isfinite(rows), rows, 1e6)
-    jac = np.where(np.isfinite(jac), jac, 0.0)
-    return 0.5 * np.sum(rows * rows, axis=1), rows, jac
-
-
-def _costs(
-    problem: LMProblem, x: FloatArray, iv: FloatArray
-) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-    """Per-block data cost and penalty, plus residuals and loss derivatives per point."""
-    f2 = problem.f_scale * problem.f_scale
-    r = problem.weight * _shape(iv - problem.target, problem)[0]
-    z = r * r / f2
-    rho, drho = _rho(z, problem.loss)
-    data = 0.5 * f2 * _block_sum(rho, problem.starts)
-    if problem.prior is not None and problem.penalty_weight is not None:
-        d = problem.penalty_weight * (x - problem.prior)
-        pen = 0.5 * np.sum(d * d, axis=1)
-    else:
-        pen = np.zeros(problem.n_blocks)
-    bad = ~np.isfinite(data)
-    data[bad] = np.inf
-    return data, pen, r, drho
-
-
 def _shape(e: FloatArray, problem: LMProblem) -> tuple[FloatArray, FloatArray]:
     """Band objective: ``kappa e + (e - clip(e, -band, band))`` and its slope in ``e``.
 
@@ -145,150 +106,6 @@ def _shape(e: FloatArray, problem: LMProblem) -> tuple[FloatArray, FloatArray]:
     outside = e - np.clip(e, -problem.band, problem.band)
     slope = problem.kappa + (np.abs(e) > problem.band).astype(np.float64)
     return problem.kappa * e + outside, np.asarray(slope, dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class _Point:
-    """Everything known at one parameter point of every block."""
-
-    x: FloatArray  # (B, p)
-    iv: FloatArray
-    jac: FloatArray
-    r: FloatArray  # weighted residuals
-    drho: FloatArray  # loss derivatives
-    data: FloatArray  # per-block data cost
-    pen: FloatArray  # per-block penalty (change penalty plus extra rows)
-    erows: FloatArray | None
-    ejac: FloatArray | None
-
-    @property
-    def total(self) -> FloatArray:
-        return self.data + self.pen
-
-
-def _point(problem: LMProblem, x: FloatArray) -> _Point:
-    """Evaluate the model, the costs and the extra rows at ``x``."""
-    iv, jac = problem.evaluate(x)
-    data, pen, r, drho = _costs(problem, x, iv)
-    ecost, erows, ejac = _extra_cost(problem, x)
-    return _Point(x, iv, jac, r, drho, data, pen + ecost, erows, ejac)
-
-
-def _normal_equations(
-    problem: LMProblem, pt: _Point, pw2: FloatArray | None
-) -> tuple[FloatArray, FloatArray]:
-    """Per block ``A = J'J`` and ``g = J'r`` of the IRLS-scaled data rows (non-finite points
-    count as zero), the penalty rows and the extra rows."""
-    jac, iv, starts = pt.jac, pt.iv, problem.starts
-    p = pt.x.shape[1]
-    if not np.all(np.isfinite(jac)) or not np.all(np.isfinite(iv)):
-        bad_pts = ~(np.isfinite(iv) & np.all(np.isfinite(jac), axis=1))
-        jac = np.where(bad_pts[:, None], 0.0, jac)
-    slope = _shape(iv - problem.target, problem)[1]
-    wj = (problem.weight * slope * np.sqrt(pt.drho))[:, None] * jac  # IRLS-scaled rows
-    rs = pt.r * np.sqrt(pt.drho)
-    rs = np.where(np.isfinite(rs), rs, 0.0)
-    if starts.shape[0] == 1:
-        # a contiguous transpose: OpenBLAS runs this product on one thread (the transposed
-        # view takes its threaded path, whose spinning workers cost more CPU than the product
-        # on a shared machine)
-        wt = np.ascontiguousarray(wj.T)
-        A = np.dot(wt, wj)[None, :, :]
-        g = np.dot(wt, rs)[None, :]
-    else:
-        A = _block_sum(wj[:, :, None] * wj[:, None, :], starts)
-        g = _block_sum(wj * rs[:, None], starts)
-    if pw2 is not None and problem.prior is not None:
-        A = A + pw2[:, None, :] * np.eye(p)
-        g = g + pw2 * (pt.x - problem.prior)
-    if pt.erows is not None and pt.ejac is not None:
-        A = A + np.einsum("bmi,bmj->bij", pt.ejac, pt.ejac)
-        g = g + np.einsum("bmi,bm->bi", pt.ejac, pt.erows)
-    return A, g
-
-
-def _step(A: FloatArray, g: FloatArray, mu: FloatArray, held: npt.NDArray[np.bool_]) -> FloatArray:
-    """Marquardt's damped step ``(A + mu diag(A)) d = -g`` per block, solved in the free
-    subspace: ``held`` variables (on a bound, their descent direction leaving the box) do not
-    move (a projected step of the full system is distorted by the clipping and crawls along
-    the bound)."""
-    eye = np.eye(A.shape[1])
-    diag = np.einsum("bii->bi", A)
-    lift = mu[:, None] * (diag + 1e-12 * (1.0 + diag.max(axis=1, keepdims=True)))
-    damped = A + lift[:, :, None] * eye
-    if held.any():
-        free = (~held).astype(np.float64)
-        damped = damped * free[:, :, None] * free[:, None, :] + held[:, :, None] * eye
-        g = g * free
-    try:
-        return np.asarray(-np.linalg.solve(damped, g[:, :, None])[:, :, 0])
-    except np.linalg.LinAlgError:
-        return np.asarray(-g / np.maximum(np.einsum("bii->bi", damped), 1e-300))
-
-
-def _take(old: _Point, new: _Point, accept: npt.NDArray[np.bool_], block_of: IntArray) -> _Point:
-    """Per block, the new point where its step was accepted, else the old one."""
-    if accept.all():
-        return new
-    if not accept.any():
-        return old
-    pt = accept[block_of]
-    erows, ejac = old.erows, old.ejac
-    if erows is not None and new.erows is not None and ejac is not None and new.ejac is not None:
-        erows = np.where(accept[:, None], new.erows, erows)
-        ejac = np.where(accept[:, None, None], new.ejac, ejac)
-    return _Point(
-        x=np.where(accept[:, None], new.x, old.x),
-        iv=np.where(pt, new.iv, old.iv),
-        jac=np.where(pt[:, None], new.jac, old.jac),
-        r=np.where(pt, new.r, old.r),
-        drho=np.where(pt, new.drho, old.drho),
-        data=np.where(accept, new.data, old.data),
-        pen=np.where(accept, new.pen, old.pen),
-        erows=erows,
-        ejac=ejac,
-    )
-
-
-def _secant_update(S: FloatArray, s: FloatArray, y: FloatArray, A_new: FloatArray) -> FloatArray:
-    """The structured secant update of the second-order term ``S`` (per block, in place of
-    ``sum_i rho_i r_i nabla^2 r_i``, which Gauss-Newton leaves out): Dennis, Gay and Welsch's
-    symmetric rank-two update (NL2SOL, 1981) with their sizing, such that
-    ``(A_new + S_new) s = y`` for the step ``s`` and gradient change ``y``; ``A_new`` the
-    Gauss-Newton matrix at the new point. Blocks with ``y's`` not positive keep ``S``."""
-    ys = np.einsum("bi,bi->b", y, s)
-    y_sharp = y - np.einsum("bij,bj->bi", A_new, s)
-    Ss = np.einsum("bij,bj->bi", S, s)
-    sSs = np.einsum("bi,bi->b", s, Ss)
-    # sizing (Dennis, Gay and Welsch 1981, eq. 3.4): shrink S where it overstates curvature
-    tau = np.where(
-        np.abs(sSs) > 0.0,
-        np.minimum(
-            1.0, np.abs(np.einsum("bi,bi->b", s, y_sharp)) / np.maximum(np.abs(sSs), 1e-300)
-        ),
-        1.0,
-    )
-    S = tau[:, None, None] * S
-    v = y_sharp - tau[:, None] * Ss
-    ok = ys > 1e-300
-    inv = np.where(ok, 1.0 / np.where(ok, ys, 1.0), 0.0)
-    vs = np.einsum("bi,bi->b", v, s)
-    upd = (v[:, :, None] * y[:, None, :] + y[:, :, None] * v[:, None, :]) * inv[:, None, None] - (
-        vs * inv * inv
-    )[:, None, None] * y[:, :, None] * y[:, None, :]
-    out: FloatArray = np.where(ok[:, None, None], S + upd, S)
-    return out
-
-
-def _positive_definite(M: FloatArray) -> npt.NDArray[np.bool_]:
-    """Per block: is the symmetric matrix positive definite (a Cholesky factor exists)?"""
-    out = np.ones(M.shape[0], dtype=np.bool_)
-    for b in range(M.shape[0]):
-        try:
-            np.linalg.cholesky(M[b])
-        except np.linalg.LinAlgError:
-            out[b] = False
-    return out
 
 
 def solve(
@@ -303,90 +120,60 @@ def solve(
     """Minimise every block's objective from ``x0`` (shape ``(B, p)``).
 
     A block stops on a small cost reduction (actual, or predicted by the Gauss-Newton model for
-    a step the bounds did not clip), a small move, ``mu`` past ``MU_MAX``, or a stall:
+    a step the bounds did not clip: then before that step is evaluated, which could only
+    confirm a step too small to matter), a small move (likewise), ``mu`` past ``MU_MAX``, or
+    a stall:
     ``STALL_ITERS`` iterations that bought less than ``STALL_RTOL`` of its cost (a block
     creeping along a flat valley, SVI's a/b/sigma trade-off). Variables on a bound whose
-    descent direction leaves the box are held there for the step.
+    descent direction leaves the box are held there for the step. A step clipped by the
+    bounds may predict no (or a negative) reduction although the point is not stationary (a
+    Gauss-Newton step far outside the box): that is not convergence; the step is judged by
+    its actual cost, and ``mu`` grows if it fails.
 
     ``secant``: augment the Gauss-Newton matrix with a secant estimate of the second-order
-    term (``_secant_update``; NL2SOL, Dennis, Gay and Welsch 1981), for large-residual
+    term (``lm_steps.secant_update``; NL2SOL, Dennis, Gay and Welsch 1981), for large-residual
     problems where Gauss-Newton converges only linearly (a misspecified surface model
-    creeping along a flat valley); a block whose augmented matrix is not positive definite,
-    or whose last augmented step failed, takes the plain Gauss-Newton step.
+    creeping along a flat valley); only in the creeping phase (an accepted step bought less
+    than ``CREEP`` of the cost: far from the optimum the estimate misleads); a block whose
+    augmented matrix is not positive definite, or whose last augmented step failed, takes the
+    plain Gauss-Newton step.
+
+    The loop and the evaluations are here; the arithmetic between two evaluations is compiled
+    (``streamer.calib.lm_steps``).
     """
-    lower, upper = problem.lower, problem.upper
-    cur = _point(problem, np.clip(np.asarray(x0, dtype=np.float64), lower, upper))
-    n_blocks = cur.x.shape[0]
-    counts = np.diff(np.append(problem.starts, problem.target.shape[0]))
-    block_of = np.repeat(np.arange(n_blocks), counts)
-    has_pen = problem.prior is not None and problem.penalty_weight is not None
-    pw2 = problem.penalty_weight**2 if has_pen and problem.penalty_weight is not None else None
-    nfev = 1
-    mu = np.full(n_blocks, MU_INIT)
-    checkpoint = cur.total
-    converged = np.zeros(n_blocks, dtype=np.bool_)
-    iterations = 0
-    p = cur.x.shape[1]
-    S = np.zeros((n_blocks, p, p))
-    use_s = np.zeros(n_blocks, dtype=np.bool_)  # the last step was augmented
-    last: tuple[FloatArray, FloatArray] | None = None  # (x, gradient) before the last accept
-    creeping = np.zeros(n_blocks, dtype=np.bool_)  # the last accepted step bought < CREEP
+    x = np.clip(np.asarray(x0, dtype=np.float64), problem.lower, problem.upper)
+    B, p = x.shape
+    lower = np.broadcast_to(_f64(problem.lower), (B, p)).copy()
+    upper = np.broadcast_to(_f64(problem.upper), (B, p)).copy()
+    n = problem.target.shape[0]
+    counts = np.diff(np.append(problem.starts, n))
+    block_of = np.repeat(np.arange(B, dtype=np.int64), counts)
+    starts = np.ascontiguousarray(problem.starts, dtype=np.int64)
+    const = _Constants.of(problem, block_of, B, p)
+    cur = _Trial.at(problem, const, x)
+    new = _Trial.empty(n, B, p, cur.erows.shape[1])
+    mu = np.full(B, MU_INIT)
+    converged = np.zeros(B, dtype=np.bool_)
+    checkpoint = cur.data + cur.pen
+    S = np.zeros((B, p, p))
+    last_x, last_g = np.zeros((B, p)), np.zeros((B, p))
+    creeping = np.zeros(B, dtype=np.bool_)  # the last accepted step bought < CREEP
+    use_s = np.zeros(B, dtype=np.bool_)  # this step is augmented
+    nfev, iterations = 1, 0
     for iterations in range(1, max_iter + 1):
-        A, g = _normal_equations(problem, cur, pw2)
-        if secant:
-            if last is not None:
-                moved_x = cur.x - last[0]
-                fresh = np.any(moved_x != 0.0, axis=1)
-                if fresh.any():
-                    S = np.where(
-                        fresh[:, None, None], _secant_update(S, moved_x, g - last[1], A), S
-                    )
-            aug = A + S
-            # only in the creeping phase: far from the optimum the estimate misleads
-            good = creeping & _positive_definite(aug + 1e-12 * np.eye(p))
-            A = np.where(good[:, None, None], aug, A)
-            use_s = good
-        held = ((cur.x <= lower) & (g > 0.0)) | ((cur.x >= upper) & (g < 0.0))
-        g_full = g
-        g = np.where(held, 0.0, g)
-        step = _step(A, g, mu, held)
-        step[converged] = 0.0
-        x_new = np.clip(cur.x + step, lower, upper)
-        d = x_new - cur.x
-        # the Gauss-Newton model's predicted reduction of the (robust, penalised) cost
-        predicted = -(np.sum(g * d, axis=1) + 0.5 * np.einsum("bi,bij,bj->b", d, A, d))
-        new = _point(problem, x_new)
+        if lm_steps.propose(
+            cur.x, cur.iv, cur.jac, cur.r, cur.drho, cur.erows, cur.ejac, *const.data,
+            lower, upper, mu, converged, secant, iterations > 1, last_x, last_g, S, creeping,
+            use_s, new.x, cur.data, cur.pen, ftol, xtol,
+        ):  # fmt: skip
+            break
+        new.evaluate(problem, const)
         nfev += 1
-        old_total, new_total = cur.total, new.total
-        accept = (new_total < old_total) & ~converged
-        moved = np.max(np.abs(x_new - cur.x) / (np.abs(cur.x) + 1e-8), axis=1)
-        scale = np.maximum(old_total, 1e-300)
-        # a step clipped by the bounds may predict no (or a negative) reduction although the
-        # point is not stationary (a Gauss-Newton step far outside the box): not convergence;
-        # the step is judged by its actual cost, and mu grows if it fails
-        clipped = np.any(cur.x + step != x_new, axis=1)
-        with np.errstate(invalid="ignore"):  # inf - inf (a non-finite cost): not small
-            small = (
-                (accept & ((old_total - new_total) <= ftol * scale))
-                | ((predicted <= ftol * scale) & ~clipped)
-                | (moved <= xtol)
-            )
-        if secant:
-            last = (cur.x.copy(), g_full)
-            with np.errstate(invalid="ignore"):  # inf - inf: a step from a non-finite cost
-                gain = (old_total - new_total) / scale
-            creeping = np.where(accept, gain < CREEP, creeping)
-            # a failed augmented step: forget the second-order estimate
-            S = np.where((use_s & ~accept & ~converged)[:, None, None], 0.0, S)
-        cur = _take(cur, new, accept, block_of)
-        mu = np.where(accept, np.maximum(mu / 3.0, 1e-12), mu * 4.0)
-        converged |= small | (mu > MU_MAX)
-        if iterations % STALL_ITERS == 0:
-            now_total = cur.total
-            with np.errstate(invalid="ignore"):  # inf - inf: a cost still non-finite
-                converged |= (checkpoint - now_total) <= STALL_RTOL * np.maximum(now_total, 1e-300)
-            checkpoint = now_total
-        if converged.all():
+        if lm_steps.tell(
+            cur.x, cur.iv, cur.jac, cur.r, cur.drho, cur.data, cur.pen, cur.erows, cur.ejac,
+            new.x, new.iv, new.jac, new.r, new.drho, new.data, new.pen, new.erows, new.ejac,
+            starts, mu, converged, checkpoint, secant, S, creeping, use_s, ftol, iterations,
+        ):  # fmt: skip
             break
     return LMResult(
         x=cur.x,
@@ -397,3 +184,94 @@ def solve(
         nfev=nfev,
         iterations=iterations,
     )
+
+
+@dataclass(frozen=True)
+class _Constants:
+    """The problem's arrays in the kernels' form: ``data`` is the argument run shared by
+    ``lm_steps.point_costs`` and ``lm_steps.propose`` (target, weight, band, has_band, kappa,
+    block_of, prior, pen_w, has_pen); ``loss`` its code, ``f2`` the squared scale."""
+
+    data: tuple[
+        FloatArray, FloatArray, FloatArray, bool, float, IntArray, FloatArray, FloatArray, bool
+    ]
+    loss: int
+    f2: float
+
+    @classmethod
+    def of(cls, problem: LMProblem, block_of: IntArray, B: int, p: int) -> _Constants:
+        has_pen = problem.prior is not None and problem.penalty_weight is not None
+        zeros = np.zeros((B, p))
+        prior = _f64(problem.prior) if has_pen and problem.prior is not None else zeros
+        pen_w = (
+            _f64(problem.penalty_weight)
+            if has_pen and problem.penalty_weight is not None
+            else zeros
+        )
+        band = np.zeros(0) if problem.band is None else _f64(problem.band)
+        data = (
+            _f64(problem.target),
+            _f64(problem.weight),
+            band,
+            problem.band is not None,
+            float(problem.kappa),
+            block_of,
+            np.broadcast_to(prior, (B, p)).copy(),
+            np.broadcast_to(pen_w, (B, p)).copy(),
+            has_pen,
+        )
+        return cls(data, LOSS_CODES[problem.loss], float(problem.f_scale) ** 2)
+
+
+@dataclass
+class _Trial:
+    """One parameter point of every block and what is known there."""
+
+    x: FloatArray  # (B, p)
+    iv: FloatArray
+    jac: FloatArray
+    r: FloatArray  # weighted residuals
+    drho: FloatArray  # loss derivatives
+    data: FloatArray  # per-block data cost
+    pen: FloatArray  # per-block penalty (change penalty plus extra rows)
+    erows: FloatArray  # (B, m) extra rows, (B, 0) without
+    ejac: FloatArray  # (B, m, p)
+
+    @classmethod
+    def empty(cls, n: int, B: int, p: int, m: int) -> _Trial:
+        return cls(
+            np.zeros((B, p)), np.zeros(n), np.zeros((n, p)), np.zeros(n), np.zeros(n),
+            np.zeros(B), np.zeros(B), np.zeros((B, m)), np.zeros((B, m, p)),
+        )  # fmt: skip
+
+    @classmethod
+    def at(cls, problem: LMProblem, const: _Constants, x: FloatArray) -> _Trial:
+        B, p = x.shape
+        n = problem.target.shape[0]
+        out = cls.empty(n, B, p, 0)
+        out.x[:] = x
+        out.evaluate(problem, const)
+        return out
+
+    def evaluate(self, problem: LMProblem, const: _Constants) -> None:
+        """The model (and the extra rows) at ``self.x``, then the costs."""
+        iv, jac = problem.evaluate(self.x)
+        self.iv[:] = iv
+        self.jac[:] = jac
+        if problem.extra is not None:
+            rows, rjac = problem.extra(self.x)
+            if self.erows.shape != rows.shape:
+                self.erows = np.zeros(rows.shape)
+                self.ejac = np.zeros(rjac.shape)
+            self.erows[:] = rows
+            self.ejac[:] = rjac
+        target, weight, band, has_band, kappa, block_of, prior, pen_w, has_pen = const.data
+        lm_steps.point_costs(
+            self.x, self.iv, self.erows, self.ejac, target, weight, band, has_band, kappa,
+            const.loss, const.f2, block_of, prior, pen_w, has_pen, self.r, self.drho, self.data,
+            self.pen,
+        )  # fmt: skip
+
+
+def _f64(a: FloatArray) -> FloatArray:
+    return np.ascontiguousarray(a, dtype=np.float64)

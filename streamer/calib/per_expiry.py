@@ -39,7 +39,8 @@ from streamer.calib.constraints import (
 from streamer.calib.data import Prepared
 from streamer.calib.evaluate import fitted_iv, slice_evaluator
 from streamer.calib.gate import Prior, SliceGate, all_clean
-from streamer.calib.lm import STALL_ITERS, STALL_RTOL, LMResult, solve
+from streamer.calib.lm import LMResult, solve
+from streamer.calib.lm_steps import STALL_ITERS, STALL_RTOL
 from streamer.calib.options import CalibConfig, History
 from streamer.calib.result import (
     Failure,

@@ -57,11 +57,11 @@ Gauss-Lobatto at 1e-14) and 25-digit quadrature the prices agree to ~1e-10 relat
 
 Two tolerances: every price and vol a caller sees is reference-grade (``TAIL_TOL``); a fit's
 least-squares evaluations at its quotes (``fit_iv_and_jacobian``, one pass for the vols and
-the Jacobian; ``population_iv`` for a global search) use ``FIT_TOL = 1e-10``, about half the
-terms (narrower range, shorter series) for vols within ~1e-9 of the reference at quotes worth a
-tick. The reference coefficients of the last few (parameters, maturities) are kept
-(``cos_bank``, ``otm_from_bank``): the gate's probes, its calendar grid and the ATM vols of a
-fitted vector share one characteristic-function sweep.
+the Jacobian; ``population_iv`` for a global search) use ``FIT_TOL = 1e-7``, about a third of
+the terms (narrower range, shorter series) for vols within ~2e-7 of the reference, far inside
+any quote's half-spread. The reference coefficients of the last few (parameters, maturities)
+are kept (``cos_bank``, ``otm_from_bank``): the gate's probes, its calendar grid and the ATM
+vols of a fitted vector share one characteristic-function sweep.
 
 Implied vols: the out-of-the-money price inverted with ``streamer.pricing.implied``; NaN where
 that price is not positive (strikes ~8 standard deviations out, below double precision).
@@ -108,9 +108,11 @@ HESTON_SCALE = np.array([0.02, 0.5, 0.02, 0.1, 0.05])
 N_PARAMS_MAX = 8  # Heston 5 + Bates jumps 3
 TAIL_TOL = 1e-15  # price error allowed from each truncation (domain ends, series end), F = 1
 # the tolerance of the least-squares evaluations (``fit_iv_and_jacobian``, ``population_iv``):
-# prices to ~1e-10 of the forward, vols of the fitted quotes (worth at least a tick, 1e-4) to
-# ~1e-9, at about half the terms of ``TAIL_TOL`` (narrower range, shorter series)
-FIT_TOL = 1e-10
+# prices to ~1e-7 of the forward, vols of the fitted quotes to ~2e-7 (0.00002 vol points, a
+# hundredth of the narrowest half-spread) and the Jacobian to ~1e-5 of its scale, at about a
+# third of the terms of ``TAIL_TOL`` (narrower range, shorter series); 1e-10 cost 1.7x more
+# per evaluation and moved a real chain's optimum by 1e-9 of its cost
+FIT_TOL = 1e-7
 CHERNOFF_STEPS = 40  # s - 1 grid: 2 r0, 2 r0 / sqrt 2, ... (r0: the Gaussian optimum)
 CHERNOFF_RATIO = 2.0**-0.5
 K_REF = 2.0  # largest log-strike the left-edge fallback protects
@@ -1020,6 +1022,8 @@ class Heston(_CharacteristicFunctionModel):
     # snapshot chains the learned guess reached the optimum on all of them in a median 11
     # evaluations against 13 (Bates: fewer optima reached, so not there)
     secant_lm: ClassVar[bool] = True
+    # a cold run that crawls carries on in (ln kappa, ln theta) (``surface._SurfaceFit.uncurl``)
+    log_params: ClassVar[tuple[str, ...]] = ("kappa", "theta")
     names: ClassVar[tuple[str, ...]] = HESTON_NAMES
     lower: ClassVar[FloatArray] = HESTON_LOWER
     upper: ClassVar[FloatArray] = HESTON_UPPER
