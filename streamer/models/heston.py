@@ -789,8 +789,8 @@ class _CharacteristicFunctionModel(Model):
     any_maturity: ClassVar[bool] = True
     # cold and regime fits from the network's guess (``streamer.calib.learned``; Bates with
     # its rival jump regimes), measured on the 56 BTC and ETH chains of the shared snapshots:
-    # Heston reached the optimum on all in a median 11 evaluations (hand-made starts: 38),
-    # Bates on 55 in 77 (hand-made: 53 in 165)
+    # Heston reached the optimum on all in a median 10 evaluations (hand-made starts: 38),
+    # Bates on all in 66 (hand-made: 53 in 165) (``bench calib --success``)
     calib_defaults: ClassVar[dict[str, object]] = {"cold_start": "learned"}
     names: ClassVar[tuple[str, ...]]
     lower: ClassVar[FloatArray]
