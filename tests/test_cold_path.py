@@ -202,7 +202,7 @@ def test_a_crawling_cold_fit_carries_on_in_log_coordinates(
 ) -> None:
     """Heston's small-kappa valley: a simulated chain (``bench calib --success``'s fifth,
     kappa 0.10, theta 0.81) on which the LM crawls along ``kappa (theta - v0)`` and stalls
-    0.16 % above the optimum; the log-coordinate polish reaches scipy's optimum (its
+    0.07-0.16 % above the optimum; the log-coordinate polish reaches scipy's optimum (its
     trust-region LSQ, from the truth and from near the optimum) to 1e-4."""
     from scipy.optimize import least_squares
 
@@ -250,4 +250,4 @@ def test_a_crawling_cold_fit_carries_on_in_log_coordinates(
     assert cost(fit.x[0]) <= ref * (1.0 + 1e-4)
     monkeypatch.setattr(surface, "CRAWL_NFEV", 10**9)  # no polish: the stall
     stalled = Calibrator(model, cfg).fit(snap)
-    assert cost(stalled.x[0]) > ref * (1.0 + 1e-3)
+    assert cost(stalled.x[0]) > ref * (1.0 + 5e-4)

@@ -56,6 +56,22 @@ def surface_evaluator(model: Model, data: FitData) -> Evaluate:
     return evaluate
 
 
+def coarse_evaluator(model: Model, data: FitData) -> Evaluate | None:
+    """``X (1, P) -> (iv, jacobian)`` at the model's coarse tolerance
+    (``coarse_iv_and_jacobian``: the first phase of a cold run) for a model that asks for
+    it (``coarse_cold``), else None."""
+    coarse = getattr(model, "coarse_iv_and_jacobian", None)
+    if coarse is None or not getattr(model, "coarse_cold", False):
+        return None
+    k, T = data.k, data.T
+
+    def evaluate(X: FloatArray) -> tuple[FloatArray, FloatArray]:
+        iv, jac = coarse(X[0], k, T)
+        return np.asarray(iv, dtype=np.float64), np.asarray(jac, dtype=np.float64)
+
+    return evaluate
+
+
 def fd_jacobian(
     model: Model, x: FloatArray, k: FloatArray, T: FloatArray, idx: IntArray, iv: FloatArray
 ) -> FloatArray:

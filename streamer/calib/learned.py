@@ -39,7 +39,9 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+from numba import njit
 
+from streamer.calib.lm_steps import solve_small
 from streamer.models.base import FitData, FloatArray, IntArray, Model
 
 TENOR_DAYS = np.array([1.0, 2.0, 4.0, 7.0, 14.0, 30.0, 60.0, 91.0, 182.0, 365.0])
@@ -60,58 +62,107 @@ def slice_smiles(
     k: FloatArray, iv: FloatArray, slice_idx: IntArray, slice_T: FloatArray
 ) -> FloatArray:
     """Per slice ``(a, b, c)`` of the quadratic ``a + b z + c z^2`` (rows of NaN for a slice
-    without a finite vol): every slice in a few array operations (``slice_smiles_loop``
-    slice by slice, the reference, where a slice's normal equations are singular)."""
+    without a finite vol): every slice in one compiled pass (``_smiles``;
+    ``slice_smiles_loop`` slice by slice, the reference, where a slice's normal equations
+    are singular or a coefficient is not finite)."""
     S = slice_T.shape[0]
-    ok = np.isfinite(iv)
-    if S == 0 or not np.any(ok):
-        return np.full((S, 3), np.nan)
-    kk, vv, jj = k[ok], iv[ok], slice_idx[ok]
-    n = np.bincount(jj, minlength=S)
-    # a0: the median vol of the (up to) 4 quotes nearest the forward
-    order = np.lexsort((np.abs(kk), jj))
-    first = np.concatenate([[0], np.cumsum(n)[:-1]])
-    take = first[:, None] + np.arange(4)[None, :]
-    near = np.where(
-        np.arange(4)[None, :] < n[:, None], vv[order][np.minimum(take, kk.size - 1)], np.nan
+    if S == 0:
+        return np.full((0, 3), np.nan)
+    out, ok = _smiles(
+        np.ascontiguousarray(k, dtype=np.float64),
+        np.ascontiguousarray(iv, dtype=np.float64),
+        np.ascontiguousarray(slice_idx, dtype=np.int64),
+        np.ascontiguousarray(slice_T, dtype=np.float64),
+        Z_FIT,
     )
-    has = n > 0
-    srt = np.sort(near, axis=1)  # NaN padding sorts last
-    c = np.minimum(n, 4)
-    rows = np.arange(S)
-    lo_i, hi_i = np.maximum(c - 1, 0) // 2, c // 2
-    a0 = np.where(has, 0.5 * (srt[rows, lo_i] + srt[rows, np.minimum(hi_i, 3)]), np.nan)
-    sd = np.maximum(a0 * np.sqrt(slice_T), 1e-6)
-    z = kk / sd[jj]
-    use = np.abs(z) <= Z_FIT
-    few = np.bincount(jj, weights=use.astype(np.float64), minlength=S) < 3
-    use |= few[jj]
-    zu, vu, ju = z[use], vv[use], jj[use]
-    cnt = np.bincount(ju, minlength=S)
-    hi_z = np.full(S, -np.inf)
-    lo_z = np.full(S, np.inf)
-    np.maximum.at(hi_z, ju, zu)
-    np.minimum.at(lo_z, ju, zu)
-    ptp = np.where(cnt > 0, hi_z - lo_z, 0.0)
-    deg = np.where((cnt >= 3) & (ptp > 0.5), 2, np.where(ptp > 0.0, 1, 0))
-    mom = np.stack([np.bincount(ju, weights=zu**p, minlength=S) for p in range(5)], axis=1)
-    rhs = np.stack([np.bincount(ju, weights=vu * zu**p, minlength=S) for p in range(3)], axis=1)
-    M = np.stack([mom[:, i : i + 3] for i in range(3)], axis=1)  # (S, 3, 3): sum z^(i+j)
-    live = np.arange(3)[None, :] <= deg[:, None]
-    both = live[:, :, None] & live[:, None, :]
-    M = np.where(both, M, np.eye(3)[None, :, :])
-    rhs = np.where(live, rhs, 0.0)
-    try:
-        coef = np.linalg.solve(M[has], rhs[has][:, :, None])[:, :, 0]
-    except np.linalg.LinAlgError:
+    if not ok:
         return slice_smiles_loop(k, iv, slice_idx, slice_T)
+    result: FloatArray = out
+    return result
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _smiles(
+    k: FloatArray, iv: FloatArray, slice_idx: IntArray, slice_T: FloatArray, z_fit: float
+) -> tuple[FloatArray, bool]:
+    """``slice_smiles`` per slice: ``a0`` the median vol of the (up to) 4 finite quotes
+    nearest the forward (ties in ``|k|`` by order), ``z = k / max(a0 sqrt T, 1e-6)``, the
+    quotes with ``|z| <= z_fit`` (all of them when fewer than 3), a quadratic (a line
+    where they span under 0.5 in ``z``, a constant where they do not span) by its normal
+    equations; ``a <= 0`` gives ``(a0, 0, 0)``. False when a system is singular or a
+    coefficient not finite."""
+    S = slice_T.shape[0]
+    n = k.shape[0]
     out = np.full((S, 3), np.nan)
-    out[has] = coef
-    bad = has & ~(out[:, 0] > 0.0)
-    out[bad] = np.stack([a0[bad], np.zeros(int(bad.sum())), np.zeros(int(bad.sum()))], axis=1)
-    if not np.all(np.isfinite(out[has])):
-        return slice_smiles_loop(k, iv, slice_idx, slice_T)
-    return out
+    near_k = np.empty(4)
+    near_v = np.empty(4)
+    M = np.empty((3, 3))
+    rhs = np.empty(3)
+    coef = np.empty(3)
+    for j in range(S):
+        m = 0  # the slice's finite quotes seen, and the 4 nearest |k| so far (sorted)
+        for i in range(n):
+            if slice_idx[i] != j or not math.isfinite(iv[i]):
+                continue
+            a = abs(k[i])
+            pos = min(m, 4)
+            while pos > 0 and near_k[pos - 1] > a:
+                pos -= 1
+            if pos < 4:
+                last = min(m, 3)
+                for q in range(last, pos, -1):
+                    near_k[q] = near_k[q - 1]
+                    near_v[q] = near_v[q - 1]
+                near_k[pos] = a
+                near_v[pos] = iv[i]
+            m += 1
+        if m == 0:
+            continue
+        c = min(m, 4)
+        vals = np.sort(near_v[:c])
+        a0 = 0.5 * (vals[(c - 1) // 2] + vals[c // 2])
+        sd = max(a0 * math.sqrt(slice_T[j]), 1e-6)
+        used = 0
+        for i in range(n):
+            if slice_idx[i] == j and math.isfinite(iv[i]) and abs(k[i] / sd) <= z_fit:
+                used += 1
+        every = used < 3
+        mom = np.zeros(5)
+        rhs[:] = 0.0
+        cnt = 0
+        lo_z = math.inf
+        hi_z = -math.inf
+        for i in range(n):
+            if slice_idx[i] != j or not math.isfinite(iv[i]):
+                continue
+            z = k[i] / sd
+            if not every and not abs(z) <= z_fit:
+                continue
+            cnt += 1
+            lo_z = min(lo_z, z)
+            hi_z = max(hi_z, z)
+            zp = 1.0
+            for p in range(5):
+                mom[p] += zp
+                if p < 3:
+                    rhs[p] += iv[i] * zp
+                zp *= z
+        ptp = hi_z - lo_z if cnt > 0 else 0.0
+        deg = 2 if (cnt >= 3 and ptp > 0.5) else (1 if ptp > 0.0 else 0)
+        for r in range(3):
+            for q in range(3):
+                M[r, q] = mom[r + q] if (r <= deg and q <= deg) else (1.0 if r == q else 0.0)
+            if r > deg:
+                rhs[r] = 0.0
+        if not solve_small(M, rhs, coef):
+            return out, False
+        if not coef[0] > 0.0:
+            coef[0], coef[1], coef[2] = a0, 0.0, 0.0
+        for q in range(3):
+            if not math.isfinite(coef[q]):
+                return out, False
+            out[j, q] = coef[q]
+    return out, True
 
 
 def slice_smiles_loop(
