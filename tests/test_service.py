@@ -501,8 +501,15 @@ async def test_record_only_writes_every_received_frame(tmp_path: Path) -> None:
         service = Service(cfg, record_only=True)
         stop = asyncio.Event()
         task = asyncio.create_task(service.run(stop, signals=False))
+        # the script (one pass) has gone out and the parser has seen every frame the server
+        # sent (replies too: the script's count alone may be reached while the last tickers
+        # are still on the way)
         async with asyncio.timeout(20 * UNIT):
-            while service.pipeline.parser.frames < len(script):
+            while not (
+                fake.connections
+                and fake.connections[-1].script_done
+                and service.pipeline.parser.frames >= len(fake.connections[-1].sent)
+            ):
                 await asyncio.sleep(0.05)
         stop.set()
         assert await asyncio.wait_for(task, 5 * UNIT) == 0
