@@ -136,6 +136,23 @@ BoolArray = npt.NDArray[np.bool_]
 Route = tuple["Book", int]
 
 
+class Routes(dict[str, Route]):
+    """A venue's ``name -> (book, slot)`` map. ``epoch`` moves whenever a route may have
+    gone (an instrument removed), ``moved`` whenever a book's rows moved (its array
+    regrown): a cache of routes (the compiled scanner's channel table,
+    ``streamer.book.scan``) is stale then, or points at old rows."""
+
+    __slots__ = ("epoch", "moved")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch = 0
+        self.moved = 0
+
+
+_NO_ROUTES = Routes()  # a venue without books (never written to)
+
+
 class Book:
     """The live chain of one (venue, underlying).
 
@@ -199,7 +216,7 @@ class Book:
         max_spread_iv: float = DEFAULT_MAX_SPREAD_IV,
         max_skew_s: float = DEFAULT_MAX_SKEW_S,
         capacity: int = DEFAULT_CAPACITY,
-        routes: dict[str, Route] | None = None,
+        routes: Routes | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity: must be >= 1, got {capacity}")
@@ -221,7 +238,7 @@ class Book:
         # refused input, by reason, cumulative: events apply() refused, and each write of a
         # row with a bad timestamp that a snapshot refused ("bad_timestamp", once per write)
         self.rejected: Counter[str] = Counter()
-        self._routes: dict[str, Route] = routes if routes is not None else {}
+        self._routes: Routes = routes if routes is not None else Routes()
         self._slot_of: dict[str, int] = {}
         self._free: list[int] = []
         self._n = 0  # slots ever used (high-water mark)
@@ -260,6 +277,7 @@ class Book:
             self._names: list[str] = [""] * cap
             self._inst: list[Instrument | None] = [None] * cap
         self.buffer.release()
+        self._routes.moved += 1
         self._q = q
         self.buffer = memoryview(q).cast("B")  # type: ignore[arg-type]
         self._prev: FloatArray = prev  # stored fields at the previous snapshot (dirty flags)
@@ -309,6 +327,12 @@ class Book:
             "delta",
         )
         return dict(zip(keys, cols, strict=True))
+
+    @property
+    def row_array(self) -> FloatArray:
+        """The rows as a ``(capacity, NCOL)`` float64 array (``buffer``'s memory); a new one
+        after the book grows (``Routes.epoch`` moves then)."""
+        return self._q
 
     def nbytes(self) -> int:
         """Bytes of the per-slot numpy arrays (the instrument table is extra)."""
@@ -416,6 +440,7 @@ class Book:
         if slot is None:
             return False
         self._routes.pop(name, None)
+        self._routes.epoch += 1
         e = int(self._exp[slot])
         self._exp_live[e] -= 1
         self._touched.add(e)
@@ -855,7 +880,7 @@ class Books:
         self.capacity = capacity
         self.rejected: Counter[str] = Counter()  # events no book could take
         self._books: dict[tuple[str, str], Book] = {}
-        self._routes: dict[str, dict[str, Route]] = {}
+        self._routes: dict[str, Routes] = {}
 
     def __iter__(self) -> Iterator[Book]:
         return iter(list(self._books.values()))
@@ -884,13 +909,13 @@ class Books:
 
     def route(self, venue: str, name: str) -> Route | None:
         """Where a listed instrument lives: ``(book, slot)``, or None."""
-        return self._routes.get(venue, {}).get(name)
+        return self._routes.get(venue, _NO_ROUTES).get(name)
 
-    def routes(self, venue: str) -> dict[str, Route]:
+    def routes(self, venue: str) -> Routes:
         """The live ``name -> (book, slot)`` map of one venue (kept current by the books)."""
         r = self._routes.get(venue)
         if r is None:
-            r = self._routes[venue] = {}
+            r = self._routes[venue] = Routes()
         return r
 
     def on_event(self, event: Event) -> Book | None:
@@ -899,7 +924,7 @@ class Books:
         book: Book | None
         if t is Quote or t is BookTop or t is MarkPrice:
             ev: Quote | BookTop | MarkPrice = event  # type: ignore[assignment]
-            hit = self._routes.get(ev.venue, {}).get(ev.instrument)
+            hit = self._routes.get(ev.venue, _NO_ROUTES).get(ev.instrument)
             if hit is not None:
                 book = hit[0]
             else:  # first sight: list it from its name (parsed once, here)
@@ -941,7 +966,7 @@ class Books:
 
     def _book_of(self, venue: str, name: str) -> Book | None:
         """The existing book of an instrument's underlying (None: no such book)."""
-        hit = self._routes.get(venue, {}).get(name)
+        hit = self._routes.get(venue, _NO_ROUTES).get(name)
         if hit is not None:
             return hit[0]
         opt = parse_option(name)

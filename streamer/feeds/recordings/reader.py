@@ -265,6 +265,15 @@ def read_recording_batches(
             yield [got]  # type: ignore[list-item]
 
 
+class Lines(list[bytes]):
+    """A block of a recording's lines as read (``BytesIO.readlines``): every item one line
+    ending with its ``b"\\n"`` and holding no other, but a cut-off final line, alone in the
+    last block. What the compiled scanner relies on to tell lines apart in the block's
+    bytes (``streamer.book.scan``); any other list of lines is read the reference way."""
+
+    __slots__ = ()
+
+
 class RecordingLines:
     """A recording's lines, block by block, for a caller that decodes the good ones itself
     (``streamer.book.fastpath.FastPath.parse_lines``: one loop from line to book row).
@@ -283,18 +292,18 @@ class RecordingLines:
         self.path = path
         self.stats = stats if stats is not None else ReplayStats()
         self._name = os.fspath(path)
-        self._block: list[bytes] = []
+        self._block: Lines = Lines()
         self._final = False  # the current block is the cut-off final line
         self._line_no = 0  # lines before the current block
         self._pos = 0  # where careful's search for its line goes on in the block
         self._seen = [0, 0, 0]  # careful, this block: blank, bad, frames (for the stats)
 
-    def __iter__(self) -> Iterator[list[bytes]]:
+    def __iter__(self) -> Iterator[Lines]:
         st = self.stats
         st.files += 1
         rest = b""
         for chunk in _chunks_of(self.path, st):
-            lines = BytesIO(rest + chunk if rest else chunk).readlines()
+            lines = Lines(BytesIO(rest + chunk if rest else chunk).readlines())
             rest = lines.pop() if not lines[-1].endswith(b"\n") else b""
             if lines:
                 self._start(lines, final=False)
@@ -304,7 +313,7 @@ class RecordingLines:
                 st.frames += len(lines) - blank - bad
                 self._line_no += len(lines)
         if rest:
-            self._start([rest], final=True)
+            self._start(Lines([rest]), final=True)
             yield self._block
             blank, _, frames = self._seen
             if not any(self._seen):  # careful never heard of it: a good line
@@ -313,7 +322,7 @@ class RecordingLines:
             else:  # _slow_line counted the line itself (complete=False)
                 st.frames += frames
 
-    def _start(self, lines: list[bytes], *, final: bool) -> None:
+    def _start(self, lines: Lines, *, final: bool) -> None:
         self._block, self._final, self._pos, self._seen = lines, final, 0, [0, 0, 0]
 
     def careful(self, line: bytes) -> Frame | None:

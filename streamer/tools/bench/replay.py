@@ -52,6 +52,7 @@ import zstandard
 from streamer.book.book import Books
 from streamer.book.fastpath import FastPath
 from streamer.feeds.deribit.parser import DeribitParser
+from streamer.feeds.recordings.reader import Lines
 from streamer.paths import shared_root
 
 SHARED = shared_root()
@@ -187,17 +188,17 @@ def load_frames(path: Path) -> Frames:
     return out
 
 
-def load_line_blocks(path: Path) -> list[list[bytes]]:
+def load_line_blocks(path: Path) -> list[Lines]:
     """The lines of a plain recording in blocks of about ``reader.CHUNK`` bytes (what
     ``RecordingLines`` hands ``FastPath.parse_lines``), in memory."""
     from streamer.feeds.recordings.reader import CHUNK
 
-    blocks: list[list[bytes]] = [[]]
+    blocks: list[Lines] = [Lines()]
     size = 0
     with path.open("rb") as fh:
-        for line in fh:
+        for line in fh:  # lines as the reader cuts them (at b"\n")
             if size >= CHUNK:
-                blocks.append([])
+                blocks.append(Lines())
                 size = 0
             blocks[-1].append(line)
             size += len(line)
@@ -215,7 +216,7 @@ def _best(fn: Callable[[], object], repeat: int) -> float:
     return best
 
 
-def run_speed(frames: Frames, repeat: int, blocks: list[list[bytes]] | None = None) -> list[Row]:
+def run_speed(frames: Frames, repeat: int, blocks: list[Lines] | None = None) -> list[Row]:
     texts = [f for _, f in frames]
     n = len(frames)
 
