@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 
 MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 MONTH_INDEX = {m: i + 1 for i, m in enumerate(MONTHS)}
@@ -35,6 +36,7 @@ class OptionName:
     is_call: bool
 
 
+@lru_cache(maxsize=1024)
 def expiry_ms_of(code: str) -> int:
     """``27DEC24`` -> ms since the epoch of 2024-12-27 08:00 UTC. Raises ValueError."""
     m = re.fullmatch(r"(\d{1,2})([A-Z]{3})(\d{2})", code)
@@ -56,8 +58,11 @@ def expiry_code_of(expiry_ms: int) -> str:
     return f"{d.day}{MONTHS[d.month - 1]}{d.year % 100:02d}"
 
 
+@lru_cache(maxsize=8192)
 def parse_option(name: str) -> OptionName | None:
-    """Parse a single-option name; None for anything else (futures, combos, garbage)."""
+    """Parse a single-option name; None for anything else (futures, combos, garbage).
+    Cached (a few thousand names: an instrument's first sight parses its name in the parser
+    and again in the book; ``OptionName`` is immutable)."""
     m = _OPTION.match(name)
     if m is None or m.group("mon") not in MONTH_INDEX:
         return None

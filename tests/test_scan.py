@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _read(text: str) -> tuple[int, float]:
-    b = np.frombuffer(text.encode(), dtype=np.uint8)
+    b = np.frombuffer(text.encode() + b"\n", dtype=np.uint8)  # a line's end, as in a block
     i, v, _ = scan._number(b, 0, len(b))
     return int(i), float(v)
 
@@ -226,9 +226,11 @@ def test_a_damaged_line_leaves_what_the_reference_leaves(
 
 
 def test_plain_tickers_of_known_channels_are_the_scanners() -> None:
-    """After an instrument's first sight, its plain tickers (and only they) are taken."""
-    lines = [*WARM] + [_line(10 + i, warm_frame(NAME if i % 2 else OTHER)) for i in range(50)]
-    new = _both([lines])
+    """After an instrument's first sight, its plain tickers are taken. (In the block of its
+    first sight, its next line still takes the reference way: a channel is hashed into the
+    scanner's table at the next block, or when it comes again.)"""
+    lines = [_line(10 + i, warm_frame(NAME if i % 2 else OTHER)) for i in range(50)]
+    new = _both([WARM, lines])  # taught in one block, hashed in before the next
     assert new.fast.scanned == 50
     assert new.fast.typed_hits == 50  # counted as the typed decoder's, as before
 
@@ -303,9 +305,10 @@ def test_the_replay_loop_counts_lines_as_before(tmp_path: Path) -> None:
     assert out[1][1].bad_lines["invalid_json"] == 1 and out[1][1].truncated
 
 
-def test_the_scanner_stops_at_a_line_it_does_not_take() -> None:
-    """``scan_block`` itself: a line of an unknown channel says which channel; a cut-off
-    final line and a damaged one decline; a taken one is written."""
+def test_the_scanner_stops_at_lines_it_does_not_take() -> None:
+    """``scan_block`` itself: lines of an unknown channel say which channel; it reads on
+    over lines it does not take (a cut-off final line, a damaged one) to the next it takes,
+    and writes what it takes."""
     table = scan.ChannelTable()
     rows = np.full((4, scan.NVAL), np.nan)
 
@@ -316,23 +319,33 @@ def test_the_scanner_stops_at_a_line_it_does_not_take() -> None:
 
     follow = np.full(len(_SCAN_META) + len(_SCAN_LEVEL_TABLE), -1, dtype=np.int64)
     out = np.zeros(scan.OUT_SIZE, dtype=np.int64)
+    run = np.zeros(2 * scan.RUN_MAX, dtype=np.int64)
     good = _line(77, warm_frame(NAME))
+    channel = f"ticker.{NAME}.100ms".encode()
 
-    def run(text: bytes) -> int:
+    def scan_(text: bytes) -> int:
         b = np.frombuffer(text, dtype=np.uint8)
         return int(
             scan.scan_block(
                 b, 0, len(b), _SCAN_KEYS, _SCAN_META, _SCAN_LEVEL_TABLE, table.tab,
-                table.ent_bytes, table.ent_meta, table.rows, follow, out,
+                table.ent_bytes, table.ent_meta, table.rows, follow, out, run,
             )
         )  # fmt: skip
 
-    assert run(good) == scan.UNKNOWN
-    assert good[out[scan.CHAN_START] : out[scan.CHAN_STOP]] == f"ticker.{NAME}.100ms".encode()
-    assert table.add(f"ticker.{NAME}.100ms".encode(), NAME, Holder(), 2)
-    assert run(good + good) == scan.END and out[scan.DONE] == 2 and out[scan.LAST_TS] == 77
+    assert scan_(good + good) == scan.STOP and out[scan.RUN] == 2 and out[scan.DONE] == 0
+    assert good[run[0] : run[1]] == channel and (good + good)[run[2] : run[3]] == channel
+    assert out[scan.POS] == 0 and out[scan.NEXT] == 2 * len(good)
+    assert table.add(channel, NAME, Holder(), 2)
+    assert scan_(good) == scan.STOP  # not hashed in yet
+    table.flush()
+    assert scan_(good + good) == scan.END and out[scan.DONE] == 2 and out[scan.LAST_TS] == 77
     assert rows[2, 0] == 1735000000000 and rows[2, 1] == 0.05 and rows[2, 7] == 0.60
-    assert run(good + good[:-1]) == scan.DECLINE  # cut off: no newline
-    assert out[scan.DONE] == 1 and out[scan.POS] == len(good)
-    assert run(good.replace(b"0.05,", b"0.05 ,")) == scan.DECLINE  # whitespace: not its own
-    assert run(good.replace(b"\n", b"\r\n")) == scan.END
+    damaged = good.replace(b"0.05,", b"0.05 ,")  # whitespace: not its own
+    other = _line(78, warm_frame(OTHER))
+    assert scan_(good + damaged + other + good + damaged) == scan.STOP
+    assert out[scan.DONE] == 1 and out[scan.RUN] == 2 and out[scan.POS] == len(good)
+    assert out[scan.NEXT] == len(good) + len(damaged) + len(other)
+    assert list(run[:2]) == [-1, -1] and run[2] > 0  # damaged; an unknown channel
+    assert scan_(good + good[:-1]) == scan.STOP  # cut off: no final newline, nothing read
+    assert out[scan.DONE] == 0 and out[scan.RUN] == 1
+    assert scan_(good.replace(b"\n", b"\r\n")) == scan.END

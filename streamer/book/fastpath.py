@@ -314,6 +314,7 @@ class FastPath:
         "_scan_epoch",
         "_scan_moved",
         "_scan_out",
+        "_scan_run_buf",
         "_table",
         "books",
         "last_recv_ns",
@@ -352,6 +353,7 @@ class FastPath:
         self._scan_epoch = self._routes.epoch
         self._scan_moved = self._routes.moved
         self._scan_out = np.zeros(scan.OUT_SIZE, dtype=np.int64)
+        self._scan_run_buf = np.zeros(2 * scan.RUN_MAX, dtype=np.int64)
         self._follow = np.full(len(_SCAN_META) + len(_SCAN_LEVEL_TABLE), -1, dtype=np.int64)
 
     def reset(self) -> None:
@@ -437,21 +439,21 @@ class FastPath:
         careful: Callable[[bytes], tuple[int, str, str] | None],
         on_event: Callable[[Event], object],
     ) -> int:
-        """``parse_lines`` through the scanner: it takes what it can of a block, the line it
-        stops at goes through ``_run`` (a block of one), and it goes on after that line. A
-        line it stops at for an unknown channel teaches it the channel once ``_run`` has
-        handled it (the route exists then)."""
+        """``parse_lines`` through the scanner: it takes what it can of a block; the lines
+        it does not take, a run of them at a time, go through ``_run``, and it goes on after
+        them. A line it did not take for an unknown channel teaches it the channel once
+        ``_run`` has handled the line (the route exists then)."""
         table, out, parser, routes = self._table, self._scan_out, self.parser, self._routes
-        follow = self._follow
+        follow, run = self._follow, self._scan_run_buf
         keys, meta, levels = _SCAN_KEYS, _SCAN_META, _SCAN_LEVEL_TABLE
         scan_block, frombuffer, u8 = scan.scan_block, np.frombuffer, np.uint8
-        end_, unknown = scan.END, scan.UNKNOWN
-        done_, next_, last_ = scan.DONE, scan.NEXT, scan.LAST_TS
+        done_, next_, last_, run_ = scan.DONE, scan.NEXT, scan.LAST_TS, scan.RUN
         n = 0
         for block in blocks:
             if type(block) is not Lines:  # items not known to be one line each
                 n += self._run((block,), careful, on_event)
                 continue
+            table.flush()  # the channels taught during the previous block
             text = b"".join(block)
             count = len(block)
             buf = frombuffer(text, u8)
@@ -460,9 +462,9 @@ class FastPath:
             while k < count:
                 if routes.epoch != self._scan_epoch or routes.moved != self._scan_moved:
                     self._follow_routes()
-                status = scan_block(
+                scan_block(
                     buf, pos, end, keys, meta, levels, table.tab, table.ent_bytes,
-                    table.ent_meta, table.rows, follow, out,
+                    table.ent_meta, table.rows, follow, out, run,
                 )  # fmt: skip
                 done = int(out[done_])
                 if done:
@@ -473,12 +475,15 @@ class FastPath:
                     if self.typed:
                         self.typed_hits += done
                     self.last_recv_ns = int(out[last_])
-                if status == end_ or k >= count:
+                m = int(out[run_])
+                if m == 0 or k >= count:
                     break
-                n += self._run(((block[k],),), careful, on_event)
-                if status == unknown:
-                    self._teach(text[out[scan.CHAN_START] : out[scan.CHAN_STOP]])
-                k += 1
+                n += self._run((block[k : k + m],), careful, on_event)
+                for j in range(m):
+                    start = int(run[2 * j])
+                    if start >= 0:
+                        self._teach(text[start : run[2 * j + 1]])
+                k += m
                 pos = int(out[next_])
         return n
 
@@ -490,7 +495,8 @@ class FastPath:
         if route is not None:
             self._follow_routes()
             book, slot = route
-            self._table.add(channel, name, book, slot)  # type: ignore[arg-type]
+            if not self._table.add(channel, name, book, slot):  # type: ignore[arg-type]
+                self._table.flush()  # known but not hashed in yet: seen again this block
 
     def _follow_routes(self) -> None:
         """Bring the scanner's table up to the routes: entries whose instrument went (or

@@ -53,19 +53,22 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
-# statuses
+# scan_block's statuses
 END = 0  # every line up to `end` taken
-DECLINE = 1  # the line at out[POS] is not one this scanner takes
+STOP = 1  # a run of lines not taken at out[POS]: out[RUN] of them
+# a line's
+TAKE = 0  # a plain ticker of a channel in the table: written
+DECLINE = 1  # not a line this scanner takes
 UNKNOWN = 2  # a good ticker line, but its channel (or its instrument) is not in the table
 
 # out[] slots
-POS = 0  # start of the line it stopped at (or `end`)
+POS = 0  # where the lines not taken start (or `end`)
 DONE = 1  # lines taken
 LAST_TS = 2  # ts_ns of the last line taken
-NEXT = 3  # start of the line after the one it stopped at
-CHAN_START = 4  # UNKNOWN: the channel's bytes
-CHAN_STOP = 5
-OUT_SIZE = 6
+NEXT = 3  # where the line after the lines not taken starts
+RUN = 4  # lines not taken
+OUT_SIZE = 5
+RUN_MAX = 256  # lines not taken in one stop, at most
 
 # field kinds
 SCALAR, NUMBER, INT, STRING, OBJECT, OBJECT_OR_NULL = range(6)
@@ -108,7 +111,8 @@ def fnv1a(b: ByteArray, start: int, stop: int) -> int:
 @njit(cache=True, nogil=True, inline="always")
 def _number(b: ByteArray, i: int, end: int) -> tuple[int, float, bool]:
     """A JSON number at ``b[i]``: (the position after it, or -1 when it is not a number or
-    not one read exactly; its value; whether it is an integer: no fraction, no exponent)."""
+    not one read exactly; its value; whether it is an integer: no fraction, no exponent).
+    ``b[end - 1]`` must be a newline (as in ``scan_block``): the digit loops stop there."""
     neg = False
     if i < end and b[i] == 45:  # -
         neg = True
@@ -121,7 +125,7 @@ def _number(b: ByteArray, i: int, end: int) -> tuple[int, float, bool]:
     if c == 48:  # 0: no digits may follow
         i += 1
     elif 49 <= c <= 57:
-        while i < end and 48 <= b[i] <= 57:
+        while 48 <= b[i] <= 57:  # stops at the newline at b[end - 1] at the latest
             w = w * 10 + (b[i] - 48)
             nd += 1
             i += 1
@@ -134,7 +138,7 @@ def _number(b: ByteArray, i: int, end: int) -> tuple[int, float, bool]:
         i += 1
         if i >= end or not (48 <= b[i] <= 57):
             return -1, 0.0, False
-        while i < end and 48 <= b[i] <= 57:
+        while 48 <= b[i] <= 57:  # stops at the newline at b[end - 1] at the latest
             w = w * 10 + (b[i] - 48)
             nd += 1
             e10 -= 1
@@ -149,7 +153,7 @@ def _number(b: ByteArray, i: int, end: int) -> tuple[int, float, bool]:
         if i >= end or not (48 <= b[i] <= 57):
             return -1, 0.0, False
         x = 0
-        while i < end and 48 <= b[i] <= 57:
+        while 48 <= b[i] <= 57:  # stops at the newline at b[end - 1] at the latest
             if x < 100_000:
                 x = x * 10 + (b[i] - 48)
             i += 1
@@ -213,7 +217,7 @@ def _string(b: ByteArray, i: int, end: int, span: IntArray) -> int:
         return -1
     i += 2
     s = i
-    while i < end and _PLAIN[b[i]]:
+    while _PLAIN[b[i]]:  # stops at the newline at b[end - 1] at the latest
         i += 1
     if i + 1 < end and b[i] == _BS and b[i + 1] == _Q:
         span[0] = s
@@ -442,15 +446,82 @@ def _lookup(
 
 
 @njit(cache=True, nogil=True)
-def _declined(b: ByteArray, pos: int, end: int, done: int, out: IntArray) -> int:
-    """Stop at the line starting at ``pos``: where the next one starts, ``DECLINE``."""
+def _next_line(b: ByteArray, pos: int, end: int) -> int:
+    """Where the line after the one starting at ``pos`` starts."""
     nl = pos
     while nl < end and b[nl] != _NL:
         nl += 1
-    out[POS] = pos
-    out[NEXT] = min(nl + 1, end)
-    out[DONE] = done
-    return DECLINE
+    return min(nl + 1, end)
+
+
+@njit(cache=True, nogil=True)
+def _line(
+    b: ByteArray,
+    pos: int,
+    end: int,
+    keys: ByteArray,
+    kmeta: IntArray,
+    levels: IntArray,
+    tab: IntArray,
+    ent_bytes: ByteArray,
+    ent_meta: IntArray,
+    follow: IntArray,
+    vals: FloatArray,
+    spans: IntArray,
+    work: IntArray,
+) -> tuple[int, int, int, int]:
+    """Read the line at ``pos`` (nothing written): (``TAKE``, ``DECLINE`` or ``UNKNOWN``;
+    where the next line starts; the table entry (``TAKE``); its ``ts_ns``). Parsed up to
+    the block's end: nothing in the grammar matches a newline, so a good line never runs
+    into the next, and its newline is only looked for when declined."""
+    i = _literal(b, pos, end, _REC_TS)
+    if i < 0 or i >= end or not (48 <= b[i] <= 57):
+        return DECLINE, _next_line(b, pos, end), -1, 0
+    ts = 0
+    nd = 0
+    if b[i] == 48:
+        i += 1
+    else:
+        while 48 <= b[i] <= 57 and nd < 20:
+            ts = ts * 10 + (b[i] - 48)
+            nd += 1
+            i += 1
+    # at most 19 digits, the 19th after an 8 at most: below 2^63
+    if nd == 20 or (nd == 19 and b[i - 19] > 56):
+        return DECLINE, _next_line(b, pos, end), -1, 0
+    i = _literal(b, i, end, _REC_VENUE)
+    if i < 0:
+        return DECLINE, _next_line(b, pos, end), -1, 0
+    while _PLAIN[b[i]]:  # the venue: printable ASCII, no escape
+        i += 1
+    i = _literal(b, i, end, _REC_FRAME)
+    if i < 0:
+        return DECLINE, _next_line(b, pos, end), -1, 0
+    vals[:] = np.nan
+    vals[6] = 0.0  # mark, bid, ask IV: absent = 0 (none), as the fused path reads them
+    vals[7] = 0.0
+    vals[8] = 0.0
+    spans[:, :] = 0
+    i = _frame(b, i, end, keys, kmeta, levels, vals, spans, work, follow)
+    if i < 0 or i + 1 >= end or b[i] != _Q or b[i + 1] != _RB:
+        return DECLINE, _next_line(b, pos, end), -1, 0
+    i += 2
+    if i < end and b[i] == _CR:
+        i += 1
+    if i >= end or b[i] != _NL:
+        return DECLINE, _next_line(b, pos, end), -1, 0
+    nxt = i + 1
+    e = _lookup(b, spans[SPAN_CHANNEL, 0], spans[SPAN_CHANNEL, 1], tab, ent_bytes, ent_meta)
+    if e < 0:
+        return UNKNOWN, nxt, -1, ts
+    ns = spans[SPAN_NAME, 0]
+    nn = spans[SPAN_NAME, 1] - ns
+    if nn != ent_meta[e, 1]:
+        return UNKNOWN, nxt, -1, ts
+    for j in range(nn):
+        if ent_bytes[e, WIDTH + j] != b[ns + j]:
+            return UNKNOWN, nxt, -1, ts
+    return TAKE, nxt, e, ts
 
 
 @njit(cache=True, nogil=True)
@@ -467,106 +538,84 @@ def scan_block(
     rows: tuple[FloatArray, ...],
     follow: IntArray,
     out: IntArray,
+    run: IntArray,
 ) -> int:
-    """Take the lines of ``b[pos:end]`` one by one (module doc) until one is not taken:
-    ``END``, ``DECLINE`` or ``UNKNOWN``, with ``out`` (``POS``, ``DONE``, ``LAST_TS``,
-    ``NEXT``, ``CHAN_START``/``CHAN_STOP``). A taken line's row is written into
-    ``rows[book][slot]`` as the fused path writes it."""
+    """Take the lines of ``b[pos:end]`` (module doc) until one is not taken, then read on
+    over the lines that are not taken either (nothing written), up to the next it would
+    take: ``END`` (all taken) or ``STOP``, with ``out`` (``DONE`` lines taken,
+    ``LAST_TS``; ``POS`` where the lines not taken start, ``RUN`` how many, ``NEXT`` the
+    line after them) and ``run[2 m : 2 m + 2]`` the channel of the m-th of them (an
+    ``UNKNOWN`` one, else -1, -1). A taken line's row is written into ``rows[book][slot]``
+    as the fused path writes it. ``b[end - 1]`` must be a newline (else nothing is read:
+    ``STOP`` with a run of one)."""
+    done = 0
+    out[DONE] = 0
+    out[RUN] = 0
+    if end <= pos or b[end - 1] != _NL:  # the byte loops stop at the final newline
+        out[POS] = pos
+        out[NEXT] = end
+        out[RUN] = 1
+        run[0] = -1
+        run[1] = -1
+        return STOP
     vals = np.empty(NVAL)
     spans = np.zeros((2, 2), dtype=np.int64)
     work = np.zeros(3 * DEPTH_MAX + 2, dtype=np.int64)
-    done = 0
-    out[DONE] = 0
+    m = 0  # lines not taken, from out[POS]
+    cap = run.shape[0] // 2
     while pos < end:
-        # parsed up to the block's end: nothing in the grammar matches a newline, so a good
-        # line never runs into the next, and its newline is only looked for when declined
-        i = _literal(b, pos, end, _REC_TS)
-        if i < 0 or i >= end or not (48 <= b[i] <= 57):
-            return _declined(b, pos, end, done, out)
-        ts = 0
-        nd = 0
-        if b[i] == 48:
-            i += 1
-        else:
-            while i < end and 48 <= b[i] <= 57 and nd < 20:
-                ts = ts * 10 + (b[i] - 48)
-                nd += 1
-                i += 1
-        # at most 19 digits, the 19th after an 8 at most: below 2^63
-        if nd == 20 or (nd == 19 and b[i - 19] > 56):
-            return _declined(b, pos, end, done, out)
-        i = _literal(b, i, end, _REC_VENUE)
-        if i < 0:
-            return _declined(b, pos, end, done, out)
-        while i < end and _PLAIN[b[i]]:  # the venue: printable ASCII, no escape
-            i += 1
-        i = _literal(b, i, end, _REC_FRAME)
-        if i < 0:
-            return _declined(b, pos, end, done, out)
-        vals[:] = np.nan
-        vals[6] = 0.0  # mark, bid, ask IV: absent = 0 (none), as the fused path reads them
-        vals[7] = 0.0
-        vals[8] = 0.0
-        spans[:, :] = 0
-        i = _frame(b, i, end, keys, kmeta, levels, vals, spans, work, follow)
-        if i < 0 or i + 1 >= end or b[i] != _Q or b[i + 1] != _RB:
-            return _declined(b, pos, end, done, out)
-        i += 2
-        if i < end and b[i] == _CR:
-            i += 1
-        if i >= end or b[i] != _NL:
-            return _declined(b, pos, end, done, out)
-        nxt = i + 1
-        cs = spans[SPAN_CHANNEL, 0]
-        ce = spans[SPAN_CHANNEL, 1]
-        e = _lookup(b, cs, ce, tab, ent_bytes, ent_meta)
-        ok = e >= 0
-        if ok:
-            ns = spans[SPAN_NAME, 0]
-            nn = spans[SPAN_NAME, 1] - ns
-            if nn != ent_meta[e, 1]:
-                ok = False
+        status, nxt, e, ts = _line(
+            b, pos, end, keys, kmeta, levels, tab, ent_bytes, ent_meta, follow, vals, spans,
+            work,
+        )  # fmt: skip
+        if status == TAKE:
+            if m:  # the end of a run not taken: stop before this line
+                break
+            row = rows[ent_meta[e, 2]][ent_meta[e, 3]]
+            bid = vals[1]
+            row[0] = vals[0]
+            if bid != 0.0:
+                row[1] = bid
+                row[2] = vals[2]
             else:
-                for j in range(nn):
-                    if ent_bytes[e, WIDTH + j] != b[ns + j]:
-                        ok = False
-                        break
-        if not ok:
-            out[POS] = pos
-            out[NEXT] = nxt
-            out[DONE] = done
-            out[CHAN_START] = cs
-            out[CHAN_STOP] = ce
-            return UNKNOWN
-        row = rows[ent_meta[e, 2]][ent_meta[e, 3]]
-        bid = vals[1]
-        row[0] = vals[0]
-        if bid != 0.0:
-            row[1] = bid
-            row[2] = vals[2]
+                row[1] = np.nan
+                row[2] = np.nan
+            ask = vals[3]
+            if ask != 0.0:
+                row[3] = ask
+                row[4] = vals[4]
+            else:
+                row[3] = np.nan
+                row[4] = np.nan
+            row[5] = vals[5]
+            for c in range(6, 9):
+                v = vals[c]
+                row[c] = v / 100.0 if v != 0.0 else np.nan
+            row[9] = vals[9]
+            row[10] = vals[10]
+            done += 1
+            out[LAST_TS] = ts
         else:
-            row[1] = np.nan
-            row[2] = np.nan
-        ask = vals[3]
-        if ask != 0.0:
-            row[3] = ask
-            row[4] = vals[4]
-        else:
-            row[3] = np.nan
-            row[4] = np.nan
-        row[5] = vals[5]
-        for c in range(6, 9):
-            v = vals[c]
-            row[c] = v / 100.0 if v != 0.0 else np.nan
-        row[9] = vals[9]
-        row[10] = vals[10]
-        done += 1
-        out[LAST_TS] = ts
+            if m == 0:
+                out[POS] = pos
+            if status == UNKNOWN:
+                run[2 * m] = spans[SPAN_CHANNEL, 0]
+                run[2 * m + 1] = spans[SPAN_CHANNEL, 1]
+            else:
+                run[2 * m] = -1
+                run[2 * m + 1] = -1
+            m += 1
+            if m == cap:
+                pos = nxt
+                break
         pos = nxt
-    out[POS] = end
-    out[NEXT] = end
     out[DONE] = done
-    return END
+    out[RUN] = m
+    out[NEXT] = pos
+    if m == 0:
+        out[POS] = pos
+        return END
+    return STOP
 
 
 @njit(cache=True, nogil=True)
@@ -579,25 +628,11 @@ def _insert(tab: IntArray, ent_bytes: ByteArray, ent_meta: IntArray, e: int) -> 
 
 
 @njit(cache=True, nogil=True)
-def _add(
-    tab: IntArray,
-    ent_bytes: ByteArray,
-    ent_meta: IntArray,
-    e: int,
-    channel: ByteArray,
-    name: ByteArray,
-    book: int,
-    slot: int,
+def _insert_range(
+    tab: IntArray, ent_bytes: ByteArray, ent_meta: IntArray, lo: int, hi: int
 ) -> None:
-    nc = channel.shape[0]
-    nn = name.shape[0]
-    ent_bytes[e, :nc] = channel
-    ent_bytes[e, WIDTH : WIDTH + nn] = name
-    ent_meta[e, 0] = nc
-    ent_meta[e, 1] = nn
-    ent_meta[e, 2] = book
-    ent_meta[e, 3] = slot
-    _insert(tab, ent_bytes, ent_meta, e)
+    for e in range(lo, hi):
+        _insert(tab, ent_bytes, ent_meta, e)
 
 
 BOOKS_MAX = 8
@@ -612,11 +647,9 @@ def _load() -> None:
     if _LOADED:
         return
     _LOADED.append(True)
-    tab = np.zeros(2, dtype=np.int64)
-    ent_bytes = np.zeros((1, 2 * WIDTH), dtype=np.uint8)
-    ent_meta = np.zeros((1, 4), dtype=np.int64)
-    name = np.frombuffer(b"x", dtype=np.uint8)
-    _add(tab, ent_bytes, ent_meta, 0, name, name, 0, 0)
+    table = ChannelTable.__new__(ChannelTable)
+    table._alloc(1)
+    _insert_range(table.tab, table.ent_bytes, table.ent_meta, 0, 1)
 
 
 class HasRows(Protocol):
@@ -631,20 +664,32 @@ class ChannelTable:
     by doubling; ``refresh`` follows books whose rows moved (regrown); ``retain`` keeps
     the entries whose routes still hold (after instruments were removed: their slots may
     be reused); ``clear`` forgets everything. ``rows`` is always a tuple of ``BOOKS_MAX``
-    arrays (one compiled ``scan_block`` for any number of books)."""
+    arrays (one compiled ``scan_block`` for any number of books).
 
-    __slots__ = ("_books", "_entries", "ent_bytes", "ent_meta", "rows", "tab")
+    ``add`` writes an entry's bytes and numbers in place (no compiled call); ``flush``
+    hashes the entries added since into the lookup table, in one call: until then the
+    scanner does not know them (their lines take the reference way)."""
+
+    __slots__ = (
+        "_books", "_bytes", "_entries", "_flushed", "_meta", "ent_bytes", "ent_meta", "rows",
+        "tab",
+    )  # fmt: skip
 
     def __init__(self, capacity: int = 1024) -> None:
         _load()
         self._alloc(capacity)
         self._books: dict[int, tuple[int, HasRows]] = {}  # id(book) -> (index in rows, book)
         self._entries: dict[bytes, tuple[str, HasRows, int]] = {}  # channel -> name, book, slot
+        self._flushed = 0  # entries hashed into tab
         self.rows: tuple[FloatArray, ...] = (_SPARE,) * BOOKS_MAX
 
     def _alloc(self, capacity: int) -> None:
-        self.ent_bytes: ByteArray = np.zeros((capacity, 2 * WIDTH), dtype=np.uint8)
+        self._bytes = bytearray(capacity * 2 * WIDTH)
+        self.ent_bytes: ByteArray = np.frombuffer(self._bytes, dtype=np.uint8).reshape(
+            capacity, 2 * WIDTH
+        )
         self.ent_meta: IntArray = np.zeros((capacity, 4), dtype=np.int64)
+        self._meta = memoryview(self.ent_meta).cast("B").cast("q")  # type: ignore[arg-type]
         self.tab: IntArray = np.zeros(2 * capacity, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -654,6 +699,7 @@ class ChannelTable:
         self.tab[:] = 0
         self._books.clear()
         self._entries.clear()
+        self._flushed = 0
         self.rows = (_SPARE,) * BOOKS_MAX
 
     def refresh(self) -> None:
@@ -674,13 +720,21 @@ class ChannelTable:
         for channel, (name, book, slot) in entries:
             if holds(name, book, slot):
                 self.add(channel, name, book, slot)
+        self.flush()
+
+    def flush(self) -> None:
+        """Hash the entries added since the last flush into the lookup table."""
+        n = len(self._entries)
+        if self._flushed < n:
+            _insert_range(self.tab, self.ent_bytes, self.ent_meta, self._flushed, n)
+            self._flushed = n
 
     def add(self, channel: bytes, name: str, book: HasRows, slot: int) -> bool:
         """Take lines of ``channel`` carrying instrument ``name`` into ``book``'s row
-        ``slot``. False (nothing added) for a channel known already, a name or channel
-        longer than ``WIDTH`` bytes (or not ASCII), or a book beyond ``BOOKS_MAX``."""
-        raw = name.encode("ascii", "replace")
-        if len(channel) > WIDTH or len(raw) > WIDTH or channel in self._entries:
+        ``slot``, from the next ``flush``. False (nothing added) for a channel known
+        already, a name or channel longer than ``WIDTH`` bytes (or not ASCII), or a book
+        beyond ``BOOKS_MAX``."""
+        if len(channel) > WIDTH or len(name) > WIDTH or channel in self._entries:
             return False
         if not name.isascii():
             return False
@@ -690,18 +744,20 @@ class ChannelTable:
                 return False
             got = self._books[id(book)] = (len(self._books), book)
             self.refresh()
-        n = len(self._entries)
-        if n == self.ent_meta.shape[0]:
-            eb, em = self.ent_bytes, self.ent_meta
-            self._alloc(2 * n)
-            self.ent_bytes[:n] = eb
-            self.ent_meta[:n] = em
-            for e in range(n):
-                _insert(self.tab, self.ent_bytes, self.ent_meta, e)
-        _add(
-            self.tab, self.ent_bytes, self.ent_meta, n,
-            np.frombuffer(channel, dtype=np.uint8), np.frombuffer(raw, dtype=np.uint8),
-            got[0], slot,
-        )  # fmt: skip
+        e = len(self._entries)
+        if e == self.ent_meta.shape[0]:
+            old_bytes, old_meta = self._bytes, self.ent_meta
+            self._alloc(2 * e)
+            self._bytes[: len(old_bytes)] = old_bytes
+            self.ent_meta[:e] = old_meta
+            self._flushed = 0  # a new lookup table: every entry hashed again
+        off = e * 2 * WIDTH
+        self._bytes[off : off + len(channel)] = channel
+        self._bytes[off + WIDTH : off + WIDTH + len(name)] = name.encode("ascii")
+        meta = self._meta
+        meta[4 * e] = len(channel)
+        meta[4 * e + 1] = len(name)
+        meta[4 * e + 2] = got[0]
+        meta[4 * e + 3] = slot
         self._entries[channel] = (name, book, slot)
         return True
