@@ -262,19 +262,23 @@ def test_rows_that_move_and_instruments_that_go() -> None:
     assert new.fast.scanned > 500
 
 
-def _recording_blocks(path: Path) -> list[list[bytes]]:
-    return [list(block) for block in RecordingLines(path)]
-
-
 @pytest.mark.parametrize("name", ["calm.jsonl.zst", "regime-shift.jsonl.zst"])
 def test_bundled_recordings_leave_what_the_reference_leaves(name: str) -> None:
-    """The bundled hours of real-shaped BTC options: the same rows and counts, and nearly
-    every line is the scanner's (all but first sights and the instrument listing)."""
+    """The bundled hours of real-shaped BTC options, through ``RecordingLines`` as replay
+    reads them (the scanner from its ``blocks()``, bytes not split into lines): the same
+    rows, counts and stats, and nearly every line is the scanner's (all but first sights
+    and the instrument listing)."""
     path = REPO / "replay_data" / name
-    blocks = _recording_blocks(path)
-    new = _both(blocks)
-    lines = sum(len(b) for b in blocks)
-    assert new.fast.scanned > 0.95 * lines
+    out = []
+    for scanning in (False, True):
+        run = Replay(scanning=scanning)
+        stats = ReplayStats()
+        lines = RecordingLines(path, stats=stats)
+        source = lines.blocks() if scanning else lines
+        n = run.fast.parse_lines(source, lines.careful, run.on_event)
+        out.append((run.state(), stats, n))
+    assert out[0] == out[1]
+    assert run.fast.scanned > 0.95 * out[1][2]
 
 
 def test_blocks_not_known_to_be_lines_take_the_reference_way() -> None:
@@ -288,20 +292,20 @@ def test_blocks_not_known_to_be_lines_take_the_reference_way() -> None:
 
 
 def test_the_replay_loop_counts_lines_as_before(tmp_path: Path) -> None:
-    """Through ``RecordingLines`` (bad lines, blank ones, a cut-off end): the same stats
-    and frames either way."""
+    """Through ``RecordingLines`` (bad lines, blank ones, a cut-off end), as lines and as
+    ``blocks()``: the same stats and frames every way."""
     good = [_line(10 + i, warm_frame(NAME)) for i in range(5)]
     data = b"".join([*WARM, good[0], b"\n", b"oops\n", good[1], b"  \n", *good[2:]])[:-3]
     path = tmp_path / "r.jsonl"
     path.write_bytes(data)
     out = []
-    for scanning in (False, True):
+    for scanning, text in ((False, False), (True, False), (True, True)):
         run = Replay(scanning=scanning)
         stats = ReplayStats()
         lines = RecordingLines(path, stats=stats)
-        n = run.fast.parse_lines(lines, lines.careful, run.on_event)
+        n = run.fast.parse_lines(lines.blocks() if text else lines, lines.careful, run.on_event)
         out.append((run.state(), stats, n))
-    assert out[0] == out[1]
+    assert out[0] == out[1] == out[2]
     assert out[1][1].bad_lines["invalid_json"] == 1 and out[1][1].truncated
 
 

@@ -40,7 +40,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -56,6 +56,7 @@ from streamer.publish.payloads import retopic
 from streamer.publish.urls import from_url
 
 Item = tuple[int, "str | bytes | Event"]
+_B = TypeVar("_B")
 BROKER_CHECK_S = 10.0
 
 
@@ -218,7 +219,7 @@ def _parse_only(path: str, pipeline: Pipeline, bar: _Progress) -> int:
     if plain and not _is_ccxt_recording(path):
         lines = RecordingLines(path)
         return pipeline.fast.parse_lines(
-            _ticking(lines, bar, pipeline), lines.careful, pipeline.on_event
+            _ticking(lines.blocks(), bar, pipeline), lines.careful, pipeline.on_event
         )
     parse_batch, on_event = pipeline.fast.parse_batch, pipeline.on_event
     n = 0
@@ -234,9 +235,7 @@ def _parse_only(path: str, pipeline: Pipeline, bar: _Progress) -> int:
     return n
 
 
-def _ticking(
-    blocks: Iterable[list[bytes]], bar: _Progress, pipeline: Pipeline
-) -> Iterator[list[bytes]]:
+def _ticking(blocks: Iterable[_B], bar: _Progress, pipeline: Pipeline) -> Iterator[_B]:
     """``blocks`` passed on, the progress bar told after each."""
     for block in blocks:
         yield block

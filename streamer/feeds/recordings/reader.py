@@ -274,6 +274,27 @@ class Lines(list[bytes]):
     __slots__ = ()
 
 
+class TextBlock:
+    """A block of a recording's lines as its bytes (``text``: whole lines, each ending with
+    ``b"\\n"``, or the cut-off final line alone, ``final``), the lines themselves made
+    only when asked for (``lines()``, once: the same ``Lines`` every call). A consumer that
+    reads the bytes itself (the compiled scanner, ``streamer.book.scan``) sets ``count``
+    to the lines it consumed, so that nobody needs to split them; else ``count`` is -1."""
+
+    __slots__ = ("_lines", "count", "final", "text")
+
+    def __init__(self, text: bytes, *, final: bool = False) -> None:
+        self.text = text
+        self.final = final
+        self.count = -1
+        self._lines: Lines | None = None
+
+    def lines(self) -> Lines:
+        if self._lines is None:
+            self._lines = Lines(BytesIO(self.text).readlines())
+        return self._lines
+
+
 class RecordingLines:
     """A recording's lines, block by block, for a caller that decodes the good ones itself
     (``streamer.book.fastpath.FastPath.parse_lines``: one loop from line to book row).
@@ -292,29 +313,39 @@ class RecordingLines:
         self.path = path
         self.stats = stats if stats is not None else ReplayStats()
         self._name = os.fspath(path)
-        self._block: Lines = Lines()
+        self._block = TextBlock(b"")
         self._final = False  # the current block is the cut-off final line
         self._line_no = 0  # lines before the current block
         self._pos = 0  # where careful's search for its line goes on in the block
         self._seen = [0, 0, 0]  # careful, this block: blank, bad, frames (for the stats)
 
     def __iter__(self) -> Iterator[Lines]:
+        for block in self.blocks():
+            yield block.lines()
+
+    def blocks(self) -> Iterator[TextBlock]:
+        """The blocks as bytes (``TextBlock``): what iterating yields, before the split into
+        lines (made only if someone asks for them)."""
         st = self.stats
         st.files += 1
         rest = b""
         for chunk in _chunks_of(self.path, st):
-            lines = Lines(BytesIO(rest + chunk if rest else chunk).readlines())
-            rest = lines.pop() if not lines[-1].endswith(b"\n") else b""
-            if lines:
-                self._start(lines, final=False)
-                yield lines
+            buf = rest + chunk if rest else chunk
+            cut = buf.rfind(b"\n") + 1  # whole lines up to here
+            rest = buf[cut:]
+            if cut:
+                block = TextBlock(buf if cut == len(buf) else buf[:cut])
+                self._start(block, final=False)
+                yield block
+                count = block.count if block.count >= 0 else len(block.lines())
                 blank, bad, _ = self._seen
-                st.lines += len(lines) - blank
-                st.frames += len(lines) - blank - bad
-                self._line_no += len(lines)
+                st.lines += count - blank
+                st.frames += count - blank - bad
+                self._line_no += count
         if rest:
-            self._start(Lines([rest]), final=True)
-            yield self._block
+            block = TextBlock(rest, final=True)
+            self._start(block, final=True)
+            yield block
             blank, _, frames = self._seen
             if not any(self._seen):  # careful never heard of it: a good line
                 st.lines += 1
@@ -322,13 +353,13 @@ class RecordingLines:
             else:  # _slow_line counted the line itself (complete=False)
                 st.frames += frames
 
-    def _start(self, lines: Lines, *, final: bool) -> None:
-        self._block, self._final, self._pos, self._seen = lines, final, 0, [0, 0, 0]
+    def _start(self, block: TextBlock, *, final: bool) -> None:
+        self._block, self._final, self._pos, self._seen = block, final, 0, [0, 0, 0]
 
     def careful(self, line: bytes) -> Frame | None:
         """The line-by-line rules for ``line`` of the current block: its frame, or None
         (blank, bad: counted and logged, or a cut-off end: ``truncated``)."""
-        block, i = self._block, self._pos
+        block, i = self._block.lines(), self._pos
         while i < len(block) and block[i] is not line:  # calls come in line order
             i += 1
         if i == len(block):  # not a line of this block (a caller's bug): as a bad line
