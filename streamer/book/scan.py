@@ -5,9 +5,10 @@
 for every line that is a plain Deribit ticker notification of a channel it has been told
 about (``ChannelTable``), parses the frame inside the record's string in the same pass (no
 unescaping, no objects: the frame's quotes are the two bytes ``\\"``) and writes the row
-straight into the book's array. It stops at the first line it does not take and says why;
-the caller handles that line the reference way (``streamer.book.fastpath.FastPath``) and
-calls again from the next line.
+straight into the book's array. At a line it does not take it reads on, writing nothing,
+over the lines it does not take either, and stops before the next one it would: the caller
+handles that run the reference way (``streamer.book.fastpath.FastPath``), in order, and
+calls again after it (so a line taken later sees what the run did to the books).
 
 It is conservative by construction: it *takes* a line only when the line is in a narrow
 grammar, and *declines* anything else, so deciding never needs to match the reference's
@@ -39,8 +40,8 @@ recordings and on hypothesis-made byte soup, ``tests/test_scan.py``).
 The channel table maps a channel's bytes (FNV-1a hash, open addressing) to the instrument
 name the frame must carry and the ``(book, slot)`` row it goes to; its owner keeps it
 current (``FastPath``: an entry is added after the reference path has handled a line of an
-unknown channel, and the table is cleared whenever a book's rows move or an instrument is
-removed).
+unknown channel; when a book's array is regrown the table points at the new one, and when an
+instrument is removed the entries whose route no longer holds are dropped).
 """
 
 from __future__ import annotations
@@ -77,7 +78,6 @@ NVAL = 11
 # string spans
 SPAN_CHANNEL, SPAN_NAME = 0, 1
 WIDTH = 64  # bytes kept per channel or instrument name in the table
-LEVELS_MAX = 8
 DEPTH_MAX = 8
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
