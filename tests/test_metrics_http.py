@@ -117,6 +117,22 @@ async def test_slow_client_is_cut_off_at_the_deadline(server: int) -> None:
     assert sent < 10_000  # cut off long before the request was over
 
 
+async def test_the_answer_survives_a_client_that_keeps_sending(server: int) -> None:
+    """A request followed by bytes the server does not read (a body it refuses, a client
+    still trickling): the answer arrives whole, then the end of the stream. Closing with
+    those bytes unread would reset the connection and lose the answer in the client's
+    buffers; the server half-closes and drops them for a while first (``LINGER_S``)."""
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server)
+        try:
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" + b"z" * 200_000)
+            async with asyncio.timeout(TIMEOUT):
+                response = await reader.read(-1)  # raises if the connection was reset
+        finally:
+            writer.close()
+        assert status_line(response) == "HTTP/1.0 200 OK"
+
+
 async def test_idle_connection_is_closed(server: int) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", server)
     try:

@@ -14,7 +14,9 @@ talk to it:
   section 5), and the connection is closed;
 * a client gets ``REQUEST_TIMEOUT_S`` for its whole request (a slow-loris client that
   trickles bytes is cut off at the deadline, not per read) and as long again to read the
-  answer; at most ``MAX_CLIENTS`` connections at once, more are closed at once.
+  answer; then the connection is half-closed and what the client still sends is read and
+  dropped for up to ``LINGER_S`` before it is closed (so the answer is not lost to a reset);
+  at most ``MAX_CLIENTS`` connections at once, more are closed at once.
 
 What the daemon exports:
 
@@ -49,6 +51,11 @@ log = structlog.get_logger(__name__)
 MAX_HEAD_BYTES = 8192  # request line + headers
 REQUEST_TIMEOUT_S = 5.0
 MAX_CLIENTS = 16
+LINGER_S = 1.0
+"""After its answer, how long a connection stays half-open, its input read and dropped:
+closing on a client that is still sending (a slow loris cut off, a request with a body)
+would reset the connection, and a reset can destroy the answer in the client's buffers
+before it reads it (the "lingering close" of HTTP servers)."""
 
 LabelKey = tuple[tuple[str, str], ...]
 DEFAULT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -181,14 +188,17 @@ def _response(status: str, body: bytes = b"", *, head_only: bool = False, extra:
 async def _read_head(reader: asyncio.StreamReader, limit: int) -> bytes | None:
     """The request head (through the blank line), or None if it exceeds ``limit`` bytes."""
     buf = bytearray()
-    while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
+    while True:
+        for sep in (b"\r\n\r\n", b"\n\n"):  # what follows the head is not read as head
+            end = buf.find(sep)
+            if 0 <= end <= limit - len(sep):
+                return bytes(buf[: end + len(sep)])
+        if len(buf) > limit:
+            return None
         chunk = await reader.read(limit + 1 - len(buf))
         if not chunk:
             raise asyncio.IncompleteReadError(bytes(buf), None)
         buf += chunk
-        if len(buf) > limit:
-            return None
-    return bytes(buf)
 
 
 def _answer(head: bytes, registry: Registry) -> bytes:
@@ -245,15 +255,16 @@ async def serve(
                 async with asyncio.timeout(request_timeout):
                     head = await _read_head(reader, max_head_bytes)
             except TimeoutError:
-                writer.write(_response("408 Request Timeout", b"too slow\n"))
-                return
-            if head is None:
-                answer = _response("431 Request Header Fields Too Large", b"too large\n")
+                answer = _response("408 Request Timeout", b"too slow\n")
             else:
-                answer = _answer(head, registry)
+                if head is None:
+                    answer = _response("431 Request Header Fields Too Large", b"too large\n")
+                else:
+                    answer = _answer(head, registry)
             writer.write(answer)
             async with asyncio.timeout(request_timeout):
                 await writer.drain()
+            await _linger(reader, writer, min(request_timeout, LINGER_S))
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -266,3 +277,19 @@ async def serve(
                 writer.transport.abort()
 
     return await asyncio.start_server(handle, host, port, limit=max_head_bytes)
+
+
+async def _linger(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float
+) -> None:
+    """Half-close (our FIN after the answer) and read what the client still sends, dropped,
+    until it closes its side or ``seconds`` pass (``LINGER_S``)."""
+    if not writer.can_write_eof():
+        return
+    writer.write_eof()
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(65536):
+                pass
+    except TimeoutError:
+        pass
