@@ -354,8 +354,6 @@ def _frame(
             kind = kmeta[k, 1]
             col = kmeta[k, 2]
             if kind == NUMBER:
-                if i >= end or not (b[i] == 45 or 48 <= b[i] <= 57):
-                    return -1
                 i, v, _ = _number(b, i, end)
                 if i < 0:
                     return -1
@@ -497,11 +495,10 @@ def _line(
     i = _literal(b, i, end, _REC_FRAME)
     if i < 0:
         return DECLINE, _next_line(b, pos, end), -1, 0
-    vals[:] = np.nan
+    # every other column and both spans are required fields: set whenever the frame parses
     vals[6] = 0.0  # mark, bid, ask IV: absent = 0 (none), as the fused path reads them
     vals[7] = 0.0
     vals[8] = 0.0
-    spans[:, :] = 0
     i = _frame(b, i, end, keys, kmeta, levels, vals, spans, work, follow)
     if i < 0 or i + 1 >= end or b[i] != _Q or b[i + 1] != _RB:
         return DECLINE, _next_line(b, pos, end), -1, 0
@@ -713,10 +710,6 @@ class ChannelTable:
         """Keep the entries for which ``holds(name, book, slot)``; forget the others."""
         entries = list(self._entries.items())
         self.clear()
-        if len(entries) > self.ent_meta.shape[0] // 4:  # else shrink back to the start size
-            self._alloc(self.ent_meta.shape[0])
-        else:
-            self._alloc(1024)
         for channel, (name, book, slot) in entries:
             if holds(name, book, slot):
                 self.add(channel, name, book, slot)

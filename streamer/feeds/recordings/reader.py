@@ -276,16 +276,15 @@ class Lines(list[bytes]):
 
 class TextBlock:
     """A block of a recording's lines as its bytes (``text``: whole lines, each ending with
-    ``b"\\n"``, or the cut-off final line alone, ``final``), the lines themselves made
+    ``b"\\n"``, or the cut-off final line alone), the lines themselves made
     only when asked for (``lines()``, once: the same ``Lines`` every call). A consumer that
     reads the bytes itself (the compiled scanner, ``streamer.book.scan``) sets ``count``
     to the lines it consumed, so that nobody needs to split them; else ``count`` is -1."""
 
-    __slots__ = ("_lines", "count", "final", "text")
+    __slots__ = ("_lines", "count", "text")
 
-    def __init__(self, text: bytes, *, final: bool = False) -> None:
+    def __init__(self, text: bytes) -> None:
         self.text = text
-        self.final = final
         self.count = -1
         self._lines: Lines | None = None
 
@@ -343,7 +342,7 @@ class RecordingLines:
                 st.frames += count - blank - bad
                 self._line_no += count
         if rest:
-            block = TextBlock(rest, final=True)
+            block = TextBlock(rest)
             self._start(block, final=True)
             yield block
             blank, _, frames = self._seen
