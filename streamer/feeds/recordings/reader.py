@@ -329,18 +329,23 @@ class RecordingLines:
         st.files += 1
         rest = b""
         for chunk in _chunks_of(self.path, st):
-            buf = rest + chunk if rest else chunk
-            cut = buf.rfind(b"\n") + 1  # whole lines up to here
-            rest = buf[cut:]
-            if cut:
-                block = TextBlock(buf if cut == len(buf) else buf[:cut])
-                self._start(block, final=False)
-                yield block
-                count = block.count if block.count >= 0 else len(block.lines())
-                blank, bad, _ = self._seen
-                st.lines += count - blank
-                st.frames += count - blank - bad
-                self._line_no += count
+            cut = chunk.rfind(b"\n") + 1  # whole lines up to here
+            if not cut:  # no line ends here: all of it is the current line's
+                rest += chunk
+                continue
+            if rest:  # the line begun in the last chunk, then this chunk's whole lines
+                text = b"".join((rest, memoryview(chunk)[:cut]))  # one copy
+            else:
+                text = chunk if cut == len(chunk) else chunk[:cut]
+            rest = chunk[cut:]
+            block = TextBlock(text)
+            self._start(block, final=False)
+            yield block
+            count = block.count if block.count >= 0 else len(block.lines())
+            blank, bad, _ = self._seen
+            st.lines += count - blank
+            st.frames += count - blank - bad
+            self._line_no += count
         if rest:
             block = TextBlock(rest)
             self._start(block, final=True)
