@@ -63,6 +63,7 @@ from streamer.models.base import (
     FloatArray,
     RowModel,
     Violation,
+    at_shape,
     register,
 )
 
@@ -958,15 +959,14 @@ class Spline(RowModel):
     def iv_rows(self, rows: FloatArray, k: FloatArray, T: FloatArray) -> FloatArray:
         X = np.ascontiguousarray(rows, dtype=np.float64)
         kk = np.ascontiguousarray(k, dtype=np.float64)
-        TT = np.ascontiguousarray(np.broadcast_to(T, kk.shape), dtype=np.float64)
-        return np.asarray(spline_rows_iv(X, kk, TT))
+        return np.asarray(spline_rows_iv(X, kk, at_shape(T, kk.shape)))
 
     def block_jacobian(
         self, rows: FloatArray, k: FloatArray, T: FloatArray
     ) -> tuple[FloatArray, FloatArray]:
         X = np.ascontiguousarray(rows, dtype=np.float64)
         kk = np.ascontiguousarray(k, dtype=np.float64)
-        TT = np.ascontiguousarray(np.broadcast_to(T, kk.shape), dtype=np.float64)
+        TT = at_shape(T, kk.shape)
         iv, jac = spline_rows_jac(X, kk, TT)
         return np.asarray(iv), np.asarray(jac)
 
