@@ -15,7 +15,10 @@ summary table go to stderr.
 replay FILE`` alone does), N files at a time in worker processes, and writes their messages
 file after file in the order given (``streamer.daemon.replay.replay_jobs``): the output of
 the one-by-one replays, concatenated. Without it, all FILEs are one replay in a row (a
-recorder's rotated files continue each other).
+recorder's rotated files continue each other), whose tenors and greeks are built by
+``--derived-jobs N`` worker processes while it fits on (``streamer.daemon.derived_pool``: the
+same messages, in the same order; default one per core once the replay has made
+``START_AFTER`` surfaces).
 
 Passwords never go on the command line (``ps`` shows it to every user): a ``--publish`` URL
 with one is refused. Give it as ``STREAMER_MQTT_PASSWORD``, in a file named by
@@ -77,6 +80,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "at a time in worker processes; messages come out file after file in the order "
         "given, each file's in its own order (default: one replay of all FILEs in a row)",
     )
+    p.add_argument(
+        "--derived-jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker processes building the tenors and greeks of a replay with models while "
+        "it fits on (the same messages in the same order; default: one per core once the "
+        "replay is long enough, none on one core; 0: inline)",
+    )
     p.add_argument("--config", metavar="C", help="TOML config (default: built-in defaults)")
     p.add_argument("--no-greeks", action="store_true", help="publish surfaces only")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
@@ -111,6 +123,9 @@ def main(args: argparse.Namespace) -> int:
     if args.jobs is not None and (args.jobs < 1 or args.speed is not None):
         print("streamer replay: --jobs needs N >= 1 and no --speed", file=sys.stderr)
         return EXIT_USAGE
+    if args.derived_jobs is not None and args.derived_jobs < 0:
+        print("streamer replay: --derived-jobs needs N >= 0", file=sys.stderr)
+        return EXIT_USAGE
     models = list(config.models.names) if args.model is None else list(args.model)
     if "none" in models:
         models = []
@@ -127,6 +142,7 @@ def main(args: argparse.Namespace) -> int:
                 greeks=not args.no_greeks,
                 speed=args.speed,
                 progress=not args.quiet and sys.stderr.isatty(),
+                derived_workers=args.derived_jobs,
             )
             if args.jobs is None
             else replay_jobs(

@@ -393,6 +393,15 @@ class Pipeline:
                 out.extend(self.derived_messages(snap, msg.payload, pause))
         return out
 
+    def with_derived(self, snap: ChainSnapshot, surfaces: Sequence[Message]) -> list[Message]:
+        """Surface messages of ``snap`` (``fit_snapshot(..., derived=False)``), each followed
+        by its derived topics: what ``fit_snapshot`` makes with them."""
+        out: list[Message] = []
+        for msg in surfaces:
+            out.append(msg)
+            out.extend(self.derived_messages(snap, msg.payload))
+        return out
+
     def derived_messages(
         self, snap: ChainSnapshot, payload: Mapping[str, Any], pause: Pause = None
     ) -> list[Message]:
@@ -422,7 +431,7 @@ class Pipeline:
         return out
 
     def fit_book(self, book: Book, now_s: float) -> list[Message]:
-        """Snapshot and fit in one go (the inline path replay uses)."""
+        """Snapshot and fit in one go, derived topics included (``fit_snapshot``)."""
         return self.fit_snapshot(self.take_snapshot(book, now_s))
 
     def stale_messages(self) -> list[Message]:
@@ -651,33 +660,57 @@ def run_inline(
 ) -> Iterator[list[Message]]:
     """Drive ``pipeline`` over recorded frames (or events), fitting inline when due.
 
-    Yields the message batch of each refit. The clock is the items' receive time, so a
-    replay makes the same fits every time; at the end every book with unfitted changes gets
-    one last fit. ``step`` and ``finish`` are the two halves (a paced replay awaits between
-    steps).
+    Yields the message batch of each refit: every model's surface, each followed by its
+    derived topics (``with_derived``). The clock is the items' receive time, so a replay makes
+    the same fits every time; at the end every book with unfitted changes gets one last fit.
+    ``step`` and ``finish`` are the two halves (a paced replay awaits between steps);
+    ``fits_inline`` the same fits with the derived topics left to the caller.
     """
+    for snap, surfaces in fits_inline(pipeline, items):
+        yield pipeline.with_derived(snap, surfaces)
+
+
+def fits_inline(
+    pipeline: Pipeline, items: Iterable[tuple[int, str | bytes | Event]]
+) -> Iterator[tuple[ChainSnapshot, list[Message]]]:
+    """``run_inline``'s fits: each snapshot and its surface messages, no derived topics
+    (``streamer.daemon.derived_pool`` builds them in worker processes)."""
     now_s = 0.0
     for ts_ns, item in items:
         now_s = ts_ns / 1e9
-        yield from step(pipeline, ts_ns, item)
-    yield from finish(pipeline, now_s)
+        yield from _step_fits(pipeline, ts_ns, item)
+    yield from _final_fits(pipeline, now_s)
 
 
 def step(pipeline: Pipeline, ts_ns: int, item: str | bytes | Event) -> Iterator[list[Message]]:
     """Apply one recorded frame (or event) received at ``ts_ns``; the refits now due."""
+    for snap, surfaces in _step_fits(pipeline, ts_ns, item):
+        yield pipeline.with_derived(snap, surfaces)
+
+
+def finish(pipeline: Pipeline, now_s: float) -> Iterator[list[Message]]:
+    """The end of a replay: one last fit of every book with unfitted changes."""
+    for snap, surfaces in _final_fits(pipeline, now_s):
+        yield pipeline.with_derived(snap, surfaces)
+
+
+def _step_fits(
+    pipeline: Pipeline, ts_ns: int, item: str | bytes | Event
+) -> Iterator[tuple[ChainSnapshot, list[Message]]]:
     if isinstance(item, str | bytes):
         pipeline.on_frame(item, ts_ns)
     else:
         pipeline.on_event(item)
     now_s = ts_ns / 1e9
     for book in pipeline.due(now_s):
-        yield pipeline.fit_book(book, now_s)
+        snap = pipeline.take_snapshot(book, now_s)
+        yield snap, pipeline.fit_snapshot(snap, derived=False)
 
 
-def finish(pipeline: Pipeline, now_s: float) -> Iterator[list[Message]]:
-    """The end of a replay: one last fit of every book with unfitted changes."""
+def _final_fits(pipeline: Pipeline, now_s: float) -> Iterator[tuple[ChainSnapshot, list[Message]]]:
     for book in pipeline.pending():
-        yield pipeline.fit_book(book, now_s)
+        snap = pipeline.take_snapshot(book, now_s)
+        yield snap, pipeline.fit_snapshot(snap, derived=False)
 
 
 def listing_of(snap: ChainSnapshot) -> Listing:

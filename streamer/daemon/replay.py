@@ -46,7 +46,8 @@ import numpy as np
 import orjson
 
 from streamer.config import Config
-from streamer.daemon.pipeline import Message, Pipeline, finish, run_inline, step
+from streamer.daemon.derived_pool import DerivedPool
+from streamer.daemon.pipeline import Message, Pipeline, finish, fits_inline, step
 from streamer.errors import PublishError, StreamerError
 from streamer.events import Event
 from streamer.feeds.recordings.reader import Frame
@@ -105,11 +106,21 @@ async def replay(
     greeks: bool = True,
     speed: float | None = None,
     progress: bool = False,
+    derived_workers: int | None = None,
 ) -> str:
     """Replay ``files`` through a pipeline built from ``config`` into publishers of
-    ``urls``; returns the summary table. ``models`` empty: parse + book only."""
+    ``urls``; returns the summary table. ``models`` empty: parse + book only.
+    ``derived_workers``: processes building the derived topics of an unpaced replay with
+    models (``DerivedPool``; None: one per core, 0: inline)."""
     result = await _replay(
-        files, config, models=models, urls=urls, greeks=greeks, speed=speed, progress=progress
+        files,
+        config,
+        models=models,
+        urls=urls,
+        greeks=greeks,
+        speed=speed,
+        progress=progress,
+        derived_workers=derived_workers,
     )
     return result.summary
 
@@ -159,6 +170,7 @@ async def _replay(
     greeks: bool = True,
     speed: float | None = None,
     progress: bool = False,
+    derived_workers: int | None = 0,
 ) -> Result:
     pipeline = Pipeline.from_config(config, models=models, greeks=config.publish.greeks and greeks)
     t0 = time.perf_counter()
@@ -181,10 +193,17 @@ async def _replay(
                     pipeline.on_event(item)
                 bar.tick(pipeline.parser.frames)
         elif speed is None:
-            for batch in run_inline(pipeline, items):
-                published += await _deliver(batch, pubs, pipeline.prefix)
+            # the fits here, in order; their derived topics in worker processes once the
+            # replay is long enough (``DerivedPool``: the same messages, in the same order)
+            pool = DerivedPool(pipeline, config, _derived_workers(derived_workers))
+            stack.callback(pool.close)
+            for snap, surfaces in fits_inline(pipeline, items):
+                for batch in await pool.add(snap, surfaces):
+                    published += await _deliver(batch, pubs, pipeline.prefix)
                 bar.tick(pipeline.parser.frames)
                 await asyncio.sleep(0)  # let network publishers breathe
+            for batch in await pool.drain():
+                published += await _deliver(batch, pubs, pipeline.prefix)
         else:  # paced: wait on the event loop, so the publishers send while we wait
             now_s = 0.0
             async for ts_ns, item in _apaced(items, speed):
@@ -206,6 +225,15 @@ async def _replay(
         counter.n,
         seconds,
     )
+
+
+def _derived_workers(n: int | None) -> int:
+    """``n``, or one per core this process may run on when None (none on a single core:
+    the workers would only take turns with the fits)."""
+    if n is not None:
+        return max(0, n)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores if cores and cores > 1 else 0
 
 
 def _parse_only(path: str, pipeline: Pipeline, bar: _Progress) -> int:
