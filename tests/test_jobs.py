@@ -28,6 +28,7 @@ from streamer.config import Config, TriggerConfig, load_config
 from streamer.daemon import service as service_module
 from streamer.daemon.pipeline import Pipeline, run_inline
 from streamer.daemon.service import Service
+from streamer.events import Heartbeat
 from streamer.feeds.recordings.replay_feed import ReplayFeed
 from streamer.publish.memory import MemoryPublisher
 from tests.conftest import UNIT
@@ -415,3 +416,49 @@ async def test_a_fit_process_that_fails_to_start_is_started_by_its_first_fit(
     models = {m.topic.split("/")[-2] for m in mem.messages if m.topic.endswith("/surface")}
     assert models == {"svi", "ssvi"}
     assert not [e for e in logs if e["event"] == "fit_worker_lost"]  # not a lost worker
+
+
+async def test_a_feed_backlog_lets_the_event_loop_in_every_few_events() -> None:
+    """websockets hands over every frame already received without suspending; the service
+    does not hold the event loop for a whole backlog (a fit's reply, a surface's publish
+    would wait for all of it): something waiting on the loop gets in every
+    ``CONSUME_YIELD_EVERY`` events."""
+    every = service_module.CONSUME_YIELD_EVERY
+    n = 10 * every
+
+    class Backlog:
+        async def events(self) -> Any:
+            for i in range(n):  # never suspends: a backlog
+                yield Heartbeat("deribit", i, False)
+
+        async def aclose(self) -> None:
+            return None
+
+    service = Service(
+        load_config(None),
+        feed_factory=lambda *a: Backlog(),  # type: ignore[arg-type]
+        publishers=[MemoryPublisher()],
+    )
+    applied = 0
+    apply = service._on_event
+
+    def counting(ev: Any) -> None:
+        nonlocal applied
+        applied += 1
+        apply(ev)
+
+    service._on_event = counting  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    seen: list[int] = []
+
+    def tick() -> None:  # what waits on the loop: it runs at every turn
+        seen.append(applied)
+        if applied < n:
+            loop.call_soon(tick)
+
+    loop.call_soon(tick)
+    await service._consume(asyncio.Event())
+    assert applied == n
+    gaps = np.diff([0, *seen, n])
+    assert gaps.max() <= every, gaps.max()
+    assert len(seen) >= n // every

@@ -101,6 +101,10 @@ log = structlog.get_logger(__name__)
 
 SHUTDOWN_TIMEOUT_S = 3.0
 FIT_DRAIN_S = 1.0
+# events applied between two turns of the event loop when the feed has a backlog: websockets
+# hands over every frame already received without suspending (a 64 KiB read is ~130 tickers,
+# ~3.5 ms of parsing), and a fit's reply or a surface's publish would wait for all of them
+CONSUME_YIELD_EVERY = 16
 # the GIL hand-off interval while a fit thread and the event loop both want the CPU: Python's
 # 5 ms default would let a 2 ms fit take 15 ms of wall time behind a busy feed
 SWITCH_INTERVAL_S = 0.0005
@@ -407,9 +411,15 @@ class Service:
         feed = self._feed_factory(self.config, self.pipeline.fast, self._on_frame)
         try:
             events = feed.events()
+            every = CONSUME_YIELD_EVERY
+            n = 0
             async with contextlib.aclosing(events):  # type: ignore[type-var]
                 async for ev in events:
                     self._on_event(ev)
+                    n += 1
+                    if n == every:  # a backlog: let fit replies and publishes in between
+                        n = 0
+                        await asyncio.sleep(0)
         finally:
             await feed.aclose()
         stop.set()  # the feed ended (a replay): the service ends with it
