@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import os
+import signal
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures.process import BrokenProcessPool
@@ -37,6 +39,7 @@ import structlog
 
 from streamer.book.snapshot import ChainSnapshot
 from streamer.config import Config
+from streamer.daemon import logs
 from streamer.daemon.pipeline import Derived, Message, Pipeline
 
 log = structlog.get_logger(__name__)
@@ -48,8 +51,13 @@ _PIPELINE: Pipeline | None = None  # a worker's own
 
 
 def _init_worker(config: Config) -> None:
-    """A worker's start: its pipeline (the replay's models, greeks, tenors), kernels loaded."""
+    """A worker's start: its logs as the replay's (to stderr: stdout may be the replay's
+    output), Ctrl-C left to the replay, its pipeline (the replay's models, greeks, tenors)
+    with the kernels loaded."""
     global _PIPELINE  # noqa: PLW0603 - the one per-process state of a pool worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the replay decides when we stop
+    logs.configure(config.log.level, config.log.format)
+    structlog.contextvars.bind_contextvars(worker="replay-derived", pid=os.getpid())
     _PIPELINE = Pipeline.from_config(config)
     _PIPELINE.warm_up()
 
