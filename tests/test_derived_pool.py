@@ -126,7 +126,7 @@ def test_inline_when_told_or_short() -> None:
         assert _flat(got) == _flat(want)
 
 
-def test_cli_refuses_a_negative_count(tmp_path: Path) -> None:
+def test_cli_refuses_a_negative_count() -> None:
     run = subprocess.run(
         [sys.executable, "-m", "streamer", "replay", str(RECORDING), "--derived-jobs", "-1"],
         capture_output=True,

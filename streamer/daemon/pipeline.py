@@ -703,14 +703,20 @@ def _step_fits(
         pipeline.on_event(item)
     now_s = ts_ns / 1e9
     for book in pipeline.due(now_s):
-        snap = pipeline.take_snapshot(book, now_s)
-        yield snap, pipeline.fit_snapshot(snap, derived=False)
+        yield _fit_surfaces(pipeline, book, now_s)
 
 
 def _final_fits(pipeline: Pipeline, now_s: float) -> Iterator[tuple[ChainSnapshot, list[Message]]]:
     for book in pipeline.pending():
-        snap = pipeline.take_snapshot(book, now_s)
-        yield snap, pipeline.fit_snapshot(snap, derived=False)
+        yield _fit_surfaces(pipeline, book, now_s)
+
+
+def _fit_surfaces(
+    pipeline: Pipeline, book: Book, now_s: float
+) -> tuple[ChainSnapshot, list[Message]]:
+    """``book``'s snapshot now and its surface messages (no derived topics yet)."""
+    snap = pipeline.take_snapshot(book, now_s)
+    return snap, pipeline.fit_snapshot(snap, derived=False)
 
 
 def listing_of(snap: ChainSnapshot) -> Listing:

@@ -22,7 +22,7 @@ from typing import ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from streamer.pricing import black_price
+from streamer.pricing import black_price, full_shape
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -300,7 +300,7 @@ class RowModel(Model):
         # surface on a few dozen points)
         rows = np.empty((k.shape[0], len(x)))
         rows[...] = np.asarray(x, dtype=np.float64)
-        return self.iv_rows(rows, k, at_shape(T, k.shape))
+        return self.iv_rows(rows, k, full_shape(T, k.shape, np.float64))
 
     def jacobian(
         self, x: FloatArray, k: FloatArray, T: FloatArray, slice_idx: IntArray
@@ -323,14 +323,6 @@ class RowModel(Model):
             dn[:, i] = np.maximum(dn[:, i] - h, lo[i])
             jac[:, i] = (self.iv_rows(up, k, T) - self.iv_rows(dn, k, T)) / (up[:, i] - dn[:, i])
         return iv, jac
-
-
-def at_shape(T: npt.ArrayLike, shape: tuple[int, ...]) -> FloatArray:
-    """``T`` as a contiguous float64 array of ``shape`` (itself when it already is one)."""
-    a = np.asarray(T, dtype=np.float64)
-    if a.shape == shape and a.flags.c_contiguous:
-        return a
-    return np.ascontiguousarray(np.broadcast_to(a, shape))
 
 
 def _split_name(name: str) -> tuple[str, int | None]:

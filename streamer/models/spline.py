@@ -63,9 +63,9 @@ from streamer.models.base import (
     FloatArray,
     RowModel,
     Violation,
-    at_shape,
     register,
 )
+from streamer.pricing import full_shape
 
 N_INT = 8  # knot intervals
 NC = N_INT + 1  # free coefficients c_0 .. c_n
@@ -959,14 +959,14 @@ class Spline(RowModel):
     def iv_rows(self, rows: FloatArray, k: FloatArray, T: FloatArray) -> FloatArray:
         X = np.ascontiguousarray(rows, dtype=np.float64)
         kk = np.ascontiguousarray(k, dtype=np.float64)
-        return np.asarray(spline_rows_iv(X, kk, at_shape(T, kk.shape)))
+        return np.asarray(spline_rows_iv(X, kk, full_shape(T, kk.shape, np.float64)))
 
     def block_jacobian(
         self, rows: FloatArray, k: FloatArray, T: FloatArray
     ) -> tuple[FloatArray, FloatArray]:
         X = np.ascontiguousarray(rows, dtype=np.float64)
         kk = np.ascontiguousarray(k, dtype=np.float64)
-        TT = at_shape(T, kk.shape)
+        TT = full_shape(T, kk.shape, np.float64)
         iv, jac = spline_rows_jac(X, kk, TT)
         return np.asarray(iv), np.asarray(jac)
 

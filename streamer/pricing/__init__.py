@@ -31,6 +31,7 @@ __all__ = [
     "black_price",
     "coin_to_usd",
     "deribit_greeks",
+    "full_shape",
     "implied_vol",
     "implied_vol_coin",
     "premium_adjusted_delta",
@@ -55,11 +56,15 @@ def _prepare(
     # writeable, contiguous, one-dimensional: a broadcast view (even of one element) is
     # read-only to numba's eyes (and numpy warns when asked whether it is writeable); arrays
     # already of the full shape are only flattened (the common case: whole columns)
-    flat = [_flat(a, shape, np.float64) for a in arrays]
-    return flat, _flat(flags, shape, np.bool_), shape, scalar
+    flat = [full_shape(a, shape, np.float64) for a in arrays]
+    return flat, full_shape(flags, shape, np.bool_), shape, scalar
 
 
-def _flat(a: npt.NDArray[Any], shape: tuple[int, ...], dtype: type[Any]) -> npt.NDArray[Any]:
+def full_shape(a: ArrayLike, shape: tuple[int, ...], dtype: type[Any]) -> npt.NDArray[Any]:
+    """``a`` broadcast to ``shape`` as a writeable, contiguous, one-dimensional array of
+    ``dtype`` (what the compiled kernels take): ``a`` itself, flattened, when it already is
+    one, else a copy (never a broadcast view: ~5 µs to make, and read-only to numba)."""
+    a = np.asarray(a, dtype=dtype)
     if a.shape == shape and a.flags.c_contiguous and a.flags.writeable:
         return a.reshape(-1)
     return np.array(np.broadcast_to(a, shape), dtype=dtype, order="C").reshape(-1)
