@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import pickle
 import subprocess
 import sys
 from concurrent.futures.process import BrokenProcessPool
@@ -22,6 +23,7 @@ from streamer.daemon import derived_pool
 from streamer.daemon.derived_pool import DerivedPool
 from streamer.daemon.pipeline import Message, Pipeline, fits_inline, run_inline
 from streamer.daemon.replay import items_of
+from streamer.publish.base import decode, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDING = ROOT / "replay_data" / "calm.jsonl.zst"
@@ -72,6 +74,51 @@ def test_workers_build_what_the_inline_replay_builds(monkeypatch: pytest.MonkeyP
     assert len(got) == len(want)
     assert _flat(got) == _flat(want)
     assert sum(1 for b in got for m in b if "/greeks/" in m.topic) > surfaces  # not vacuous
+    # the workers' tenors and greeks come as JSON bytes, the very bytes the sinks would have
+    # encoded from the inline replay's payloads
+    pairs = [(g, w) for bg, bw in zip(got, want, strict=True) for g, w in zip(bg, bw, strict=True)]
+    derived = [(g, w) for g, w in pairs if "/greeks/" in g.topic or g.topic.endswith("/tenors")]
+    remote = [(g, w) for g, w in derived if g.raw is not None]
+    assert len(remote) > surfaces
+    assert all(g.raw == encode(w.payload) for g, w in remote)
+
+
+def test_a_message_of_bytes_decodes_on_use_and_pickles_as_bytes() -> None:
+    body = {"seq": 3, "iv": float("nan"), "rows": [{"k": 1.0}]}
+    plain = Message("s/deribit/BTC/svi/greeks/5JAN26", body)
+    raw = plain.encoded()
+    assert raw.raw == encode(body) and raw.wire == raw.raw and plain.wire is body
+    assert raw.payload == {"seq": 3, "iv": None, "rows": [{"k": 1.0}]}
+    back = pickle.loads(pickle.dumps(raw))
+    assert back.raw == raw.raw and back == raw and back.topic == raw.topic
+    assert encode(pickle.loads(pickle.dumps(plain)).payload) == encode(body)
+    cleared = Message("s/t", {}, clear=True)
+    assert cleared.encoded() is cleared and cleared.payload == {}
+    with pytest.raises(ValueError, match="not both"):
+        Message("s/t", body, raw=b"{}")
+
+
+def test_stale_restamps_greeks_kept_as_bytes() -> None:
+    """The greeks the derived worker sent as bytes are what a lost feed re-stamps stale."""
+    items = _items()[:1500]
+    config = load_config(None)
+    pipeline = Pipeline.from_config(config, models=["svi"])
+    fits = list(fits_inline(pipeline, items))
+    snap, surfaces = fits[-1]
+    payload = surfaces[0].payload
+    inline = pipeline.derived_compute(snap, payload)
+    encoded = pipeline.derived_compute(snap, payload, encoded=True)
+    assert [e for e, _ in encoded.greeks] == [e for e, _ in inline.greeks]
+    bodies = [d for _, d in inline.greeks if isinstance(d, dict)]
+    assert len(bodies) == len(inline.greeks) > 3
+    assert [b for _, b in encoded.greeks] == [encode(d) for d in bodies]
+    msgs = pipeline.derived_accept(snap, payload, encoded)
+    assert msgs and all(m.raw is not None for m in msgs if "/greeks/" in m.topic)
+    stale = [m for m in pipeline.stale_messages() if "/greeks/" in m.topic]
+    assert len(stale) == len(encoded.greeks)
+    for m, body in zip(stale, bodies, strict=True):
+        assert m.payload["status"] == "stale" and m.payload["seq"] == payload["seq"] + 1
+        assert m.payload["instruments"] == decode(encode(body))["instruments"]
 
 
 class _Failing(concurrent.futures.Executor):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -462,3 +463,81 @@ async def test_a_feed_backlog_lets_the_event_loop_in_every_few_events() -> None:
     gaps = np.diff([0, *seen, n])
     assert gaps.max() <= every, gaps.max()
     assert len(seen) >= n // every
+
+
+class _SlowBroker(MemoryPublisher):
+    """A publisher whose messages reach the broker when the test says so (``wait_sent``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = asyncio.Event()
+        self.waits = 0
+
+    async def wait_sent(self, timeout: float) -> None:
+        self.waits += 1
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.sent.wait()
+
+
+async def test_the_feed_waits_while_the_fits_take_every_core(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once the fits handed out take every core, no frame is parsed until one is done and
+    the surfaces are with the broker (``wait_sent``), at most ``FEED_HOLD_S``: the frames
+    wait in the socket, the fits and the broker have the cores."""
+    monkeypatch.setattr(service_module, "FEED_HOLD_S", 2.0 * UNIT)
+    n, at = 40, 5
+    fed = asyncio.Event()
+
+    class Backlog:
+        async def events(self) -> Any:
+            for i in range(n):
+                yield Heartbeat("deribit", i, False)
+            fed.set()
+
+        async def aclose(self) -> None:
+            return None
+
+    broker = _SlowBroker()
+    service = Service(load_config(None), feed_factory=lambda *a: Backlog(), publishers=[broker])  # type: ignore[arg-type]
+    service.publishers = [broker]  # as ``run`` sets them
+    service._cores = 2
+    jobs = {m: service_module._Job(m, busy=True) for m in ("spline", "svi")}
+    service._jobs[("deribit", "BTC")] = jobs
+    applied = 0
+    apply = service._on_event
+
+    def counting(ev: Any) -> None:
+        nonlocal applied
+        applied += 1
+        apply(ev)
+        if applied == at:  # what ``_kick`` does once its fits fill the cores
+            service._hold_feed = service._fits_busy() >= service._cores
+
+    service._on_event = counting  # type: ignore[method-assign]
+    consume = asyncio.create_task(service._consume(asyncio.Event()))
+    for _ in range(200):  # many turns of the loop: the feed stays held
+        await asyncio.sleep(0)
+    assert applied == at and service.feed_holds == 1
+    jobs["spline"].busy = False  # one fit done: a core is free ...
+    service._fit_done.set()
+    for _ in range(200):
+        await asyncio.sleep(0)
+    assert applied == at and broker.waits == 1  # ... but its surface is not with the broker
+    broker.sent.set()
+    await asyncio.wait_for(fed.wait(), 5.0 * UNIT)
+    await consume
+    assert applied == n
+
+    # a fit that never ends holds the feed for FEED_HOLD_S, no longer
+    monkeypatch.setattr(service_module, "FEED_HOLD_S", 0.05 * UNIT)
+    service2 = Service(load_config(None), feed_factory=lambda *a: Backlog(), publishers=[])  # type: ignore[arg-type]
+    service2._cores = 1
+    service2._jobs[("deribit", "BTC")] = {"svi": service_module._Job("svi", busy=True)}
+    service2._hold_feed = True
+    fed.clear()
+    t0 = time.monotonic()
+    await asyncio.wait_for(service2._consume(asyncio.Event()), 5.0 * UNIT)
+    assert time.monotonic() - t0 >= 0.05 * UNIT and fed.is_set()
+    assert service2.feed_holds == 1

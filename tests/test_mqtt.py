@@ -26,7 +26,7 @@ import pytest
 from streamer.client.render import render
 from streamer.client.subscribe import subscribe_payloads
 from streamer.errors import InputError, PublishError, SubscribeError
-from streamer.publish.base import decode
+from streamer.publish.base import decode, encode
 from streamer.publish.memory import MemoryPublisher
 from streamer.publish.mqtt import MqttPublisher
 from streamer.publish.payloads import (
@@ -176,6 +176,27 @@ async def test_retained_surface_arrives_with_qos1(mosquitto: Mosquitto) -> None:
         assert (stats.superseded, stats.dropped, stats.reconnects, stats.pending) == (0, 0, 0, 0)
 
 
+async def test_encoded_greeks_arrive_byte_for_byte(mosquitto: Mosquitto) -> None:
+    """A payload the derived worker encoded (``deliver`` of bytes) goes out as those bytes:
+    the same message a bot gets when the publisher encodes the dict itself."""
+    greeks = _greeks()
+    data = encode(greeks)
+    async with _publisher(mosquitto) as pub, subscriber(mosquitto, GREEKS_TOPIC) as queue:
+        await pub.wait_connected(TIMEOUT)
+        await pub.deliver(GREEKS_TOPIC, data)
+        message, payload = await next_message(queue)
+        assert message.payload == data and message.qos == 1
+        jsonschema.validate(payload, load_schema("greeks"))
+        await pub.publish(GREEKS_TOPIC, greeks)
+        again, _ = await next_message(queue)
+        assert again.payload == data
+        with pytest.raises(InputError, match="topic"):
+            await pub.publish_encoded("bad/#/topic", data)
+        async with subscriber(mosquitto, GREEKS_TOPIC) as later:  # kept as the retained one
+            kept, _ = await next_message(later)
+        assert kept.retain and kept.payload == data
+
+
 async def test_status_online_feed_state_and_offline_on_close(mosquitto: Mosquitto) -> None:
     schema = load_schema("status")
     async with subscriber(mosquitto, "streamer/status/#") as queue:
@@ -291,6 +312,30 @@ async def test_buffers_until_the_broker_first_appears(mosquitto: Mosquitto) -> N
     async with subscriber(mosquitto, SURFACE_TOPIC) as queue:
         _, payload = await next_message(queue)
     assert payload == {"seq": 2}
+
+
+async def test_wait_sent_returns_once_acknowledged_and_at_once_without_a_broker(
+    mosquitto: Mosquitto,
+) -> None:
+    """``wait_sent`` (the service holds its feed on it): back once the broker has
+    acknowledged what was handed over; with the broker away, at once (the messages wait
+    for the broker, the feed does not)."""
+    async with _publisher(mosquitto, instance="sent") as pub:
+        await pub.wait_connected(TIMEOUT)
+        await pub.flush(TIMEOUT)
+        published = pub.published
+        for seq in range(20):
+            await pub.publish(topic_greeks("streamer", "deribit", "BTC", "svi", f"{seq}FEB21"),
+                              {"seq": seq})  # fmt: skip
+        await pub.wait_sent(TIMEOUT)
+        assert pub.pending == 0 and pub.stats().pending == 0 and pub.published == published + 20
+        mosquitto.stop()
+        await wait_until(lambda: not pub.connected)
+        await pub.publish(SURFACE_TOPIC, {"seq": 1})
+        started = time.monotonic()
+        await pub.wait_sent(TIMEOUT)
+        assert time.monotonic() - started < 0.5 * TIMEOUT and pub.pending == 1
+        mosquitto.start()
 
 
 async def test_close_with_broker_away_counts_dropped(mosquitto: Mosquitto) -> None:

@@ -226,6 +226,25 @@ async def test_jsonl_file_lines_are_flushed_live(tmp_path: Path) -> None:
     await pub.aclose()  # idempotent
 
 
+async def test_encoded_payloads_are_written_as_they_are(tmp_path: Path) -> None:
+    """A payload encoded in another process (``publish_encoded``, ``deliver`` of bytes) gives
+    the line its dict gives; the memory publisher decodes it; a clear stays a clear."""
+    body = {"x": NAN, "rows": [{"k": 1.5, "iv": INF}], "s": "ok"}
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    async with JsonlPublisher(a) as pa, JsonlPublisher(b) as pb:
+        await pa.publish("streamer/g", body)
+        await pb.deliver("streamer/g", encode(body))
+        await pa.deliver("streamer/g", {}, clear=True)
+        await pb.deliver("streamer/g", b"", clear=True)
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes().splitlines()[0] == (
+        b'{"topic":"streamer/g","payload":{"x":null,"rows":[{"k":1.5,"iv":null}],"s":"ok"}}'
+    )
+    mem = MemoryPublisher()
+    await mem.deliver("streamer/g", encode(body))
+    assert mem.retained["streamer/g"] == {"x": None, "rows": [{"k": 1.5, "iv": None}], "s": "ok"}
+
+
 async def test_jsonl_batch_flush_and_append(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     async with JsonlPublisher(path, flush_every=3) as pub:

@@ -64,7 +64,7 @@ def _init_worker(config: Config) -> None:
 
 def _derive(snap: ChainSnapshot, payload: Mapping[str, Any]) -> Derived:
     assert _PIPELINE is not None
-    return _PIPELINE.derived_compute(snap, payload)
+    return _PIPELINE.derived_compute(snap, payload, encoded=True)
 
 
 @dataclass

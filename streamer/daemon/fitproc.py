@@ -152,7 +152,7 @@ def _child(conn: Connection, config: Config, model: str | None, hang_s: float, n
                     prepared=None,
                 )
             elif msg[0] == "derived":
-                out = pipeline.derived_compute(msg[1], msg[2])
+                out = pipeline.derived_compute(msg[1], msg[2], encoded=True)
             else:
                 raise ValueError(f"unknown request {msg[0]!r} for worker {model}")
             reply: tuple[Any, ...] = (

@@ -39,6 +39,7 @@ from streamer.feeds.deribit.parser import DeribitParser
 from streamer.instruments import MS_PER_YEAR, parse_option
 from streamer.models import REGISTRY, Model
 from streamer.pricing import implied_vol
+from streamer.publish.base import decode, encode
 from streamer.publish.payloads import (
     CheckedRows,
     greeks_payload,
@@ -59,14 +60,69 @@ QUALITY_WINDOW = 10_000  # fits per model kept for summaries (a ring: memory sta
 SETTLE_GRACE_S = 1.0  # the refit after a settlement waits this long past 08:00 UTC
 
 
-@dataclass(frozen=True, slots=True)
 class Message:
     """One publication: a topic and its JSON payload; ``clear``: the topic's retained message
-    is to be removed (``Publisher.clear_retained``; the payload is then empty)."""
+    is to be removed (``Publisher.clear_retained``; the payload is then empty).
 
-    topic: str
-    payload: dict[str, Any]
-    clear: bool = False
+    ``raw``: the payload's JSON bytes (``streamer.publish.base.encode``) where they were made
+    in another process (the derived worker encodes its greeks and tenors: the event loop then
+    hands bytes to the publishers instead of unpickling ~120 kB of rows and encoding them
+    again); ``payload`` decodes them on first use (JSON's types: NaN is None)."""
+
+    __slots__ = ("_payload", "clear", "raw", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        payload: dict[str, Any] | None = None,
+        clear: bool = False,
+        *,
+        raw: bytes | None = None,
+    ) -> None:
+        if payload is not None and raw is not None:
+            raise ValueError("a message has a payload or its bytes, not both")
+        self.topic = topic
+        self.clear = clear
+        self.raw = raw
+        self._payload = payload if payload is not None or raw is not None else {}
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        if self._payload is None:
+            assert self.raw is not None
+            self._payload = decode(self.raw)
+        return self._payload
+
+    @property
+    def wire(self) -> dict[str, Any] | bytes:
+        """What ``Publisher.deliver`` takes: the JSON bytes when they were made elsewhere,
+        else the payload."""
+        return self.raw if self.raw is not None else self.payload
+
+    def encoded(self) -> Message:
+        """The same message with its payload as JSON bytes (``raw``)."""
+        if self.raw is not None or self.clear:
+            return self
+        return Message(self.topic, clear=self.clear, raw=encode(self.payload))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return (self.topic, self.clear, self.payload) == (other.topic, other.clear, other.payload)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Message({self.topic!r}, {self.payload!r}, clear={self.clear})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self.raw is not None:
+            return (_raw_message, (self.topic, self.clear, self.raw))
+        return (Message, (self.topic, self._payload, self.clear))
+
+
+def _raw_message(topic: str, clear: bool, raw: bytes) -> Message:
+    return Message(topic, clear=clear, raw=raw)
 
 
 @dataclass
@@ -97,7 +153,9 @@ class Derived:
 
     tenors: list[Message]
     tenors_failed: bool  # the tenors could not be computed (logged where they were)
-    greeks: list[tuple[str, dict[str, Any]]]  # (expiry, payload) per listed expiry
+    # (expiry, payload) per listed expiry; the payload as JSON bytes from ``derived_compute(...,
+    # encoded=True)``
+    greeks: list[tuple[str, dict[str, Any] | bytes]]
 
 
 @dataclass
@@ -107,7 +165,7 @@ class _Surface:
     last_payload: dict[str, Any] | None = None
     last_problem: str = ""
     # expiry -> the last greeks payload published (stale re-stamps; cleared when it settles)
-    greeks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    greeks: dict[str, dict[str, Any] | bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -409,15 +467,25 @@ class Pipeline:
         return self.derived_accept(snap, payload, self.derived_compute(snap, payload, pause))
 
     def derived_compute(
-        self, snap: ChainSnapshot, payload: Mapping[str, Any], pause: Pause = None
+        self,
+        snap: ChainSnapshot,
+        payload: Mapping[str, Any],
+        pause: Pause = None,
+        *,
+        encoded: bool = False,
     ) -> Derived:
         """The tenors and greeks of a surface payload, without the pipeline's state (what
         the service's derived process runs; ``derived_accept`` numbers the greeks topics
-        and clears those of expiries gone)."""
+        and clears those of expiries gone). ``encoded``: every payload as its JSON bytes
+        (a worker process: the parent publishes the bytes as they are)."""
         model = str(payload["model"])
         before = self.tenors_failed[model]
         tenors = self.tenors_messages(payload, pause)
-        greeks = self.greeks_bodies(snap, payload, pause) if self.greeks else []
+        bodies = self.greeks_bodies(snap, payload, pause) if self.greeks else []
+        greeks: list[tuple[str, dict[str, Any] | bytes]] = list(bodies)
+        if encoded:
+            tenors = [m.encoded() for m in tenors]
+            greeks = [(expiry, encode(body)) for expiry, body in bodies]
         return Derived(tenors, self.tenors_failed[model] > before, greeks)
 
     def derived_accept(
@@ -447,7 +515,8 @@ class Pipeline:
                 out.append(Message(topic_surface(self.prefix, venue, under, name), payload))
                 out.extend(self.tenors_messages(payload))
                 for expiry, greeks in surf.greeks.items():
-                    restamped = dict(greeks, status="stale", seq=surf.seq)
+                    body = decode(greeks) if isinstance(greeks, bytes) else greeks
+                    restamped = dict(body, status="stale", seq=surf.seq)
                     surf.greeks[expiry] = restamped
                     topic = topic_greeks(self.prefix, venue, under, name, expiry)
                     out.append(Message(topic, restamped))
@@ -520,16 +589,22 @@ class Pipeline:
         return [Message(topic, dict(body))]
 
     def greeks_accept(
-        self, snap: ChainSnapshot, model: str, bodies: Sequence[tuple[str, dict[str, Any]]]
+        self,
+        snap: ChainSnapshot,
+        model: str,
+        bodies: Sequence[tuple[str, dict[str, Any] | bytes]],
     ) -> list[Message]:
-        """The greeks messages of ``bodies`` (expiry, payload), each kept for the stale
-        re-stamps, then a clear of every greeks topic whose expiry is no longer listed."""
+        """The greeks messages of ``bodies`` (expiry, payload or its JSON bytes), each kept for
+        the stale re-stamps, then a clear of every greeks topic whose expiry is no longer
+        listed."""
         surf = self._under[(snap.venue, snap.underlying)].surfaces[model]
         out: list[Message] = []
         for expiry, body in bodies:
             surf.greeks[expiry] = body
             topic = topic_greeks(self.prefix, snap.venue, snap.underlying, model, expiry)
-            out.append(Message(topic, body))
+            out.append(
+                Message(topic, raw=body) if isinstance(body, bytes) else Message(topic, body)
+            )
         listed = {expiry for expiry, _ in bodies}
         for expiry in [e for e in surf.greeks if e not in listed]:  # settled or delisted
             del surf.greeks[expiry]

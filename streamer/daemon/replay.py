@@ -447,7 +447,7 @@ async def _deliver(batch: Sequence[Message], pubs: Sequence[Publisher], prefix: 
     """Hand one refit's messages to every publisher; how many messages."""
     for msg in batch:
         for pub in pubs:
-            await pub.deliver(retopic(msg.topic, prefix, pub.prefix), msg.payload, clear=msg.clear)
+            await pub.deliver(retopic(msg.topic, prefix, pub.prefix), msg.wire, clear=msg.clear)
     return len(batch)
 
 

@@ -105,6 +105,11 @@ FIT_DRAIN_S = 1.0
 # hands over every frame already received without suspending (a 64 KiB read is ~130 tickers,
 # ~3.5 ms of parsing), and a fit's reply or a surface's publish would wait for all of them
 CONSUME_YIELD_EVERY = 16
+# while the fits in flight take every core, the feed's frames wait in the socket (at most
+# FEED_HOLD_S): parsing them meanwhile would take a core from a fit (on 2 cores the second
+# model of an underlying waited for the event loop's time slice), and the surfaces in flight
+# do not depend on them; the backlog is parsed once a fit is done (~27 us a frame)
+FEED_HOLD_S = 0.01
 # the GIL hand-off interval while a fit thread and the event loop both want the CPU: Python's
 # 5 ms default would let a 2 ms fit take 15 ms of wall time behind a busy feed
 SWITCH_INTERVAL_S = 0.0005
@@ -234,6 +239,9 @@ class Service:
         # fits in flight at most (one per core: more only queue for a core, or for the GIL),
         # and the books whose due refit waits for one
         self._cores = max(1, len(os.sched_getaffinity(0)))
+        self._hold_feed = False  # the fits just handed out take every core (FEED_HOLD_S)
+        self._fit_done = asyncio.Event()  # a fit job finished (set, then cleared by a hold)
+        self.feed_holds = 0
         self._deferred: set[tuple[str, str]] = set()
         self._aux: list[asyncio.Task[None]] = []
         self.cleared: list[str] = []  # retained topics of switched-off models cleared at start
@@ -417,12 +425,38 @@ class Service:
                 async for ev in events:
                     self._on_event(ev)
                     n += 1
-                    if n == every:  # a backlog: let fit replies and publishes in between
+                    if self._hold_feed:  # the fits take every core: let them run
+                        n = 0
+                        await self._held()
+                    elif n == every:  # a backlog: let fit replies and publishes in between
                         n = 0
                         await asyncio.sleep(0)
         finally:
             await feed.aclose()
         stop.set()  # the feed ended (a replay): the service ends with it
+
+    def _fits_busy(self) -> int:
+        return sum(job.busy for per in self._jobs.values() for job in per.values())
+
+    async def _held(self) -> None:
+        """Wait (at most ``FEED_HOLD_S``) until a core is free of fits, then until the
+        surfaces published meanwhile are with the broker."""
+        self._hold_feed = False
+        self.feed_holds += 1
+        deadline = time.monotonic() + FEED_HOLD_S
+        while self._fits_busy() >= self._cores and not self._closing:
+            left = deadline - time.monotonic()
+            if left <= 0.0:
+                return
+            self._fit_done.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._fit_done.wait()
+        for pub in self.publishers:
+            left = deadline - time.monotonic()
+            if left <= 0.0 or self._closing:
+                return
+            await pub.wait_sent(left)
 
     def _on_event(self, ev: Event) -> None:
         p = self.pipeline
@@ -489,6 +523,7 @@ class Service:
             else:
                 job.snap, job.mark, job.newest_ns, job.snap_ns = snap, mark, newest, snap_ns
             job.wake.set()
+        self._hold_feed = self._fits_busy() >= self._cores
 
     def _take(self, book: Book, job: _Job) -> tuple[ChainSnapshot, int | None, int, bool] | None:
         """The work ``job`` picks up: the snapshot handed to it, or, when that snapshot is
@@ -577,6 +612,7 @@ class Service:
                 )
             finally:
                 job.busy = False
+                self._fit_done.set()
             if self._closing:
                 return
             self._kick(book)  # quotes that changed while it fitted
@@ -781,7 +817,7 @@ class Service:
         for msg in msgs:
             for pub in self.publishers:
                 topic = retopic(msg.topic, self.pipeline.prefix, pub.prefix)
-                await pub.deliver(topic, msg.payload, clear=msg.clear)
+                await pub.deliver(topic, msg.wire, clear=msg.clear)
         if msgs and trigger_ns is not None:
             lat = (time.time_ns() - trigger_ns) / 1e9
             self.metrics.latency.observe(lat)

@@ -119,10 +119,25 @@ class Publisher(AsyncResource, ABC):
     async def publish(self, topic: str, payload: Mapping[str, Any], *, retain: bool = True) -> None:
         """Hand ``payload`` over for delivery on ``topic``; never blocks for long."""
 
-    async def deliver(self, topic: str, payload: Mapping[str, Any], *, clear: bool = False) -> None:
-        """``publish`` the payload, or with ``clear`` ``clear_retained`` the topic."""
+    async def wait_sent(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until what was handed over is with the broker:
+        the service holds its feed meanwhile, so the broker and the bots have the cores. A
+        publisher that writes at once (files, memory) or has no broker now returns at once."""
+
+    async def publish_encoded(self, topic: str, data: bytes, *, retain: bool = True) -> None:
+        """``publish`` a payload already encoded (``encode``'s bytes, made in another
+        process); publishers that send bytes take them as they are."""
+        await self.publish(topic, decode(data), retain=retain)
+
+    async def deliver(
+        self, topic: str, payload: Mapping[str, Any] | bytes, *, clear: bool = False
+    ) -> None:
+        """``publish`` the payload (``publish_encoded`` its JSON bytes), or with ``clear``
+        ``clear_retained`` the topic."""
         if clear:
             await self.clear_retained(topic)
+        elif isinstance(payload, bytes):
+            await self.publish_encoded(topic, payload)
         else:
             await self.publish(topic, payload)
 

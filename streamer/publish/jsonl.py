@@ -60,6 +60,9 @@ class JsonlPublisher(Publisher):
     async def publish(self, topic: str, payload: Mapping[str, Any], *, retain: bool = True) -> None:
         self._write(jsonl_line(topic, payload))
 
+    async def publish_encoded(self, topic: str, data: bytes, *, retain: bool = True) -> None:
+        self._write(b'{"topic":' + orjson.dumps(topic) + b',"payload":' + data + b"}\n")
+
     async def clear_retained(self, topic: str) -> None:
         """A ``{"topic": ..., "payload": null}`` line: the topic's retained message is gone."""
         self._write(b'{"topic":' + orjson.dumps(topic) + b',"payload":null}\n')

@@ -308,6 +308,15 @@ class MqttPublisher(Publisher):
         check_topic(topic)
         self._put(topic, encode(payload), retain)
 
+    async def publish_encoded(self, topic: str, data: bytes, *, retain: bool = True) -> None:
+        """Queue a payload already encoded (``encode``'s bytes) for ``topic``."""
+        if self._closed or self._closing.is_set():
+            raise PublishError(f"{self!r} is closed")
+        if self._tg is None:
+            raise PublishError(f"{self!r} not started: use 'async with' or await start()")
+        check_topic(topic)
+        self._put(topic, bytes(data), retain)
+
     async def clear_retained(self, topic: str) -> None:
         """Queue an empty retained message for ``topic`` (the broker drops its retained one)."""
         if self._closed or self._closing.is_set():
@@ -386,6 +395,15 @@ class MqttPublisher(Publisher):
         """Wait until the publisher is connected (and has announced ``online``)."""
         async with asyncio.timeout(timeout):
             await self._connected_event.wait()
+
+    async def wait_sent(self, timeout: float) -> None:
+        """Until nothing is pending or in flight (acknowledged), at most ``timeout`` s; at
+        once while disconnected (the messages wait for the broker, not the caller)."""
+        if not self.connected or self._idle.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until nothing is pending (or raise TimeoutError)."""

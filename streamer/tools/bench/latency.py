@@ -257,6 +257,7 @@ async def run_service(
             "process CPU (cores)": (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / wall,
             "event-loop thread CPU (cores)": (loop1 - loop0) / wall,
             "resnapshots": float(service.resnapshots),
+            "feed holds": float(service.feed_holds),
         }
         await asyncio.sleep(0.5)
     finally:
