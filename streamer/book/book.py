@@ -69,6 +69,7 @@ underlying; instruments are created from ``InstrumentListed`` or on first sight 
 from __future__ import annotations
 
 import math
+import operator
 import struct
 import sys
 from collections import Counter
@@ -725,24 +726,23 @@ class Book:
         self._included[:n] = False
         self._included[live[keep]] = True
 
-        # order: expiry, strike, calls before puts
-        sel = np.flatnonzero(keep)
+        # order: expiry, strike, calls before puts (the listing's order, a stable sort,
+        # restricted to the quotes kept)
         exp_ms_all = np.array(self._exp_ms, dtype=np.int64)
-        exp_ms_q = exp_ms_all[exp_id[sel]]
-        order = sel[np.lexsort((~is_call[sel], strike[sel], exp_ms_q))]
+        order_all = np.lexsort((~is_call, strike, exp_ms_all[exp_id]))
+        order = order_all[keep[order_all]]
         ids = sorted(set(exp_id[order].tolist()), key=lambda e: self._exp_ms[e])
-        pos = {e: i for i, e in enumerate(ids)}
+        pos = np.full(len(self._exp_ms), -1, dtype=np.int64)
+        pos[ids] = np.arange(len(ids))
         expiry_ms = exp_ms_all[np.array(ids, dtype=np.int64)]
-        names = self._names
-        slots = live[order].tolist()
-        e_idx = np.array([pos[e] for e in exp_id[order].tolist()], dtype=np.int64)
-        listing = self._listing(live, q, exp_id, strike, is_call, fresh, fwd_by_id)
+        e_idx = pos[exp_id[order]]
+        listing = self._listing(live, q, exp_id, strike, is_call, fresh, fwd_by_id, order_all)
         return ChainSnapshot(
             venue=self.venue,
             underlying=self.underlying,
             ts_ms=int(now_ms),
             inverse=self.inverse,
-            instrument=tuple(names[s] for s in slots),
+            instrument=_pick(self._names, live[order]),
             expiry_idx=e_idx,
             T=(expiry_ms[e_idx] - now_ms) / MS_PER_YEAR,
             forward=F[order],
@@ -774,11 +774,12 @@ class Book:
         is_call: BoolArray,
         fresh: BoolArray,
         fwd_by_id: FloatArray,
+        order: IntArray,
     ) -> Listing:
-        """Every live instrument (``live`` slots, their rows ``q``): market fields where the
-        quote is fresh, the forward per expiry from the fresh quotes or else the last seen."""
+        """Every live instrument (``live`` slots, their rows ``q``, in ``order``: expiry,
+        strike, calls before puts): market fields where the quote is fresh, the forward per
+        expiry from the fresh quotes or else the last seen."""
         exp_ms_all = np.array(self._exp_ms, dtype=np.int64)
-        order = np.lexsort((~is_call, strike, exp_ms_all[exp_id]))
         ids = sorted(set(exp_id.tolist()), key=lambda e: self._exp_ms[e])
         pos = np.full(len(self._exp_ms), -1, dtype=np.int64)
         pos[ids] = np.arange(len(ids))
@@ -794,9 +795,8 @@ class Book:
         def market(col: int) -> FloatArray:
             return np.where(fresh, q[:, col], NAN)[order]
 
-        names = self._names
         return Listing(
-            instrument=tuple(names[s] for s in live[order].tolist()),
+            instrument=_pick(self._names, live[order]),
             expiry_idx=pos[exp_id[order]],
             strike=strike[order],
             is_call=is_call[order],
@@ -834,6 +834,15 @@ def _expiry_ms_of(name: str) -> int:
     """The settlement time an option's name says (0 if it is no option name)."""
     opt = parse_option(name)
     return opt.expiry_ms if opt is not None else 0
+
+
+def _pick(names: list[str], slots: IntArray) -> tuple[str, ...]:
+    """``tuple(names[s] for s in slots)``, at C speed."""
+    at = slots.tolist()
+    if len(at) < 2:
+        return tuple(names[s] for s in at)
+    picked: tuple[str, ...] = operator.itemgetter(*at)(names)
+    return picked
 
 
 def _group_medians(ids: IntArray, values: FloatArray, n_ids: int) -> FloatArray:
