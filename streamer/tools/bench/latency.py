@@ -47,6 +47,7 @@ from streamer.tools.bench.calib import shared_data
 
 DEFAULT_SNAPSHOT = "snapshots/deribit_options_snapshot_20260105T041127Z.csv"
 TICK = 0.0001  # Deribit's option tick (coin) for prices below 0.005
+TICK_ABOVE, TICK_ABOVE_FROM = 0.0005, 0.005  # and from 0.005 up
 
 
 def _free_port() -> int:
@@ -142,14 +143,63 @@ def _phase(rec: dict[str, Any]) -> float:
     return zlib.crc32(name.encode()) / 2**32
 
 
-def make_recording(workdir: Path, rounds: int) -> tuple[Path, int]:
-    """A real BTC + ETH chain, then ``rounds - 1`` re-quotes of it, each moving every bid and
-    ask by one tick (alternately up and down): real changes, as a live market makes them; in
-    each round the instruments in their channels' phase order (``_phase``: the file lists all
-    of BTC, then all of ETH, which made each underlying's newest frame up to half a round old
-    when the other's were being sent)."""
+REQUOTES = ("walk", "tick")
+WALK_STEP = 1e-4  # the underlying's step per round (1 bp) in the walk re-quote
+
+
+def requote_walk(data: dict[str, Any], move: float) -> None:
+    """One option ticker's data as the market quotes it after the underlying moved by
+    ``move`` (a fraction of its price) since the recorded chain, implied vols held: each
+    side moved by its coin price's sensitivity, ``(delta - price) * move`` (an inverse
+    option's price is its USD value over the forward; Deribit's own delta), rounded to
+    Deribit's tick (0.0001 below 0.005, 0.0005 from there); a side that would cross the
+    other keeps its spread; the forward and index moved alike. Deep wings (delta ~0) stay
+    where they are, as on Deribit; quotes near the money cross a tick every few rounds."""
+    greeks = data.get("greeks") or {}
+    delta = greeks.get("delta")
+    for key in ("underlying_price", "index_price"):
+        if isinstance(data.get(key), int | float):
+            data[key] = round(data[key] * (1.0 + move), 2)
+    if not isinstance(delta, int | float):
+        return
+    bid, ask = data.get("best_bid_price"), data.get("best_ask_price")
+    moved = {}
+    for side, price in (("best_bid_price", bid), ("best_ask_price", ask)):
+        if isinstance(price, int | float) and price > 0.0:
+            target = price + (delta - price) * move
+            tick = TICK_ABOVE if target >= TICK_ABOVE_FROM else TICK
+            moved[side] = max(round(round(target / tick) * tick, 6), TICK)
+    bid2, ask2 = moved.get("best_bid_price"), moved.get("best_ask_price")
+    if bid2 is not None and ask2 is not None and ask2 <= bid2:
+        return  # would cross: the quote stays
+    data.update(moved)
+
+
+def requote_tick(data: dict[str, Any], r: int) -> None:
+    """Round ``r``'s re-quote of the earlier sessions' bench: every bid and ask one tick up
+    (odd rounds) or down (even rounds) from the recorded chain. Its floor quotes (0.0001 to
+    0.0003) swing by up to 3x their price every round, which no market does; with the
+    trigger's 200 ms (two rounds) a fit sees the same chain again or the other swing, by the
+    trigger's phase, and the swings flag regime shifts in the wing slices."""
+    step = TICK * (1 if r % 2 else -1)
+    for side in ("best_bid_price", "best_ask_price"):
+        if data.get(side):
+            data[side] = round(max(data[side] + step, TICK), 6)
+
+
+def make_recording(
+    workdir: Path, rounds: int, requote: str = "walk", seed: int = 7
+) -> tuple[Path, int]:
+    """A real BTC + ETH chain, then ``rounds - 1`` re-quotes of it (``requote``: ``walk``,
+    the underlying on a random walk of 1 bp steps, seeded, every option re-quoted at its
+    implied vol, ``requote_walk``; ``tick``, ``requote_tick``); in each round the
+    instruments in their channels' phase order (``_phase``: the file lists all of BTC, then
+    all of ETH, which made each underlying's newest frame up to half a round old when the
+    other's were being sent)."""
     import orjson
 
+    if requote not in REQUOTES:
+        raise ValueError(f"requote must be one of {REQUOTES}, got {requote!r}")
     tool = shared_data().parent.parent / "tools" / "csv_to_replay.py"
     src = shared_data() / DEFAULT_SNAPSHOT
     if not tool.exists() or not src.exists():
@@ -160,6 +210,9 @@ def make_recording(workdir: Path, rounds: int) -> tuple[Path, int]:
     )
     records = sorted((orjson.loads(line) for line in one.read_text().splitlines()), key=_phase)
     n_options = sum(1 for rec in records if "ticker." in rec["frame"])
+    steps = np.random.default_rng(seed).choice([-WALK_STEP, WALK_STEP], size=max(rounds, 1))
+    steps[0] = 0.0
+    level = np.cumprod(1.0 + steps)  # per round: the underlying over the recorded one
     out = workdir / "rounds.jsonl"
     with out.open("wb") as fh:
         for r in range(rounds):
@@ -167,10 +220,10 @@ def make_recording(workdir: Path, rounds: int) -> tuple[Path, int]:
                 frame = orjson.loads(rec["frame"])
                 data = frame.get("params", {}).get("data")
                 if r and isinstance(data, dict) and "best_bid_price" in data:
-                    step = TICK * (1 if r % 2 else -1)
-                    for side in ("best_bid_price", "best_ask_price"):
-                        if data.get(side):
-                            data[side] = round(max(data[side] + step, TICK), 6)
+                    if requote == "walk":
+                        requote_walk(data, float(level[r] - 1.0))
+                    else:
+                        requote_tick(data, r)
                 fh.write(orjson.dumps(dict(rec, frame=orjson.dumps(frame).decode())) + b"\n")
     return out, n_options
 
@@ -357,17 +410,25 @@ def main(argv: list[str] | None = None) -> int:
         choices=("process", "thread"),
         help="where the fits run (default: the config's, [models] workers)",
     )
+    ap.add_argument(
+        "--requote",
+        choices=REQUOTES,
+        default="walk",
+        help="the re-quotes: walk (the underlying on a 1 bp random walk, every option at its "
+        "implied vol: the default), tick (every bid and ask a tick up, then down)",
+    )
     ap.add_argument("--dump", type=Path, help="write every surface's stage times (JSON lines)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rec, n_options = make_recording(work, args.rounds)
+        rec, n_options = make_recording(work, args.rounds, args.requote)
         rate = args.rate or 10.0 * n_options
         proc, port = start_mosquitto(work)
         try:
             print(
                 f"replaying {sum(1 for _ in rec.open()):,} frames (a real BTC + ETH chain and "
-                f"{args.rounds - 1} re-quotes of {n_options:,} options) at {rate:,.0f} frames/s "
+                f"{args.rounds - 1} re-quotes ({args.requote}) of {n_options:,} options) at "
+                f"{rate:,.0f} frames/s "
                 f"into one service; trigger: min_changed_quotes "
                 f"{args.min_changed or 'default'}, min_interval_s "
                 f"{'default' if args.min_interval is None else args.min_interval}; mosquitto on "
