@@ -15,16 +15,20 @@
   numbered by the pipeline (``Pipeline.accept``) and the surface published at once. At most
   one fit per core is in flight: another underlying's due refit waits until a core is free and
   snapshots the book then (a snapshot taken at once would only wait for a core, and be older
-  when published). ``workers = "thread"``: the fits run in ``asyncio.to_thread`` (the numba
-  kernels are ``nogil``; the Python glue is not). A job that was busy, or that wakes after
-  more frames came in, fits a fresh snapshot of the book as it is when the fit starts
-  (``_take``: the surface's newest frame is never as old as the job's queue). A worker process
+  when published); while the fits in flight take every core the feed is not parsed (its
+  frames wait in the socket, ``FEED_HOLD_S`` at most) until one is done and the surfaces are
+  with the broker (``Publisher.wait_sent``). ``workers = "thread"``: the fits run in
+  ``asyncio.to_thread`` (the numba kernels are ``nogil``; the Python glue is not). A job
+  that was busy, or that wakes after more frames came in, fits a fresh snapshot of the book
+  as it is when the fit starts (``_take``: the surface's newest frame is never as old as the
+  job's queue). A worker process
   that dies is logged (``fit_worker_lost``) and replaced on its next fit;
 * the derived topics (tenors, greeks: milliseconds of Python and numpy) off the surfaces'
   path: one task builds them for the latest surface of each job, at most every
   ``DERIVED_INTERVAL_S`` per job, once the fits in flight are done; in process mode in a
-  derived worker process (niced: the fits come first on the cores), whose reply is unpickled
-  once no fit is in flight; in thread mode in a thread that pauses between its steps (a
+  derived worker process (niced: the fits come first on the cores), whose reply (the
+  payloads as JSON bytes, published as they are) is taken once no fit is in flight; in
+  thread mode in a thread that pauses between its steps (a
   tenor, a block of greeks rows) while a fit is in flight (``DERIVED_YIELD_S`` each); each
   job's last surface always gets them, on the way out too;
 * a ticker that checks the trigger's max interval, flushes the recorder, pings systemd's
@@ -743,8 +747,8 @@ class Service:
 
     async def _derived_in_process(self, snap: ChainSnapshot, msgs: list[Message]) -> list[Message]:
         """``Pipeline.derived_for`` in the derived worker process (niced: the fits come
-        first on the cores); its reply, the greeks of every instrument, is unpickled here
-        once the fits in flight are done (at most ``DERIVED_YIELD_S`` later)."""
+        first on the cores); its reply, the greeks of every instrument as JSON bytes, is
+        taken here once the fits in flight are done (at most ``DERIVED_YIELD_S`` later)."""
         proc = self._derived_proc
         assert proc is not None
         p = self.pipeline
