@@ -78,6 +78,7 @@ from collections.abc import Iterator
 import numpy as np
 import numpy.typing as npt
 
+from streamer.book import snapkernel
 from streamer.book.snapshot import ChainSnapshot, Listing
 from streamer.events import (
     BookTop,
@@ -130,6 +131,9 @@ DROP_REASONS = (
     "no_forward",
     "below_intrinsic",
 )
+
+# the columns ``snapkernel`` reads: time, bid, ask, bid IV, ask IV, forward
+_KERNEL_COLS = np.array([TS, BID, ASK, BID_IV, ASK_IV, FORWARD], dtype=np.int64)
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -664,62 +668,47 @@ class Book:
         bid_size, ask_size = q[:, BID_SIZE].copy(), q[:, ASK_SIZE].copy()
         fwd = q[:, FORWARD]
 
-        # the filters: each quote counted under the first reason that applies
-        out = np.zeros(len(live), dtype=np.bool_)
-        drops: Counter[str] = Counter()
-
-        def drop(reason: str, mask: BoolArray) -> None:
-            new = mask & ~out
-            k = int(new.sum())
-            if k:
-                drops[reason] += k
-                out[new] = True
-
-        drop("no_quote", np.isnan(ts))
-        skew_ms = self.max_skew_s * 1000.0
-        bad_ts = ~((ts >= MIN_TS_MS) & (ts <= MAX_TS_MS) & (ts <= now_ms + skew_ms)) & ~out
-        drop("bad_timestamp", bad_ts)
+        # the filters: each quote counted under the first reason that applies (compiled:
+        # ``snapkernel``, the numpy expressions row by row)
+        m = len(live)
+        reason = np.empty(m, dtype=np.int64)
+        has_bid, has_ask = np.empty(m, dtype=np.bool_), np.empty(m, dtype=np.bool_)
+        good_fwd = np.empty(m, dtype=np.bool_)
+        exp_ms_all = np.array(self._exp_ms, dtype=np.int64)
+        new_bad = snapkernel.filter_rows(
+            q, self._prev[live, TS], exp_ms_all, exp_id, strike, _KERNEL_COLS,
+            float(MIN_TS_MS), float(MAX_TS_MS), now_ms + self.max_skew_s * 1000.0, int(now_ms),
+            now_ms - self.stale_after_s * 1000.0, float(self.max_spread_iv), FORWARD_RATIO_MAX,
+            reason, has_bid, has_ask, good_fwd,
+        )  # fmt: skip
         # each bad write once: its time differs from what the previous snapshot saw
-        new_bad = int((bad_ts & (ts != self._prev[live, TS])).sum())
         if new_bad:
             self.rejected["bad_timestamp"] += new_bad
-        drop("expiring", np.array(self._exp_ms, dtype=np.int64)[exp_id] <= now_ms)
-        drop("stale", ts < now_ms - self.stale_after_s * 1000.0)
-        fresh = ~out
-        drop("zero", (bid <= 0.0) | (ask <= 0.0))
-        # a side counts as quoted by its price, or by its IV where the venue sends IVs only
-        # (the hourly Tardis cuts, OKX greeks-only quotes)
-        has_bid = ~np.isnan(bid) | (q[:, BID_IV] > 0.0)
-        has_ask = ~np.isnan(ask) | (q[:, ASK_IV] > 0.0)
-        drop("empty", ~has_bid & ~has_ask)
-        drop("crossed", bid > ask)
-        drop("wide_spread", q[:, ASK_IV] - q[:, BID_IV] > self.max_spread_iv)
 
         # forward per expiry id: median of fresh quotes' forwards, else put-call parity
-        good_fwd = fresh & _sane_forward(fwd, strike)
-        fwd_by_id = _group_medians(exp_id[good_fwd], fwd[good_fwd], len(self._exp_ms))
-        for e in np.unique(exp_id[~out]).tolist():
+        fwd_by_id = snapkernel.group_medians(exp_id, fwd, good_fwd, len(self._exp_ms))
+        left = reason == snapkernel.KEPT
+        for e in np.unique(exp_id[left]).tolist():
             if np.isnan(fwd_by_id[e]):
-                fwd_by_id[e] = self._parity((exp_id == e) & ~out, q, strike, is_call)
-        slice_fwd = fwd_by_id[exp_id]
-        drop("no_forward", np.isnan(slice_fwd))
-
-        # below intrinsic, with the quote's own forward (else its slice's)
-        F = np.where(good_fwd, fwd, slice_fwd)
-        intrinsic = np.maximum(np.where(is_call, F - strike, strike - F), 0.0)
-        if self.inverse:
-            intrinsic = intrinsic / F
-        level = np.where(has_bid, 0.5 * (bid + ask), ask)  # NaN when the ask is missing
-        drop("below_intrinsic", level < intrinsic * (1.0 - INTRINSIC_RTOL))
-
-        keep = ~out
+                fwd_by_id[e] = self._parity((exp_id == e) & left, q, strike, is_call)
+        # no forward; below intrinsic, with the quote's own forward (else its slice's)
+        F = np.empty(m)
+        snapkernel.finish_rows(
+            q, exp_id, strike, is_call, fwd_by_id, good_fwd, has_bid, _KERNEL_COLS,
+            self.inverse, INTRINSIC_RTOL, reason, F,
+        )  # fmt: skip
+        counts = np.bincount(reason + 1, minlength=snapkernel.N_REASONS + 1)[1:].tolist()
+        drops: Counter[str] = Counter(
+            {why: k for why, k in zip(DROP_REASONS, counts, strict=True) if k}
+        )
+        keep = reason == snapkernel.KEPT
         self.drops = drops
         self.one_sided = int((keep & (has_bid != has_ask)).sum())
+        fresh = reason > snapkernel.STALE  # not dropped before the market tests
+        fresh |= keep
 
         # dirty: stored fields (all but the time) changed, membership changed, or listed/removed
-        prev = self._prev[live]
-        changed = (q[:, 1:].view(np.int64) != prev[:, 1:].view(np.int64)).any(axis=1)
-        changed |= keep != self._included[live]
+        changed = snapkernel.rows_changed(q, self._prev[live], keep, self._included[live])
         dirty_ids = set(exp_id[changed].tolist()) | self._touched
         self._touched = set()
         self._prev[:n] = self._q[:n]
@@ -728,7 +717,6 @@ class Book:
 
         # order: expiry, strike, calls before puts (the listing's order, a stable sort,
         # restricted to the quotes kept)
-        exp_ms_all = np.array(self._exp_ms, dtype=np.int64)
         order_all = np.lexsort((~is_call, strike, exp_ms_all[exp_id]))
         order = order_all[keep[order_all]]
         ids = sorted(set(exp_id[order].tolist()), key=lambda e: self._exp_ms[e])
@@ -789,7 +777,7 @@ class Book:
         if missing.any():  # no fresh forward: the last ones seen (stale quotes' forwards)
             fwd = q[:, FORWARD]
             seen = _sane_forward(fwd, strike)
-            last = _group_medians(exp_id[seen], fwd[seen], len(self._exp_ms))[id_arr]
+            last = snapkernel.group_medians(exp_id, fwd, seen, len(self._exp_ms))[id_arr]
             forwards = np.where(missing, last, forwards)
 
         def market(col: int) -> FloatArray:
@@ -843,21 +831,6 @@ def _pick(names: list[str], slots: IntArray) -> tuple[str, ...]:
         return tuple(names[s] for s in at)
     picked: tuple[str, ...] = operator.itemgetter(*at)(names)
     return picked
-
-
-def _group_medians(ids: IntArray, values: FloatArray, n_ids: int) -> FloatArray:
-    """Median of ``values`` per id in ``0..n_ids-1`` (NaN for ids without values), all groups
-    in one sort: the middle element, or the mean of the two middle ones (as ``np.median``)."""
-    out = np.full(n_ids, NAN)
-    if ids.size == 0:
-        return out
-    order = np.lexsort((values, ids))
-    ids_s, vals_s = ids[order], values[order]
-    uniq, first, count = np.unique(ids_s, return_index=True, return_counts=True)
-    lo = first + (count - 1) // 2
-    hi = first + count // 2
-    out[uniq] = 0.5 * vals_s[lo] + 0.5 * vals_s[hi]  # no overflow near the float maximum
-    return out
 
 
 def _sane_forward(fwd: FloatArray, strike: FloatArray) -> BoolArray:
