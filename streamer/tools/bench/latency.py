@@ -99,14 +99,22 @@ asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
 class BurstFeed:
     """The recording paced at ``rate`` frames per second the way a websocket delivers them:
     the loop sleeps only when the next frame is at least ``tick_s`` ahead, then releases every
-    frame due by then (each stamped and parsed as it is released, like ``ReplayFeed``: its
-    receive time is when it entered the parser). ``ReplayFeed(rate=...)`` instead sleeps
-    before every frame that is ahead of its pace: at 13,460 frames/s that is a timer and a
-    loop turn per frame, CPU a live feed (``websockets`` hands over every frame already
-    received without one) does not spend."""
+    frame due by then. Each frame is stamped with the time it is due (``stamp="due"``, the
+    default: when it would have reached the machine's socket, so a frame the service did not
+    read at once, behind a busy loop or while the feed waits for the fits, counts the wait in
+    its latency), or when it entered the parser (``"parse"``, as ``ReplayFeed`` does and the
+    earlier benches did). ``ReplayFeed(rate=...)`` instead sleeps before every frame that is
+    ahead of its pace: at 13,460 frames/s that is a timer and a loop turn per frame, CPU a live
+    feed (``websockets`` hands over every frame already received without one) does not
+    spend."""
 
-    def __init__(self, path: str, *, parser: Any, rate: float, tick_s: float = 0.001) -> None:
+    def __init__(
+        self, path: str, *, parser: Any, rate: float, tick_s: float = 0.001, stamp: str = "due"
+    ) -> None:
+        if stamp not in STAMPS:
+            raise ValueError(f"stamp must be one of {STAMPS}, got {stamp!r}")
         self.path, self.parser, self.rate, self.tick_s = path, parser, rate, tick_s
+        self.stamp = stamp
         self.frames = 0
 
     async def events(self) -> AsyncIterator[Any]:
@@ -114,16 +122,19 @@ class BurstFeed:
         from streamer.feeds.recordings.reader import read_frames
 
         yield FeedStatus("deribit", "connected", time.time_ns(), detail="replay")
-        start = time.monotonic_ns()
+        start, wall0 = time.monotonic_ns(), time.time_ns()
         tick_ns = self.tick_s * 1e9
+        due = self.stamp == "due"
         for _ts, _venue, frame in read_frames(self.path):
-            delay = start + self.frames / self.rate * 1e9 - time.monotonic_ns()
+            offset = self.frames / self.rate * 1e9
+            delay = start + offset - time.monotonic_ns()
             if delay >= tick_ns:
                 await asyncio.sleep(delay / 1e9)
             elif self.frames % 64 == 0:  # behind the pace: others get a turn
                 await asyncio.sleep(0)
             self.frames += 1
-            for ev in self.parser.parse(frame, time.time_ns()):
+            now = time.time_ns()
+            for ev in self.parser.parse(frame, min(now, wall0 + int(offset)) if due else now):
                 yield ev
         yield FeedStatus("deribit", "disconnected", time.time_ns(), detail="end of replay")
 
@@ -144,6 +155,7 @@ def _phase(rec: dict[str, Any]) -> float:
 
 
 REQUOTES = ("walk", "tick")
+STAMPS = ("due", "parse")
 WALK_STEP = 1e-4  # the underlying's step per round (1 bp) in the walk re-quote
 
 
@@ -238,6 +250,7 @@ async def run_service(
     pacing: str = "burst",
     greeks: bool = True,
     workers: str | None = None,
+    stamp: str = "due",
 ) -> tuple[dict[str, list[Sample]], dict[str, float]]:
     """Per model: every surface the subscriber received, with where its latency went."""
     from streamer.config import load_config
@@ -277,7 +290,7 @@ async def run_service(
     def factory(config, parser, on_frame):  # type: ignore[no-untyped-def]
         if pacing == "frame":
             return ReplayFeed([str(recording)], parser=parser, rate=rate)
-        return BurstFeed(str(recording), parser=parser, rate=rate)
+        return BurstFeed(str(recording), parser=parser, rate=rate, stamp=stamp)
 
     service = Service(cfg, feed_factory=factory)
     service.publish_log = []
@@ -417,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the re-quotes: walk (the underlying on a 1 bp random walk, every option at its "
         "implied vol: the default), tick (every bid and ask a tick up, then down)",
     )
+    ap.add_argument(
+        "--stamp",
+        choices=STAMPS,
+        default="due",
+        help="a frame's receive time: due (when it reaches the socket at the paced rate: the "
+        "default) or parse (when it enters the parser, the earlier benches')",
+    )
     ap.add_argument("--dump", type=Path, help="write every surface's stage times (JSON lines)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -427,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(
                 f"replaying {sum(1 for _ in rec.open()):,} frames (a real BTC + ETH chain and "
-                f"{args.rounds - 1} re-quotes ({args.requote}) of {n_options:,} options) at "
+                f"{args.rounds - 1} re-quotes ({args.requote}) of {n_options:,} options; "
+                f"receive times: {args.stamp}) at "
                 f"{rate:,.0f} frames/s "
                 f"into one service; trigger: min_changed_quotes "
                 f"{args.min_changed or 'default'}, min_interval_s "
@@ -450,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.pacing,
                     not args.no_derived,
                     args.workers,
+                    args.stamp,
                 )
             )
             if args.dump is not None:
