@@ -49,7 +49,9 @@ def filter_rows(
     good_fwd: BoolArray,
 ) -> int:
     """The filters up to the forwards: ``reason`` per row (``KEPT`` or the first that
-    applies of no_quote .. wide_spread), ``has_bid``/``has_ask`` (a price, or an IV > 0),
+    applies of no_quote .. wide_spread), ``has_bid``/``has_ask`` (a side counts as quoted by
+    its price, or by its IV where the venue sends IVs only: the hourly Tardis cuts, OKX's
+    greeks-only quotes),
     ``good_fwd`` (fresh, its forward within ``ratio_max`` of its strike either way); returns
     the bad timestamps not seen by the previous snapshot (``prev_ts`` differs).
 
