@@ -299,31 +299,28 @@ class MqttPublisher(Publisher):
         self._tg = tg
         self._task = tg.create_task(self._run(), name=f"mqtt-publisher {self.status_topic}")
 
-    async def publish(self, topic: str, payload: Mapping[str, Any], *, retain: bool = True) -> None:
-        """Queue ``payload`` for ``topic`` (latest wins per topic); returns immediately."""
+    def _accepting(self, topic: str) -> None:
+        """Raise unless a message for ``topic`` can be queued: started, not closed, a valid
+        topic name."""
         if self._closed or self._closing.is_set():
             raise PublishError(f"{self!r} is closed")
         if self._tg is None:
             raise PublishError(f"{self!r} not started: use 'async with' or await start()")
         check_topic(topic)
+
+    async def publish(self, topic: str, payload: Mapping[str, Any], *, retain: bool = True) -> None:
+        """Queue ``payload`` for ``topic`` (latest wins per topic); returns immediately."""
+        self._accepting(topic)
         self._put(topic, encode(payload), retain)
 
     async def publish_encoded(self, topic: str, data: bytes, *, retain: bool = True) -> None:
         """Queue a payload already encoded (``encode``'s bytes) for ``topic``."""
-        if self._closed or self._closing.is_set():
-            raise PublishError(f"{self!r} is closed")
-        if self._tg is None:
-            raise PublishError(f"{self!r} not started: use 'async with' or await start()")
-        check_topic(topic)
+        self._accepting(topic)
         self._put(topic, bytes(data), retain)
 
     async def clear_retained(self, topic: str) -> None:
         """Queue an empty retained message for ``topic`` (the broker drops its retained one)."""
-        if self._closed or self._closing.is_set():
-            raise PublishError(f"{self!r} is closed")
-        if self._tg is None:
-            raise PublishError(f"{self!r} not started: use 'async with' or await start()")
-        check_topic(topic)
+        self._accepting(topic)
         self._put(topic, b"", True)
 
     def set_feed_state(self, name: str, state: Any) -> None:
