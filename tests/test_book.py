@@ -739,6 +739,32 @@ def test_compiled_filters_equal_their_numpy_expressions(seed: int, inverse: bool
         assert np.array_equal(g, w, equal_nan=True)
 
 
+def test_the_warm_up_loads_every_kernel_a_snapshot_calls() -> None:
+    """After ``snapkernel.warm_up`` a book's snapshot compiles nothing more (its forwards
+    are a strided column: a kernel of another layout would compile on the first live
+    snapshot), in a fresh interpreter."""
+    code = (
+        "import itertools\n"
+        "from streamer.book import snapkernel as sk\n"
+        "from streamer.book.book import Books\n"
+        "from streamer.feeds.deribit.parser import DeribitParser\n"
+        "from streamer.daemon.replay import items_of\n"
+        "sk.warm_up()\n"
+        "fs = (sk.filter_rows, sk.group_medians, sk.finish_rows, sk.rows_changed)\n"
+        "before = [len(f.signatures) for f in fs]\n"
+        "p, b = DeribitParser(), Books()\n"
+        f"rec = {str(REPO / 'replay_data' / 'calm.jsonl.zst')!r}\n"
+        "for ts, item in itertools.islice(items_of([rec]), 3000):\n"
+        "    for ev in p.parse(item, ts):\n"
+        "        b.on_event(ev)\n"
+        "for book in b:\n"
+        "    book.snapshot()\n"
+        "print(before, [len(f.signatures) for f in fs])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["[1,", "1,", "1,", "1]", "[1,", "1,", "1,", "1]"], run.stdout
+
+
 def test_compiled_filters_equal_their_numpy_expressions_on_real_books() -> None:
     """The same on the rows of real books (the bundled recordings, every few thousand
     frames), where most quotes pass."""

@@ -4,9 +4,9 @@ numpy calls of a few microseconds each on a ~700-row chain (the snapshot is take
 daemon's event loop at every trigger).
 
 Each function is the numpy expression it replaces, row for row (``tests/test_book.py``
-checks ``Book.snapshot`` against a plain numpy reference on real recordings, field for
-field): a quote is dropped for the first reason that applies, in ``book.DROP_REASONS``'
-order; the comparisons are the same IEEE comparisons (a NaN fails every one of them).
+checks the kernels against those expressions on random messy rows and on real books): a
+quote is dropped for the first reason that applies, in ``book.DROP_REASONS``' order; the
+comparisons are the same IEEE comparisons (a NaN fails every one of them).
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ def filter_rows(
     """The filters up to the forwards: ``reason`` per row (``KEPT`` or the first that
     applies of no_quote .. wide_spread), ``has_bid``/``has_ask`` (a side counts as quoted by
     its price, or by its IV where the venue sends IVs only: the hourly Tardis cuts, OKX's
-    greeks-only quotes),
-    ``good_fwd`` (fresh, its forward within ``ratio_max`` of its strike either way); returns
-    the bad timestamps not seen by the previous snapshot (``prev_ts`` differs).
+    greeks-only quotes), ``good_fwd`` (fresh, its forward within ``ratio_max`` of its strike
+    either way); returns the bad timestamps not seen by the previous snapshot (``prev_ts``
+    differs).
 
     ``cols``: the columns ts, bid, ask, bid IV, ask IV, forward of ``q``."""
     c_ts, c_bid, c_ask, c_biv, c_aiv, c_fwd = cols[0], cols[1], cols[2], cols[3], cols[4], cols[5]
@@ -178,18 +178,20 @@ def rows_changed(
 
 
 def warm_up() -> None:
-    """Load (or compile) the kernels: one quote through each (``calib.warmup`` calls this
-    before the daemon reports ready, so the first live snapshot does not compile them)."""
-    q = np.full((1, 11), 0.5)
-    one = np.zeros(1, dtype=np.int64)
+    """Load (or compile) the kernels: two quotes through each, with the argument layouts
+    ``Book.snapshot`` passes (its forwards are a column of the rows: a strided view)
+    (``calib.warmup`` calls this before the daemon reports ready, so the first live
+    snapshot does not compile them)."""
+    q = np.full((2, 11), 0.5)
+    ids = np.zeros(2, dtype=np.int64)
     cols = np.arange(6, dtype=np.int64)
-    reason = np.empty(1, dtype=np.int64)
-    flags = [np.empty(1, dtype=np.bool_) for _ in range(3)]
+    reason = np.empty(2, dtype=np.int64)
+    flags = [np.empty(2, dtype=np.bool_) for _ in range(3)]
     filter_rows(
-        q, q[:, 0].copy(), one, one, np.ones(1), cols, 0.0, 1.0, 1.0, -1, 0.0, 1.0, 10.0,
+        q, q[:, 0].copy(), ids[:1], ids, np.ones(2), cols, 0.0, 1.0, 1.0, -1, 0.0, 1.0, 10.0,
         reason, *flags,
     )  # fmt: skip
-    fwd = group_medians(one, q[:, 5].copy(), flags[2], 1)
-    finish_rows(q, one, np.ones(1), flags[0], fwd, flags[2], flags[0], cols, True, 1e-9,
-                reason, np.empty(1))  # fmt: skip
+    fwd = group_medians(ids, q[:, 5], flags[2], 1)
+    finish_rows(q, ids, np.ones(2), flags[0], fwd, flags[2], flags[0], cols, True, 1e-9,
+                reason, np.empty(2))  # fmt: skip
     rows_changed(q, q, flags[0], flags[0])
