@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -419,6 +420,39 @@ async def test_a_fit_process_that_fails_to_start_is_started_by_its_first_fit(
     assert not [e for e in logs if e["event"] == "fit_worker_lost"]  # not a lost worker
 
 
+class _Backlog:
+    """A feed with ``n`` events already received: it never suspends (as websockets hands
+    over a backlog); ``fed`` is set once all are out."""
+
+    def __init__(self, n: int, fed: asyncio.Event | None = None) -> None:
+        self.n, self.fed = n, fed
+
+    async def events(self) -> Any:
+        for i in range(self.n):
+            yield Heartbeat("deribit", i, False)
+        if self.fed is not None:
+            self.fed.set()
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _Counting:
+    """Counts the events ``service`` applies (``n``), calling ``after(n)`` after each."""
+
+    def __init__(self, service: Service, after: Callable[[int], None] | None = None) -> None:
+        self.n = 0
+        apply = service._on_event
+
+        def counting(ev: Any) -> None:
+            self.n += 1
+            apply(ev)
+            if after is not None:
+                after(self.n)
+
+        service._on_event = counting  # type: ignore[method-assign]
+
+
 async def test_a_feed_backlog_lets_the_event_loop_in_every_few_events() -> None:
     """websockets hands over every frame already received without suspending; the service
     does not hold the event loop for a whole backlog (a fit's reply, a surface's publish
@@ -426,40 +460,23 @@ async def test_a_feed_backlog_lets_the_event_loop_in_every_few_events() -> None:
     ``CONSUME_YIELD_EVERY`` events."""
     every = service_module.CONSUME_YIELD_EVERY
     n = 10 * every
-
-    class Backlog:
-        async def events(self) -> Any:
-            for i in range(n):  # never suspends: a backlog
-                yield Heartbeat("deribit", i, False)
-
-        async def aclose(self) -> None:
-            return None
-
     service = Service(
         load_config(None),
-        feed_factory=lambda *a: Backlog(),  # type: ignore[arg-type]
+        feed_factory=lambda *a: _Backlog(n),  # type: ignore[arg-type]
         publishers=[MemoryPublisher()],
     )
-    applied = 0
-    apply = service._on_event
-
-    def counting(ev: Any) -> None:
-        nonlocal applied
-        applied += 1
-        apply(ev)
-
-    service._on_event = counting  # type: ignore[method-assign]
+    counted = _Counting(service)
     loop = asyncio.get_running_loop()
     seen: list[int] = []
 
     def tick() -> None:  # what waits on the loop: it runs at every turn
-        seen.append(applied)
-        if applied < n:
+        seen.append(counted.n)
+        if counted.n < n:
             loop.call_soon(tick)
 
     loop.call_soon(tick)
     await service._consume(asyncio.Event())
-    assert applied == n
+    assert counted.n == n
     gaps = np.diff([0, *seen, n])
     assert gaps.max() <= every, gaps.max()
     assert len(seen) >= n // every
@@ -489,50 +506,39 @@ async def test_the_feed_waits_while_the_fits_take_every_core(
     monkeypatch.setattr(service_module, "FEED_HOLD_S", 2.0 * UNIT)
     n, at = 40, 5
     fed = asyncio.Event()
-
-    class Backlog:
-        async def events(self) -> Any:
-            for i in range(n):
-                yield Heartbeat("deribit", i, False)
-            fed.set()
-
-        async def aclose(self) -> None:
-            return None
-
     broker = _SlowBroker()
-    service = Service(load_config(None), feed_factory=lambda *a: Backlog(), publishers=[broker])  # type: ignore[arg-type]
+    service = Service(
+        load_config(None),
+        feed_factory=lambda *a: _Backlog(n, fed),  # type: ignore[arg-type]
+        publishers=[broker],
+    )
     service.publishers = [broker]  # as ``run`` sets them
     service._cores = 2
     jobs = {m: service_module._Job(m, busy=True) for m in ("spline", "svi")}
     service._jobs[("deribit", "BTC")] = jobs
-    applied = 0
-    apply = service._on_event
 
-    def counting(ev: Any) -> None:
-        nonlocal applied
-        applied += 1
-        apply(ev)
+    def fill_the_cores(applied: int) -> None:
         if applied == at:  # what ``_kick`` does once its fits fill the cores
             service._hold_feed = service._fits_busy() >= service._cores
 
-    service._on_event = counting  # type: ignore[method-assign]
+    counted = _Counting(service, fill_the_cores)
     consume = asyncio.create_task(service._consume(asyncio.Event()))
     for _ in range(200):  # many turns of the loop: the feed stays held
         await asyncio.sleep(0)
-    assert applied == at and service.feed_holds == 1
+    assert counted.n == at and service.feed_holds == 1
     jobs["spline"].busy = False  # one fit done: a core is free ...
     service._fit_done.set()
     for _ in range(200):
         await asyncio.sleep(0)
-    assert applied == at and broker.waits == 1  # ... but its surface is not with the broker
+    assert counted.n == at and broker.waits == 1  # ... but its surface is not with the broker
     broker.sent.set()
     await asyncio.wait_for(fed.wait(), 5.0 * UNIT)
     await consume
-    assert applied == n
+    assert counted.n == n
 
     # a fit that never ends holds the feed for FEED_HOLD_S, no longer
     monkeypatch.setattr(service_module, "FEED_HOLD_S", 0.05 * UNIT)
-    service2 = Service(load_config(None), feed_factory=lambda *a: Backlog(), publishers=[])  # type: ignore[arg-type]
+    service2 = Service(load_config(None), feed_factory=lambda *a: _Backlog(n, fed), publishers=[])  # type: ignore[arg-type]
     service2._cores = 1
     service2._jobs[("deribit", "BTC")] = {"svi": service_module._Job("svi", busy=True)}
     service2._hold_feed = True
