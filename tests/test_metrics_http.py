@@ -200,3 +200,35 @@ def test_metrics_settings_refuse_remote_hosts_unless_allowed(tmp_path: Path) -> 
         load_config(cfg, env={})
     with pytest.raises(ConfigError, match="allow_remote"):
         load_config(None, env={"STREAMER__METRICS__HOST": "10.0.0.1"})
+
+
+async def test_each_scrape_sees_the_values_of_its_moment() -> None:
+    """The registry's ``on_scrape`` hook runs before each answer: a counter kept elsewhere
+    (the service's plain ints) is current at every scrape, not as of the last tick; a hook
+    that raises is logged and the scrape still answers with the last values."""
+    reg = Registry()
+    seen = [0]
+
+    def refresh() -> None:
+        seen[0] += 5
+        if seen[0] > 10:
+            raise RuntimeError("boom")
+        reg.frames.set(float(seen[0]))
+
+    reg.on_scrape = refresh
+    srv = await serve(reg, "127.0.0.1", 0, request_timeout=0.5 * UNIT)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        bodies = []
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(3):
+                response = await exchange(port, b"GET /metrics HTTP/1.0\r\n\r\n")
+                assert status_line(response) == "HTTP/1.0 200 OK"
+                bodies.append(response.partition(b"\r\n\r\n")[2])
+    finally:
+        srv.close()
+        await srv.wait_closed()
+    assert b"\nstreamer_frames_total 5\n" in bodies[0]
+    assert b"\nstreamer_frames_total 10\n" in bodies[1]
+    assert b"\nstreamer_frames_total 10\n" in bodies[2]  # the hook failed: the last value
+    assert [e["event"] for e in logs] == ["metrics_refresh_failed"]

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +124,10 @@ class Registry:
     """The daemon's metrics."""
 
     def __init__(self) -> None:
+        # called before each scrape is rendered (the service's counters, kept as plain ints
+        # on the hot path, copied in): a scrape sees the values of its moment, not those of
+        # the last tick
+        self.on_scrape: Callable[[], None] | None = None
         self.frames = self._add("streamer_frames_total", "counter", "Frames received.")
         self.events = self._add("streamer_events_total", "counter", "Events by type.")
         self.drops = self._add("streamer_drops_total", "counter", "Dropped input by reason.")
@@ -173,6 +177,11 @@ class Registry:
         return [v for k, v in vars(self).items() if k.startswith("_m_")]
 
     def render(self) -> str:
+        if self.on_scrape is not None:
+            try:
+                self.on_scrape()
+            except Exception as exc:  # the scrape still answers, with the last values
+                log.exception("metrics_refresh_failed", error=repr(exc))
         return "\n".join(line for m in self.metrics() for line in m.render()) + "\n"
 
 

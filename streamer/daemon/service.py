@@ -202,6 +202,7 @@ class Service:
         self._extra_publishers = list(extra_publishers)  # e.g. the live page ([web] listen)
         self.pipeline = Pipeline.from_config(config, models=[] if record_only else None)
         self.metrics = Registry()
+        self.metrics.on_scrape = self._refresh_metrics
         self._feed_factory = feed_factory
         self._given_publishers = list(publishers) if publishers is not None else None
         self.publishers: list[Publisher] = []
