@@ -251,3 +251,48 @@ def test_a_crawling_cold_fit_carries_on_in_log_coordinates(
     monkeypatch.setattr(surface, "CRAWL_NFEV", 10**9)  # no polish: the stall
     stalled = Calibrator(model, cfg).fit(snap)
     assert cost(stalled.x[0]) > ref * (1.0 + 5e-4)
+
+
+class _OnePhaseBates(Bates):
+    """Bates racing its cold starts on the fit's own prices (the race before ``coarse_race``)."""
+
+    coarse_race = False
+
+
+class _CountingBates(Bates):
+    coarse_calls = 0
+
+    def coarse_iv_and_jacobian(self, x: FloatArray, k: FloatArray, T: FloatArray) -> object:  # type: ignore[override]
+        type(self).coarse_calls += 1
+        return super().coarse_iv_and_jacobian(x, k, T)
+
+
+@pytest.mark.parametrize("x", [BATES_X, CRASH_X])
+def test_the_coarse_race_ends_where_the_one_phase_race_does(x: FloatArray) -> None:
+    """Bates' cold race on coarse prices, its winner polished on the fit's prices, against
+    the same race run on the fit's prices throughout: the data cost within 0.1 %, on a chain
+    of each jump regime (noisy quotes, so that the optimum is not the truth); the coarse
+    pricer does the race's work."""
+    truth = Bates()
+
+    def iv_fn(k: FloatArray, T: FloatArray, j: int) -> FloatArray:
+        return np.asarray(truth.implied_vol(x, k, T, np.full(k.shape, j)))
+
+    rng = np.random.default_rng(7)
+    snap = make_chain(iv_fn, days=DAYS, n_strikes=15, half_spread_iv=0.005, noise_iv=0.004, rng=rng)
+    cfg = CalibConfig(cold_start="learned")
+    _CountingBates.coarse_calls = 0
+    coarse = Calibrator(_CountingBates(), cfg).fit(snap)
+    one_phase = Calibrator(_OnePhaseBates(), cfg).fit(snap)
+    assert coarse.success and one_phase.success
+    assert _CountingBates.coarse_calls >= 5
+    data = prepare(snap, CalibConfig().filters, 3).data
+    lo, hi = truth.bounds(data.n_slices)
+    problem = CalibConfig().problem(
+        surface_evaluator(truth, data), data, np.zeros(1, dtype=np.int64), lo[None], hi[None]
+    )
+
+    def cost(r: object) -> float:
+        return float(solve(problem, r.x[0][None, :], max_iter=0).data_cost[0])  # type: ignore[attr-defined]
+
+    assert cost(coarse) <= 1.001 * cost(one_phase)

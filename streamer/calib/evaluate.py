@@ -56,12 +56,13 @@ def surface_evaluator(model: Model, data: FitData) -> Evaluate:
     return evaluate
 
 
-def coarse_evaluator(model: Model, data: FitData) -> Evaluate | None:
+def coarse_evaluator(model: Model, data: FitData, flag: str = "coarse_cold") -> Evaluate | None:
     """``X (1, P) -> (iv, jacobian)`` at the model's coarse tolerance
-    (``coarse_iv_and_jacobian``: the first phase of a cold run) for a model that asks for
-    it (``coarse_cold``), else None."""
+    (``coarse_iv_and_jacobian``) for a model that asks for it by ``flag`` (``coarse_cold``:
+    the first phase of each cold run; ``coarse_race``: a cold race run on coarse prices),
+    else None."""
     coarse = getattr(model, "coarse_iv_and_jacobian", None)
-    if coarse is None or not getattr(model, "coarse_cold", False):
+    if coarse is None or not getattr(model, flag, False):
         return None
     k, T = data.k, data.T
 

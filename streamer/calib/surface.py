@@ -71,6 +71,7 @@ class _SurfaceFit:
         self.starts = np.zeros(1, dtype=np.int64)
         self.evaluate = surface_evaluator(model, data)
         self.coarse = coarse_evaluator(model, data)
+        self.coarse_race = coarse_evaluator(model, data, "coarse_race")
         self.nfev = 0
         self.regime = False
         self.warm_used = False
@@ -110,7 +111,14 @@ class _SurfaceFit:
         the best of nine starts on 55 in a median 77 evaluations; full runs 55 in 85; a cap
         of 2x 53 in 74; 25 iterations each, then only those within 10% of the lowest cost
         carried on, 53 in 71; successive halving after 3 or 8 iterations 34-42 (early costs
-        do not rank the basins)."""
+        do not rank the basins).
+
+        A model with ``coarse_race`` runs the whole race on its coarse prices
+        (``coarse_iv_and_jacobian``, to convergence), then polishes only the lowest run on
+        the fit's own prices: the race's one result. On the 56 shared snapshot chains
+        (Bates, learned cold fits) this ended within 0.0015 % of the one-phase race's cost on
+        every chain (at most 1.0000148x it, on 5 chains lower) in half the CPU time (median
+        46 -> 23 ms, the default BTC chain 41.5 -> 20.0)."""
         max_iter = self.cfg.max_iter_cold
         runs: list[LMResult] = []
         for g in starts:
@@ -118,8 +126,27 @@ class _SurfaceFit:
             cap = max_iter
             if done:  # a converged rival: a start needing many more steps is crawling
                 cap = min(max_iter, max(RACE_MIN_CAP, RACE_CAP * min(r.iterations for r in done)))
-            runs.append(self._solve_cold(g, cap))
-        return runs
+            runs.append(
+                self._solve_cold(g, cap) if self.coarse_race is None else self._coarse(g, cap)
+            )
+        if self.coarse_race is None or not runs:
+            return runs
+        best = min(runs, key=lambda r: float(r.data_cost[0]))
+        x0 = best.x[0] if np.all(np.isfinite(best.x[0])) else np.asarray(starts[-1], np.float64)
+        polished = self._solve(x0, max_iter)
+        # the winner's path: its coarse run, then the polish (``self.nfev`` counts them all)
+        nfev, iterations = best.nfev + polished.nfev, best.iterations + polished.iterations
+        return [replace(polished, nfev=nfev, iterations=iterations)]
+
+    def _coarse(self, x0: FloatArray, max_iter: int) -> LMResult:
+        """A penalty-free run on the coarse prices (``coarse_race``), to convergence."""
+        assert self.coarse_race is not None
+        problem = self.cfg.problem(
+            self.coarse_race, self.data, self.starts, self.lo[None, :], self.hi[None, :]
+        )
+        res = solve(problem, np.asarray(x0, dtype=np.float64)[None, :], max_iter=max_iter)
+        self.nfev += res.nfev
+        return res
 
     def _solve_cold(self, x0: FloatArray, max_iter: int) -> LMResult:
         """A penalty-free run in two phases for a model that asks for it (``coarse_cold``;

@@ -65,6 +65,9 @@ class Bates(_CharacteristicFunctionModel):
     lower: ClassVar[FloatArray] = BATES_LOWER
     upper: ClassVar[FloatArray] = BATES_UPPER
     scales: ClassVar[FloatArray] = BATES_SCALE
+    # the cold race over the learned guess and its rivals runs on coarse prices, the winner
+    # polished on the fit's own (``streamer.calib.surface``: ``_SurfaceFit.race``)
+    coarse_race: ClassVar[bool] = True
 
     def learned_rivals(self, guess: FloatArray) -> list[FloatArray]:
         """Starts beside the network's ``guess`` for the learned cold path
