@@ -108,12 +108,15 @@ def _shape(e: FloatArray, problem: LMProblem) -> tuple[FloatArray, FloatArray]:
     return problem.kappa * e + outside, np.asarray(slope, dtype=np.float64)
 
 
+FTOL = 1e-5  # a block stops once a step buys less than this share of its cost
+
+
 def solve(
     problem: LMProblem,
     x0: FloatArray,
     *,
     max_iter: int = 50,
-    ftol: float = 1e-5,
+    ftol: float = FTOL,
     xtol: float = 1e-9,
     secant: bool = False,
 ) -> LMResult:

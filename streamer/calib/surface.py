@@ -32,7 +32,7 @@ from streamer.calib.evaluate import coarse_evaluator, surface_evaluator
 from streamer.calib.gate import surface_calendar
 from streamer.calib.global_opt import global_search
 from streamer.calib.learned import learned_guess
-from streamer.calib.lm import LMResult, solve
+from streamer.calib.lm import FTOL, Evaluate, LMResult, solve
 from streamer.calib.options import History
 from streamer.calib.result import Failure, FitResult, Fitted, block_band, block_wrms, slice_fits
 from streamer.models.base import FitData, FloatArray, Model, ParamView, Violation
@@ -90,16 +90,25 @@ class _SurfaceFit:
         prior: FloatArray | None = None,
         pen_w: FloatArray | None = None,
         bounds: tuple[FloatArray, FloatArray] | None = None,
+        *,
+        evaluate: Evaluate | None = None,
+        ftol: float = FTOL,
     ) -> LMResult:
+        """An LM run from ``x0`` on the fit's prices (or ``evaluate``'s: the coarse ones)."""
         lo, hi = bounds or (self.lo, self.hi)
         problem = self.cfg.problem(
-            self.evaluate, self.data, self.starts, lo[None, :], hi[None, :], prior, pen_w
+            evaluate or self.evaluate,
+            self.data,
+            self.starts,
+            lo[None, :],
+            hi[None, :],
+            prior,
+            pen_w,
         )
         # penalty-free (cold) fits of a model that asks for it take the secant-augmented LM
         secant = prior is None and bool(getattr(self.model, "secant_lm", False))
-        res = solve(
-            problem, np.asarray(x0, dtype=np.float64)[None, :], max_iter=max_iter, secant=secant
-        )
+        x = np.asarray(x0, dtype=np.float64)[None, :]
+        res = solve(problem, x, max_iter=max_iter, ftol=ftol, secant=secant)
         self.nfev += res.nfev
         return res
 
@@ -126,9 +135,10 @@ class _SurfaceFit:
             cap = max_iter
             if done:  # a converged rival: a start needing many more steps is crawling
                 cap = min(max_iter, max(RACE_MIN_CAP, RACE_CAP * min(r.iterations for r in done)))
-            runs.append(
-                self._solve_cold(g, cap) if self.coarse_race is None else self._coarse(g, cap)
-            )
+            if self.coarse_race is None:
+                runs.append(self._solve_cold(g, cap))
+            else:
+                runs.append(self._solve(g, cap, evaluate=self.coarse_race))
         if self.coarse_race is None or not runs:
             return runs
         best = min(runs, key=lambda r: float(r.data_cost[0]))
@@ -137,16 +147,6 @@ class _SurfaceFit:
         # the winner's path: its coarse run, then the polish (``self.nfev`` counts them all)
         nfev, iterations = best.nfev + polished.nfev, best.iterations + polished.iterations
         return [replace(polished, nfev=nfev, iterations=iterations)]
-
-    def _coarse(self, x0: FloatArray, max_iter: int) -> LMResult:
-        """A penalty-free run on the coarse prices (``coarse_race``), to convergence."""
-        assert self.coarse_race is not None
-        problem = self.cfg.problem(
-            self.coarse_race, self.data, self.starts, self.lo[None, :], self.hi[None, :]
-        )
-        res = solve(problem, np.asarray(x0, dtype=np.float64)[None, :], max_iter=max_iter)
-        self.nfev += res.nfev
-        return res
 
     def _solve_cold(self, x0: FloatArray, max_iter: int) -> LMResult:
         """A penalty-free run in two phases for a model that asks for it (``coarse_cold``;
@@ -157,18 +157,7 @@ class _SurfaceFit:
         for the same costs (within 1e-5)."""
         if self.coarse is None:
             return self._solve(x0, max_iter)
-        secant = bool(getattr(self.model, "secant_lm", False))
-        problem = self.cfg.problem(
-            self.coarse, self.data, self.starts, self.lo[None, :], self.hi[None, :]
-        )
-        first = solve(
-            problem,
-            np.asarray(x0, dtype=np.float64)[None, :],
-            max_iter=max_iter,
-            ftol=COARSE_FTOL,
-            secant=secant,
-        )
-        self.nfev += first.nfev
+        first = self._solve(x0, max_iter, evaluate=self.coarse, ftol=COARSE_FTOL)
         x1 = first.x[0] if np.all(np.isfinite(first.x[0])) else np.asarray(x0, dtype=np.float64)
         res = self._solve(x1, max_iter)
         total = res.iterations + first.iterations
