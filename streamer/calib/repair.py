@@ -33,16 +33,6 @@ def check_grid(data: FitData, half_width: float = 3.0, n: int = 241) -> FloatArr
     return np.linspace(lo, hi, n)
 
 
-def calendar_grid(data: FitData, margin: float = 0.1, n: int = 61) -> FloatArray:
-    """Grid for the calendar check: the quoted range of log-moneyness plus a margin.
-
-    Independent per-expiry fits extrapolate their wings linearly (SVI) and may cross far
-    outside the quotes; the calendar guarantee holds where the market quotes, and surface
-    models (SSVI, eSSVI, Heston, Bates) are calendar-free everywhere by construction.
-    """
-    return np.linspace(float(data.k.min()) - margin, float(data.k.max()) + margin, n)
-
-
 def total_variance(model: Model, x: FloatArray, k: FloatArray, T: float) -> FloatArray:
     Tk = np.full(k.shape, T)
     iv = model.implied_vol(x, k, Tk, np.zeros(k.shape, dtype=np.int64))

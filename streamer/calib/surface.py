@@ -12,9 +12,9 @@
    (``streamer.calib.global_opt``, differential evolution or CMA-ES, then LM polish). The
    learned path falls back to the global search when no start gives a finite, converged fit
    (or one within ``global_fallback_wrms``). Kept if it beats the warm fit by ``cold_margin``.
-3. ``gate``: the model's own conditions and the calendar check on the quoted range
-   (``streamer.calib.gate``); a violation is re-fitted inside the model's ``safe_bounds``
-   (a region free of arbitrage by construction) or the fit is not accepted.
+3. ``gate``: the model's own conditions and the calendar check on each pair of expiries'
+   common range (``streamer.calib.gate``); a violation is re-fitted inside the model's
+   ``safe_bounds`` (a region free of arbitrage by construction) or the fit is not accepted.
 4. ``result``: the regime references for the next fit, per-slice statistics, ``Fitted``.
 """
 
@@ -286,14 +286,14 @@ class _SurfaceFit:
         model, cfg, data = self.model, self.cfg, self.data
         x = best.x[0]
         violations = list(model.arbitrage(x, data.slice_T))
-        surface_calendar(model, cfg, x, data, violations)
+        surface_calendar(model, cfg, x, data, violations, self.prep.listed_k)
         pinned = model.safe_bounds(x, self.lo, self.hi) if violations else None
         if pinned is None:
             return best, violations
         again = self._solve(np.clip(x, pinned[0], pinned[1]), cfg.max_iter_cold, bounds=pinned)
         x2 = again.x[0]
         found: list[Violation] = list(model.arbitrage(x2, data.slice_T))
-        surface_calendar(model, cfg, x2, data, found)
+        surface_calendar(model, cfg, x2, data, found, self.prep.listed_k)
         if not found and np.isfinite(again.data_cost[0]):
             best = replace(again, penalty=np.zeros(1))
             violations = [replace(v, detail=v.detail + REFITTED) for v in violations]
