@@ -268,3 +268,49 @@ def test_a_converged_block_stays_while_another_works() -> None:
     assert res.data_cost[0] <= first.data_cost[0]
     np.testing.assert_allclose(res.x[1], first.x[1], rtol=1e-5, atol=1e-7)
     assert res.iterations > 2
+
+
+def _valley() -> LMProblem:
+    """Rosenbrock's valley as least squares (r = [10 (x2 - x1^2), 1 - x1]): from (-1.2, 1) the
+    LM crawls along a curved floor for tens of iterations."""
+
+    def evaluate(X: FloatArray) -> tuple[FloatArray, FloatArray]:
+        x1, x2 = X[0]
+        iv = np.array([10.0 * (x2 - x1 * x1), 1.0 - x1])
+        return iv, np.array([[-20.0 * x1, 10.0], [-1.0, 0.0]])
+
+    lo, hi = np.array([[-5.0, -5.0]]), np.array([[5.0, 5.0]])
+    return LMProblem(evaluate, np.zeros(2), np.ones(2), np.zeros(1, dtype=np.int64), lo, hi)
+
+
+def test_a_run_that_cannot_beat_a_rival_at_its_pace_gives_up() -> None:
+    """``beat``: the run stops at the first iteration where the cost its last two accepted
+    steps bought per iteration, times the iterations left, is short of ``beat`` (the rule
+    applied here to the cost after each iteration of the plain run)."""
+    problem, x0, max_iter = _valley(), np.array([[-1.2, 1.0]]), 60
+    plain = solve(problem, x0, max_iter=max_iter)
+    assert plain.converged[0] and plain.iterations > 12
+    costs = [float(solve(problem, x0, max_iter=i).data_cost[0]) for i in range(plain.iterations)]
+    beat = 0.05 * costs[0]  # a rival's cost below all but the end of this run's path
+    accepted, expected = [(0, costs[0])], None
+    for i in range(1, len(costs)):
+        if costs[i] < accepted[-1][1]:
+            accepted.append((i, costs[i]))
+        if costs[i] > beat and len(accepted) > 2:
+            then, before = accepted[-3]
+            if (before - costs[i]) / (i - then) * (max_iter - i) < costs[i] - beat:
+                expected = i
+                break
+    assert expected is not None
+    paced = solve(problem, x0, max_iter=max_iter, beat=beat)
+    assert paced.iterations == expected and not paced.converged[0]
+    assert paced.data_cost[0] == pytest.approx(costs[expected], rel=1e-12)
+
+
+def test_a_run_that_beats_its_rival_is_not_stopped() -> None:
+    problem, x0 = _valley(), np.array([[-1.2, 1.0]])
+    plain = solve(problem, x0, max_iter=60)
+    first = float(solve(problem, x0, max_iter=1).data_cost[0])
+    paced = solve(problem, x0, max_iter=60, beat=1.0001 * first)  # below it after one step
+    assert paced.iterations == plain.iterations and paced.converged[0]
+    np.testing.assert_array_equal(paced.x, plain.x)

@@ -26,6 +26,7 @@ once, so a 12-slice SVI fit costs one vectorised model evaluation per iteration,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -109,6 +110,7 @@ def _shape(e: FloatArray, problem: LMProblem) -> tuple[FloatArray, FloatArray]:
 
 
 FTOL = 1e-5  # a block stops once a step buys less than this share of its cost
+BEAT_STEPS = 2  # ``beat``: the pace of a run is that of its last this many accepted steps
 
 
 def solve(
@@ -119,6 +121,7 @@ def solve(
     ftol: float = FTOL,
     xtol: float = 1e-9,
     secant: bool = False,
+    beat: float = math.inf,
 ) -> LMResult:
     """Minimise every block's objective from ``x0`` (shape ``(B, p)``).
 
@@ -140,6 +143,12 @@ def solve(
     than ``CREEP`` of the cost: far from the optimum the estimate misleads); a block whose
     augmented matrix is not positive definite, or whose last augmented step failed, takes the
     plain Gauss-Newton step.
+
+    ``beat`` (one block): the cost of a rival run that converged. A run still above it gives
+    up (not converged) once its pace, the cost its last ``BEAT_STEPS`` accepted steps bought
+    per iteration, kept up over every iteration it has left, would not bring it down to
+    ``beat``: the LM's reductions only shrink within a basin, so the projection is
+    optimistic, and such a run is crawling towards a worse basin (a cold race's losers).
 
     The loop and the evaluations are here; the arithmetic between two evaluations is compiled
     (``streamer.calib.lm_steps``).
@@ -163,6 +172,8 @@ def solve(
     creeping = np.zeros(B, dtype=np.bool_)  # the last accepted step bought < CREEP
     use_s = np.zeros(B, dtype=np.bool_)  # this step is augmented
     nfev, iterations = 1, 0
+    paced = math.isfinite(beat) and B == 1
+    accepted = [(0, float(cur.data[0] + cur.pen[0]))] if paced else []  # (iteration, cost)
     for iterations in range(1, max_iter + 1):
         if lm_steps.propose(
             cur.x, cur.iv, cur.jac, cur.r, cur.drho, cur.erows, cur.ejac, *const.data,
@@ -178,6 +189,9 @@ def solve(
             starts, mu, converged, checkpoint, secant, S, creeping, use_s, ftol, iterations,
         ):  # fmt: skip
             break
+        total = float(cur.data[0] + cur.pen[0]) if paced else math.inf
+        if paced and _outpaced(accepted, total, iterations, max_iter, beat):
+            break
     return LMResult(
         x=cur.x,
         iv=cur.iv,
@@ -187,6 +201,19 @@ def solve(
         nfev=nfev,
         iterations=iterations,
     )
+
+
+def _outpaced(
+    accepted: list[tuple[int, float]], cost: float, iteration: int, max_iter: int, beat: float
+) -> bool:
+    """``solve``'s ``beat`` test after ``iteration`` (``accepted`` updated here)."""
+    if cost < accepted[-1][1]:
+        accepted.append((iteration, cost))
+    if not (cost > beat and len(accepted) > BEAT_STEPS and math.isfinite(cost)):
+        return False
+    then, before = accepted[-1 - BEAT_STEPS]
+    pace = (before - cost) / (iteration - then)
+    return pace * (max_iter - iteration) < cost - beat
 
 
 @dataclass(frozen=True)

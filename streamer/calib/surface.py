@@ -93,6 +93,7 @@ class _SurfaceFit:
         *,
         evaluate: Evaluate | None = None,
         ftol: float = FTOL,
+        beat: float = math.inf,
     ) -> LMResult:
         """An LM run from ``x0`` on the fit's prices (or ``evaluate``'s: the coarse ones)."""
         lo, hi = bounds or (self.lo, self.hi)
@@ -108,7 +109,7 @@ class _SurfaceFit:
         # penalty-free (cold) fits of a model that asks for it take the secant-augmented LM
         secant = prior is None and bool(getattr(self.model, "secant_lm", False))
         x = np.asarray(x0, dtype=np.float64)[None, :]
-        res = solve(problem, x, max_iter=max_iter, ftol=ftol, secant=secant)
+        res = solve(problem, x, max_iter=max_iter, ftol=ftol, secant=secant, beat=beat)
         self.nfev += res.nfev
         return res
 
@@ -127,18 +128,24 @@ class _SurfaceFit:
         the fit's own prices: the race's one result. On the 56 shared snapshot chains
         (Bates, learned cold fits) this ended within 0.0015 % of the one-phase race's cost on
         every chain (at most 1.0000148x it, on 5 chains lower) in half the CPU time (median
-        46 -> 23 ms, the default BTC chain 41.5 -> 20.0)."""
+        46 -> 23 ms, the default BTC chain 41.5 -> 20.0).
+
+        Once a run has converged, each later one gives up when its pace cannot bring it below
+        the lowest converged cost in the iterations it has left (``solve``'s ``beat``): on the
+        56 shared chains and 5 simulated ones the same optima (within 0.1 %) in a median 52
+        evaluations instead of 66 (coarse race)."""
         max_iter = self.cfg.max_iter_cold
         runs: list[LMResult] = []
         for g in starts:
             done = [r for r in runs if bool(r.converged[0]) and np.isfinite(r.data_cost[0])]
-            cap = max_iter
+            cap, beat = max_iter, math.inf
             if done:  # a converged rival: a start needing many more steps is crawling
                 cap = min(max_iter, max(RACE_MIN_CAP, RACE_CAP * min(r.iterations for r in done)))
+                beat = min(float(r.data_cost[0]) for r in done)
             if self.coarse_race is None:
                 runs.append(self._solve_cold(g, cap))
             else:
-                runs.append(self._solve(g, cap, evaluate=self.coarse_race))
+                runs.append(self._solve(g, cap, evaluate=self.coarse_race, beat=beat))
         if self.coarse_race is None or not runs:
             return runs
         best = min(runs, key=lambda r: float(r.data_cost[0]))
