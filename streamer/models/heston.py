@@ -129,6 +129,7 @@ N_MIN = 16
 N_MAX = 1 << 16  # terms per expiry; a series that needs more is not trusted (prices NaN)
 TERM_BUDGET = 1 << 17  # terms per call, all expiries: caps the cost (~50 ms) in corners
 RESEED = 64  # recompute cos/sin exactly every RESEED terms (rotation drift ~ RESEED eps)
+JUMP_RESEED = 16  # ... and the jump factor of the characteristic function (``log_cf``)
 PROBE_K = np.linspace(-1.5, 1.0, 11)
 
 
@@ -176,12 +177,22 @@ def _clog1p(z: complex) -> complex:
 
 @njit(cache=True, nogil=True)
 def log_cf(
-    u: float, T: float, p: np.ndarray, n_params: int, want_grad: bool, grad: np.ndarray
+    u: float,
+    T: float,
+    p: np.ndarray,
+    n_params: int,
+    want_grad: bool,
+    grad: np.ndarray,
+    jump: complex,
+    mean_jump: float,
 ) -> complex:
     """``ln phi(u)`` of ``X_T = ln(F_T/F_0)``; if ``want_grad``, its gradient into ``grad``.
 
     ``p = [v0, kappa, theta, xi, rho, lam, mu_j, sigma_j]``; the jump part (Bates 1996,
-    lognormal jumps, compensated) is included when ``n_params == 8``.
+    lognormal jumps, compensated) is included when ``n_params == 8``, from the caller's
+    ``jump = E[e^{i u J}] = exp(i u mu_j - u^2 sigma_j^2 / 2)`` and
+    ``mean_jump = E[e^J] = exp(mu_j + sigma_j^2 / 2)`` (``_cos_coefficients``: along the COS
+    grid by recurrence).
     """
     v0 = p[0]
     kappa = p[1]
@@ -246,10 +257,7 @@ def log_cf(
         )
     if n_params == N_PARAMS_MAX:
         lam = p[5]
-        mu = p[6]
         sj = p[7]
-        jump = _cexp(complex(-0.5 * u * u * sj * sj, u * mu))
-        mean_jump = math.exp(mu + 0.5 * sj * sj)  # E[e^J]
         part = jump - 1.0 - iu * (mean_jump - 1.0)
         lnphi += lam * T * part
         if want_grad:
@@ -427,6 +435,15 @@ def _cos_coefficients(
     run = 0
     n = 0
     prev_mod = 0.0
+    jumps = n_params == N_PARAMS_MAX
+    mu_j = p[6] if jumps else 0.0
+    s2 = p[7] * p[7] if jumps else 0.0
+    mean_jump = math.exp(mu_j + 0.5 * s2)
+    # E[e^{i u_n J}] along u_n = n du: jump_{n+1} = jump_n step_n, step_{n+1} = step_n decay,
+    # recomputed exactly every JUMP_RESEED terms (rounding drift ~ JUMP_RESEED eps)
+    jump = 1.0 + 0j
+    step = 1.0 + 0j
+    decay = math.exp(-s2 * du * du)
     while n < n_max:
         if n == cap:
             bigger = np.empty((2 * cap, cols))
@@ -436,7 +453,13 @@ def _cos_coefficients(
             coef = bigger
             cap *= 2
         u = n * du
-        lnphi = log_cf(u, T, p, n_params, want_grad, grad)
+        if jumps and n % JUMP_RESEED == 0:
+            jump = _cexp(complex(-0.5 * u * u * s2, u * mu_j))
+            step = _cexp(complex(-0.5 * s2 * du * du * (2 * n + 1), du * mu_j))
+        lnphi = log_cf(u, T, p, n_params, want_grad, grad, jump, mean_jump)
+        if jumps:
+            jump *= step
+            step *= decay
         mod = math.exp(lnphi.real)  # |phi|
         arg = lnphi.imag - u * a
         shift = complex(mod * math.cos(arg), mod * math.sin(arg))  # phi e^{-i u a}
