@@ -435,3 +435,44 @@ def test_arbitrage_reports_bounds_and_nonfinite_but_not_feller() -> None:
     nonfinite = model.arbitrage(np.array([0.3, 2.0, math.nan, 1.0, -0.5]), slice_T)
     assert [v.check for v in nonfinite] == ["nonfinite"] and nonfinite[0].slice == -1
     assert Bates().arbitrage(np.array([0.3, 2.0, 0.4, 1.0, -0.5, 0.5, -0.1, 0.2]), slice_T) == []
+
+
+# Bates regimes whose short expiries are priced as a sum over the number of jumps
+SPLIT_SETS = [
+    (0.2, 20.0, 0.3, 3.5, -0.15, 0.07, -1.0, 1.1),  # rare crashes (the learned path's rival)
+    (0.15, 3.4, 0.23, 2.2, -0.29, 5.0, -0.004, 0.106),  # many small jumps (a BTC optimum)
+    (0.2, 3.0, 0.3, 0.8, -0.3, 0.1, -0.8, 0.05),
+]
+
+
+@pytest.mark.parametrize("x", SPLIT_SETS)
+@pytest.mark.parametrize("days", [1, 3, 11])
+def test_jump_split_prices_match_quantlib_to_the_tolerance(x: tuple[float, ...], days: int) -> None:
+    """``otm_prices`` at the fit's and the coarse tolerances, where an expiry is summed over
+    its jump components (``jump_components``), against QuantLib's ``BatesEngine``: within
+    the tolerance asked for (in units of the forward)."""
+    T = days / 365.0
+    p = np.array(x)
+    k = K_GRID * min(1.0, 4.0 * math.sqrt(x[0] * T) / 1.5)
+    ref = _ql_prices(x, days, k, list(k >= 0.0))
+    split = 0
+    for tol in (1e-11, streamer.models.heston.FIT_TOL, streamer.models.heston.COARSE_TOL):
+        split += streamer.models.heston.jump_components(T, p, 8, tol) >= 0
+        ours, _ = streamer.models.heston.otm_prices(p, 8, k, np.full(k.shape, T), False, tol)
+        assert np.max(np.abs(ours - ref)) <= tol, (tol, np.max(np.abs(ours - ref)))
+    assert split >= 1 or days > 1  # every set splits its daily
+
+
+@pytest.mark.parametrize("x", SPLIT_SETS)
+def test_jump_split_gradient_matches_the_single_series(x: tuple[float, ...]) -> None:
+    """The split's gradient (each component's, plus ``d P(N = n) / d lam`` times its price,
+    plus the parity term's) against the one-series gradient at reference grade, which
+    ``test_jacobian_matches_central_differences`` checks against differences."""
+    p = np.array(x)
+    T = np.repeat(np.array([1.0, 2.0, 5.0]) / 365.0, 15)
+    k = np.tile(np.linspace(-0.25, 0.2, 15), 3)
+    assert streamer.models.heston.jump_components(1.0 / 365.0, p, 8, 1e-11) >= 0
+    split, g_split = streamer.models.heston.otm_prices(p, 8, k, T, True, 1e-11)
+    ref, g_ref = streamer.models.heston.otm_prices(p, 8, k, T, True)
+    np.testing.assert_allclose(split, ref, rtol=0.0, atol=1e-11)
+    np.testing.assert_allclose(g_split, g_ref, rtol=0.0, atol=1e-9 * np.max(np.abs(g_ref)))

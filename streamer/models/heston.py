@@ -130,6 +130,14 @@ N_MAX = 1 << 16  # terms per expiry; a series that needs more is not trusted (pr
 TERM_BUDGET = 1 << 17  # terms per call, all expiries: caps the cost (~50 ms) in corners
 RESEED = 64  # recompute cos/sin exactly every RESEED terms (rotation drift ~ RESEED eps)
 JUMP_RESEED = 16  # ... and the jump factor of the characteristic function (``log_cf``)
+# Bates expiries priced as a sum over the number of jumps (``jump_components``)
+SPLIT_LAM_T = 0.1  # at most this many jumps expected over the expiry
+SPLIT_RATIO = 25.0  # a jump's variance at least this many times the diffusion's
+SPLIT_MAX = 6  # at most this many jumps summed
+SPLIT_TAIL = 1e-2  # the components left out weigh less than this share of the tolerance
+# reference-grade prices (``TAIL_TOL``: the kept coefficients, ``cos_bank``, are of one
+# series per expiry) stay one series; the fit's and the coarse tolerances split
+SPLIT_MIN_TOL = 1e-12
 PROBE_K = np.linspace(-1.5, 1.0, 11)
 
 
@@ -185,6 +193,7 @@ def log_cf(
     grad: np.ndarray,
     jump: complex,
     mean_jump: float,
+    comp: int = -1,
 ) -> complex:
     """``ln phi(u)`` of ``X_T = ln(F_T/F_0)``; if ``want_grad``, its gradient into ``grad``.
 
@@ -192,7 +201,8 @@ def log_cf(
     lognormal jumps, compensated) is included when ``n_params == 8``, from the caller's
     ``jump = E[e^{i u J}] = exp(i u mu_j - u^2 sigma_j^2 / 2)`` and
     ``mean_jump = E[e^J] = exp(mu_j + sigma_j^2 / 2)`` (``_cos_coefficients``: along the COS
-    grid by recurrence).
+    grid by recurrence). ``comp >= 0``: the component with exactly ``comp`` jumps
+    (``log_mgf``), ``jump`` unused; its gradient leaves out that of ``P(N_T = comp)``.
     """
     v0 = p[0]
     kappa = p[1]
@@ -255,7 +265,16 @@ def log_cf(
             - v0 * (a_beta * beta_rho + a_d * d_rho)
             + c_kt * (dd_beta * beta_rho + dd_d * d_rho)
         )
-    if n_params == N_PARAMS_MAX:
+    if n_params == N_PARAMS_MAX and comp >= 0:
+        lam = p[5]
+        mu = p[6]
+        sj = p[7]
+        lnphi += comp * complex(-0.5 * u * u * sj * sj, u * mu) - iu * (lam * T * (mean_jump - 1.0))
+        if want_grad:
+            grad[5] = -iu * (T * (mean_jump - 1.0))
+            grad[6] = iu * (comp - lam * T * mean_jump)
+            grad[7] = complex(-comp * u * u * sj, -u * lam * T * sj * mean_jump)
+    elif n_params == N_PARAMS_MAX:
         lam = p[5]
         sj = p[7]
         part = jump - 1.0 - iu * (mean_jump - 1.0)
@@ -268,8 +287,11 @@ def log_cf(
 
 
 @njit(cache=True, nogil=True)
-def _mean_and_var_guess(T: float, p: np.ndarray, n_params: int) -> tuple[float, float]:
-    """``c1 = E[X_T]`` (exact) and a rough variance (expected integrated variance + jumps)."""
+def _mean_and_var_guess(
+    T: float, p: np.ndarray, n_params: int, comp: int = -1
+) -> tuple[float, float]:
+    """``c1 = E[X_T]`` (exact) and a rough variance (expected integrated variance + jumps);
+    ``comp >= 0``: of the Bates component with exactly ``comp`` jumps (``otm_prices``)."""
     kappa = p[1]
     theta = p[2]
     kt = kappa * T
@@ -282,14 +304,21 @@ def _mean_and_var_guess(T: float, p: np.ndarray, n_params: int) -> tuple[float, 
         lam = p[5]
         mu = p[6]
         sj = p[7]
-        c1 += lam * T * (mu - math.expm1(mu + 0.5 * sj * sj))
-        var += lam * T * (mu * mu + sj * sj)
+        if comp >= 0:
+            c1 += comp * mu - lam * T * math.expm1(mu + 0.5 * sj * sj)
+            var += comp * sj * sj
+        else:
+            c1 += lam * T * (mu - math.expm1(mu + 0.5 * sj * sj))
+            var += lam * T * (mu * mu + sj * sj)
     return c1, max(var, 1e-300)
 
 
 @njit(cache=True, nogil=True)
-def log_mgf(s: float, T: float, p: np.ndarray, n_params: int) -> float:
-    """``ln E[e^{s X_T}]`` for real ``s``; ``+inf`` where the moment explodes before ``T``.
+def log_mgf(s: float, T: float, p: np.ndarray, n_params: int, comp: int = -1) -> float:
+    """``ln E[e^{s X_T}]`` for real ``s``; ``+inf`` where the moment explodes before ``T``
+    (``comp >= 0``: ``ln E[e^{s X_T}; N_T = comp] - ln P(N_T = comp)``, the Bates component
+    with exactly ``comp`` jumps: the diffusion's, times ``comp`` Gaussian jumps, times the
+    compensator's ``e^{-s lam m T}``).
 
     With ``q = s(1 - s)``, ``beta = kappa - xi rho s`` real and ``d^2 = beta^2 + xi^2 q``:
     ``C = cosh(dT/2) e^{-dT/2}``, ``S = sinh(dT/2) e^{-dT/2} / d`` for ``d^2 >= 0`` (and
@@ -326,7 +355,12 @@ def log_mgf(s: float, T: float, p: np.ndarray, n_params: int) -> float:
     a_hat = q * sd / den
     big_d = 0.5 * kappa * T - y - math.log(den)
     out = -kappa * theta * rho * s * T / xi - v0 * a_hat + 2.0 * kappa * theta / (xi * xi) * big_d
-    if n_params == N_PARAMS_MAX and p[5] != 0.0:
+    if n_params == N_PARAMS_MAX and comp >= 0:
+        mu = p[6]
+        sj = p[7]
+        drift = p[5] * T * math.expm1(mu + 0.5 * sj * sj)  # the compensator
+        out += comp * (s * mu + 0.5 * s * s * sj * sj) - s * drift
+    elif n_params == N_PARAMS_MAX and p[5] != 0.0:
         lam = p[5]
         mu = p[6]
         sj = p[7]
@@ -339,7 +373,7 @@ def log_mgf(s: float, T: float, p: np.ndarray, n_params: int) -> float:
 
 @njit(cache=True, nogil=True)
 def truncation_range(
-    T: float, p: np.ndarray, n_params: int, tol: float = TAIL_TOL
+    T: float, p: np.ndarray, n_params: int, tol: float = TAIL_TOL, comp: int = -1
 ) -> tuple[float, float]:
     """COS range ``[a, b]`` outside which the tails move no price by more than ``tol``
     (default ``TAIL_TOL``).
@@ -360,7 +394,7 @@ def truncation_range(
     falls back to ``e^{K_REF} P(X < a) <= e^{K_REF} M(-s) e^{s a}`` with ``s < 1``, the right
     edge to ``FALLBACK_L`` standard deviations.
     """
-    c1, var = _mean_and_var_guess(T, p, n_params)
+    c1, var = _mean_and_var_guess(T, p, n_params, comp)
     sd = math.sqrt(var)
     ln_tol = math.log(tol)
     r0 = math.sqrt(-2.0 * ln_tol) / sd  # optimal s for a Gaussian of this variance
@@ -374,7 +408,7 @@ def truncation_range(
     for _ in range(CHERNOFF_STEPS):
         s = 1.0 + r
         if not done_a:
-            lm = log_mgf(-s, T, p, n_params)
+            lm = log_mgf(-s, T, p, n_params, comp)
             if lm < math.inf:
                 edge = (ln_tol - lm) / (1.0 + s)
                 if edge > a:
@@ -383,7 +417,7 @@ def truncation_range(
                 elif found_a:
                     done_a = True
         if not done_b:
-            lm = log_mgf(s, T, p, n_params)
+            lm = log_mgf(s, T, p, n_params, comp)
             if lm < math.inf:
                 edge = (lm - ln_tol) / (s - 1.0)
                 if edge < b:
@@ -397,7 +431,7 @@ def truncation_range(
     if not found_a:
         r = 2.0 * r0
         for _ in range(CHERNOFF_STEPS):
-            lm = log_mgf(-r, T, p, n_params)
+            lm = log_mgf(-r, T, p, n_params, comp)
             if lm < math.inf:
                 a = max(a, (ln_tol - K_REF - lm) / r)
             r *= CHERNOFF_RATIO
@@ -424,6 +458,7 @@ def _cos_coefficients(
     want_grad: bool,
     n_max: int,
     tol: float = TAIL_TOL,
+    comp: int = -1,
 ) -> tuple[np.ndarray, int, bool]:
     """Rows ``n`` of ``[Re(phi e^{-i u a}), Re(d_p phi e^{-i u a}) ...]`` until ``phi`` dies;
     the flag says whether it did within ``n_max`` terms."""
@@ -435,9 +470,9 @@ def _cos_coefficients(
     run = 0
     n = 0
     prev_mod = 0.0
-    jumps = n_params == N_PARAMS_MAX
-    mu_j = p[6] if jumps else 0.0
-    s2 = p[7] * p[7] if jumps else 0.0
+    jumps = n_params == N_PARAMS_MAX and comp < 0
+    mu_j = p[6] if n_params == N_PARAMS_MAX else 0.0
+    s2 = p[7] * p[7] if n_params == N_PARAMS_MAX else 0.0
     mean_jump = math.exp(mu_j + 0.5 * s2)
     # E[e^{i u_n J}] along u_n = n du: jump_{n+1} = jump_n step_n, step_{n+1} = step_n decay,
     # recomputed exactly every JUMP_RESEED terms (rounding drift ~ JUMP_RESEED eps)
@@ -456,7 +491,7 @@ def _cos_coefficients(
         if jumps and n % JUMP_RESEED == 0:
             jump = _cexp(complex(-0.5 * u * u * s2, u * mu_j))
             step = _cexp(complex(-0.5 * s2 * du * du * (2 * n + 1), du * mu_j))
-        lnphi = log_cf(u, T, p, n_params, want_grad, grad, jump, mean_jump)
+        lnphi = log_cf(u, T, p, n_params, want_grad, grad, jump, mean_jump, comp)
         if jumps:
             jump *= step
             step *= decay
@@ -496,8 +531,12 @@ def _price_group(
     want_grad: bool,
     out_price: np.ndarray,
     out_grad: np.ndarray,
+    mart: float,
+    dmart: np.ndarray,
 ) -> None:
-    """Out-of-the-money prices (and gradients) of the strikes ``k`` of one expiry."""
+    """Out-of-the-money prices (and gradients) of the strikes ``k`` of one expiry: puts from
+    the series, calls by parity with ``mart = E[e^X]`` (1: a martingale; a Bates component,
+    ``otm_prices``, has its own, with gradient ``dmart``). 0 outside ``[a, b]``."""
     m = k.shape[0]
     width = b - a
     du = math.pi / width
@@ -550,11 +589,13 @@ def _price_group(
             continue
         v0_put = ek[i] * (ki - a - 1.0) + ea  # n = 0 coefficient, (b - a)/2 V_0
         put = scale * (0.5 * coef[0, 0] * v0_put + ek[i] * acc[0, i] + ea * const[0])
-        out_price[i] = put if ki < 0.0 else put + 1.0 - ek[i]
+        out_price[i] = put if ki < 0.0 else put + mart - ek[i]
         for j in range(n_g):
             out_grad[i, j] = scale * (
                 0.5 * coef[0, j + 1] * v0_put + ek[i] * acc[j + 1, i] + ea * const[j + 1]
             )
+            if ki >= 0.0:
+                out_grad[i, j] += dmart[j]
 
 
 @njit(cache=True, nogil=True)
@@ -641,25 +682,139 @@ def otm_prices(
             for i in idx:
                 price[i] = 0.0
             continue
-        a, b = truncation_range(t_now, p, n_params, tol)
-        n_max = min(N_MAX, budget)
-        coef, n_terms, converged = _cos_coefficients(
-            t_now, p, n_params, a, b - a, want_grad, n_max, tol
-        )
-        budget -= n_terms
-        if not converged:  # pathological parameters (see N_MAX): no trustworthy price
+        kk = k[idx]
+        pp = np.zeros(kk.shape[0])
+        gg = np.zeros((kk.shape[0], n_params if want_grad else 0))
+        used = _price_expiry(t_now, p, n_params, kk, want_grad, tol, min(N_MAX, budget), pp, gg)
+        if used < 0:  # pathological parameters (see N_MAX): no trustworthy price
             for i in idx:
                 price[i] = math.nan
             continue
-        kk = k[idx]
-        pp = np.empty(kk.shape[0])
-        gg = np.zeros((kk.shape[0], n_params if want_grad else 0))
-        _price_group(kk, coef, n_terms, n_params, a, b, want_grad, pp, gg)
+        budget -= used
         for i in range(idx.shape[0]):
             price[idx[i]] = pp[i]
             for j2 in range(gg.shape[1]):
                 grad[idx[i], j2] = gg[i, j2]
     return price, grad
+
+
+@njit(cache=True, nogil=True)
+def jump_components(T: float, p: np.ndarray, n_params: int, tol: float) -> int:
+    """How many Bates components ``otm_prices`` sums for expiry ``T`` (``N`` of ``n = 0..N``
+    jumps), or -1 for one expansion of the whole law.
+
+    Over a short expiry, rare jumps much wider than the diffusion make a spiky mixture: a
+    narrow peak and a far, thin tail. One cosine series then needs the tail's range at the
+    peak's resolution (Bates' crash regime, ``lam T ~ 2e-4``, ``sigma_j ~ 1``, on a daily:
+    ~200 terms at ``COARSE_TOL``), while conditioned on the number of jumps each part is
+    either the narrow diffusion or a wide, smooth Gaussian blur of it, a few tens of terms
+    each. Split when ``tol >= SPLIT_MIN_TOL``, ``lam T <= SPLIT_LAM_T``, a jump's variance
+    is at least ``SPLIT_RATIO`` times the diffusion's over ``T``, and the components beyond
+    ``SPLIT_MAX`` jumps weigh less than ``SPLIT_TAIL * tol`` (each by ``P(N_T = n)`` times
+    the most an option is worth under it).
+
+    Conditioned on ``N_T = n`` (independent of the diffusion), ``X_T`` is the diffusion's
+    log-return plus ``n`` Gaussian jumps minus the compensator ``lam m T``: characteristic
+    function ``phi_H(u) exp(n (i u mu_j - u^2 sigma_j^2 / 2) - i u lam m T)`` (Merton 1976's
+    series, here over Heston's law)."""
+    if n_params != N_PARAMS_MAX or not p[5] > 0.0 or tol < SPLIT_MIN_TOL:
+        return -1
+    lam_t = p[5] * T
+    if lam_t > SPLIT_LAM_T:
+        return -1
+    _, w = _mean_and_var_guess(T, p, 5)
+    if p[6] * p[6] + p[7] * p[7] < SPLIT_RATIO * w:
+        return -1
+    # the components left out weigh P(N_T = n) max(1, E[e^X | n jumps]) each (a call is worth
+    # at most the latter): their sum, from the last term kept down (no cancellation)
+    growth = max(1.0, math.exp(p[6] + 0.5 * p[7] * p[7]))
+    terms = np.empty(SPLIT_MAX + 40)
+    weight = math.exp(-lam_t)
+    for n in range(terms.shape[0]):
+        if n > 0:
+            weight *= lam_t * growth / n
+        terms[n] = weight
+    tail = 0.0
+    for n in range(terms.shape[0] - 1, SPLIT_MAX, -1):
+        tail += terms[n]
+    best = -1
+    for n in range(SPLIT_MAX, -1, -1):  # the fewest components whose tail is small enough
+        if tail < SPLIT_TAIL * tol:
+            best = n
+        tail += terms[n]
+    return best
+
+
+@njit(cache=True, nogil=True)
+def _price_expiry(
+    T: float,
+    p: np.ndarray,
+    n_params: int,
+    k: np.ndarray,
+    want_grad: bool,
+    tol: float,
+    n_max: int,
+    out_price: np.ndarray,
+    out_grad: np.ndarray,
+) -> int:
+    """``otm_prices`` of the strikes ``k`` of one expiry into ``out_price``/``out_grad``
+    (zeroed by the caller): one cosine series of the whole law, or (``jump_components``) the
+    sum over ``n`` of ``P(N_T = n)`` times the price under the component with ``n`` jumps
+    (its own range and series; the gradient adds ``d P(N_T = n) / d lam`` times its price).
+    The terms used, -1 when a series did not converge within ``n_max``."""
+    n_comp = jump_components(T, p, n_params, tol)
+    m = k.shape[0]
+    n_g = n_params if want_grad else 0
+    pp = np.empty(m)
+    gg = np.zeros((m, n_g))
+    dmart = np.zeros(N_PARAMS_MAX)
+    if n_comp < 0:
+        a, b = truncation_range(T, p, n_params, tol)
+        coef, n_terms, ok = _cos_coefficients(T, p, n_params, a, b - a, want_grad, n_max, tol)
+        if not ok:
+            return -1
+        _price_group(k, coef, n_terms, n_params, a, b, want_grad, out_price, out_grad, 1.0, dmart)
+        return n_terms
+    lam_t = p[5] * T
+    mean_jump = math.exp(p[6] + 0.5 * p[7] * p[7])
+    used = 0
+    w_prev = 0.0
+    w = math.exp(-lam_t)
+    for n in range(n_comp + 1):
+        if n > 0:
+            w_prev = w
+            w *= lam_t / n
+        a, b = truncation_range(T, p, n_params, tol, n)
+        coef, n_terms, ok = _cos_coefficients(
+            T, p, n_params, a, b - a, want_grad, n_max - used, tol, n
+        )
+        if not ok:
+            return -1
+        used += n_terms
+        # E[e^X] of the component: n jumps' e^J, the compensator's e^{-lam m T}
+        log_mart = n * (p[6] + 0.5 * p[7] * p[7]) - lam_t * (mean_jump - 1.0)
+        mart = math.exp(log_mart)
+        if want_grad:
+            dmart[5] = -T * (mean_jump - 1.0) * mart
+            dmart[6] = (n - lam_t * mean_jump) * mart
+            dmart[7] = (n - lam_t * mean_jump) * p[7] * mart
+        _price_group(k, coef, n_terms, n_params, a, b, want_grad, pp, gg, mart, dmart)
+        for i in range(m):
+            # beyond the component's range (no mass there): a put above b and a call below a
+            # are worth their intrinsic value against ``mart`` (the martingale's never are)
+            if (k[i] > b and k[i] < 0.0) or (k[i] < a and k[i] >= 0.0):
+                sign = -1.0 if k[i] > b else 1.0
+                pp[i] = sign * (mart - math.exp(k[i]))
+                for q in range(n_g):
+                    gg[i, q] = sign * dmart[q]
+        dw = T * (w_prev - w)  # d P(N_T = n) / d lam
+        for i in range(m):
+            out_price[i] += w * pp[i]
+            for q in range(n_g):
+                out_grad[i, q] += w * gg[i, q]
+            if want_grad:
+                out_grad[i, 5] += dw * pp[i]
+    return used
 
 
 @njit(cache=True, nogil=True)
@@ -715,6 +870,7 @@ def otm_from_bank(
     n = k.shape[0]
     n_t = t_list.shape[0]
     price = np.full(n, math.nan)
+    no_grad = np.zeros(0)
     count, order = maturity_buckets(k, T, t_list, price)
     for j in range(n_t):
         if count[j + 1] == count[j] or meta[j, 2] == 0:
@@ -725,8 +881,9 @@ def otm_from_bank(
         pp = np.empty(kk.shape[0])
         gg = np.zeros((kk.shape[0], 0))
         _price_group(
-            kk, bank[r0 : r0 + n_terms], n_terms, 0, ranges[j, 0], ranges[j, 1], False, pp, gg
-        )
+            kk, bank[r0 : r0 + n_terms], n_terms, 0, ranges[j, 0], ranges[j, 1], False, pp, gg,
+            1.0, no_grad,
+        )  # fmt: skip
         for i in range(idx.shape[0]):
             price[idx[i]] = pp[i]
     return price

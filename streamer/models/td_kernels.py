@@ -630,6 +630,7 @@ def td_prices_from(
     grad = np.zeros((n, n_x if want_grad else 0))
     count, order = maturity_buckets(k, T, t_list, price)
     jb = N_SURFACE + n_piece * n_pieces
+    no_grad = np.zeros(n_x)  # calls by the martingale's parity (``_part_parity`` then fixes)
     for j in range(n_t):
         if count[j + 1] == count[j] or first[j + 1] == first[j]:
             continue
@@ -650,7 +651,8 @@ def td_prices_from(
             coef = bank[row : row + n_terms, : n_loc + 1 if want_grad else 1]
             p1 = np.empty(n_k)
             g1 = np.zeros((n_k, n_loc if want_grad else 0))
-            _price_group(kk, coef, n_terms, n_loc if want_grad else 0, lo, hi, want_grad, p1, g1)
+            n_g = n_loc if want_grad else 0
+            _price_group(kk, coef, n_terms, n_g, lo, hi, want_grad, p1, g1, 1.0, no_grad)
             if split:
                 _part_parity(kk, lo, hi, tau, x, n_pieces, n_piece, n_jump, kind, want_grad, p1, g1)
             for i in range(n_k):
