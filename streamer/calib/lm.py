@@ -189,8 +189,9 @@ def solve(
             starts, mu, converged, checkpoint, secant, S, creeping, use_s, ftol, iterations,
         ):  # fmt: skip
             break
-        total = float(cur.data[0] + cur.pen[0]) if paced else math.inf
-        if paced and _outpaced(accepted, total, iterations, max_iter, beat):
+        if paced and _outpaced(
+            accepted, float(cur.data[0] + cur.pen[0]), iterations, max_iter, beat
+        ):
             break
     return LMResult(
         x=cur.x,

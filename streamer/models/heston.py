@@ -727,6 +727,8 @@ def jump_components(T: float, p: np.ndarray, n_params: int, tol: float) -> int:
         return -1
     # the components left out weigh P(N_T = n) max(1, E[e^X | n jumps]) each (a call is worth
     # at most the latter): their sum, from the last term kept down (no cancellation)
+    # (term n + 1 is term n times lam T growth / (n + 1), at most 0.85 / (n + 1) within the
+    # bounds: 40 terms past SPLIT_MAX leave nothing a tolerance sees)
     growth = max(1.0, math.exp(p[6] + 0.5 * p[7] * p[7]))
     terms = np.empty(SPLIT_MAX + 40)
     weight = math.exp(-lam_t)
